@@ -1,0 +1,162 @@
+//! Invocation tests with a fake agent.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use super::*;
+
+struct FakeAgent {
+    answer: Box<dyn Fn(&Request) -> Result<Response, agent::AgentError>>,
+    seen: RefCell<Vec<Request>>,
+}
+
+impl FakeAgent {
+    fn answering(f: impl Fn(&Request) -> Result<Response, agent::AgentError> + 'static) -> FakeAgent {
+        FakeAgent { answer: Box::new(f), seen: RefCell::new(Vec::new()) }
+    }
+}
+
+impl AgentClient for FakeAgent {
+    fn call(&self, _: &Path, request: &Request, _: Duration) -> Result<Response, agent::AgentError> {
+        self.seen.borrow_mut().push(request.clone());
+        (self.answer)(request)
+    }
+}
+
+fn vars(command: &str, args: &str) -> impl Fn(&str) -> Option<String> {
+    let m: HashMap<&str, String> = [
+        ("CNI_COMMAND", command.to_string()),
+        ("CNI_CONTAINERID", "c0ffee".to_string()),
+        ("CNI_NETNS", "/var/run/netns/cni-test".to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_ARGS", args.to_string()),
+    ]
+    .into_iter()
+    .collect();
+    move |k| m.get(k).cloned()
+}
+
+const POD: &str = "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web;K8S_POD_UID=uid-1";
+
+fn conf(extra: Value) -> Vec<u8> {
+    let mut c = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "ambit-cni", "log_file": "",
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/cni-test"}],
+            "ips": [{"address": "10.1.0.5/24", "gateway": "10.1.0.1", "interface": 0}]
+        }
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    serde_json::to_vec(&c).unwrap()
+}
+
+fn error_json(out: &Invocation) -> Value {
+    assert_eq!(out.exit_code, 1, "{}", out.stdout);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+#[test]
+fn add_enrolled_prints_prev_result_and_sends_the_pod() {
+    let agent = FakeAgent::answering(|_| Ok(Response::ok(Outcome::Enrolled)));
+    let stdin = conf(json!({}));
+    let out = run(vars("ADD", POD), &stdin, &agent);
+    assert_eq!(out.exit_code, 0);
+    let printed: Value = serde_json::from_str(&out.stdout).unwrap();
+    let input: Value = serde_json::from_slice(&stdin).unwrap();
+    assert_eq!(printed, input["prevResult"]);
+    let seen = agent.seen.borrow();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].command, cni_api::Command::Add);
+    assert_eq!(seen[0].ips, vec!["10.1.0.5/24"]);
+    assert_eq!(seen[0].pod.uid, "uid-1");
+    assert_eq!(seen[0].netns.as_deref(), Some("/var/run/netns/cni-test"));
+}
+
+#[test]
+fn add_fails_closed_when_the_agent_fails() {
+    let agent = FakeAgent::answering(|_| Ok(Response::error(ErrorCode::Internal, "ztunnel nacked: boom")));
+    let e = error_json(&run(vars("ADD", POD), &conf(json!({})), &agent));
+    assert_eq!(e["code"], code::ENROLMENT_FAILED);
+    assert_eq!(e["cniVersion"], "1.0.0");
+    assert!(e["msg"].as_str().unwrap().contains("boom"));
+
+    let down = FakeAgent::answering(|_| {
+        Err(agent::AgentError::Unreachable(std::io::Error::from(std::io::ErrorKind::NotFound)))
+    });
+    let e = error_json(&run(vars("ADD", POD), &conf(json!({"agent_socket": "/run/x.sock"})), &down));
+    assert_eq!(e["code"], code::TRY_AGAIN_LATER);
+    assert!(e["msg"].as_str().unwrap().contains("/run/x.sock"));
+
+    let slow = FakeAgent::answering(|_| Err(agent::AgentError::Timeout(Duration::from_millis(50))));
+    let e = error_json(&run(vars("ADD", POD), &conf(json!({})), &slow));
+    assert!(e["msg"].as_str().unwrap().contains("did not answer within 50 ms"));
+}
+
+#[test]
+fn excluded_and_non_kubernetes_pods_never_reach_the_agent() {
+    let agent = FakeAgent::answering(|_| panic!("must not be called"));
+    let out = run(vars("ADD", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns"), &conf(json!({})), &agent);
+    assert_eq!(out.exit_code, 0);
+    let out = run(vars("ADD", ""), &conf(json!({})), &agent);
+    assert_eq!(out.exit_code, 0);
+    let out = run(vars("DEL", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns"), &conf(json!({})), &agent);
+    assert_eq!(out, Invocation { stdout: String::new(), exit_code: 0 });
+}
+
+#[test]
+fn del_succeeds_without_an_agent_but_not_on_a_stuck_one() {
+    let down = FakeAgent::answering(|_| {
+        Err(agent::AgentError::Unreachable(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)))
+    });
+    assert_eq!(run(vars("DEL", POD), &conf(json!({})), &down).exit_code, 0);
+    let stuck = FakeAgent::answering(|_| Err(agent::AgentError::Timeout(Duration::from_secs(1))));
+    assert_eq!(error_json(&run(vars("DEL", POD), &conf(json!({})), &stuck))["code"], code::TRY_AGAIN_LATER);
+}
+
+#[test]
+fn bad_input_gets_spec_codes() {
+    let agent = FakeAgent::answering(|_| panic!("must not be called"));
+    let e = error_json(&run(vars("ADD", POD), b"{nope", &agent));
+    assert_eq!(e["code"], code::DECODE_FAILURE);
+    let e = error_json(&run(vars("ADD", POD), br#"{"cniVersion":"0.1.0","name":"n","type":"t"}"#, &agent));
+    assert_eq!(e["code"], code::INCOMPATIBLE_VERSION);
+    let e = error_json(&run(|_| None, &conf(json!({})), &agent));
+    assert_eq!(e["code"], code::INVALID_ENV);
+    assert_eq!(e["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn version_lists_what_we_speak() {
+    let agent = FakeAgent::answering(|_| panic!("must not be called"));
+    let out = run(vars("VERSION", ""), br#"{"cniVersion":"1.1.0"}"#, &agent);
+    assert_eq!(out.exit_code, 0);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v, json!({"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}));
+}
+
+#[test]
+fn status_is_reported_only_when_configured() {
+    let down = FakeAgent::answering(|_| Ok(Response::error(ErrorCode::TryAgainLater, "no ztunnel connected")));
+    assert_eq!(run(vars("STATUS", ""), &conf(json!({"cniVersion": "1.1.0"})), &down).exit_code, 0);
+    let e = error_json(&run(vars("STATUS", ""), &conf(json!({"cniVersion": "1.1.0", "report_status": true})), &down));
+    assert_eq!(e["code"], code::PLUGIN_NOT_AVAILABLE);
+}
+
+#[test]
+fn gc_forwards_valid_attachments() {
+    let agent = FakeAgent::answering(|_| Ok(Response::ok(Outcome::Ok)));
+    let c =
+        conf(json!({"cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"containerID": "a1", "ifname": "eth0"}]}));
+    assert_eq!(run(vars("GC", ""), &c, &agent).exit_code, 0);
+    assert_eq!(
+        agent.seen.borrow()[0].valid_attachments,
+        vec![Attachment { container_id: "a1".into(), ifname: "eth0".into() }]
+    );
+    let bad = conf(json!({"cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"ifname": "eth0"}]}));
+    assert_eq!(error_json(&run(vars("GC", ""), &bad, &agent))["code"], code::INVALID_CONFIG);
+}

@@ -1,0 +1,169 @@
+//! ZDS message types (generated from `proto/zds.proto`) and the small helpers both ends need.
+//!
+//! Framing is one protobuf message per `SOCK_SEQPACKET` packet, so encoding and decoding here work on whole
+//! packets; the socket code lives with each program.
+
+#![allow(missing_docs)]
+include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+
+use prost::Message;
+
+/// Largest ZDS packet either side accepts. Istio's ztunnel reads into a 1 KiB buffer; Ambit allows more room
+/// but a packet that fills this buffer is treated as truncated and rejected.
+pub const MAX_PACKET: usize = 4096;
+
+/// The standard ports of an in-pod listener set, in the order Ambit passes them after the netns fd.
+pub const INPOD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
+/// Outbound capture port inside every enrolled pod netns.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture port inside every enrolled pod netns.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Inbound HBONE (mTLS) port inside every enrolled pod netns.
+pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+impl WorkloadRequest {
+    /// A request that adds a pod; its netns fd (and listener fds, if any) travel beside it.
+    pub fn add(uid: impl Into<String>, info: WorkloadInfo, listener_ports: Vec<u32>) -> Self {
+        WorkloadRequest {
+            payload: Some(workload_request::Payload::Add(AddWorkload {
+                uid: uid.into(),
+                workload_info: Some(info),
+                ambit_listener_ports: listener_ports,
+            })),
+        }
+    }
+
+    /// A request that removes a pod.
+    pub fn del(uid: impl Into<String>) -> Self {
+        WorkloadRequest { payload: Some(workload_request::Payload::Del(DelWorkload { uid: uid.into() })) }
+    }
+
+    /// A snapshot entry for a pod whose netns the agent does not hold (keep it if you have it).
+    pub fn keep(uid: impl Into<String>) -> Self {
+        WorkloadRequest { payload: Some(workload_request::Payload::Keep(KeepWorkload { uid: uid.into() })) }
+    }
+
+    /// The end-of-snapshot marker.
+    pub fn snapshot_sent() -> Self {
+        WorkloadRequest { payload: Some(workload_request::Payload::SnapshotSent(SnapshotSent {})) }
+    }
+
+    /// A short name of the request kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match &self.payload {
+            Some(workload_request::Payload::Add(_)) => "add",
+            Some(workload_request::Payload::Del(_)) => "del",
+            Some(workload_request::Payload::Keep(_)) => "keep",
+            Some(workload_request::Payload::SnapshotSent(_)) => "snapshot_sent",
+            None => "empty",
+        }
+    }
+}
+
+impl WorkloadResponse {
+    /// A positive acknowledgement.
+    pub fn ack() -> Self {
+        WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: String::new() })) }
+    }
+
+    /// A negative acknowledgement carrying the reason.
+    pub fn nack(error: impl Into<String>) -> Self {
+        WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: error.into() })) }
+    }
+
+    /// `Ok(())` for an ack, `Err(reason)` for a nack or a response without an ack.
+    pub fn into_result(self) -> Result<(), String> {
+        match self.payload {
+            Some(workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
+            Some(workload_response::Payload::Ack(a)) => Err(a.error),
+            None => Err("response carries no ack".to_string()),
+        }
+    }
+}
+
+impl ZdsHello {
+    /// The hello Ambit's ztunnel sends: V1 plus the capabilities it has.
+    pub fn ambit(listener_handoff: bool) -> Self {
+        ZdsHello { version: Version::V1 as i32, ambit: Some(AmbitCapabilities { listener_handoff }) }
+    }
+
+    /// Whether the peer announced that it takes listener fds.
+    pub fn listener_handoff(&self) -> bool {
+        self.ambit.as_ref().is_some_and(|a| a.listener_handoff)
+    }
+}
+
+/// Encodes any ZDS message into one packet.
+pub fn encode<M: Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
+}
+
+/// Decodes one packet.
+pub fn decode<M: Message + Default>(packet: &[u8]) -> Result<M, prost::DecodeError> {
+    M::decode(packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_v1_is_istio_bytes() {
+        // Istio's ztunnel sends exactly `08 01`; without the extension we must too.
+        let plain = ZdsHello { version: Version::V1 as i32, ambit: None };
+        assert_eq!(encode(&plain), vec![0x08, 0x01]);
+        let ext = ZdsHello::ambit(true);
+        let bytes = encode(&ext);
+        assert_eq!(&bytes[..2], &[0x08, 0x01]);
+        let back: ZdsHello = decode(&bytes).unwrap();
+        assert!(back.listener_handoff());
+    }
+
+    #[test]
+    fn field_numbers_match_istio() {
+        // del carries the uid in field 2 of DelWorkload, nested as field 2 of WorkloadRequest.
+        let del = encode(&WorkloadRequest::del("u"));
+        assert_eq!(del, vec![0x12, 0x03, 0x12, 0x01, b'u']);
+        // keep is field 5, its uid field 1.
+        let keep = encode(&WorkloadRequest::keep("u"));
+        assert_eq!(keep, vec![0x2a, 0x03, 0x0a, 0x01, b'u']);
+        // snapshot_sent is field 3 and empty.
+        assert_eq!(encode(&WorkloadRequest::snapshot_sent()), vec![0x1a, 0x00]);
+        // add: uid=1, workload_info=2 {name=1, namespace=2, service_account=3}.
+        let info = WorkloadInfo { name: "n".into(), namespace: "s".into(), service_account: "a".into() };
+        let add = encode(&WorkloadRequest::add("u", info, vec![]));
+        assert_eq!(
+            add,
+            vec![0x0a, 0x0e, 0x0a, 0x01, b'u', 0x12, 0x09, 0x0a, 0x01, b'n', 0x12, 0x01, b's', 0x1a, 0x01, b'a']
+        );
+        // ack: WorkloadResponse.ack = 1, Ack.error = 1.
+        assert_eq!(encode(&WorkloadResponse::ack()), vec![0x0a, 0x00]);
+        assert_eq!(encode(&WorkloadResponse::nack("x")), vec![0x0a, 0x03, 0x0a, 0x01, b'x']);
+    }
+
+    #[test]
+    fn extension_is_skipped_by_older_peers() {
+        // A peer built from Istio's schema knows only field 1..5; an unknown high field must decode cleanly.
+        let info = WorkloadInfo::default();
+        let add = encode(&WorkloadRequest::add("u", info, vec![15001, 15006, 15008]));
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct IstioAdd {
+            #[prost(string, tag = "1")]
+            uid: String,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct IstioReq {
+            #[prost(message, optional, tag = "1")]
+            add: Option<IstioAdd>,
+        }
+        let r: IstioReq = decode(&add).unwrap();
+        assert_eq!(r.add.unwrap().uid, "u");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for packet in [&[0xff_u8, 0xff, 0xff][..], &[0x0a, 0x7f], &[0x08]] {
+            assert!(decode::<WorkloadRequest>(packet).is_err());
+        }
+    }
+}
