@@ -7,8 +7,10 @@ use serde_json::{Value, json};
 
 use super::*;
 
+type Answer = Box<dyn Fn(&Request) -> Result<Response, agent::AgentError>>;
+
 struct FakeAgent {
-    answer: Box<dyn Fn(&Request) -> Result<Response, agent::AgentError>>,
+    answer: Answer,
     seen: RefCell<Vec<Request>>,
 }
 
