@@ -1,1 +1,89 @@
-fn main() {}
+//! The `ambit-agent` binary.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use ambit_agent::agent::Agent;
+use ambit_agent::config::Config;
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+
+/// Ambit's node agent: enrols this node's pods into the ambient mesh and hands them to ztunnel.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The agent's YAML config file.
+    #[arg(long, env = "AMBIT_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The socket the CNI plugin connects to.
+    #[arg(long, env = "AMBIT_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+    /// The ZDS socket ztunnel connects to.
+    #[arg(long, env = "AMBIT_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
+    /// Where enrolled pods are recorded.
+    #[arg(long, env = "AMBIT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(n) = args.node_name {
+        config.node_name = n;
+    }
+    if let Some(p) = args.cni_socket {
+        config.cni_socket = p;
+    }
+    if let Some(p) = args.zds_socket {
+        config.zds_socket = p;
+    }
+    if let Some(p) = args.state_dir {
+        config.state_dir = p;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let cni_socket = config.cni_socket.clone();
+    let zds_socket = config.zds_socket.clone();
+    if let Some(dir) = zds_socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let agent = Agent::new(config).context("starting the agent")?;
+    let zds = ambit_proto::seqpacket::SeqPacketListener::bind(&zds_socket)
+        .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
+    let cni = ambit_agent::cniserver::bind(&cni_socket)
+        .with_context(|| format!("listening for the CNI plugin on {}", cni_socket.display()))?;
+    info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().await.len(), "ambit-agent ready");
+    tokio::spawn(agent.clone().serve_zds(zds));
+    tokio::spawn(agent.clone().serve_cni(cni));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Pods keep their rules and ztunnel keeps serving them; a restarted agent re-adopts them from its records.
+    info!("shutting down; enrolled pods stay captured and served");
+    let _ = std::fs::remove_file(&cni_socket);
+    let _ = std::fs::remove_file(&zds_socket);
+    Ok(())
+}

@@ -1,8 +1,11 @@
 //! Wire protocols shared by Ambit's programs.
 //!
 //! - [`zds`]: the node agent → ztunnel protocol, wire-compatible with Istio's `istio.workload.zds`.
+//! - [`seqpacket`] (feature `transport`): the unix `SOCK_SEQPACKET` transport ZDS runs on, with fd passing.
 //! - [`cni_api`]: Ambit's own versioned JSON API between the CNI plugin and the node agent.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cni_api;
+#[cfg(feature = "transport")]
+pub mod seqpacket;
 pub mod zds;

@@ -1,0 +1,470 @@
+//! The agent's core: enrolling and removing pods, and keeping every connected ztunnel in step.
+//!
+//! All bookkeeping (the pods and the ztunnel connections) sits behind one lock, held only to update the maps
+//! and queue ZDS requests, never while waiting for ztunnel or the kernel. Queuing a pod's `Add` and registering
+//! a new ztunnel (after queuing its snapshot) both happen under that lock, so every ztunnel learns about every
+//! pod exactly in order.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::cni_api::{self, Command, ErrorCode, Outcome, Request, Response};
+use ambit_proto::seqpacket::{SeqPacket, SeqPacketListener};
+use ambit_proto::zds::{WorkloadInfo, WorkloadRequest};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::enrol::Decision;
+use crate::listeners::PodListeners;
+use crate::netns::{NetnsError, PodNetns};
+use crate::pods::{Pod, PodRecord, StateStore};
+use crate::rules::{self, apply, routing};
+use crate::zds::{self, ConnHandle, Job, ZdsError};
+
+/// How long ztunnel has to say hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An error answered to the plugin.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl AgentError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        AgentError { code, message: message.into() }
+    }
+}
+
+impl From<NetnsError> for AgentError {
+    fn from(e: NetnsError) -> Self {
+        let code = match e {
+            NetnsError::Gone(_) | NetnsError::NotANetns(_) => ErrorCode::InvalidNetns,
+            _ => ErrorCode::Internal,
+        };
+        AgentError::new(code, e.to_string())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<String, Pod>,
+    conns: Vec<ConnHandle>,
+    next_conn: u64,
+}
+
+impl State {
+    fn newest(&self) -> Option<&ConnHandle> {
+        self.conns.iter().max_by_key(|c| c.id)
+    }
+
+    fn by_container(&self, container_id: &str) -> Option<String> {
+        self.pods.values().find(|p| p.record.container_id == container_id).map(|p| p.record.uid.clone())
+    }
+}
+
+/// The node agent.
+pub struct Agent {
+    config: Config,
+    store: StateStore,
+    host_netns_inode: u64,
+    state: Mutex<State>,
+}
+
+fn workload_info(r: &PodRecord) -> WorkloadInfo {
+    WorkloadInfo { name: r.name.clone(), namespace: r.namespace.clone(), service_account: r.service_account.clone() }
+}
+
+/// The ZDS request for a pod, with owned copies of the fds that travel with it, for a ztunnel that does or does
+/// not take listeners. `None` when the agent has no netns for the pod (it can only ask ztunnel to keep it).
+fn add_job_parts(pod: &Pod, handoff: bool) -> std::io::Result<Option<(WorkloadRequest, Vec<OwnedFd>)>> {
+    let Some(netns) = &pod.netns else { return Ok(None) };
+    let mut fds = vec![netns.fd().try_clone_to_owned()?];
+    let mut ports = Vec::new();
+    if handoff && let Some(l) = &pod.listeners {
+        for fd in l.fds() {
+            fds.push(fd.try_clone_to_owned()?);
+        }
+        ports = l.ports();
+    }
+    Ok(Some((WorkloadRequest::add(pod.record.uid.clone(), workload_info(&pod.record), ports), fds)))
+}
+
+impl Agent {
+    /// Creates the agent and reloads the pods a previous run enrolled. Pods whose netns is gone are dropped.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Agent>> {
+        let store = StateStore::new(&config.state_dir)?;
+        let host_netns_inode = crate::netns::host_inode()?;
+        let mut state = State::default();
+        let (records, bad) = store.load_all();
+        for b in bad {
+            warn!(record = %b, "ignoring an unreadable pod record");
+        }
+        for r in records {
+            match PodNetns::open(&r.netns_path) {
+                Ok(ns) => {
+                    info!(pod = %format!("{}/{}", r.namespace, r.name), uid = %r.uid, "re-adopted pod from a previous run (its listeners stay with ztunnel)");
+                    state.pods.insert(r.uid.clone(), Pod { record: r, netns: Some(ns), listeners: None });
+                }
+                Err(e) => {
+                    info!(uid = %r.uid, error = %e, "dropping the record of a pod whose netns is gone");
+                    let _ = store.remove(&r.uid);
+                }
+            }
+        }
+        Ok(Arc::new(Agent { config, store, host_netns_inode, state: Mutex::new(state) }))
+    }
+
+    fn zds_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.zds_timeout_ms)
+    }
+
+    /// Handles one plugin request.
+    pub async fn handle(&self, req: Request) -> Response {
+        if req.version != cni_api::API_VERSION {
+            return Response::error(
+                ErrorCode::UnsupportedVersion,
+                format!("agent speaks API version {}, plugin sent {}", cni_api::API_VERSION, req.version),
+            );
+        }
+        let result = match req.command {
+            Command::Add => self.add(&req).await,
+            Command::Del => self.del(&req).await.map(|_| Outcome::Ok),
+            Command::Check => self.check(&req).await.map(|_| Outcome::Ok),
+            Command::Status => self.status().await.map(|_| Outcome::Ok),
+            Command::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
+        };
+        match result {
+            Ok(o) => Response::ok(o),
+            Err(e) => Response::error(e.code, e.message),
+        }
+    }
+
+    fn pod_uid(req: &Request) -> String {
+        if req.pod.uid.is_empty() { format!("container-{}", req.container_id) } else { req.pod.uid.clone() }
+    }
+
+    async fn add(&self, req: &Request) -> Result<Outcome, AgentError> {
+        let pod_name = format!("{}/{}", req.pod.namespace, req.pod.name);
+        let service_account = match self.config.standalone.decide(&req.pod) {
+            Decision::Skip(why) => {
+                debug!(pod = %pod_name, why, "not enrolled");
+                return Ok(Outcome::NotEnrolled);
+            }
+            Decision::Enrol { service_account } => service_account,
+        };
+        let netns_path = req
+            .netns
+            .as_deref()
+            .map(PathBuf::from)
+            .ok_or_else(|| AgentError::new(ErrorCode::BadRequest, "ADD without a netns path"))?;
+        let mut ips = Vec::new();
+        for cidr in &req.ips {
+            let ip = cidr.split('/').next().unwrap_or_default();
+            ips.push(ip.parse::<IpAddr>().map_err(|_| {
+                AgentError::new(ErrorCode::BadRequest, format!("pod address {cidr:?} is not an IP address"))
+            })?);
+        }
+        let record = PodRecord {
+            uid: Self::pod_uid(req),
+            namespace: req.pod.namespace.clone(),
+            name: req.pod.name.clone(),
+            service_account,
+            container_id: req.container_id.clone(),
+            netns_path: netns_path.clone(),
+            ips,
+        };
+
+        let netns = PodNetns::open(&netns_path)?;
+        if netns.inode() == self.host_netns_inode {
+            return Err(AgentError::new(
+                ErrorCode::InvalidNetns,
+                format!("{} is the node's own netns; refusing to install pod rules there", netns_path.display()),
+            ));
+        }
+        // A retried ADD for the same sandbox keeps the listeners it already has; only a new netns gets new ones.
+        let reuse_listeners = {
+            let mut st = self.state.lock().await;
+            match st.pods.get_mut(&record.uid) {
+                Some(old) if old.netns.as_ref().map(PodNetns::inode) == Some(netns.inode()) => {
+                    Some(old.listeners.take())
+                }
+                _ => None,
+            }
+        };
+        let cfg = record.inpod_config();
+        let need_listeners = reuse_listeners.is_none();
+        let started = std::time::Instant::now();
+        let setup = netns
+            .run(move || -> Result<Option<PodListeners>, String> {
+                apply::nft_run(&rules::nft_apply_script(cfg)).map_err(|e| e.to_string())?;
+                routing::install(cfg).map_err(|e| e.to_string())?;
+                if need_listeners {
+                    PodListeners::bind_here(cfg.ipv6).map(Some).map_err(|e| format!("creating listeners: {e}"))
+                } else {
+                    Ok(None)
+                }
+            })
+            .await?
+            .map_err(|e| {
+                AgentError::new(ErrorCode::Internal, format!("redirection for pod {pod_name} in {}: {e}", netns_path.display()))
+            })?;
+        let listeners = reuse_listeners.flatten().or(setup);
+        debug!(pod = %pod_name, elapsed_ms = started.elapsed().as_millis() as u64, "rules and listeners in place");
+
+        let reply = {
+            let mut st = self.state.lock().await;
+            let Some(conn) = st.newest().cloned() else {
+                return Err(AgentError::new(
+                    ErrorCode::TryAgainLater,
+                    format!(
+                        "no ztunnel is connected to {} (is ztunnel running on this node?); pod {pod_name} stays blocked, its traffic is captured",
+                        self.config.zds_socket.display()
+                    ),
+                ));
+            };
+            let mut pod = Pod { record: record.clone(), netns: Some(netns), listeners };
+            if !conn.handoff {
+                // This ztunnel binds its own listeners: ours must not sit beside them unaccepted.
+                pod.listeners = None;
+            }
+            let (zreq, fds) = add_job_parts(&pod, conn.handoff)
+                .map_err(|e| AgentError::new(ErrorCode::Internal, format!("duplicating fds: {e}")))?
+                .expect("the pod has a netns");
+            let (job, rx) = Job::awaited(zreq, fds);
+            conn.enqueue(job);
+            st.pods.insert(record.uid.clone(), pod);
+            rx
+        };
+        let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
+        let result = match outcome {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ZdsError::Disconnected("request dropped".into())),
+            Err(_) => Err(ZdsError::Timeout(self.zds_timeout() * 2)),
+        };
+        if let Err(e) = result {
+            // Fail closed: the rules stay (traffic black-holed, never leaked) and the runtime tears the sandbox
+            // down after the failed ADD; forget the pod so a retry starts clean.
+            self.state.lock().await.pods.remove(&record.uid);
+            return Err(AgentError::new(ErrorCode::Internal, format!("handing pod {pod_name} to ztunnel: {e}")));
+        }
+        if let Err(e) = self.store.save(&record) {
+            warn!(pod = %pod_name, error = %e, "cannot record the pod; a restarted agent will not know it");
+        }
+        info!(pod = %pod_name, uid = %record.uid, ips = ?record.ips, elapsed_ms = started.elapsed().as_millis() as u64, "pod enrolled");
+        Ok(Outcome::Enrolled)
+    }
+
+    async fn remove_pod(&self, uid: &str) -> Result<(), AgentError> {
+        let (pod, replies) = {
+            let mut st = self.state.lock().await;
+            let Some(pod) = st.pods.remove(uid) else { return Ok(()) };
+            let mut replies = Vec::new();
+            for c in &st.conns {
+                let (job, rx) = Job::awaited(WorkloadRequest::del(uid.to_string()), Vec::new());
+                c.enqueue(job);
+                replies.push((c.id, rx));
+            }
+            (pod, replies)
+        };
+        let name = format!("{}/{}", pod.record.namespace, pod.record.name);
+        for (id, rx) in replies {
+            match tokio::time::timeout(self.zds_timeout() * 2, rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => warn!(pod = %name, conn = id, error = %e, "ztunnel did not confirm the removal"),
+                _ => warn!(pod = %name, conn = id, "ztunnel did not confirm the removal in time"),
+            }
+        }
+        let _ = self.store.remove(uid);
+        // The pod's netns may outlive the sandbox (or the pod was only un-enrolled): take the rules out.
+        let cfg = pod.record.inpod_config();
+        if let Some(netns) = &pod.netns {
+            let res = netns
+                .run(move || -> Result<(), String> {
+                    apply::nft_run(&rules::nft_delete_script()).map_err(|e| e.to_string())?;
+                    routing::remove(cfg).map_err(|e| e.to_string())
+                })
+                .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(pod = %name, error = %e, "removing the pod's rules failed"),
+                Err(e) => debug!(pod = %name, error = %e, "pod netns not enterable; rules went with it"),
+            }
+        }
+        info!(pod = %name, uid, "pod removed");
+        Ok(())
+    }
+
+    async fn del(&self, req: &Request) -> Result<(), AgentError> {
+        let uid = {
+            let st = self.state.lock().await;
+            let by_uid = Self::pod_uid(req);
+            match st.pods.get(&by_uid) {
+                // A DEL for an older sandbox of the same pod must not remove the current one.
+                Some(p) if !req.container_id.is_empty() && p.record.container_id != req.container_id => {
+                    debug!(uid = %by_uid, "DEL for a sandbox that is no longer the pod's current one");
+                    return Ok(());
+                }
+                Some(_) => Some(by_uid),
+                None => st.by_container(&req.container_id),
+            }
+        };
+        match uid {
+            Some(uid) => self.remove_pod(&uid).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn check(&self, req: &Request) -> Result<(), AgentError> {
+        let uid = Self::pod_uid(req);
+        let (cfg, netns_path) = {
+            let st = self.state.lock().await;
+            match st.pods.get(&uid) {
+                Some(p) => (p.record.inpod_config(), p.record.netns_path.clone()),
+                None => {
+                    return match self.config.standalone.decide(&req.pod) {
+                        Decision::Skip(_) => Ok(()),
+                        Decision::Enrol { .. } => {
+                            Err(AgentError::new(ErrorCode::Internal, "the pod should be enrolled but the agent does not hold it"))
+                        }
+                    };
+                }
+            }
+        };
+        let netns = PodNetns::open(&netns_path)?;
+        let ok = netns
+            .run(move || -> Result<bool, String> {
+                let table = apply::nft_list_table(rules::NFT_TABLE).map_err(|e| e.to_string())?;
+                Ok(table.is_some() && routing::present(cfg).map_err(|e| e.to_string())?)
+            })
+            .await?
+            .map_err(|e| AgentError::new(ErrorCode::Internal, e))?;
+        if !ok {
+            return Err(AgentError::new(ErrorCode::Internal, format!("the redirection rules are missing in {}", netns_path.display())));
+        }
+        if self.state.lock().await.conns.is_empty() {
+            return Err(AgentError::new(ErrorCode::TryAgainLater, "no ztunnel is connected"));
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<(), AgentError> {
+        if self.state.lock().await.conns.is_empty() {
+            return Err(AgentError::new(
+                ErrorCode::TryAgainLater,
+                format!("no ztunnel is connected to {}", self.config.zds_socket.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn gc(&self, req: &Request) -> Result<(), AgentError> {
+        let valid: std::collections::HashSet<&str> = req.valid_attachments.iter().map(|a| a.container_id.as_str()).collect();
+        let stale: Vec<String> = {
+            let st = self.state.lock().await;
+            st.pods.values().filter(|p| !valid.contains(p.record.container_id.as_str())).map(|p| p.record.uid.clone()).collect()
+        };
+        for uid in stale {
+            info!(uid = %uid, "GC: the runtime no longer knows this sandbox");
+            self.remove_pod(&uid).await?;
+        }
+        Ok(())
+    }
+
+    /// The enrolled pods' records, for status reporting.
+    pub async fn pods(&self) -> Vec<PodRecord> {
+        let st = self.state.lock().await;
+        let mut v: Vec<_> = st.pods.values().map(|p| p.record.clone()).collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Number of connected ztunnels.
+    pub async fn ztunnels(&self) -> usize {
+        self.state.lock().await.conns.len()
+    }
+
+    /// Accepts ztunnel connections forever.
+    pub async fn serve_zds(self: Arc<Self>, listener: SeqPacketListener) {
+        loop {
+            match listener.accept().await {
+                Ok(sock) => {
+                    let agent = self.clone();
+                    tokio::spawn(async move { agent.serve_zds_conn(sock).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting a ztunnel connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn serve_zds_conn(self: Arc<Self>, sock: SeqPacket) {
+        let pid = sock.peer_pid().unwrap_or(0);
+        let hello = match zds::read_hello(&sock, HELLO_TIMEOUT).await {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(pid, error = %e, "dropping a ztunnel connection that did not say hello");
+                return;
+            }
+        };
+        let handoff = hello.listener_handoff();
+        let (handle, rx) = {
+            let mut st = self.state.lock().await;
+            st.next_conn += 1;
+            let (handle, rx) = ConnHandle::new(st.next_conn, pid, handoff);
+            let mut sent = 0;
+            let mut uids: Vec<String> = st.pods.keys().cloned().collect();
+            uids.sort();
+            for uid in uids {
+                let pod = st.pods.get_mut(&uid).expect("listed above");
+                if !handoff {
+                    pod.listeners = None;
+                }
+                let job = match add_job_parts(pod, handoff) {
+                    Ok(Some((req, fds))) => Job { req, fds, reply: None },
+                    Ok(None) => Job { req: WorkloadRequest::keep(uid.clone()), fds: Vec::new(), reply: None },
+                    Err(e) => {
+                        warn!(uid = %uid, error = %e, "cannot duplicate the pod's fds; asking ztunnel to keep it");
+                        Job { req: WorkloadRequest::keep(uid.clone()), fds: Vec::new(), reply: None }
+                    }
+                };
+                handle.enqueue(job);
+                sent += 1;
+            }
+            handle.enqueue(Job { req: WorkloadRequest::snapshot_sent(), fds: Vec::new(), reply: None });
+            st.conns.push(handle.clone());
+            info!(conn = handle.id, pid, handoff, pods = sent, "ztunnel connected; snapshot queued");
+            (handle, rx)
+        };
+        let reason = zds::serve_queue(sock, rx, self.zds_timeout()).await;
+        let mut st = self.state.lock().await;
+        st.conns.retain(|c| c.id != handle.id);
+        warn!(conn = handle.id, pid, reason = %reason, remaining = st.conns.len(), "ztunnel disconnected");
+    }
+
+    /// Serves the plugin's socket forever.
+    pub async fn serve_cni(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let agent = self.clone();
+                    tokio::spawn(async move { crate::cniserver::serve_one(agent, stream).await });
+                }
+                Err(e) => {
+                    warn!(error = %e, "accepting a plugin connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The agent's configuration: a YAML file, with the few settings an operator overrides per node also taken
+//! from flags and environment variables.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::enrol::StandalonePolicy;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// This node's name (`NODE_NAME`).
+    #[serde(default)]
+    pub node_name: String,
+    /// Where the CNI plugin reaches the agent.
+    #[serde(default = "default_cni_socket")]
+    pub cni_socket: PathBuf,
+    /// Where ztunnel connects for ZDS (`INPOD_UDS` on ztunnel's side).
+    #[serde(default = "default_zds_socket")]
+    pub zds_socket: PathBuf,
+    /// Where the agent records enrolled pods so that a restarted agent finds them again.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// How long to wait for ztunnel's answer to one ZDS message, in milliseconds.
+    #[serde(default = "default_zds_timeout_ms")]
+    pub zds_timeout_ms: u64,
+    /// Which pods are enrolled when there is no Kubernetes API (standalone mode).
+    #[serde(default)]
+    pub standalone: StandalonePolicy,
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from(ambit_proto::cni_api::DEFAULT_SOCKET)
+}
+fn default_zds_socket() -> PathBuf {
+    PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/run/ambit/pods")
+}
+fn default_zds_timeout_ms() -> u64 {
+    5000
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        serde_yaml_ng::from_str("{}").expect("the empty config is valid")
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading agent config {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("agent config {}", path.display()))
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let c: Config = serde_yaml_ng::from_str(text)?;
+        if c.zds_timeout_ms == 0 {
+            anyhow::bail!("zdsTimeoutMs must be positive");
+        }
+        c.standalone.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::default();
+        assert_eq!(c.cni_socket, PathBuf::from("/var/run/ambit/cni.sock"));
+        assert_eq!(c.zds_socket, PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        let c = Config::parse("nodeName: n1\nstandalone:\n  enrolledNamespaces: [demo]\n").unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.standalone.enrolled_namespaces, vec!["demo"]);
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        assert!(Config::parse("nodeNmae: n1").is_err());
+        assert!(Config::parse("zdsTimeoutMs: 0").is_err());
+        assert!(Config::parse("standalone: {pods: [{namespace: a, name: b, mode: sideways}]}").is_err());
+    }
+}

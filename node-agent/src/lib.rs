@@ -1,0 +1,19 @@
+//! `ambit-agent`: Ambit's node agent.
+//!
+//! It answers the CNI plugin for every pod of its node, decides which pods are enrolled, and for those enters
+//! the pod's network namespace to install the redirection rules ([`rules`]) and open the pod's listening
+//! sockets ([`listeners`]), then hands the pod to ztunnel over ZDS ([`zds`]) and answers the plugin only once
+//! ztunnel has acknowledged it.
+//!
+//! Modules that touch the kernel are [`netns`], [`rules::apply`], [`rules::routing`] and [`listeners`]; the
+//! rest is bookkeeping that is tested without root.
+
+pub mod agent;
+pub mod cniserver;
+pub mod config;
+pub mod enrol;
+pub mod listeners;
+pub mod netns;
+pub mod pods;
+pub mod rules;
+pub mod zds;

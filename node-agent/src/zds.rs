@@ -1,0 +1,236 @@
+//! The agent's side of ZDS: ztunnels connect, say hello, get the snapshot, then one request at a time, each
+//! answered by exactly one ack.
+//!
+//! Each connection has a queue served by its own task, so requests to one ztunnel are strictly ordered and an
+//! ack is always matched to the request it answers. The agent decides what goes into which queue
+//! (`crate::agent`); this module moves packets.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use ambit_proto::seqpacket::SeqPacket;
+use ambit_proto::zds::{self, Version, WorkloadRequest, WorkloadResponse, ZdsHello};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a ZDS request did not succeed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ZdsError {
+    /// No ztunnel is connected to take the request.
+    #[error("no ztunnel is connected to the agent's ZDS socket")]
+    NoZtunnel,
+    /// ztunnel answered with an error.
+    #[error("ztunnel rejected it: {0}")]
+    Nack(String),
+    /// ztunnel did not answer in time.
+    #[error("ztunnel did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection went away before the answer.
+    #[error("the ztunnel connection closed: {0}")]
+    Disconnected(String),
+}
+
+/// One request waiting in a connection's queue.
+pub struct Job {
+    /// The request.
+    pub req: WorkloadRequest,
+    /// The fds that travel with it (the netns, then listeners); owned copies, closed after sending.
+    pub fds: Vec<OwnedFd>,
+    /// Where the outcome goes, if someone waits for it.
+    pub reply: Option<oneshot::Sender<Result<(), ZdsError>>>,
+}
+
+impl Job {
+    /// A job whose outcome the caller awaits on the returned receiver.
+    pub fn awaited(req: WorkloadRequest, fds: Vec<OwnedFd>) -> (Job, oneshot::Receiver<Result<(), ZdsError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Job { req, fds, reply: Some(tx) }, rx)
+    }
+
+    fn finish(self, r: Result<(), ZdsError>) {
+        if let Some(tx) = self.reply {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// The agent's handle on one connected ztunnel.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    /// Connection number, increasing: the largest is the newest.
+    pub id: u64,
+    /// ztunnel's pid, for logs.
+    pub pid: i32,
+    /// Whether it takes listener fds (Ambit extension).
+    pub handoff: bool,
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl ConnHandle {
+    /// Creates a handle and the queue its task serves.
+    pub fn new(id: u64, pid: i32, handoff: bool) -> (ConnHandle, mpsc::UnboundedReceiver<Job>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ConnHandle { id, pid, handoff, tx }, rx)
+    }
+
+    /// Queues a job; if the connection is gone, the job fails at once.
+    pub fn enqueue(&self, job: Job) {
+        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
+            job.finish(Err(ZdsError::Disconnected("connection closed".into())));
+        }
+    }
+}
+
+/// Reads ztunnel's hello.
+pub async fn read_hello(sock: &SeqPacket, timeout: Duration) -> Result<ZdsHello, ZdsError> {
+    let mut buf = vec![0u8; zds::MAX_PACKET];
+    let (n, fds) = tokio::time::timeout(timeout, sock.recv(&mut buf))
+        .await
+        .map_err(|_| ZdsError::Timeout(timeout))?
+        .map_err(|e| ZdsError::Disconnected(e.to_string()))?;
+    if n == 0 {
+        return Err(ZdsError::Disconnected("closed before hello".into()));
+    }
+    if !fds.is_empty() {
+        return Err(ZdsError::Disconnected("hello carried file descriptors".into()));
+    }
+    let hello: ZdsHello =
+        zds::decode(&buf[..n]).map_err(|e| ZdsError::Disconnected(format!("undecodable hello: {e}")))?;
+    if hello.version != Version::V1 as i32 {
+        return Err(ZdsError::Disconnected(format!("unsupported ZDS version {}", hello.version)));
+    }
+    Ok(hello)
+}
+
+/// Serves one connection's queue until it fails or the queue closes; returns why it ended. Jobs still queued
+/// then fail with [`ZdsError::Disconnected`].
+pub async fn serve_queue(sock: SeqPacket, mut rx: mpsc::UnboundedReceiver<Job>, ack_timeout: Duration) -> ZdsError {
+    let mut buf = vec![0u8; zds::MAX_PACKET];
+    let reason = loop {
+        let job = tokio::select! {
+            job = rx.recv() => match job {
+                Some(j) => j,
+                None => break ZdsError::Disconnected("agent shutting down".into()),
+            },
+            // Nothing is owed to us while idle: a packet or end of stream means the peer closed or misbehaves.
+            // (Dropping this recv when a job arrives first consumes nothing.)
+            r = sock.recv(&mut buf) => {
+                break match r {
+                    Ok((0, _)) => ZdsError::Disconnected("ztunnel closed the connection".into()),
+                    Ok((_, _)) => ZdsError::Disconnected("ztunnel sent an unsolicited message".into()),
+                    Err(e) => ZdsError::Disconnected(e.to_string()),
+                };
+            }
+        };
+        let packet = zds::encode(&job.req);
+        let fds: Vec<_> = job.fds.iter().map(|f| f.as_fd()).collect();
+        let sent = tokio::time::timeout(ack_timeout, sock.send(&packet, &fds)).await;
+        drop(fds);
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let err = ZdsError::Disconnected(format!("send failed: {e}"));
+                job.finish(Err(err.clone()));
+                break err;
+            }
+            Err(_) => {
+                job.finish(Err(ZdsError::Timeout(ack_timeout)));
+                break ZdsError::Timeout(ack_timeout);
+            }
+        }
+        let answer = tokio::time::timeout(ack_timeout, sock.recv(&mut buf)).await;
+        let outcome = match answer {
+            Err(_) => Err(ZdsError::Timeout(ack_timeout)),
+            Ok(Err(e)) => Err(ZdsError::Disconnected(e.to_string())),
+            Ok(Ok((0, _))) => Err(ZdsError::Disconnected("ztunnel closed the connection".into())),
+            Ok(Ok((n, fds))) => {
+                if !fds.is_empty() {
+                    Err(ZdsError::Disconnected("an ack carried file descriptors".into()))
+                } else {
+                    match zds::decode::<WorkloadResponse>(&buf[..n]) {
+                        Ok(r) => r.into_result().map_err(ZdsError::Nack),
+                        Err(e) => Err(ZdsError::Disconnected(format!("undecodable ack: {e}"))),
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => job.finish(Ok(())),
+            // A nack is an answer: the connection stays healthy.
+            Err(ZdsError::Nack(m)) => job.finish(Err(ZdsError::Nack(m))),
+            Err(e) => {
+                job.finish(Err(e.clone()));
+                break e;
+            }
+        }
+    };
+    rx.close();
+    while let Ok(job) = rx.try_recv() {
+        job.finish(Err(reason.clone()));
+    }
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fake_ztunnel(sock: SeqPacket, answers: Vec<WorkloadResponse>) -> Vec<(String, usize)> {
+        sock.send(&zds::encode(&ZdsHello::ambit(true)), &[]).await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        for a in answers {
+            let (n, fds) = sock.recv(&mut buf).await.unwrap();
+            let req: WorkloadRequest = zds::decode(&buf[..n]).unwrap();
+            seen.push((req.kind().to_string(), fds.len()));
+            sock.send(&zds::encode(&a), &[]).await.unwrap();
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn ordered_acks_nacks_and_disconnect() {
+        let (agent, zt) = SeqPacket::pair().unwrap();
+        let peer = tokio::spawn(fake_ztunnel(zt, vec![WorkloadResponse::ack(), WorkloadResponse::nack("no")]));
+        let hello = read_hello(&agent, Duration::from_secs(1)).await.unwrap();
+        assert!(hello.listener_handoff());
+        let (handle, rx) = ConnHandle::new(1, 0, true);
+        let netns = OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap());
+        let (j1, r1) = Job::awaited(WorkloadRequest::add("a", Default::default(), vec![]), vec![netns]);
+        let (j2, r2) = Job::awaited(WorkloadRequest::del("a"), vec![]);
+        let (j3, r3) = Job::awaited(WorkloadRequest::del("b"), vec![]);
+        handle.enqueue(j1);
+        handle.enqueue(j2);
+        handle.enqueue(j3);
+        let server = tokio::spawn(serve_queue(agent, rx, Duration::from_secs(1)));
+        assert_eq!(r1.await.unwrap(), Ok(()));
+        assert_eq!(r2.await.unwrap(), Err(ZdsError::Nack("no".into())));
+        assert_eq!(peer.await.unwrap(), vec![("add".to_string(), 1), ("del".to_string(), 0)]);
+        // The fake ztunnel is gone: the third request fails, and so does the connection.
+        assert!(matches!(r3.await.unwrap(), Err(ZdsError::Disconnected(_))));
+        assert!(matches!(server.await.unwrap(), ZdsError::Disconnected(_)));
+        let (j4, r4) = Job::awaited(WorkloadRequest::del("c"), vec![]);
+        handle.enqueue(j4);
+        assert!(matches!(r4.await.unwrap(), Err(ZdsError::Disconnected(_))));
+    }
+
+    #[tokio::test]
+    async fn silent_ztunnel_times_out() {
+        let (agent, zt) = SeqPacket::pair().unwrap();
+        let (handle, rx) = ConnHandle::new(1, 0, false);
+        let (j, r) = Job::awaited(WorkloadRequest::del("a"), vec![]);
+        handle.enqueue(j);
+        let reason = serve_queue(agent, rx, Duration::from_millis(50)).await;
+        assert_eq!(reason, ZdsError::Timeout(Duration::from_millis(50)));
+        assert_eq!(r.await.unwrap(), Err(ZdsError::Timeout(Duration::from_millis(50))));
+        drop(zt);
+    }
+
+    #[tokio::test]
+    async fn bad_hello_is_refused() {
+        let (agent, zt) = SeqPacket::pair().unwrap();
+        zt.send(&[0xff, 0xff], &[]).await.unwrap();
+        assert!(read_hello(&agent, Duration::from_secs(1)).await.is_err());
+        zt.send(&zds::encode(&ZdsHello { version: 7, ambit: None }), &[]).await.unwrap();
+        assert!(read_hello(&agent, Duration::from_secs(1)).await.is_err());
+    }
+}
