@@ -214,7 +214,10 @@ impl Agent {
             })
             .await?
             .map_err(|e| {
-                AgentError::new(ErrorCode::Internal, format!("redirection for pod {pod_name} in {}: {e}", netns_path.display()))
+                AgentError::new(
+                    ErrorCode::Internal,
+                    format!("redirection for pod {pod_name} in {}: {e}", netns_path.display()),
+                )
             })?;
         let listeners = reuse_listeners.flatten().or(setup);
         debug!(pod = %pod_name, elapsed_ms = started.elapsed().as_millis() as u64, "rules and listeners in place");
@@ -332,9 +335,10 @@ impl Agent {
                 None => {
                     return match self.config.standalone.decide(&req.pod) {
                         Decision::Skip(_) => Ok(()),
-                        Decision::Enrol { .. } => {
-                            Err(AgentError::new(ErrorCode::Internal, "the pod should be enrolled but the agent does not hold it"))
-                        }
+                        Decision::Enrol { .. } => Err(AgentError::new(
+                            ErrorCode::Internal,
+                            "the pod should be enrolled but the agent does not hold it",
+                        )),
                     };
                 }
             }
@@ -348,7 +352,10 @@ impl Agent {
             .await?
             .map_err(|e| AgentError::new(ErrorCode::Internal, e))?;
         if !ok {
-            return Err(AgentError::new(ErrorCode::Internal, format!("the redirection rules are missing in {}", netns_path.display())));
+            return Err(AgentError::new(
+                ErrorCode::Internal,
+                format!("the redirection rules are missing in {}", netns_path.display()),
+            ));
         }
         if self.state.lock().await.conns.is_empty() {
             return Err(AgentError::new(ErrorCode::TryAgainLater, "no ztunnel is connected"));
@@ -367,10 +374,15 @@ impl Agent {
     }
 
     async fn gc(&self, req: &Request) -> Result<(), AgentError> {
-        let valid: std::collections::HashSet<&str> = req.valid_attachments.iter().map(|a| a.container_id.as_str()).collect();
+        let valid: std::collections::HashSet<&str> =
+            req.valid_attachments.iter().map(|a| a.container_id.as_str()).collect();
         let stale: Vec<String> = {
             let st = self.state.lock().await;
-            st.pods.values().filter(|p| !valid.contains(p.record.container_id.as_str())).map(|p| p.record.uid.clone()).collect()
+            st.pods
+                .values()
+                .filter(|p| !valid.contains(p.record.container_id.as_str()))
+                .map(|p| p.record.uid.clone())
+                .collect()
         };
         for uid in stale {
             info!(uid = %uid, "GC: the runtime no longer knows this sandbox");

@@ -71,8 +71,7 @@ impl PodNetns {
                 NetnsError::NotANetns(path.to_path_buf())
             });
         }
-        let inode =
-            ns.file().metadata().map_err(|e| NetnsError::Io { path: path.to_path_buf(), source: e })?.ino();
+        let inode = ns.file().metadata().map_err(|e| NetnsError::Io { path: path.to_path_buf(), source: e })?.ino();
         Ok(PodNetns { ns, inode })
     }
 
@@ -98,8 +97,7 @@ impl PodNetns {
         R: Send + 'static,
     {
         let path = self.path().to_path_buf();
-        let file: File =
-            self.ns.file().try_clone().map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
+        let file: File = self.ns.file().try_clone().map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread_path = path.clone();
         std::thread::Builder::new()

@@ -63,7 +63,8 @@ impl StateStore {
 
     fn path(&self, uid: &str) -> PathBuf {
         // UIDs are Kubernetes UUIDs or container ids; refuse anything that could escape the directory.
-        let safe: String = uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        let safe: String =
+            uid.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
         self.dir.join(format!("{safe}.json"))
     }
 
@@ -93,7 +94,10 @@ impl StateStore {
             if p.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
                 Ok(r) => ok.push(r),
                 Err(e) => bad.push(format!("{}: {e}", p.display())),
             }

@@ -57,9 +57,9 @@ impl SeqPacketListener {
     pub async fn accept(&self) -> io::Result<SeqPacket> {
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| {
-                Ok(socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)?)
-            }) {
+            match guard
+                .try_io(|fd| Ok(socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)?))
+            {
                 Ok(Ok(raw)) => {
                     // SAFETY: accept4 just returned this descriptor; nothing else owns it.
                     let owned = unsafe { OwnedFd::from_raw_fd(raw) };

@@ -47,9 +47,5 @@ pub fn nft_list_table(table: &str) -> Result<Option<String>, ApplyError> {
         .stdin(Stdio::null())
         .output()
         .map_err(ApplyError::Spawn)?;
-    if out.status.success() {
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
-    } else {
-        Ok(None)
-    }
+    if out.status.success() { Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())) } else { Ok(None) }
 }

@@ -96,7 +96,10 @@ pub fn nft_apply_script(cfg: InpodConfig) -> String {
 
     let _ = writeln!(w, "  chain output_mangle {{");
     let _ = writeln!(w, "    type route hook output priority mangle; policy accept;");
-    let _ = writeln!(w, "    # Replies on those connections carry the mark, so table {ROUTE_TABLE} returns them to ztunnel.");
+    let _ = writeln!(
+        w,
+        "    # Replies on those connections carry the mark, so table {ROUTE_TABLE} returns them to ztunnel."
+    );
     let _ = writeln!(w, "    ct mark & {MARK_MASK:#x} == {CONNMARK:#x} meta mark set ct mark");
     let _ = writeln!(w, "  }}");
 

@@ -131,7 +131,10 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
                 // The same rule is already there (NLM_F_EXCL): nothing to do.
                 Err(e) if errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => {
-                    return Err(RoutingError::Netlink { what: format!("add rule fwmark {CONNMARK:#x}/{MARK_MASK:#x}"), source: e });
+                    return Err(RoutingError::Netlink {
+                        what: format!("add rule fwmark {CONNMARK:#x}/{MARK_MASK:#x}"),
+                        source: e,
+                    });
                 }
             }
         }
@@ -181,8 +184,7 @@ pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
                 .map_err(|e| RoutingError::Netlink { what: "list rules".into(), source: e })?;
             let want = rule_message(fam);
             let found = rules.iter().any(|r| {
-                r.header.table == want.header.table
-                    && want.attributes.iter().all(|a| r.attributes.contains(a))
+                r.header.table == want.header.table && want.attributes.iter().all(|a| r.attributes.contains(a))
             });
             if !found {
                 return Ok(false);

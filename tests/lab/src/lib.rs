@@ -1,1 +1,19 @@
+//! Ambit's lab: a cluster made of network namespaces, with the real CNI chain, agents and ztunnels, for the
+//! end-to-end tests, the demo and the benchmark.
+//!
+//! Everything the lab makes carries a unique id and is removed on drop, also when a test panics;
+//! [`lab::clean_stale`] removes what a killed run left behind.
+#![deny(unsafe_code)]
 
+pub mod ca;
+pub mod cni;
+pub mod lab;
+pub mod net;
+pub mod netns;
+pub mod pcap;
+pub mod proc;
+pub mod util;
+
+pub use lab::{Lab, LabConfig, Node, Pod, PodError};
+pub use netns::Netns;
+pub use util::require_root;

@@ -1,0 +1,613 @@
+//! The lab: a small cluster made of network namespaces.
+//!
+//! - a fabric netns with a bridge joins the nodes (each node's `eth0`, 172.30.0.N/24), and each node routes
+//!   the other nodes' pod CIDRs (10.244.N.0/24) over it;
+//! - a netns per node runs the real `ambit-agent` and `ztunnel` processes and the CNI chain;
+//! - a netns per pod, created as a runtime creates one (`/var/run/netns/…`), gets its interface and IP from
+//!   Debian's `bridge` + `host-local` plugins with `ambit-cni` chained after them, run by [`CniRunner`];
+//! - the lab plays istiod: it writes the workload file every ztunnel reads, and the CA they share.
+//!
+//! Everything is named with a unique id, lives under one temp directory, and is removed on drop.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+use crate::cni::{Attachment, CniFailure, CniRunner, Timings, write_atomic};
+use crate::net::http_get;
+use crate::netns::Netns;
+use crate::proc::Proc;
+use crate::util::{binary, unique_id, wait_for};
+
+/// The trust domain of the lab's mesh.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// ztunnel's admin port (node netns, localhost).
+pub const ADMIN_PORT: u16 = 15000;
+/// ztunnel's metrics port.
+pub const METRICS_PORT: u16 = 15020;
+/// ztunnel's readiness port.
+pub const READY_PORT: u16 = 15021;
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Namespaces whose pods are enrolled (the agents' standalone policy).
+    pub enrolled_namespaces: Vec<String>,
+    /// The ztunnel binary (Ambit's by default).
+    pub ztunnel: Option<PathBuf>,
+    /// Extra environment for every ztunnel.
+    pub ztunnel_env: Vec<(String, String)>,
+    /// `RUST_LOG` for the agents and ztunnels.
+    pub log_level: String,
+    /// Start agents and ztunnels (off for tests that drive the pieces themselves).
+    pub start_daemons: bool,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        LabConfig {
+            nodes: 2,
+            enrolled_namespaces: vec!["mesh".into()],
+            ztunnel: None,
+            ztunnel_env: Vec::new(),
+            log_level: "info".into(),
+            start_daemons: true,
+        }
+    }
+}
+
+/// One node.
+pub struct Node {
+    /// 0-based index.
+    pub index: usize,
+    /// Its name (`node1`, …), also `NODE_NAME` of its daemons.
+    pub name: String,
+    /// Its netns.
+    pub netns: Netns,
+    /// Its address on the fabric.
+    pub ip: Ipv4Addr,
+    /// Its pod CIDR.
+    pub pod_cidr: String,
+    /// Its directory (sockets, configs, logs).
+    pub dir: PathBuf,
+    /// Its CNI runtime view.
+    pub cni: CniRunner,
+    /// Its node agent.
+    pub agent: Option<Proc>,
+    /// Its ztunnel.
+    pub ztunnel: Option<Proc>,
+}
+
+impl Node {
+    /// The agent's plugin socket.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir.join("run/cni.sock")
+    }
+
+    /// The ZDS socket.
+    pub fn zds_socket(&self) -> PathBuf {
+        self.dir.join("run/ztunnel.sock")
+    }
+
+    /// GET on ztunnel's admin or metrics port, from inside the node.
+    pub fn ztunnel_get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&self.netns, SocketAddr::from((Ipv4Addr::LOCALHOST, port)), path)
+    }
+
+    /// ztunnel's `/config_dump` as JSON.
+    pub fn config_dump(&self) -> anyhow::Result<Value> {
+        let (status, body) = self.ztunnel_get(ADMIN_PORT, "/config_dump")?;
+        anyhow::ensure!(status == 200, "config_dump answered {status}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// ztunnel's Prometheus metrics text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = self.ztunnel_get(METRICS_PORT, "/metrics")?;
+        anyhow::ensure!(status == 200, "metrics answered {status}");
+        Ok(body)
+    }
+}
+
+/// One pod.
+pub struct Pod {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// Service account.
+    pub service_account: String,
+    /// The node it runs on.
+    pub node: usize,
+    /// Its netns.
+    pub netns: Netns,
+    /// Its IPv4 address.
+    pub ip: IpAddr,
+    /// The sandbox id.
+    pub container_id: String,
+    /// The conflist's final ADD result (cached for DEL, as a runtime does).
+    pub result: Value,
+    /// How long each plugin took in ADD.
+    pub timings: Timings,
+}
+
+impl Pod {
+    /// `namespace/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Its SPIFFE identity.
+    pub fn identity(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+
+    /// `ip:port`.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, port)
+    }
+
+    /// How the runtime names this sandbox to CNI.
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            netns: self.netns.path(),
+            ifname: "eth0".into(),
+            args: cni_args(&self.namespace, &self.name, &self.uid),
+        }
+    }
+
+    /// `nft list ruleset` inside the pod.
+    pub fn nft_ruleset(&self) -> anyhow::Result<String> {
+        self.netns.exec("nft", &["list", "ruleset"])
+    }
+}
+
+fn cni_args(namespace: &str, name: &str, uid: &str) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=x;K8S_POD_UID={uid}"
+    )
+}
+
+/// A workload entry the lab publishes (Istio ztunnel local-file format).
+#[derive(Debug, Clone)]
+struct Published {
+    uid: String,
+    name: String,
+    namespace: String,
+    service_account: String,
+    ip: IpAddr,
+    node: String,
+    hbone: bool,
+}
+
+/// The lab.
+pub struct Lab {
+    /// Unique id of this run.
+    pub id: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The config it was built with.
+    pub config: LabConfig,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    fabric: Option<Netns>,
+    workloads: Mutex<BTreeMap<String, Published>>,
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds the lab: fabric, nodes, CA, configs, and (unless disabled) each node's agent and ztunnel, ready.
+    pub fn start(config: LabConfig) -> anyhow::Result<Lab> {
+        crate::util::require_root();
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("ambit-lab-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+        let mut lab = Lab {
+            id: id.clone(),
+            dir: dir.clone(),
+            config: config.clone(),
+            nodes: Vec::new(),
+            fabric: None,
+            workloads: Mutex::new(BTreeMap::new()),
+            keep: false,
+        };
+
+        let fabric = Netns::create(&format!("ambit-{id}-fabric"))?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        lab.fabric = Some(fabric);
+
+        let bin = dir.join("cni-bin");
+        std::fs::create_dir_all(&bin)?;
+        for p in ["bridge", "host-local", "loopback", "portmap"] {
+            let target = Path::new("/usr/lib/cni").join(p);
+            anyhow::ensure!(
+                target.exists(),
+                "{} is missing: install Debian's containernetworking-plugins",
+                target.display()
+            );
+            std::os::unix::fs::symlink(&target, bin.join(p))?;
+        }
+        std::os::unix::fs::symlink(binary("ambit-cni"), bin.join("ambit-cni"))?;
+
+        crate::ca::write_ca(&dir.join("ca-cert.pem"), &dir.join("ca-key.pem"))?;
+        lab.write_workloads()?;
+
+        for i in 0..config.nodes {
+            let node = lab.make_node(i, &bin)?;
+            lab.nodes.push(node);
+        }
+        for i in 0..config.nodes {
+            let peer_routes: Vec<(String, Ipv4Addr)> =
+                lab.nodes.iter().filter(|n| n.index != i).map(|n| (n.pod_cidr.clone(), n.ip)).collect();
+            for (cidr, via) in peer_routes {
+                lab.nodes[i].netns.ip(&["route", "add", &cidr, "via", &via.to_string()])?;
+            }
+        }
+        if config.start_daemons {
+            for i in 0..config.nodes {
+                lab.start_agent(i)?;
+                lab.start_ztunnel(i)?;
+            }
+            for i in 0..config.nodes {
+                lab.wait_ready(i)?;
+            }
+        }
+        Ok(lab)
+    }
+
+    fn make_node(&self, i: usize, bin: &Path) -> anyhow::Result<Node> {
+        let name = format!("node{}", i + 1);
+        let dir = self.dir.join(&name);
+        for d in ["run", "net.d", "ipam", "state"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let netns = Netns::create(&format!("ambit-{}-{name}", self.id))?;
+        let fabric = self.fabric.as_ref().expect("fabric");
+        let port = format!("n{i}");
+        fabric.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        let ip = Ipv4Addr::new(172, 30, 0, (i + 1) as u8);
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.sysctl("net.ipv4.ip_forward", "1")?;
+        let pod_cidr = format!("10.244.{}.0/24", i + 1);
+
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "name": "lab",
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": pod_cidr}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": dir.join("ipam"),
+                    }
+                },
+                {
+                    "type": "ambit-cni",
+                    "agent_socket": dir.join("run/cni.sock"),
+                    "agent_timeout_ms": 10000,
+                    "log_file": dir.join("cni.log"),
+                    "log_level": "debug",
+                }
+            ]
+        });
+        write_atomic(&dir.join("net.d/10-lab.conflist"), serde_json::to_string_pretty(&conflist)?.as_bytes())?;
+        let agent_conf = json!({
+            "nodeName": name,
+            "cniSocket": dir.join("run/cni.sock"),
+            "zdsSocket": dir.join("run/ztunnel.sock"),
+            "stateDir": dir.join("state"),
+            "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces},
+        });
+        std::fs::write(dir.join("agent.yaml"), serde_yaml_ng::to_string(&agent_conf)?)?;
+        Ok(Node {
+            index: i,
+            name,
+            netns,
+            ip,
+            pod_cidr,
+            cni: CniRunner { bin_dir: bin.to_path_buf(), conf_dir: dir.join("net.d") },
+            dir,
+            agent: None,
+            ztunnel: None,
+        })
+    }
+
+    /// Starts (or restarts) node `i`'s agent and waits for its socket.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        if let Some(mut old) = node.agent.take() {
+            old.stop(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(node.cni_socket());
+        let mut cmd = node.netns.command(binary("ambit-agent"));
+        cmd.arg("--config").arg(node.dir.join("agent.yaml")).env("RUST_LOG", &self.config.log_level);
+        let p = Proc::spawn("ambit-agent", cmd, &node.dir.join("agent.log"))?;
+        node.agent = Some(p);
+        let sock = node.cni_socket();
+        wait_for(&format!("{}'s agent socket", node.name), Duration::from_secs(10), || sock.exists().then_some(()))
+            .with_context(|| node.agent.as_ref().map(|a| a.log()).unwrap_or_default())?;
+        Ok(())
+    }
+
+    /// The environment ztunnel gets on node `i`.
+    pub fn ztunnel_env(&self, i: usize) -> Vec<(String, String)> {
+        let node = &self.nodes[i];
+        let mut env = vec![
+            ("INPOD_UDS".to_string(), node.zds_socket().display().to_string()),
+            ("NODE_NAME".to_string(), node.name.clone()),
+            ("LOCAL_XDS_PATH".to_string(), self.workloads_path().display().to_string()),
+            ("XDS_ADDRESS".to_string(), String::new()),
+            ("TRUST_DOMAIN".to_string(), TRUST_DOMAIN.to_string()),
+            ("AMBIT_LOCAL_CA_CERT".to_string(), self.dir.join("ca-cert.pem").display().to_string()),
+            ("AMBIT_LOCAL_CA_KEY".to_string(), self.dir.join("ca-key.pem").display().to_string()),
+            ("RUST_LOG".to_string(), self.config.log_level.clone()),
+        ];
+        env.extend(self.config.ztunnel_env.iter().cloned());
+        env
+    }
+
+    /// Starts (or restarts) node `i`'s ztunnel (not waiting for readiness).
+    pub fn start_ztunnel(&mut self, i: usize) -> anyhow::Result<()> {
+        let env = self.ztunnel_env(i);
+        let bin = self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel"));
+        let node = &mut self.nodes[i];
+        if let Some(mut old) = node.ztunnel.take() {
+            old.stop(Duration::from_secs(10));
+        }
+        let mut cmd = node.netns.command(bin);
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").envs(env);
+        node.ztunnel = Some(Proc::spawn("ztunnel", cmd, &node.dir.join("ztunnel.log"))?);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s ztunnel reports ready (connected to the agent and synced).
+    pub fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        wait_for(&format!("{}'s ztunnel to be ready", node.name), Duration::from_secs(20), || {
+            matches!(node.ztunnel_get(READY_PORT, "/healthz/ready"), Ok((200, _))).then_some(())
+        })
+        .with_context(|| node.ztunnel.as_ref().map(|z| z.log()).unwrap_or_default())
+    }
+
+    /// The workload file all ztunnels read.
+    pub fn workloads_path(&self) -> PathBuf {
+        self.dir.join("workloads.yaml")
+    }
+
+    fn write_workloads(&self) -> anyhow::Result<()> {
+        let w = self.workloads.lock().unwrap();
+        let workloads: Vec<Value> = w
+            .values()
+            .map(|p| {
+                json!({
+                    "uid": p.uid, "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
+                    "workloadIps": [p.ip.to_string()], "protocol": if p.hbone { "HBONE" } else { "TCP" },
+                    "node": p.node, "trustDomain": TRUST_DOMAIN, "services": {},
+                })
+            })
+            .collect();
+        let doc = json!({"workloads": workloads, "services": [], "policies": []});
+        write_atomic(&self.workloads_path(), serde_yaml_ng::to_string(&doc)?.as_bytes())
+    }
+
+    /// Waits until every running ztunnel has loaded a workload file that lists (or no longer lists) `uid`.
+    fn wait_workload_visible(&self, uid: &str, present: bool) -> anyhow::Result<()> {
+        for node in self.nodes.iter().filter(|n| n.ztunnel.is_some()) {
+            wait_for(&format!("{}'s ztunnel to see workload {uid}", node.name), Duration::from_secs(10), || {
+                let dump = node.config_dump().ok()?;
+                let has = dump["workloads"].as_array()?.iter().any(|w| w["uid"] == uid);
+                (has == present).then_some(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Creates a pod on node `node` as a runtime does: a new netns, then the CNI chain. On a CNI failure the
+    /// netns is removed again (as the runtime would) and the failure is returned.
+    pub fn add_pod(&self, node: usize, namespace: &str, name: &str) -> Result<Pod, PodError> {
+        self.add_pod_as(node, namespace, name, "default")
+    }
+
+    /// [`Lab::add_pod`] with a service account.
+    pub fn add_pod_as(&self, node: usize, namespace: &str, name: &str, sa: &str) -> Result<Pod, PodError> {
+        let n = &self.nodes[node];
+        let uid = format!("{}-{}", unique_id(), unique_id());
+        let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
+        let netns = Netns::create(&format!("ambit-{}-{}-{}", self.id, namespace, name)).map_err(PodError::Setup)?;
+        let att = Attachment {
+            container_id: container_id.clone(),
+            netns: netns.path(),
+            ifname: "eth0".into(),
+            args: cni_args(namespace, name, &uid),
+        };
+        let (result, timings) = match n.cni.add(&n.netns, &att) {
+            Ok(r) => r,
+            Err(e) => {
+                // The runtime cleans up a failed sandbox with DEL, then removes the netns.
+                let _ = n.cni.del(&n.netns, &att, None);
+                return Err(PodError::Cni(e));
+            }
+        };
+        let ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| PodError::Setup(anyhow::anyhow!("CNI result without an IP: {result}")))?;
+        let pod = Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.clone(),
+            service_account: sa.into(),
+            node,
+            netns,
+            ip,
+            container_id,
+            result,
+            timings,
+        };
+        self.publish(&pod).map_err(PodError::Setup)?;
+        Ok(pod)
+    }
+
+    /// Publishes (or republishes) a pod in the workload file and waits for the ztunnels to load it.
+    pub fn publish(&self, pod: &Pod) -> anyhow::Result<()> {
+        let hbone = self.config.enrolled_namespaces.contains(&pod.namespace);
+        self.workloads.lock().unwrap().insert(
+            pod.uid.clone(),
+            Published {
+                uid: workload_uid(pod),
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                ip: pod.ip,
+                node: self.nodes[pod.node].name.clone(),
+                hbone,
+            },
+        );
+        self.write_workloads()?;
+        self.wait_workload_visible(&workload_uid(pod), true)
+    }
+
+    /// Runs CNI DEL for the pod (reverse order, cached result) without deleting its netns.
+    pub fn cni_del(&self, pod: &Pod) -> Result<(), CniFailure> {
+        let n = &self.nodes[pod.node];
+        n.cni.del(&n.netns, &pod.attachment(), Some(&pod.result))
+    }
+
+    /// Removes a pod as a runtime does: CNI DEL, then the netns; and unpublishes it.
+    pub fn delete_pod(&self, pod: Pod) -> anyhow::Result<()> {
+        self.cni_del(&pod)?;
+        self.workloads.lock().unwrap().remove(&pod.uid);
+        self.write_workloads()?;
+        self.wait_workload_visible(&workload_uid(&pod), false)?;
+        pod.netns.delete()
+    }
+
+    /// The fabric netns.
+    pub fn fabric(&self) -> &Netns {
+        self.fabric.as_ref().expect("fabric")
+    }
+
+    /// Keep everything when the lab is dropped (for `lab demo --keep`).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Logs of every daemon, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            for (what, p) in [("agent", &n.agent), ("ztunnel", &n.ztunnel)] {
+                if let Some(p) = p {
+                    s.push_str(&format!(
+                        "----- {} {what} ({}) -----\n{}\n",
+                        n.name,
+                        p.log_path().display(),
+                        tail(&p.log(), 60)
+                    ));
+                }
+            }
+        }
+        s
+    }
+
+    /// Time since `t`, in ms, for progress output.
+    pub fn ms(t: Instant) -> u128 {
+        t.elapsed().as_millis()
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The workload uid the lab publishes for a pod (Istio's `<cluster>//Pod/<ns>/<name>` form).
+pub fn workload_uid(pod: &Pod) -> String {
+    format!("Kubernetes//Pod/{}/{}", pod.namespace, pod.name)
+}
+
+/// Why a pod could not be created.
+#[derive(Debug)]
+pub enum PodError {
+    /// The CNI chain failed.
+    Cni(CniFailure),
+    /// The lab failed to set it up.
+    Setup(anyhow::Error),
+}
+
+impl std::fmt::Display for PodError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodError::Cni(e) => write!(f, "{e}"),
+            PodError::Setup(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for PodError {}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for n in &mut self.nodes {
+            if let Some(mut z) = n.ztunnel.take() {
+                z.stop(Duration::from_secs(3));
+            }
+            if let Some(mut a) = n.agent.take() {
+                a.stop(Duration::from_secs(3));
+            }
+        }
+        self.nodes.clear();
+        self.fabric.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes what crashed or killed labs left behind: netns named `ambit-<id>-…` and lab directories whose owner
+/// process is gone. Returns what it removed.
+pub fn clean_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let tmp = std::env::temp_dir();
+    let mut dead_ids = Vec::new();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("ambit-lab-") else { continue };
+        let owner: Option<i32> =
+            std::fs::read_to_string(e.path().join("owner.pid")).ok().and_then(|s| s.trim().parse().ok());
+        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            dead_ids.push(id.to_string());
+            let _ = std::fs::remove_dir_all(e.path());
+            removed.push(e.path().display().to_string());
+        }
+    }
+    for e in std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if dead_ids.iter().any(|id| name.starts_with(&format!("ambit-{id}-"))) {
+            if let Ok(ns) = netns_rs::NetNs::get(&name) {
+                let _ = ns.remove();
+            }
+            removed.push(format!("netns {name}"));
+        }
+    }
+    removed
+}

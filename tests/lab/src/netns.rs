@@ -1,0 +1,125 @@
+//! Network namespaces the lab creates, and running work inside them.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use nix::sched::CloneFlags;
+
+/// A named network namespace (`/var/run/netns/<name>`, exactly as a container runtime makes one), deleted on
+/// drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    inner: Option<netns_rs::NetNs>,
+}
+
+impl Netns {
+    /// Creates it, with loopback up.
+    pub fn create(name: &str) -> anyhow::Result<Netns> {
+        let inner = netns_rs::NetNs::new(name).with_context(|| format!("creating netns {name}"))?;
+        let ns = Netns { name: name.to_string(), inner: Some(inner) };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name under `/var/run/netns`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    fn file(&self) -> &File {
+        self.inner.as_ref().expect("netns present until drop").file()
+    }
+
+    /// Runs `f` on a fresh thread inside the netns. Sockets it creates stay in the netns wherever they are used
+    /// afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let file = self.file().try_clone()?;
+        let name = self.name.clone();
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).with_context(|| format!("entering netns {name}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
+    }
+
+    /// A command that will run inside this netns.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        let fd = self.file().as_raw_fd();
+        // SAFETY: between fork and exec the closure only makes two async-signal-safe system calls (setns, prctl)
+        // on a descriptor that the parent keeps open for the netns's lifetime.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The lab's children never outlive it, even when it is killed outright.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs `ip -n <netns> args…` and fails with its stderr if it fails.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ip").arg("-n").arg(&self.name).args(args).output().context("running ip")?;
+        if !out.status.success() {
+            anyhow::bail!("ip -n {} {}: {}", self.name, args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a command in the netns and returns its stdout, failing with its stderr.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.command(program).args(args).output().with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "{program} {} in {}: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a sysctl of this netns (`net.ipv4.ip_forward` → `/proc/sys/net/ipv4/ip_forward`).
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {}", path.display())))?
+    }
+
+    /// Deletes the netns now (also done on drop).
+    pub fn delete(mut self) -> anyhow::Result<()> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> anyhow::Result<()> {
+        if let Some(inner) = self.inner.take() {
+            inner.remove().with_context(|| format!("removing netns {}", self.name))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("lab: {e:#}");
+        }
+    }
+}
