@@ -1,0 +1,188 @@
+//! ztunnel's control endpoints: admin (localhost: `/config_dump`, `/logging`, `/quitquitquit`), Prometheus
+//! metrics (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::inpod::Inpod;
+use crate::proxy::ProxyCtx;
+
+/// Changes the log filter at run time.
+pub trait LogControl: Send + Sync {
+    /// The current filter.
+    fn get(&self) -> String;
+    /// Sets a new filter (`info`, `debug`, `ztunnel=debug,info`, …).
+    fn set(&self, filter: &str) -> Result<(), String>;
+}
+
+/// What the endpoints read.
+pub struct AdminState {
+    /// The proxy context.
+    pub ctx: Arc<ProxyCtx>,
+    /// In-pod mode.
+    pub inpod: Arc<Mutex<Inpod>>,
+    /// The log filter.
+    pub log: Arc<dyn LogControl>,
+    /// Notified by `/quitquitquit`.
+    pub quit: Arc<Notify>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response")
+}
+
+impl AdminState {
+    /// Whether ztunnel is ready: workloads loaded and the agent's snapshot received.
+    pub fn ready(&self) -> bool {
+        let loaded = self.ctx.cfg.local_xds_path.is_none() || self.ctx.state.status().generation > 0;
+        loaded && self.inpod.lock().unwrap().ready()
+    }
+
+    /// `/config_dump`.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let snap = self.ctx.state.snapshot();
+        let inpod = self.inpod.lock().unwrap();
+        serde_json::json!({
+            "node": self.ctx.cfg.node_name,
+            "trustDomain": self.ctx.cfg.trust_domain,
+            "configSource": self.ctx.state.status(),
+            "workloads": snap.workloads.iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
+            "services": snap.services,
+            "policies": snap.policies,
+            "certificates": self.ctx.certs.dump(),
+            "inpod": {"ready": inpod.ready(), "pods": inpod.status()},
+        })
+    }
+
+    fn metrics_text(&self) -> String {
+        self.ctx.metrics.cert_expiry.clear();
+        for c in self.ctx.certs.dump() {
+            self.ctx
+                .metrics
+                .cert_expiry
+                .get_or_create(&crate::metrics::IdentityLabels { identity: c.identity })
+                .set(c.expires_in_seconds);
+        }
+        self.ctx.metrics.encode()
+    }
+
+    fn admin(&self, req: &Request<Incoming>) -> Reply {
+        let query = req.uri().query().unwrap_or_default();
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/") => reply(StatusCode::OK, "text/plain", "/config_dump\n/logging\n/quitquitquit\n"),
+            (&Method::GET, "/config_dump") => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&self.config_dump()).unwrap_or_default(),
+            ),
+            (&Method::GET, "/logging") => {
+                reply(StatusCode::OK, "text/plain", format!("current log level is {}\n", self.log.get()))
+            }
+            (&Method::POST, "/logging") => {
+                let level = query.split('&').find_map(|kv| kv.strip_prefix("level="));
+                match level.map(|l| self.log.set(l)) {
+                    Some(Ok(())) => {
+                        info!(level = level.unwrap_or_default(), "log level changed");
+                        reply(StatusCode::OK, "text/plain", format!("current log level is {}\n", self.log.get()))
+                    }
+                    Some(Err(e)) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("invalid level: {e}\n")),
+                    None => reply(StatusCode::BAD_REQUEST, "text/plain", "usage: POST /logging?level=<filter>\n"),
+                }
+            }
+            (&Method::POST, "/quitquitquit") => {
+                self.quit.notify_one();
+                reply(StatusCode::OK, "text/plain", "draining and exiting\n")
+            }
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+
+    fn stats(&self, req: &Request<Incoming>) -> Reply {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics" | "/stats/prometheus") => {
+                reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", self.metrics_text())
+            }
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+
+    fn readiness(&self, req: &Request<Incoming>) -> Reply {
+        match req.uri().path() {
+            "/healthz/ready" if self.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
+            "/healthz/ready" => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: waiting for the node agent's snapshot\n",
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+}
+
+/// Which endpoint set a listener serves.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    /// Admin.
+    Admin,
+    /// Metrics.
+    Stats,
+    /// Readiness.
+    Readiness,
+}
+
+/// Binds `addr` and serves `which` forever.
+pub async fn serve(addr: SocketAddr, which: Endpoint, state: Arc<AdminState>) -> std::io::Result<()> {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        // A host without IPv6 cannot bind [::]; fall back to IPv4.
+        Err(_) if addr.ip().is_unspecified() && addr.is_ipv6() => {
+            TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port()))).await?
+        }
+        Err(e) => return Err(e),
+    };
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(%addr, error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        Ok::<_, Infallible>(match which {
+                            Endpoint::Admin => state.admin(&req),
+                            Endpoint::Stats => state.stats(&req),
+                            Endpoint::Readiness => state.readiness(&req),
+                        })
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(())
+}

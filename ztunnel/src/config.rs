@@ -1,0 +1,251 @@
+//! ztunnel's configuration, from Istio ztunnel's environment variables (so it drops into Istio's DaemonSet)
+//! plus a few `AMBIT_*` ones for what Istio's ztunnel does not have. See `ztunnel/README.md`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why the configuration is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?}: {reason}")]
+pub struct ConfigError {
+    /// The variable.
+    pub var: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// ztunnel's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `INPOD_UDS`: the node agent's ZDS socket.
+    pub inpod_uds: PathBuf,
+    /// `NODE_NAME`.
+    pub node_name: String,
+    /// `LOCAL_XDS_PATH`: the local workload file (Istio's YAML format).
+    pub local_xds_path: Option<PathBuf>,
+    /// `XDS_ADDRESS`: istiod's delta xDS (not used when a local file is given).
+    pub xds_address: Option<String>,
+    /// `TRUST_DOMAIN`.
+    pub trust_domain: String,
+    /// `AMBIT_LOCAL_CA_CERT` / `AMBIT_LOCAL_CA_KEY`: the local file CA.
+    pub local_ca: Option<(PathBuf, PathBuf)>,
+    /// `SECRET_TTL`: lifetime of workload certificates.
+    pub secret_ttl: Duration,
+    /// `PACKET_MARK`: the mark on every socket ztunnel creates in a pod.
+    pub packet_mark: u32,
+    /// `INPOD_PORT_REUSE`: SO_REUSEPORT on listeners ztunnel binds itself.
+    pub inpod_port_reuse: bool,
+    /// `IPV6_ENABLED`.
+    pub ipv6_enabled: bool,
+    /// `ADMIN_ADDR` (Ambit): admin server, localhost only by default.
+    pub admin_addr: SocketAddr,
+    /// `STATS_ADDR` (Ambit): Prometheus metrics.
+    pub stats_addr: SocketAddr,
+    /// `READINESS_ADDR` (Ambit): readiness.
+    pub readiness_addr: SocketAddr,
+    /// `ZTUNNEL_WORKER_THREADS`: worker threads (N or N%).
+    pub worker_threads: usize,
+    /// `CONNECTION_TERMINATION_DEADLINE`: how long draining waits for open connections.
+    pub termination_deadline: Duration,
+    /// `POOL_MAX_STREAMS_PER_CONNECTION`.
+    pub pool_max_streams: u32,
+    /// `POOL_UNUSED_RELEASE_TIMEOUT`.
+    pub pool_idle_timeout: Duration,
+    /// `HTTP2_STREAM_WINDOW_SIZE`.
+    pub h2_stream_window: u32,
+    /// `HTTP2_CONNECTION_WINDOW_SIZE`.
+    pub h2_connection_window: u32,
+    /// `HTTP2_FRAME_SIZE`.
+    pub h2_frame_size: u32,
+}
+
+/// Parses a Go-style duration (`5s`, `1m30s`, `250ms`, `24h0m0s`) or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(Duration::from_secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').filter(|&i| i > 0)?;
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(n * unit).ok()?;
+    }
+    Some(total)
+}
+
+impl Config {
+    /// Reads the configuration through `var` (the process environment in production).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |k: &str| var(k);
+        fn bad(var: &'static str, value: &str, reason: &str) -> ConfigError {
+            ConfigError { var, value: value.to_string(), reason: reason.to_string() }
+        }
+        let duration = |k: &'static str, d: Duration| -> Result<Duration, ConfigError> {
+            match get(k) {
+                None => Ok(d),
+                Some(v) => parse_duration(&v).ok_or_else(|| bad(k, &v, "not a duration (e.g. 5s, 1m30s)")),
+            }
+        };
+        let number = |k: &'static str, d: u32| -> Result<u32, ConfigError> {
+            match get(k) {
+                None => Ok(d),
+                Some(v) => v.trim().parse().map_err(|_| bad(k, &v, "not a non-negative integer")),
+            }
+        };
+        let boolean = |k: &'static str, d: bool| -> Result<bool, ConfigError> {
+            match get(k).as_deref().map(str::trim) {
+                None => Ok(d),
+                Some("true") | Some("1") => Ok(true),
+                Some("false") | Some("0") => Ok(false),
+                Some(v) => Err(bad(k, v, "not true or false")),
+            }
+        };
+        let addr = |k: &'static str, d: SocketAddr| -> Result<SocketAddr, ConfigError> {
+            match get(k) {
+                None => Ok(d),
+                Some(v) => v.parse().map_err(|_| bad(k, &v, "not an ip:port address")),
+            }
+        };
+        let ipv6_enabled = boolean("IPV6_ENABLED", true)?;
+        let any: IpAddr = if ipv6_enabled { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let local_ca = match (get("AMBIT_LOCAL_CA_CERT"), get("AMBIT_LOCAL_CA_KEY")) {
+            (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(bad("AMBIT_LOCAL_CA_KEY", "", &format!("must be set with AMBIT_LOCAL_CA_CERT={c}")));
+            }
+            (None, Some(k)) => {
+                return Err(bad("AMBIT_LOCAL_CA_CERT", "", &format!("must be set with AMBIT_LOCAL_CA_KEY={k}")));
+            }
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let worker_threads = match get("ZTUNNEL_WORKER_THREADS") {
+            None => (cores.div_ceil(4)).max(2),
+            Some(v) => {
+                let parsed = match v.trim().strip_suffix('%') {
+                    Some(p) => p.parse::<usize>().ok().map(|p| (cores * p).div_ceil(100).max(1)),
+                    None => v.trim().parse::<usize>().ok(),
+                };
+                parsed
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad("ZTUNNEL_WORKER_THREADS", &v, "not a positive count or percentage"))?
+            }
+        };
+        let c = Config {
+            inpod_uds: PathBuf::from(get("INPOD_UDS").unwrap_or_else(|| "/var/run/ztunnel/ztunnel.sock".into())),
+            node_name: get("NODE_NAME").unwrap_or_default(),
+            local_xds_path: get("LOCAL_XDS_PATH").filter(|s| !s.is_empty()).map(PathBuf::from),
+            xds_address: get("XDS_ADDRESS").filter(|s| !s.is_empty()),
+            trust_domain: get("TRUST_DOMAIN").filter(|s| !s.is_empty()).unwrap_or_else(|| "cluster.local".into()),
+            local_ca,
+            secret_ttl: duration("SECRET_TTL", Duration::from_secs(24 * 3600))?,
+            packet_mark: number("PACKET_MARK", 1337)?,
+            inpod_port_reuse: boolean("INPOD_PORT_REUSE", true)?,
+            ipv6_enabled,
+            admin_addr: addr("ADMIN_ADDR", SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)))?,
+            stats_addr: addr("STATS_ADDR", SocketAddr::new(any, 15020))?,
+            readiness_addr: addr("READINESS_ADDR", SocketAddr::new(any, 15021))?,
+            worker_threads,
+            termination_deadline: duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?,
+            pool_max_streams: number("POOL_MAX_STREAMS_PER_CONNECTION", 100)?.max(1),
+            pool_idle_timeout: duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,
+            h2_stream_window: number("HTTP2_STREAM_WINDOW_SIZE", 4 * 1024 * 1024)?,
+            h2_connection_window: number("HTTP2_CONNECTION_WINDOW_SIZE", 16 * 1024 * 1024)?,
+            h2_frame_size: number("HTTP2_FRAME_SIZE", 1024 * 1024)?,
+        };
+        if !(16_384..=16_777_215).contains(&c.h2_frame_size) {
+            return Err(bad("HTTP2_FRAME_SIZE", &c.h2_frame_size.to_string(), "must be between 16384 and 16777215"));
+        }
+        if c.local_xds_path.is_none() && c.xds_address.is_some() {
+            return Err(bad(
+                "XDS_ADDRESS",
+                c.xds_address.as_deref().unwrap_or_default(),
+                "this ztunnel reads workloads from LOCAL_XDS_PATH only; set LOCAL_XDS_PATH (and XDS_ADDRESS=\"\")",
+            ));
+        }
+        if c.local_ca.is_none() {
+            return Err(bad(
+                "AMBIT_LOCAL_CA_CERT",
+                "",
+                "no certificate authority configured: set AMBIT_LOCAL_CA_CERT and AMBIT_LOCAL_CA_KEY",
+            ));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut m: HashMap<String, String> = [("AMBIT_LOCAL_CA_CERT", "/ca.pem"), ("AMBIT_LOCAL_CA_KEY", "/ca.key")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in pairs {
+            m.insert(k.to_string(), v.to_string());
+        }
+        Config::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h0m0s"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        for bad in ["", "s", "5x", "-1s", "1.5.5s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn istio_defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.inpod_uds, PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        assert_eq!(c.packet_mark, 0x539);
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.pool_max_streams, 100);
+        assert_eq!(c.termination_deadline, Duration::from_secs(5));
+        assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
+        assert!(c.worker_threads >= 2);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        assert_eq!(cfg(&[("SECRET_TTL", "forever")]).unwrap_err().var, "SECRET_TTL");
+        assert_eq!(cfg(&[("INPOD_PORT_REUSE", "maybe")]).unwrap_err().var, "INPOD_PORT_REUSE");
+        assert_eq!(cfg(&[("ZTUNNEL_WORKER_THREADS", "0")]).unwrap_err().var, "ZTUNNEL_WORKER_THREADS");
+        assert_eq!(cfg(&[("HTTP2_FRAME_SIZE", "10")]).unwrap_err().var, "HTTP2_FRAME_SIZE");
+        assert_eq!(cfg(&[("XDS_ADDRESS", "https://istiod:15012")]).unwrap_err().var, "XDS_ADDRESS");
+        assert_eq!(
+            cfg(&[("ZTUNNEL_WORKER_THREADS", "50%")]).unwrap().worker_threads,
+            1.max(std::thread::available_parallelism().unwrap().get().div_ceil(2))
+        );
+        let e = Config::from_vars(|_| None).unwrap_err();
+        assert!(e.reason.contains("certificate authority"));
+    }
+}

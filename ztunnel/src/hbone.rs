@@ -1,0 +1,107 @@
+//! HBONE request validation (pure): what an inbound CONNECT must look like before ztunnel opens anything.
+
+use std::net::SocketAddr;
+
+use http::{Method, StatusCode, Uri};
+
+use crate::socket::canonical;
+
+/// Ports an HBONE request may never target: ztunnel's own in-pod listeners (a loop or a bypass).
+pub const FORBIDDEN_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// Not a CONNECT.
+    #[error("method {0} is not CONNECT")]
+    NotConnect(String),
+    /// The authority is missing or not `ip:port`.
+    #[error("authority {0:?} is not an ip:port address")]
+    BadAuthority(String),
+    /// The authority's IP is not the address the request arrived on.
+    #[error("authority {target} does not match the HBONE address {local}")]
+    AddressMismatch {
+        /// The requested target.
+        target: SocketAddr,
+        /// Where the HBONE connection arrived.
+        local: SocketAddr,
+    },
+    /// The target port is one of ztunnel's.
+    #[error("port {0} is reserved for ztunnel")]
+    ForbiddenPort(u16),
+}
+
+impl Rejection {
+    /// The HTTP status to answer with.
+    pub fn status(&self) -> StatusCode {
+        StatusCode::BAD_REQUEST
+    }
+
+    /// A short reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::NotConnect(_) => "not_connect",
+            Rejection::BadAuthority(_) => "bad_authority",
+            Rejection::AddressMismatch { .. } => "address_mismatch",
+            Rejection::ForbiddenPort(_) => "forbidden_port",
+        }
+    }
+}
+
+/// Validates an inbound HBONE request that arrived on `local` (the 15008 address) and returns the target.
+pub fn validate(method: &Method, uri: &Uri, local: SocketAddr) -> Result<SocketAddr, Rejection> {
+    if method != Method::CONNECT {
+        return Err(Rejection::NotConnect(method.as_str().chars().take(32).collect()));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/") {
+        return Err(Rejection::BadAuthority(uri.to_string().chars().take(128).collect()));
+    }
+    let target: SocketAddr =
+        authority.parse().map_err(|_| Rejection::BadAuthority(authority.chars().take(128).collect()))?;
+    let target = canonical(target);
+    if target.port() == 0 {
+        return Err(Rejection::BadAuthority(authority.to_string()));
+    }
+    let local = canonical(local);
+    if target.ip() != local.ip() {
+        return Err(Rejection::AddressMismatch { target, local });
+    }
+    if FORBIDDEN_PORTS.contains(&target.port()) {
+        return Err(Rejection::ForbiddenPort(target.port()));
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(method: Method, uri: &str) -> Result<SocketAddr, Rejection> {
+        validate(&method, &uri.parse().unwrap(), "10.0.0.2:15008".parse().unwrap())
+    }
+
+    #[test]
+    fn accepts_a_proper_connect() {
+        assert_eq!(v(Method::CONNECT, "10.0.0.2:8080"), Ok("10.0.0.2:8080".parse().unwrap()));
+        let v6 = validate(&Method::CONNECT, &"[fd00::2]:80".parse().unwrap(), "[fd00::2]:15008".parse().unwrap());
+        assert_eq!(v6, Ok("[fd00::2]:80".parse().unwrap()));
+        // A dual-stack listener reports IPv4 clients as mapped addresses.
+        let mapped =
+            validate(&Method::CONNECT, &"10.0.0.2:80".parse().unwrap(), "[::ffff:10.0.0.2]:15008".parse().unwrap());
+        assert_eq!(mapped, Ok("10.0.0.2:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn refuses_the_rest() {
+        assert!(matches!(v(Method::GET, "10.0.0.2:8080"), Err(Rejection::NotConnect(_))));
+        assert!(matches!(v(Method::CONNECT, "example.com:80"), Err(Rejection::BadAuthority(_))));
+        assert!(matches!(v(Method::CONNECT, "10.0.0.2"), Err(Rejection::BadAuthority(_))));
+        assert!(matches!(v(Method::CONNECT, "10.0.0.2:0"), Err(Rejection::BadAuthority(_))));
+        assert!(matches!(v(Method::CONNECT, "http://10.0.0.2:80/x"), Err(Rejection::BadAuthority(_))));
+        assert!(matches!(v(Method::CONNECT, "10.0.0.3:8080"), Err(Rejection::AddressMismatch { .. })));
+        for p in FORBIDDEN_PORTS {
+            assert_eq!(v(Method::CONNECT, &format!("10.0.0.2:{p}")), Err(Rejection::ForbiddenPort(p)));
+        }
+    }
+}

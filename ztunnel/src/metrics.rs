@@ -1,0 +1,392 @@
+//! Prometheus metrics (Istio's `istio_tcp_*` with Istio's labels, and ztunnel's own) and the per-connection
+//! record that feeds them and the access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::identity::Identity;
+use crate::state::Workload;
+
+/// Istio's standard labels of TCP metrics.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (the client's ztunnel) or `destination` (the server's).
+    pub reporter: String,
+    /// Client workload.
+    pub source_workload: String,
+    /// Client canonical service.
+    pub source_canonical_service: String,
+    /// Client canonical revision.
+    pub source_canonical_revision: String,
+    /// Client namespace.
+    pub source_workload_namespace: String,
+    /// Client SPIFFE ID.
+    pub source_principal: String,
+    /// Client `app`.
+    pub source_app: String,
+    /// Client version.
+    pub source_version: String,
+    /// Client cluster.
+    pub source_cluster: String,
+    /// Destination service host.
+    pub destination_service: String,
+    /// Destination service namespace.
+    pub destination_service_namespace: String,
+    /// Destination service name.
+    pub destination_service_name: String,
+    /// Server workload.
+    pub destination_workload: String,
+    /// Server canonical service.
+    pub destination_canonical_service: String,
+    /// Server canonical revision.
+    pub destination_canonical_revision: String,
+    /// Server namespace.
+    pub destination_workload_namespace: String,
+    /// Server SPIFFE ID.
+    pub destination_principal: String,
+    /// Server `app`.
+    pub destination_app: String,
+    /// Server version.
+    pub destination_version: String,
+    /// Server cluster.
+    pub destination_cluster: String,
+    /// Always `tcp`.
+    pub request_protocol: String,
+    /// Envoy-style flags (`-`, `DENY`, `CONNECT`, …).
+    pub response_flags: String,
+    /// `mutual_tls` or `unknown` (plaintext).
+    pub connection_security_policy: String,
+}
+
+/// A label set of one string.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A label set naming an identity.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    /// The SPIFFE ID.
+    pub identity: String,
+}
+
+/// A label set for ZDS messages.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZdsLabels {
+    /// Request kind.
+    pub kind: String,
+    /// `ack` or `nack`.
+    pub outcome: String,
+}
+
+/// A label set with a direction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `inbound` or `outbound`.
+    pub direction: String,
+}
+
+/// All of ztunnel's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_tcp_connections_opened_total`.
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (server → client).
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (client → server).
+    pub tcp_received: Family<TcpLabels, Counter>,
+    /// `workload_manager_active_proxy_count`.
+    pub active_proxies: Gauge,
+    /// `workload_manager_proxies_started_total`.
+    pub proxies_started: Counter,
+    /// `workload_manager_proxies_stopped_total`.
+    pub proxies_stopped: Counter,
+    /// `ztunnel_tls_handshake_failures_total{direction,reason}`.
+    pub tls_failures: Family<ReasonLabels, Counter>,
+    /// `ztunnel_hbone_rejected_total{direction,reason}`: HBONE requests answered with an error status.
+    pub hbone_rejected: Family<ReasonLabels, Counter>,
+    /// `ztunnel_zds_messages_total{kind,outcome}`.
+    pub zds_messages: Family<ZdsLabels, Counter>,
+    /// `ztunnel_zds_connected`: 1 while connected to the node agent.
+    pub zds_connected: Gauge,
+    /// `ztunnel_active_connections{direction}`.
+    pub active_connections: Family<DirectionLabels, Gauge>,
+    /// `ztunnel_pool_connections`: open pooled HBONE connections.
+    pub pool_connections: Gauge,
+    /// `ztunnel_certificate_expiry_seconds{identity}`: seconds until each workload certificate expires.
+    pub cert_expiry: Family<IdentityLabels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers everything.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            active_proxies: Gauge::default(),
+            proxies_started: Counter::default(),
+            proxies_stopped: Counter::default(),
+            tls_failures: Family::default(),
+            hbone_rejected: Family::default(),
+            zds_messages: Family::default(),
+            zds_connected: Gauge::default(),
+            active_connections: Family::default(),
+            pool_connections: Gauge::default(),
+            cert_expiry: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "istio_tcp_connections_opened",
+            "The total number of TCP connections opened",
+            m.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "The total number of TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "The size of total bytes sent during response in case of a TCP connection",
+            m.tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "The size of total bytes received during request in case of a TCP connection",
+            m.tcp_received.clone(),
+        );
+        registry.register(
+            "workload_manager_active_proxy_count",
+            "The count of pods ztunnel currently serves",
+            m.active_proxies.clone(),
+        );
+        registry.register("workload_manager_proxies_started", "Pod proxies started", m.proxies_started.clone());
+        registry.register("workload_manager_proxies_stopped", "Pod proxies stopped", m.proxies_stopped.clone());
+        registry.register(
+            "ztunnel_tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            m.tls_failures.clone(),
+        );
+        registry.register("ztunnel_hbone_rejected", "HBONE requests refused, by reason", m.hbone_rejected.clone());
+        registry.register("ztunnel_zds_messages", "ZDS requests handled, by kind and outcome", m.zds_messages.clone());
+        registry.register(
+            "ztunnel_zds_connected",
+            "Whether ztunnel is connected to the node agent",
+            m.zds_connected.clone(),
+        );
+        registry.register("ztunnel_active_connections", "Proxied connections open now", m.active_connections.clone());
+        registry.register("ztunnel_pool_connections", "Pooled HBONE connections open now", m.pool_connections.clone());
+        registry.register(
+            "ztunnel_certificate_expiry_seconds",
+            "Seconds until each workload certificate expires",
+            m.cert_expiry.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// The Prometheus (OpenMetrics) text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts a failure.
+    pub fn tls_failure(&self, direction: &str, reason: &str) {
+        self.tls_failures.get_or_create(&ReasonLabels { direction: direction.into(), reason: reason.into() }).inc();
+    }
+}
+
+/// Which side of a connection this ztunnel is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local pod (we are the source's ztunnel).
+    Outbound,
+    /// To a local pod (we are the destination's ztunnel).
+    Inbound,
+}
+
+impl Direction {
+    /// `outbound` / `inbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// What is known about one end of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// Workload, if known.
+    pub workload: Option<Arc<Workload>>,
+    /// Identity, if known (verified for the remote end of mTLS).
+    pub identity: Option<Identity>,
+}
+
+/// One proxied connection, from open to close: counts it, times it, and writes its access log line.
+pub struct ConnRecord {
+    metrics: Arc<Metrics>,
+    labels: TcpLabels,
+    direction: Direction,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+    hbone_addr: Option<SocketAddr>,
+    src: Peer,
+    dst: Peer,
+    start: Instant,
+    active: Gauge,
+}
+
+fn fill(labels: &mut TcpLabels, source: bool, p: &Peer) {
+    let (workload, namespace, principal, app, canonical, revision, cluster) = match &p.workload {
+        Some(w) => (
+            w.metrics_name().to_string(),
+            w.namespace.clone(),
+            p.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+            w.app().to_string(),
+            w.app().to_string(),
+            if w.canonical_revision.is_empty() { "latest".to_string() } else { w.canonical_revision.clone() },
+            w.cluster_id.clone(),
+        ),
+        None => {
+            let ns = p.identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default();
+            (
+                String::new(),
+                ns,
+                p.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            )
+        }
+    };
+    let unknown = |s: String| if s.is_empty() { "unknown".to_string() } else { s };
+    if source {
+        labels.source_workload = unknown(workload);
+        labels.source_workload_namespace = unknown(namespace);
+        labels.source_principal = unknown(principal);
+        labels.source_app = unknown(app);
+        labels.source_canonical_service = unknown(canonical);
+        labels.source_canonical_revision = unknown(revision.clone());
+        labels.source_version = unknown(revision);
+        labels.source_cluster = unknown(cluster);
+    } else {
+        labels.destination_workload = unknown(workload);
+        labels.destination_workload_namespace = unknown(namespace);
+        labels.destination_principal = unknown(principal);
+        labels.destination_app = unknown(app);
+        labels.destination_canonical_service = unknown(canonical);
+        labels.destination_canonical_revision = unknown(revision.clone());
+        labels.destination_version = unknown(revision);
+        labels.destination_cluster = unknown(cluster);
+    }
+}
+
+impl ConnRecord {
+    /// Opens a record (counts the connection as opened).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        metrics: &Arc<Metrics>,
+        direction: Direction,
+        src_addr: SocketAddr,
+        dst_addr: SocketAddr,
+        hbone_addr: Option<SocketAddr>,
+        src: Peer,
+        dst: Peer,
+        mtls: bool,
+    ) -> ConnRecord {
+        let mut labels = TcpLabels {
+            reporter: match direction {
+                Direction::Outbound => "source",
+                Direction::Inbound => "destination",
+            }
+            .into(),
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+            destination_service: "unknown".into(),
+            destination_service_namespace: "unknown".into(),
+            destination_service_name: "unknown".into(),
+            ..Default::default()
+        };
+        fill(&mut labels, true, &src);
+        fill(&mut labels, false, &dst);
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        let active =
+            metrics.active_connections.get_or_create(&DirectionLabels { direction: direction.as_str().into() }).clone();
+        active.inc();
+        ConnRecord {
+            metrics: metrics.clone(),
+            labels,
+            direction,
+            src_addr,
+            dst_addr,
+            hbone_addr,
+            src,
+            dst,
+            start: Instant::now(),
+            active,
+        }
+    }
+
+    /// Records the outcome and writes the access log line. `received` is client → server bytes, `sent`
+    /// server → client.
+    pub fn close(mut self, received: u64, sent: u64, error: Option<&str>, flags: Option<&str>) {
+        if let Some(f) = flags {
+            self.labels.response_flags = f.to_string();
+        }
+        let m = &self.metrics;
+        m.tcp_closed.get_or_create(&self.labels).inc();
+        m.tcp_received.get_or_create(&self.labels).inc_by(received);
+        m.tcp_sent.get_or_create(&self.labels).inc_by(sent);
+        self.active.dec();
+        let id = |p: &Peer| p.identity.as_ref().map(ToString::to_string).unwrap_or_default();
+        let wl = |p: &Peer| p.workload.as_ref().map(|w| w.name.clone()).unwrap_or_default();
+        let ns = |p: &Peer| {
+            p.workload
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .or_else(|| p.identity.as_ref().map(|i| i.namespace.clone()))
+                .unwrap_or_default()
+        };
+        let hbone = self.hbone_addr.map(|a| a.to_string()).unwrap_or_default();
+        // Istio's access log wording: "bytes_sent" is what the client sent, "bytes_recv" what it received.
+        tracing::info!(
+            target: "access",
+            "connection complete src.addr={} src.workload={:?} src.namespace={:?} src.identity={:?} dst.addr={} dst.hbone_addr={:?} dst.workload={:?} dst.namespace={:?} dst.identity={:?} direction={:?} bytes_sent={} bytes_recv={} duration=\"{}ms\"{}",
+            self.src_addr,
+            wl(&self.src),
+            ns(&self.src),
+            id(&self.src),
+            self.dst_addr,
+            hbone,
+            wl(&self.dst),
+            ns(&self.dst),
+            id(&self.dst),
+            self.direction.as_str(),
+            received,
+            sent,
+            self.start.elapsed().as_millis(),
+            error.map(|e| format!(" error={e:?}")).unwrap_or_default(),
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Inbound HBONE (15008): mTLS from another ztunnel, then one HTTP/2 CONNECT stream per proxied connection,
+//! each validated and connected to the app from inside the pod, with the client's IP as source.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::{HANDSHAKE_TIMEOUT, PodCtx, copy};
+use crate::hbone;
+use crate::identity::Identity;
+use crate::metrics::{ConnRecord, Direction, Peer, ReasonLabels};
+use crate::socket;
+use crate::tls;
+
+/// Most concurrent streams a client may open on one HBONE connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Largest request header block accepted.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// A short reason for a failed handshake, for metrics.
+pub fn tls_reason(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof { "eof" } else { "io" };
+    };
+    match r {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
+        rustls::Error::InvalidCertificate(C::Expired) | rustls::Error::InvalidCertificate(C::ExpiredContext { .. }) => {
+            "expired"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet)
+        | rustls::Error::InvalidCertificate(C::NotValidYetContext { .. }) => "not_yet_valid",
+        rustls::Error::InvalidCertificate(C::ApplicationVerificationFailure) => "identity",
+        rustls::Error::InvalidCertificate(C::BadSignature) => "bad_signature",
+        rustls::Error::InvalidCertificate(_) => "bad_certificate",
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::NoApplicationProtocol => "no_alpn",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        _ => "other",
+    }
+}
+
+fn reject(pod: &PodCtx, reason: &str) {
+    pod.ctx
+        .metrics
+        .hbone_rejected
+        .get_or_create(&ReasonLabels { direction: "inbound".into(), reason: reason.into() })
+        .inc();
+}
+
+/// Serves one HBONE connection.
+pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
+    let local = match tcp.local_addr() {
+        Ok(l) => socket::canonical(l),
+        Err(_) => return,
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = tls_reason(&e);
+            pod.ctx.metrics.tls_failure("inbound", reason);
+            debug!(pod = %pod.name(), %peer, reason, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            pod.ctx.metrics.tls_failure("inbound", "timeout");
+            debug!(pod = %pod.name(), %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(client_id) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(tls::identity_of) else {
+        pod.ctx.metrics.tls_failure("inbound", "identity");
+        return;
+    };
+    let c = &pod.ctx.cfg;
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(c.h2_stream_window)
+        .initial_connection_window_size(c.h2_connection_window)
+        .max_frame_size(c.h2_frame_size)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_send_buffer_size(4 * 1024 * 1024)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(pod = %pod.name(), %peer, error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let mut drain = pod.drain.watch();
+    let mut goaway = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let pod = pod.clone();
+                    let id = client_id.clone();
+                    tokio::spawn(async move {
+                        let _active = pod.drain.track();
+                        let mut closed = pod.drain.watch();
+                        tokio::select! {
+                            _ = stream(pod.clone(), req, respond, peer, local, id) => {}
+                            _ = closed.closed() => {}
+                        }
+                    });
+                }
+                Some(Err(e)) => {
+                    debug!(pod = %pod.name(), %peer, error = %e, "HBONE connection error");
+                    break;
+                }
+                None => break,
+            },
+            _ = drain.draining(), if !goaway => {
+                // Tell the peer to stop opening streams here; existing ones carry on until the deadline.
+                conn.graceful_shutdown();
+                goaway = true;
+            }
+        }
+    }
+}
+
+fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let resp = Response::builder().status(status).body(()).expect("static response");
+    let _ = respond.send_response(resp, true);
+}
+
+async fn stream(
+    pod: Arc<PodCtx>,
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    client_id: Identity,
+) {
+    let target = match hbone::validate(req.method(), req.uri(), local) {
+        Ok(t) => t,
+        Err(rej) => {
+            reject(&pod, rej.reason());
+            warn!(pod = %pod.name(), %peer, client = %client_id, error = %rej, "HBONE request refused");
+            respond_status(&mut respond, rej.status());
+            return;
+        }
+    };
+    let snap = pod.ctx.state.snapshot();
+    let src = Peer { workload: snap.workload_by_ip(peer.ip()), identity: Some(client_id) };
+    let me = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()) };
+    let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, target, Some(local), src, me, true);
+    let app = match socket::connect_from_pod(&pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark).await {
+        Ok(a) => a,
+        Err(e) => {
+            reject(&pod, "upstream_unavailable");
+            respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+            return;
+        }
+    };
+    let send = match respond
+        .send_response(Response::builder().status(StatusCode::OK).body(()).expect("static response"), false)
+    {
+        Ok(s) => s,
+        Err(e) => {
+            rec.close(0, 0, Some(&e.to_string()), None);
+            return;
+        }
+    };
+    let t = copy::tcp_h2(&app, send, req.into_body()).await;
+    // For inbound, the TCP side is the app (server): what it sent went to the client.
+    rec.close(t.to_tcp, t.from_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+}

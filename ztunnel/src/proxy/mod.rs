@@ -1,0 +1,259 @@
+//! The per-pod proxy: three listeners in the pod's netns and what happens to each connection.
+//!
+//! - 15001 [`outbound`]: the pod's own outbound TCP, captured; carried over HBONE to a mesh destination, or
+//!   passed through as plain TCP to anything else.
+//! - 15008 [`inbound`]: HBONE from other ztunnels; mTLS, then one CONNECT stream per connection to the app.
+//! - 15006 [`plaintext`]: plain TCP from outside the mesh to the app.
+
+pub mod copy;
+pub mod drain;
+pub mod inbound;
+pub mod outbound;
+pub mod plaintext;
+pub mod pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, WorkloadInfo};
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::certs::CertStore;
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::inpod::netns::InpodNetns;
+use crate::inpod::protocol::PodResources;
+use crate::metrics::Metrics;
+use crate::socket;
+use crate::state::{State, Workload};
+use crate::tls::{self, TrustRoots};
+use drain::Drain;
+use pool::{Pool, PoolError, PoolKey};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every pod proxy shares.
+pub struct ProxyCtx {
+    /// Settings.
+    pub cfg: Config,
+    /// Workloads.
+    pub state: Arc<State>,
+    /// Certificates.
+    pub certs: Arc<CertStore>,
+    /// Trust roots.
+    pub roots: Arc<TrustRoots>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// One served pod.
+pub struct PodCtx {
+    /// Pod UID.
+    pub uid: String,
+    /// Name, namespace, service account (from ZDS).
+    pub info: WorkloadInfo,
+    /// Its identity.
+    pub identity: Identity,
+    /// Its netns.
+    pub netns: Arc<InpodNetns>,
+    /// Its HBONE client pool.
+    pub pool: Pool,
+    /// Its drain.
+    pub drain: Drain,
+    /// Its HBONE server TLS config.
+    pub tls_server: Arc<rustls::ServerConfig>,
+    /// Ports it listens on, and whether the agent handed them over.
+    pub listeners: Vec<(u16, bool)>,
+    /// The shared context.
+    pub ctx: Arc<ProxyCtx>,
+}
+
+impl PodCtx {
+    /// The pod's workload entry, if the workload file has it.
+    pub fn workload(&self) -> Option<Arc<Workload>> {
+        self.ctx.state.snapshot().local_workload(&self.ctx.cfg.node_name, &self.info.namespace, &self.info.name)
+    }
+
+    /// `namespace/name`, for logs.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.info.namespace, self.info.name)
+    }
+}
+
+fn identity_for(cfg: &Config, info: &WorkloadInfo) -> Identity {
+    let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
+    Identity::new(&cfg.trust_domain, &info.namespace, sa)
+}
+
+fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
+    Arc::new(move |key: PoolKey| {
+        let ctx = ctx.clone();
+        let netns = netns.clone();
+        Box::pin(async move {
+            let err = |what: &str, e: &dyn std::fmt::Display| {
+                PoolError::Connect(format!("{what} {} ({}): {e}", key.addr, key.dst))
+            };
+            let cert = ctx.certs.fetch(&key.src).await.map_err(|e| err("certificate for", &e))?;
+            let tcp = socket::connect_from_pod(&netns, key.addr, None, ctx.cfg.packet_mark)
+                .await
+                .map_err(|e| err("connecting to", &e))?;
+            let cfg = Arc::new(tls::client_config(cert.certified.clone(), vec![key.dst.clone()], ctx.roots.clone()));
+            let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+                .await
+                .map_err(|_| err("TLS handshake with", &"timed out"))?
+                .map_err(|e| {
+                    ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
+                    err("TLS handshake with", &e)
+                })?;
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(ctx.cfg.h2_stream_window)
+                .initial_connection_window_size(ctx.cfg.h2_connection_window)
+                .max_frame_size(ctx.cfg.h2_frame_size)
+                .max_header_list_size(16 * 1024)
+                .max_send_buffer_size(4 * 1024 * 1024)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| err("HTTP/2 handshake with", &e))?;
+            let closed = Arc::new(AtomicBool::new(false));
+            pool::drive(conn, closed.clone(), ctx.metrics.clone());
+            Ok((send, closed))
+        })
+    })
+}
+
+fn take_or_bind(
+    ctx: &ProxyCtx,
+    netns: &InpodNetns,
+    handed: &mut Vec<(u16, std::net::TcpListener)>,
+    port: u16,
+) -> std::io::Result<(TcpListener, bool)> {
+    if let Some(i) = handed.iter().position(|(p, _)| *p == port) {
+        let (_, l) = handed.swap_remove(i);
+        return Ok((TcpListener::from_std(l)?, true));
+    }
+    let c = &ctx.cfg;
+    let l = match socket::bind_in_pod(netns, port, c.ipv6_enabled, c.inpod_port_reuse, c.packet_mark) {
+        Ok(l) => l,
+        // Pods without IPv6 cannot bind [::].
+        Err(_) if c.ipv6_enabled => socket::bind_in_pod(netns, port, false, c.inpod_port_reuse, c.packet_mark)?,
+        Err(e) => return Err(e),
+    };
+    Ok((TcpListener::from_std(l)?, false))
+}
+
+/// Starts serving a pod: takes (or binds) its listeners and spawns their accept loops.
+pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<Arc<PodCtx>, String> {
+    let PodResources { netns, mut listeners } = res;
+    let identity = identity_for(&ctx.cfg, &info);
+    let netns = Arc::new(netns);
+    let mut bound = Vec::new();
+    for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT] {
+        let (l, handed) =
+            take_or_bind(ctx, &netns, &mut listeners, port).map_err(|e| format!("listener {port}: {e}"))?;
+        bound.push((port, l, handed));
+    }
+    let pod = Arc::new(PodCtx {
+        uid: uid.to_string(),
+        identity: identity.clone(),
+        tls_server: Arc::new(tls::server_config(ctx.certs.clone(), identity.clone(), ctx.roots.clone())),
+        pool: Pool::new(
+            connector(ctx.clone(), netns.clone()),
+            ctx.cfg.pool_max_streams,
+            ctx.cfg.pool_idle_timeout,
+            ctx.metrics.clone(),
+        ),
+        netns,
+        drain: Drain::new(),
+        listeners: bound.iter().map(|(p, _, h)| (*p, *h)).collect(),
+        info,
+        ctx: ctx.clone(),
+    });
+    for (port, l, _) in bound {
+        tokio::spawn(accept_loop(pod.clone(), l, port));
+    }
+    // Warm the certificate so the first connection does not wait for it.
+    let (certs, id) = (ctx.certs.clone(), identity);
+    tokio::spawn(async move {
+        if let Err(e) = certs.fetch(&id).await {
+            warn!(identity = %id, error = %e, "cannot get the pod's certificate yet");
+        }
+    });
+    let sweeper = Arc::downgrade(&pod);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            match sweeper.upgrade() {
+                Some(p) if !p.drain.watch().is_draining() => {
+                    p.pool.sweep();
+                }
+                _ => return,
+            }
+        }
+    });
+    ctx.metrics.proxies_started.inc();
+    ctx.metrics.active_proxies.inc();
+    info!(pod = %pod.name(), uid, identity = %pod.identity, handed_over = ?pod.listeners, "serving pod");
+    Ok(pod)
+}
+
+/// Stops serving a pod: listeners close now, open connections get until the deadline.
+pub fn stop_pod(pod: Arc<PodCtx>, deadline: Duration) {
+    pod.ctx.metrics.active_proxies.dec();
+    pod.ctx.metrics.proxies_stopped.inc();
+    tokio::spawn(async move {
+        let cut = pod.drain.drain(deadline).await;
+        pod.pool.clear();
+        if cut > 0 {
+            warn!(pod = %pod.name(), cut, "drain deadline expired with connections still open");
+        }
+        info!(pod = %pod.name(), uid = %pod.uid, "stopped serving pod");
+    });
+}
+
+async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
+    let mut drain = pod.drain.watch();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of fds or similar: back off instead of spinning.
+                    warn!(pod = %pod.name(), port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.draining() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            let active = pod.drain.track();
+            let mut closed = pod.drain.watch();
+            let work = handle(pod.clone(), stream, peer, port);
+            tokio::select! {
+                _ = work => {}
+                _ = closed.closed() => debug!(pod = %pod.name(), %peer, "connection closed by drain deadline"),
+            }
+            drop(active);
+        });
+    }
+    debug!(pod = %pod.name(), port, "listener closed");
+}
+
+async fn handle(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr, port: u16) {
+    match port {
+        OUTBOUND_PORT => outbound::handle(pod, stream, socket::canonical(peer)).await,
+        INBOUND_PLAINTEXT_PORT => plaintext::handle(pod, stream, socket::canonical(peer)).await,
+        INBOUND_HBONE_PORT => inbound::serve_connection(pod, stream, socket::canonical(peer)).await,
+        _ => {}
+    }
+}

@@ -1,0 +1,93 @@
+//! Socket options and socket creation for pod traffic.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::inpod::netns::InpodNetns;
+
+/// How long a connect may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The original destination of a redirected connection (SO_ORIGINAL_DST, IPv4 or IPv6).
+pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
+    let r = SockRef::from(s);
+    let local = s.local_addr()?;
+    let a = if local.is_ipv4() || matches!(local.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        r.original_dst_v4()
+    } else {
+        r.original_dst_v6()
+    }?;
+    a.as_socket().map(canonical).ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// An address with IPv4-mapped IPv6 turned back into IPv4.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// A new TCP socket in the pod's netns, marked so the pod's rules let it through.
+pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = netns.run(|| Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP)))??;
+    s.set_mark(mark)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+/// Connects from inside the pod's netns to `dst`. With `spoof_src`, the connection carries that source IP
+/// (IP_TRANSPARENT), so the app sees the original client; if the kernel refuses, it goes without.
+pub async fn connect_from_pod(
+    netns: &InpodNetns,
+    dst: SocketAddr,
+    spoof_src: Option<IpAddr>,
+    mark: u32,
+) -> std::io::Result<TcpStream> {
+    let s = pod_socket(netns, dst.is_ipv6(), mark)?;
+    if let Some(src) = spoof_src.filter(|s| s.is_ipv6() == dst.is_ipv6()) {
+        let ok = if src.is_ipv6() { s.set_ip_transparent_v6(true) } else { s.set_ip_transparent_v4(true) };
+        if ok.is_ok() && s.bind(&SocketAddr::new(src, 0).into()).is_err() {
+            tracing::debug!(%src, "cannot bind the original source; connecting without it");
+        }
+    }
+    let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(s));
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))?
+}
+
+/// Binds a listener inside the pod's netns (when the agent did not hand one over).
+pub fn bind_in_pod(
+    netns: &InpodNetns,
+    port: u16,
+    ipv6: bool,
+    reuse_port: bool,
+    mark: u32,
+) -> std::io::Result<std::net::TcpListener> {
+    let addr: SocketAddr = if ipv6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    let s = netns.run(|| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+        if ipv6 {
+            s.set_only_v6(false)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(reuse_port)?;
+        s.set_mark(mark)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s)
+    })??;
+    Ok(s.into())
+}
