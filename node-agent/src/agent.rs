@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::enrol::Decision;
+use crate::enrol::{Decision, StandalonePolicy};
 use crate::listeners::PodListeners;
 use crate::netns::{NetnsError, PodNetns};
 use crate::pods::{Pod, PodRecord, StateStore};
@@ -70,9 +70,45 @@ impl State {
     }
 }
 
+/// The standalone policy and the version of the config file it came from.
+struct PolicySource {
+    path: Option<PathBuf>,
+    version: Option<(std::time::SystemTime, u64, u64)>,
+    policy: Arc<StandalonePolicy>,
+}
+
+impl PolicySource {
+    fn file_version(path: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    }
+
+    /// The policy, re-read first if the file changed since the last read (a stat per decision; a file that
+    /// no longer parses leaves the last good policy in force).
+    fn current(&mut self) -> Arc<StandalonePolicy> {
+        let Some(path) = &self.path else { return self.policy.clone() };
+        let v = Self::file_version(path);
+        if v != self.version {
+            self.version = v;
+            match Config::load(path) {
+                Ok(c) => {
+                    info!(config = %path.display(), "re-read the agent config");
+                    self.policy = Arc::new(c.standalone);
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "the changed agent config is invalid; keeping the previous policy")
+                }
+            }
+        }
+        self.policy.clone()
+    }
+}
+
 /// The node agent.
 pub struct Agent {
     config: Config,
+    policy: std::sync::Mutex<PolicySource>,
     store: StateStore,
     host_netns_inode: u64,
     state: Mutex<State>,
@@ -99,7 +135,8 @@ fn add_job_parts(pod: &Pod, handoff: bool) -> std::io::Result<Option<(WorkloadRe
 
 impl Agent {
     /// Creates the agent and reloads the pods a previous run enrolled. Pods whose netns is gone are dropped.
-    pub fn new(config: Config) -> anyhow::Result<Arc<Agent>> {
+    /// `config_path` is re-read when it changes, so standalone enrolment can be edited without a restart.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Agent>> {
         let store = StateStore::new(&config.state_dir)?;
         let host_netns_inode = crate::netns::host_inode()?;
         let mut state = State::default();
@@ -119,7 +156,17 @@ impl Agent {
                 }
             }
         }
-        Ok(Arc::new(Agent { config, store, host_netns_inode, state: Mutex::new(state) }))
+        let version = config_path.as_deref().and_then(PolicySource::file_version);
+        let policy = std::sync::Mutex::new(PolicySource {
+            path: config_path,
+            version,
+            policy: Arc::new(config.standalone.clone()),
+        });
+        Ok(Arc::new(Agent { config, policy, store, host_netns_inode, state: Mutex::new(state) }))
+    }
+
+    fn policy(&self) -> Arc<StandalonePolicy> {
+        self.policy.lock().unwrap().current()
     }
 
     fn zds_timeout(&self) -> Duration {
@@ -153,7 +200,7 @@ impl Agent {
 
     async fn add(&self, req: &Request) -> Result<Outcome, AgentError> {
         let pod_name = format!("{}/{}", req.pod.namespace, req.pod.name);
-        let service_account = match self.config.standalone.decide(&req.pod) {
+        let service_account = match self.policy().decide(&req.pod) {
             Decision::Skip(why) => {
                 debug!(pod = %pod_name, why, "not enrolled");
                 return Ok(Outcome::NotEnrolled);
@@ -333,7 +380,7 @@ impl Agent {
             match st.pods.get(&uid) {
                 Some(p) => (p.record.inpod_config(), p.record.netns_path.clone()),
                 None => {
-                    return match self.config.standalone.decide(&req.pod) {
+                    return match self.policy().decide(&req.pod) {
                         Decision::Skip(_) => Ok(()),
                         Decision::Enrol { .. } => Err(AgentError::new(
                             ErrorCode::Internal,

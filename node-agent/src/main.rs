@@ -52,16 +52,20 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = args.state_dir {
         config.state_dir = p;
     }
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(run(config))
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(config, args.config))
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let cni_socket = config.cni_socket.clone();
     let zds_socket = config.zds_socket.clone();
     if let Some(dir) = zds_socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let agent = Agent::new(config).context("starting the agent")?;
+    let agent = Agent::new(config, config_path).context("starting the agent")?;
     let zds = ambit_proto::seqpacket::SeqPacketListener::bind(&zds_socket)
         .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
     let cni = ambit_agent::cniserver::bind(&cni_socket)

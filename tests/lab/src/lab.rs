@@ -202,6 +202,7 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     fabric: Option<Netns>,
     workloads: Mutex<BTreeMap<String, Published>>,
+    service_accounts: Mutex<BTreeMap<(String, String), String>>,
     keep: bool,
 }
 
@@ -220,6 +221,7 @@ impl Lab {
             nodes: Vec::new(),
             fabric: None,
             workloads: Mutex::new(BTreeMap::new()),
+            service_accounts: Mutex::new(BTreeMap::new()),
             keep: false,
         };
 
@@ -247,6 +249,7 @@ impl Lab {
         for i in 0..config.nodes {
             let node = lab.make_node(i, &bin)?;
             lab.nodes.push(node);
+            lab.write_agent_config(i)?;
         }
         for i in 0..config.nodes {
             let peer_routes: Vec<(String, Ipv4Addr)> =
@@ -307,14 +310,6 @@ impl Lab {
             ]
         });
         write_atomic(&dir.join("net.d/10-lab.conflist"), serde_json::to_string_pretty(&conflist)?.as_bytes())?;
-        let agent_conf = json!({
-            "nodeName": name,
-            "cniSocket": dir.join("run/cni.sock"),
-            "zdsSocket": dir.join("run/ztunnel.sock"),
-            "stateDir": dir.join("state"),
-            "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces},
-        });
-        std::fs::write(dir.join("agent.yaml"), serde_yaml_ng::to_string(&agent_conf)?)?;
         Ok(Node {
             index: i,
             name,
@@ -424,8 +419,30 @@ impl Lab {
         self.add_pod_as(node, namespace, name, "default")
     }
 
+    /// Writes node `i`'s agent config: the enrolled namespaces and the service accounts of the pods it knows.
+    fn write_agent_config(&self, i: usize) -> anyhow::Result<()> {
+        let n = &self.nodes[i];
+        let accounts = self.service_accounts.lock().unwrap();
+        let pods: Vec<Value> = accounts
+            .iter()
+            .map(|((ns, name), sa)| json!({"namespace": ns, "name": name, "serviceAccount": sa}))
+            .collect();
+        let agent_conf = json!({
+            "nodeName": n.name,
+            "cniSocket": n.dir.join("run/cni.sock"),
+            "zdsSocket": n.dir.join("run/ztunnel.sock"),
+            "stateDir": n.dir.join("state"),
+            "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces, "pods": pods},
+        });
+        write_atomic(&n.dir.join("agent.yaml"), serde_yaml_ng::to_string(&agent_conf)?.as_bytes())
+    }
+
     /// [`Lab::add_pod`] with a service account.
     pub fn add_pod_as(&self, node: usize, namespace: &str, name: &str, sa: &str) -> Result<Pod, PodError> {
+        // Standalone mode has no pod spec to read the service account from: the lab tells the agent, as an
+        // operator would in its config.
+        self.service_accounts.lock().unwrap().insert((namespace.to_string(), name.to_string()), sa.to_string());
+        self.write_agent_config(node).map_err(PodError::Setup)?;
         let n = &self.nodes[node];
         let uid = format!("{}-{}", unique_id(), unique_id());
         let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
@@ -504,9 +521,10 @@ impl Lab {
         self.fabric.as_ref().expect("fabric")
     }
 
-    /// Keep everything when the lab is dropped (for `lab demo --keep`).
+    /// Keep everything when the lab is dropped (for `lab demo --keep`); `lab clean` removes it later.
     pub fn keep(&mut self) {
         self.keep = true;
+        let _ = std::fs::write(self.dir.join("kept"), b"");
     }
 
     /// Logs of every daemon, for failure messages.
@@ -582,32 +600,68 @@ impl Drop for Lab {
     }
 }
 
-/// Removes what crashed or killed labs left behind: netns named `ambit-<id>-…` and lab directories whose owner
-/// process is gone. Returns what it removed.
-pub fn clean_stale() -> Vec<String> {
+/// Removes what crashed, killed or kept labs left behind: their processes, their netns (`ambit-<id>-…`) and
+/// their directories. A lab whose owner process is alive is left alone, and so is a kept lab unless
+/// `include_kept`. Returns what it removed.
+pub fn clean_stale(include_kept: bool) -> Vec<String> {
     let mut removed = Vec::new();
-    let tmp = std::env::temp_dir();
-    let mut dead_ids = Vec::new();
-    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_prefix("ambit-lab-") else { continue };
+        let dir = e.path();
         let owner: Option<i32> =
-            std::fs::read_to_string(e.path().join("owner.pid")).ok().and_then(|s| s.trim().parse().ok());
+            std::fs::read_to_string(dir.join("owner.pid")).ok().and_then(|s| s.trim().parse().ok());
         let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            dead_ids.push(id.to_string());
-            let _ = std::fs::remove_dir_all(e.path());
-            removed.push(e.path().display().to_string());
+        let kept = dir.join("kept").exists();
+        if alive || (kept && !include_kept) {
+            continue;
+        }
+        removed.extend(remove_lab(id, &dir));
+    }
+    removed
+}
+
+/// Removes one lab by id: stops its processes, deletes its netns and its directory. Used by `lab clean` and
+/// by `lab`'s Ctrl-C handler.
+pub fn remove_lab(id: &str, dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    for pids in walk_files(dir, "pids") {
+        for pid in
+            std::fs::read_to_string(&pids).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            // Only a process that is still one of ours (pids get reused).
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let ours = ["ambit-agent", "ztunnel", "tcpdump", "iperf3"]
+                .iter()
+                .any(|n| cmd.windows(n.len()).any(|w| w == n.as_bytes()));
+            if ours {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
         }
     }
     for e in std::fs::read_dir("/var/run/netns").into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if dead_ids.iter().any(|id| name.starts_with(&format!("ambit-{id}-"))) {
+        if name.starts_with(&format!("ambit-{id}-")) {
             if let Ok(ns) = netns_rs::NetNs::get(&name) {
                 let _ = ns.remove();
             }
             removed.push(format!("netns {name}"));
         }
     }
+    let _ = std::fs::remove_dir_all(dir);
+    removed.push(dir.display().to_string());
     removed
+}
+
+fn walk_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
 }

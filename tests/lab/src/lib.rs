@@ -7,6 +7,7 @@
 
 pub mod ca;
 pub mod cni;
+pub mod demo;
 pub mod lab;
 pub mod net;
 pub mod netns;

@@ -1,1 +1,105 @@
-fn main() {}
+//! `lab`: run Ambit's lab by hand (`lab demo`) or clean up after one (`lab clean`).
+
+use clap::{Parser, Subcommand};
+
+/// Ambit's lab: a cluster made of network namespaces.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a two-node lab, run traffic through the mesh and check every step.
+    Demo {
+        /// Leave the lab running afterwards (remove it with `lab clean --all`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Remove what killed (or, with --all, kept) labs left behind.
+    Clean {
+        /// Also remove labs left running with `demo --keep`.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Demo { keep } => demo(keep),
+        Cmd::Clean { all } => {
+            lab::require_root();
+            for r in lab::lab::clean_stale(all) {
+                println!("removed {r}");
+            }
+            0
+        }
+    };
+    std::process::exit(code);
+}
+
+fn demo(keep: bool) -> i32 {
+    lab::require_root();
+    lab::lab::clean_stale(false);
+    if keep {
+        lab::netns::tie_children_to_lab(false);
+    }
+    let signals = block_signals();
+    let mut out = std::io::stdout();
+    let mut lab = match lab::demo::start(&mut out) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lab failed to start: {e:#}");
+            return 1;
+        }
+    };
+    teardown_on_signal(signals, lab.id.clone(), lab.dir.clone());
+    let pods = match lab::demo::pods(&lab, &mut out) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("creating the demo pods failed: {e:#}\n{}", lab.logs());
+            return 1;
+        }
+    };
+    let (server_ns, outsider_ns) = (pods.server.netns.name().to_string(), pods.outsider.netns.name().to_string());
+    let checks = lab::demo::run_checks(&lab, pods, &mut out);
+    let ok = lab::demo::summary(&checks, &mut out);
+    if !ok {
+        eprintln!("\ndaemon logs:\n{}", lab.logs());
+    }
+    if keep {
+        lab.keep();
+        println!("\nthe lab is still running (directory {}):", lab.dir.display());
+        println!("  enter a pod:      ip netns exec {server_ns} bash   (or {outsider_ns})");
+        println!("  its rules:        ip netns exec {server_ns} nft list ruleset");
+        println!("  ztunnel state:    ip netns exec {} curl -s localhost:15000/config_dump", lab.nodes[1].netns.name());
+        println!("  logs:             {}/node*/{{agent,ztunnel,cni}}.log", lab.dir.display());
+        println!("  tear it down:     lab clean --all");
+        std::mem::forget(lab);
+    }
+    if ok { 0 } else { 1 }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread started after it, so one thread can wait for them.
+fn block_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    let _ = set.thread_block();
+    set
+}
+
+/// On Ctrl-C or SIGTERM, removes the lab (processes, namespaces, directory) and exits.
+fn teardown_on_signal(set: nix::sys::signal::SigSet, id: String, dir: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("\n{sig}: tearing the lab down");
+            lab::lab::remove_lab(&id, &dir);
+            std::process::exit(130);
+        }
+    });
+}

@@ -7,8 +7,18 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::Context;
 use nix::sched::CloneFlags;
+
+static TIE_CHILDREN: AtomicBool = AtomicBool::new(true);
+
+/// Whether processes the lab starts die with it (the default). `lab demo --keep` turns it off so the lab
+/// outlives the command.
+pub fn tie_children_to_lab(tie: bool) {
+    TIE_CHILDREN.store(tie, Ordering::Relaxed);
+}
 
 /// A named network namespace (`/var/run/netns/<name>`, exactly as a container runtime makes one), deleted on
 /// drop.
@@ -58,15 +68,22 @@ impl Netns {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         let fd = self.file().as_raw_fd();
-        // SAFETY: between fork and exec the closure only makes two async-signal-safe system calls (setns, prctl)
-        // on a descriptor that the parent keeps open for the netns's lifetime.
+        let tie = TIE_CHILDREN.load(Ordering::Relaxed);
+        // SAFETY: between fork and exec the closure only makes async-signal-safe system calls (setns, prctl,
+        // sigprocmask) on a descriptor that the parent keeps open for the netns's lifetime.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The lab's children never outlive it, even when it is killed outright.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if tie {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+                // `lab` blocks SIGINT/SIGTERM for its own signal thread; children must get them as usual.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 Ok(())
             });
         }

@@ -37,7 +37,7 @@ impl Capture {
     pub fn start(ns: &Netns, iface: &str, file: &Path) -> anyhow::Result<Capture> {
         let log = file.with_extension("log");
         let mut cmd = ns.command("tcpdump");
-        cmd.args(["-i", iface, "-U", "-s", "0", "-n", "-w"]).arg(file).arg("tcp");
+        cmd.args(["-i", iface, "-U", "--immediate-mode", "-s", "0", "-n", "-w"]).arg(file).arg("tcp");
         let proc = Proc::spawn("tcpdump", cmd, &log)?;
         wait_for("tcpdump to start listening", Duration::from_secs(10), || {
             proc.log().contains("listening on").then_some(())

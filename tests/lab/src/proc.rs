@@ -29,6 +29,13 @@ impl Proc {
         let err = out.try_clone()?;
         let child =
             cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("starting {name}"))?;
+        // Recorded so that `lab clean` can stop what a kept or killed lab left running.
+        if let Some(dir) = log.parent() {
+            use std::io::Write;
+            if let Ok(mut f) = File::options().create(true).append(true).open(dir.join("pids")) {
+                let _ = writeln!(f, "{}", child.id());
+            }
+        }
         Ok(Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() })
     }
 
