@@ -1,0 +1,32 @@
+# Shared by scripts/demo and scripts/test: host checks and the packages Ambit's lab needs.
+# shellcheck shell=bash
+
+ambit_root() { cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd; }
+
+require_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "Ambit's lab builds network namespaces and must run as root (try: sudo $0 $*)" >&2
+        exit 1
+    fi
+}
+
+# Installs what the lab needs when it is missing; quiet and quick when everything is there.
+ensure_packages() {
+    local missing=()
+    command -v nft >/dev/null || missing+=(nftables)
+    command -v iptables >/dev/null || missing+=(iptables)
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v tcpdump >/dev/null || missing+=(tcpdump)
+    [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
+    command -v gcc >/dev/null || missing+=(gcc)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "cargo is not installed: Ambit needs a Rust toolchain (1.89 or newer)" >&2
+        exit 1
+    fi
+}

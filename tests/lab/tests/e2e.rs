@@ -1,0 +1,312 @@
+//! End to end: the demo's checks and the bad inputs of the first path, on real labs. Needs root.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lab::demo::{self, APP_PORT, MESH_NS};
+use lab::net::{EchoClient, EchoServer};
+use lab::{Lab, LabConfig, PodError};
+use serde_json::{Value, json};
+
+fn lab() -> Lab {
+    Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).expect("lab starts")
+}
+
+#[test]
+fn demo_checks_all_pass() {
+    let lab = lab();
+    let mut out = Vec::new();
+    let pods = demo::pods(&lab, &mut out).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
+    let checks = demo::run_checks(&lab, pods, &mut out);
+    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
+    assert_eq!(checks.len(), 6);
+    assert!(failed.is_empty(), "failed checks: {failed:#?}\n{}\n{}", String::from_utf8_lossy(&out), lab.logs());
+}
+
+/// Runs the plugin binary directly with the given environment and stdin.
+fn run_plugin(env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String) {
+    let mut child = Command::new(lab::util::binary("ambit-cni"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn add_env<'a>(netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "abc123"),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=p;K8S_POD_UID=u-1"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ]
+}
+
+fn cni_error(code: i32, stdout: &str) -> Value {
+    assert_ne!(code, 0, "the plugin must exit non-zero; stdout: {stdout}");
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("stdout is not the CNI error JSON ({e}): {stdout:?}"))
+}
+
+#[test]
+fn plugin_refuses_malformed_config_and_environment() {
+    lab::require_root();
+    let log = std::env::temp_dir().join(format!("ambit-cni-e2e-{}.log", std::process::id()));
+    let good = json!({"cniVersion": "1.0.0", "name": "n", "type": "ambit-cni", "log_file": log, "agent_socket": "/nonexistent.sock"});
+    let env = add_env("/var/run/netns/x");
+
+    let (c, out, err) = run_plugin(&env, b"{not json");
+    let e = cni_error(c, &out);
+    assert_eq!(e["code"], 6, "{e}");
+    assert!(!err.is_empty(), "the plugin logs to stderr");
+
+    let (c, out, _) = run_plugin(&env, br#"{"cniVersion":"0.2.0","name":"n","type":"ambit-cni"}"#);
+    assert_eq!(cni_error(c, &out)["code"], 1);
+
+    let (c, out, _) = run_plugin(&env, br#"{"name":"n","type":"ambit-cni"}"#);
+    assert_eq!(cni_error(c, &out)["code"], 7);
+
+    let (c, out, _) =
+        run_plugin(&env, br#"{"cniVersion":"1.0.0","name":"n","type":"ambit-cni","agent_timeout_ms":"soon"}"#);
+    assert_eq!(cni_error(c, &out)["code"], 7);
+
+    let stdin = serde_json::to_vec(&good).unwrap();
+    let (c, out, _) = run_plugin(&[("CNI_COMMAND", "ADD")], &stdin);
+    let e = cni_error(c, &out);
+    assert_eq!(e["code"], 4);
+    assert_eq!(e["cniVersion"], "1.0.0");
+    let (c, out, _) = run_plugin(&[], &stdin);
+    assert_eq!(cni_error(c, &out)["code"], 4);
+    let mut no_netns = add_env("");
+    no_netns.retain(|(k, _)| *k != "CNI_NETNS");
+    let (c, out, _) = run_plugin(&no_netns, &stdin);
+    assert_eq!(cni_error(c, &out)["code"], 4);
+
+    // VERSION needs nothing but the command.
+    let (c, out, _) = run_plugin(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.1.0"}"#);
+    assert_eq!(c, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn add_fails_closed_when_the_agent_is_down_and_recovers() {
+    let mut lab = lab();
+    lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(5));
+    let sock = lab.nodes[0].cni_socket();
+    match lab.add_pod(0, MESH_NS, "early") {
+        Err(PodError::Cni(f)) => {
+            assert_eq!(f.code(), Some(11), "{f}");
+            assert!(f.msg().contains(&sock.display().to_string()), "the message must name the socket: {}", f.msg());
+        }
+        Err(e) => panic!("unexpected failure: {e}"),
+        Ok(_) => panic!("an enrolled pod must not start while the agent is down"),
+    }
+    // Once the agent is back, the runtime's retry succeeds.
+    lab.start_agent(0).unwrap();
+    let pod = lab.add_pod(0, MESH_NS, "late").unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(pod.nft_ruleset().unwrap().contains("table inet ambit"));
+}
+
+#[test]
+fn add_fails_within_the_timeout_when_the_agent_hangs() {
+    lab::require_root();
+    let dir = std::env::temp_dir().join(format!("ambit-hang-{}", lab::util::unique_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("hung.sock");
+    // An "agent" that accepts and never answers.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let held = std::thread::spawn(move || {
+        let conn = listener.accept().map(|c| c.0);
+        std::thread::sleep(Duration::from_secs(2));
+        drop(conn);
+    });
+    let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "ambit-cni", "agent_socket": sock, "agent_timeout_ms": 300, "log_file": dir.join("cni.log")});
+    let (c, out, _) = run_plugin(&add_env("/var/run/netns/x"), &serde_json::to_vec(&conf).unwrap());
+    let e = cni_error(c, &out);
+    assert_eq!(e["code"], 11);
+    let msg = e["msg"].as_str().unwrap();
+    assert!(msg.contains("did not answer within 300 ms") && msg.contains(&sock.display().to_string()), "{msg}");
+    held.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn ambit_plugin_conf(lab: &Lab, node: usize) -> Value {
+    let list = lab.nodes[node].cni.load_conflist().unwrap();
+    let mut conf = list["plugins"].as_array().unwrap().iter().find(|p| p["type"] == "ambit-cni").unwrap().clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    conf
+}
+
+fn assert_nothing_held(lab: &Lab, node: usize) {
+    let n = &lab.nodes[node];
+    let records: Vec<_> = std::fs::read_dir(n.dir.join("state")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(records.is_empty(), "the agent recorded {records:?}");
+    let dump = n.config_dump().unwrap();
+    assert_eq!(dump["inpod"]["pods"], json!([]), "ztunnel serves pods: {dump}");
+}
+
+#[test]
+fn a_vanished_netns_is_a_clear_error_and_leaves_nothing() {
+    let lab = lab();
+    let n = &lab.nodes[0];
+    let conf = ambit_plugin_conf(&lab, 0);
+    // Never existed.
+    let att = lab::cni::Attachment {
+        container_id: "c1".into(),
+        netns: "/var/run/netns/ambit-vanished-never".into(),
+        ifname: "eth0".into(),
+        args: "K8S_POD_NAMESPACE=mesh;K8S_POD_NAME=ghost;K8S_POD_UID=g-1".into(),
+    };
+    let e = n.cni.exec_raw(&n.netns, "ADD", &att, &conf).unwrap_err();
+    assert_eq!(e.code(), Some(8), "{e}");
+    assert!(e.msg().contains("is gone"), "{}", e.msg());
+    // Removed between the primary CNI and ambit-cni: the primary succeeded, the netns went away.
+    let ns = lab::Netns::create(&format!("ambit-{}-vanishing", lab.id)).unwrap();
+    let path = ns.path();
+    let att = lab::cni::Attachment { netns: path.clone(), container_id: "c2".into(), ..att };
+    ns.delete().unwrap();
+    let e = n.cni.exec_raw(&n.netns, "ADD", &att, &conf).unwrap_err();
+    assert_eq!(e.code(), Some(8), "{e}");
+    assert!(e.msg().contains(&path.display().to_string()), "{}", e.msg());
+    assert_nothing_held(&lab, 0);
+    // DEL of what never got added succeeds.
+    n.cni.exec_raw(&n.netns, "DEL", &att, &conf).unwrap();
+}
+
+#[test]
+fn garbage_zds_is_nacked_and_pods_stay_served() {
+    use ambit_proto::seqpacket::SeqPacketListener;
+    use ambit_proto::zds::{self, WorkloadRequest, WorkloadResponse, ZdsHello};
+
+    let mut lab = lab();
+    let client = lab.add_pod(0, MESH_NS, "client").unwrap();
+    let server = lab.add_pod(1, MESH_NS, "server").unwrap();
+    let echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
+    EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"before").unwrap();
+
+    // Replace node2's agent with a hostile one on the same socket.
+    lab.nodes[1].agent.as_mut().unwrap().stop(Duration::from_secs(5));
+    let zsock = lab.nodes[1].zds_socket();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answers = rt.block_on(async {
+        let l = SeqPacketListener::bind(&zsock).unwrap();
+        let conn =
+            tokio::time::timeout(Duration::from_secs(30), l.accept()).await.expect("ztunnel reconnects").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = conn.recv(&mut buf).await.unwrap();
+        let hello: ZdsHello = zds::decode(&buf[..n]).unwrap();
+        assert!(hello.listener_handoff());
+        let mut answers = Vec::new();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let packets: Vec<(Vec<u8>, bool)> = vec![
+            (vec![0xff, 0xff, 0xff], false),                 // undecodable
+            (zds::encode(&WorkloadRequest::del("x")), true), // fd on a del
+            (zds::encode(&WorkloadRequest::add("y", Default::default(), vec![])), true), // "netns" that is /dev/null
+            (zds::encode(&WorkloadRequest::keep(server.uid.clone())), false),
+            (zds::encode(&WorkloadRequest::snapshot_sent()), false),
+            (vec![0x0a, 0x05, 0x01], false), // truncated
+        ];
+        for (p, with_fd) in packets {
+            let fds = if with_fd { vec![std::os::fd::AsFd::as_fd(&devnull)] } else { vec![] };
+            conn.send(&p, &fds).await.unwrap();
+            let (n, _) =
+                tokio::time::timeout(Duration::from_secs(5), conn.recv(&mut buf)).await.expect("an answer").unwrap();
+            answers.push(zds::decode::<WorkloadResponse>(&buf[..n]).unwrap().into_result());
+        }
+        answers
+    });
+    assert!(answers[0].is_err() && answers[1].is_err() && answers[2].is_err(), "{answers:?}");
+    assert_eq!(answers[3], Ok(()));
+    assert_eq!(answers[4], Ok(()));
+    assert!(answers[5].is_err());
+    // ztunnel still serves the pod it had (Keep), and traffic flows.
+    let dump = lab.nodes[1].config_dump().unwrap();
+    let pods = dump["inpod"]["pods"].as_array().unwrap();
+    assert!(pods.iter().any(|p| p["uid"] == server.uid.as_str()), "{dump}");
+    EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"after").unwrap();
+    assert!(lab.nodes[1].ztunnel.as_mut().unwrap().running());
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn untrusted_client_certificates_are_refused_and_counted() {
+    use ztunnel::certs::{CaSource, CertStore, LocalCa};
+    use ztunnel::identity::Identity;
+    use ztunnel::tls::{TrustRoots, client_config};
+
+    let lab = lab();
+    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
+    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
+    let server_id = Identity::new("cluster.local", MESH_NS, "server");
+    let ttl = Duration::from_secs(3600);
+    let lab_ca = LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), ttl).unwrap();
+    let roots = Arc::new(TrustRoots::new(&[lab_ca.ca_cert()], "cluster.local").unwrap());
+    let (rogue_cert, rogue_key) = lab::ca::make_ca("Rogue CA", "cluster.local").unwrap();
+    let rogue = CertStore::new(CaSource::Local(LocalCa::from_pem(&rogue_cert, &rogue_key, ttl).unwrap()));
+    let lab_store = CertStore::new(CaSource::Local(lab_ca));
+    let target = SocketAddr::new(server.ip, 15008);
+    let node = &lab.nodes[0].netns;
+
+    let attempt = |store: Arc<CertStore>, id: Identity| -> bool {
+        let sock =
+            node.run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let roots = roots.clone();
+        let server_id = server_id.clone();
+        rt.block_on(async move {
+            sock.set_nonblocking(true).unwrap();
+            let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
+            let cert = store.fetch(&id).await.unwrap();
+            let cfg = Arc::new(client_config(cert.certified.clone(), vec![server_id], roots));
+            let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+            match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
+                // TLS 1.3: the client learns of a refused certificate on its first read.
+                Ok(mut s) => {
+                    use tokio::io::AsyncReadExt;
+                    let mut b = [0u8; 1];
+                    matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await, Ok(Ok(n)) if n > 0)
+                }
+                Err(_) => false,
+            }
+        })
+    };
+    let before = lab.nodes[1].metrics().unwrap();
+    assert!(
+        !attempt(rogue, Identity::new("cluster.local", MESH_NS, "client")),
+        "a certificate from another CA was accepted"
+    );
+    assert!(
+        !attempt(lab_store.clone(), Identity::new("evil.local", MESH_NS, "client")),
+        "another trust domain was accepted"
+    );
+    let after = lab.nodes[1].metrics().unwrap();
+    let count = |t: &str, reason: &str| {
+        metric(t, "ztunnel_tls_handshake_failures_total", &["direction=\"inbound\"", &format!("reason=\"{reason}\"")])
+    };
+    assert!(count(&after, "unknown_ca") > count(&before, "unknown_ca"), "{after}");
+    assert!(count(&after, "identity") > count(&before, "identity"), "{after}");
+    let log = lab.nodes[1].ztunnel.as_ref().unwrap().log();
+    assert!(!log.contains("panicked"), "{log}");
+}
