@@ -45,7 +45,7 @@ fn run_plugin(env: &[(&str, &str)], stdin: &[u8]) -> (i32, String, String) {
     )
 }
 
-fn add_env<'a>(netns: &'a str) -> Vec<(&'a str, &'a str)> {
+fn add_env(netns: &str) -> Vec<(&str, &str)> {
     vec![
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "abc123"),
