@@ -347,6 +347,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn renews_past_half_life_and_keeps_serving() {
+        let (cert, key) = test_ca("cluster.local");
+        // Valid from a minute ago for ten seconds: already past half-life, so every fetch renews.
+        let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(10)).unwrap();
+        let store = CertStore::new(CaSource::Local(ca));
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let first = store.fetch(&id).await.unwrap();
+        assert!(first.refresh_at() <= now_secs());
+        store.refresh_due().await;
+        let second = store.current(&id).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second), "a certificate past half-life is renewed");
+        assert_ne!(first.certified.cert[0], second.certified.cert[0]);
+        // A long-lived one is not.
+        let (cert, key) = test_ca("cluster.local");
+        let store =
+            CertStore::new(CaSource::Local(LocalCa::from_pem(&cert, &key, Duration::from_secs(86400)).unwrap()));
+        let a = store.fetch(&id).await.unwrap();
+        store.refresh_due().await;
+        assert!(Arc::ptr_eq(&a, &store.current(&id).unwrap()));
+    }
+
+    #[tokio::test]
     async fn mtls_handshake_with_identity_checks() {
         let (cert, key) = test_ca("cluster.local");
         let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();

@@ -255,49 +255,38 @@ pub struct ConnRecord {
     active: Gauge,
 }
 
-fn fill(labels: &mut TcpLabels, source: bool, p: &Peer) {
-    let (workload, namespace, principal, app, canonical, revision, cluster) = match &p.workload {
-        Some(w) => (
-            w.metrics_name().to_string(),
-            w.namespace.clone(),
-            p.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
-            w.app().to_string(),
-            w.app().to_string(),
-            if w.canonical_revision.is_empty() { "latest".to_string() } else { w.canonical_revision.clone() },
-            w.cluster_id.clone(),
-        ),
-        None => {
-            let ns = p.identity.as_ref().map(|i| i.namespace.clone()).unwrap_or_default();
-            (
-                String::new(),
-                ns,
-                p.identity.as_ref().map(ToString::to_string).unwrap_or_default(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            )
+/// The labels describing one end of a connection (`unknown` where nothing is known).
+struct Side {
+    workload: String,
+    namespace: String,
+    principal: String,
+    app: String,
+    revision: String,
+    cluster: String,
+}
+
+impl Side {
+    fn of(p: &Peer) -> Side {
+        let known = |s: &str| if s.is_empty() { "unknown".to_string() } else { s.to_string() };
+        let principal = known(&p.identity.as_ref().map(ToString::to_string).unwrap_or_default());
+        match &p.workload {
+            Some(w) => Side {
+                workload: known(w.metrics_name()),
+                namespace: known(&w.namespace),
+                principal,
+                app: known(w.app()),
+                revision: if w.canonical_revision.is_empty() { "latest".into() } else { w.canonical_revision.clone() },
+                cluster: known(&w.cluster_id),
+            },
+            None => Side {
+                workload: "unknown".into(),
+                namespace: known(p.identity.as_ref().map(|i| i.namespace.as_str()).unwrap_or_default()),
+                principal,
+                app: "unknown".into(),
+                revision: "unknown".into(),
+                cluster: "unknown".into(),
+            },
         }
-    };
-    let unknown = |s: String| if s.is_empty() { "unknown".to_string() } else { s };
-    if source {
-        labels.source_workload = unknown(workload);
-        labels.source_workload_namespace = unknown(namespace);
-        labels.source_principal = unknown(principal);
-        labels.source_app = unknown(app);
-        labels.source_canonical_service = unknown(canonical);
-        labels.source_canonical_revision = unknown(revision.clone());
-        labels.source_version = unknown(revision);
-        labels.source_cluster = unknown(cluster);
-    } else {
-        labels.destination_workload = unknown(workload);
-        labels.destination_workload_namespace = unknown(namespace);
-        labels.destination_principal = unknown(principal);
-        labels.destination_app = unknown(app);
-        labels.destination_canonical_service = unknown(canonical);
-        labels.destination_canonical_revision = unknown(revision.clone());
-        labels.destination_version = unknown(revision);
-        labels.destination_cluster = unknown(cluster);
     }
 }
 
@@ -314,22 +303,36 @@ impl ConnRecord {
         dst: Peer,
         mtls: bool,
     ) -> ConnRecord {
-        let mut labels = TcpLabels {
+        let (sv, dv) = (Side::of(&src), Side::of(&dst));
+        let labels = TcpLabels {
             reporter: match direction {
                 Direction::Outbound => "source",
                 Direction::Inbound => "destination",
             }
             .into(),
-            request_protocol: "tcp".into(),
-            response_flags: "-".into(),
-            connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+            source_canonical_service: sv.app.clone(),
+            source_canonical_revision: sv.revision.clone(),
+            source_workload: sv.workload,
+            source_workload_namespace: sv.namespace,
+            source_principal: sv.principal,
+            source_app: sv.app,
+            source_version: sv.revision,
+            source_cluster: sv.cluster,
             destination_service: "unknown".into(),
             destination_service_namespace: "unknown".into(),
             destination_service_name: "unknown".into(),
-            ..Default::default()
+            destination_canonical_service: dv.app.clone(),
+            destination_canonical_revision: dv.revision.clone(),
+            destination_workload: dv.workload,
+            destination_workload_namespace: dv.namespace,
+            destination_principal: dv.principal,
+            destination_app: dv.app,
+            destination_version: dv.revision,
+            destination_cluster: dv.cluster,
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
         };
-        fill(&mut labels, true, &src);
-        fill(&mut labels, false, &dst);
         metrics.tcp_opened.get_or_create(&labels).inc();
         let active =
             metrics.active_connections.get_or_create(&DirectionLabels { direction: direction.as_str().into() }).clone();

@@ -95,6 +95,16 @@ impl CniRunner {
         }
     }
 
+    fn conflist(&self) -> Result<Value, CniFailure> {
+        self.load_conflist().map_err(|e| CniFailure {
+            plugin: "(conflist)".into(),
+            exit_code: None,
+            error: None,
+            stdout: String::new(),
+            stderr: format!("{e:#}"),
+        })
+    }
+
     fn exec(&self, node: &Netns, command: &str, att: &Attachment, conf: &Value) -> Result<Value, CniFailure> {
         let plugin = conf["type"].as_str().unwrap_or_default().to_string();
         let fail = |exit_code, stdout: String, stderr: String| CniFailure {
@@ -145,13 +155,7 @@ impl CniRunner {
 
     /// ADD through the whole list; returns the final result and how long each plugin took.
     pub fn add(&self, node: &Netns, att: &Attachment) -> Result<(Value, Timings), CniFailure> {
-        let list = self.load_conflist().map_err(|e| CniFailure {
-            plugin: "(conflist)".into(),
-            exit_code: None,
-            error: None,
-            stdout: String::new(),
-            stderr: format!("{e:#}"),
-        })?;
+        let list = self.conflist()?;
         let mut prev: Option<Value> = None;
         let mut timings = Vec::new();
         for p in list["plugins"].as_array().into_iter().flatten() {
@@ -167,13 +171,7 @@ impl CniRunner {
     /// DEL through the list in reverse, with the cached ADD result; every plugin runs even if one fails, and
     /// the first failure is returned.
     pub fn del(&self, node: &Netns, att: &Attachment, cached: Option<&Value>) -> Result<(), CniFailure> {
-        let list = self.load_conflist().map_err(|e| CniFailure {
-            plugin: "(conflist)".into(),
-            exit_code: None,
-            error: None,
-            stdout: String::new(),
-            stderr: format!("{e:#}"),
-        })?;
+        let list = self.conflist()?;
         let mut first_err = None;
         for p in list["plugins"].as_array().into_iter().flatten().rev() {
             let conf = Self::plugin_conf(&list, p, cached);

@@ -24,6 +24,21 @@ fn demo_checks_all_pass() {
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
     assert_eq!(checks.len(), 6);
     assert!(failed.is_empty(), "failed checks: {failed:#?}\n{}\n{}", String::from_utf8_lossy(&out), lab.logs());
+    // Both ztunnels counted the mesh connection in Istio's metrics, with Istio's labels.
+    for (node, reporter) in [(0, "source"), (1, "destination")] {
+        let m = lab.nodes[node].metrics().unwrap();
+        let labels = [
+            &format!("reporter=\"{reporter}\"") as &str,
+            "source_principal=\"spiffe://cluster.local/ns/mesh/sa/client\"",
+            "destination_principal=\"spiffe://cluster.local/ns/mesh/sa/server\"",
+            "destination_workload=\"server\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        assert!(metric(&m, "istio_tcp_connections_opened_total", &labels) >= 1.0, "node{}: {m}", node + 1);
+        assert!(metric(&m, "istio_tcp_connections_closed_total", &labels) >= 1.0, "node{}: {m}", node + 1);
+        assert!(metric(&m, "istio_tcp_received_bytes_total", &labels) >= 81.0, "node{}: {m}", node + 1);
+        assert!(metric(&m, "istio_tcp_sent_bytes_total", &labels) >= 81.0, "node{}: {m}", node + 1);
+    }
 }
 
 /// Runs the plugin binary directly with the given environment and stdin.

@@ -83,6 +83,13 @@ impl PodCtx {
     pub fn name(&self) -> String {
         format!("{}/{}", self.info.namespace, self.info.name)
     }
+
+    /// Where a redirected connection was going; `None` (logged) when the kernel has no record of it.
+    pub fn original_dst(&self, tcp: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        socket::original_dst(tcp)
+            .inspect_err(|e| debug!(pod = %self.name(), %peer, error = %e, "no original destination; dropping"))
+            .ok()
+    }
 }
 
 fn identity_for(cfg: &Config, info: &WorkloadInfo) -> Identity {

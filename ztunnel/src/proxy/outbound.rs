@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
-use tracing::debug;
 
 use super::PodCtx;
 use super::copy;
@@ -16,13 +15,7 @@ use crate::state::Protocol;
 
 /// Handles one captured outbound connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
-    let dst = match socket::original_dst(&tcp) {
-        Ok(d) => d,
-        Err(e) => {
-            debug!(pod = %pod.name(), %peer, error = %e, "no original destination; dropping");
-            return;
-        }
-    };
+    let Some(dst) = pod.original_dst(&tcp, peer) else { return };
     let snap = pod.ctx.state.snapshot();
     let src = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()) };
     match snap.workload_by_ip(dst.ip()) {

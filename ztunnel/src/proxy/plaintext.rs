@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::debug;
 
 use super::PodCtx;
 use super::copy;
@@ -13,13 +12,7 @@ use crate::socket;
 
 /// Handles one captured inbound plaintext connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
-    let dst = match socket::original_dst(&tcp) {
-        Ok(d) => d,
-        Err(e) => {
-            debug!(pod = %pod.name(), %peer, error = %e, "no original destination; dropping");
-            return;
-        }
-    };
+    let Some(dst) = pod.original_dst(&tcp, peer) else { return };
     let snap = pod.ctx.state.snapshot();
     let src = Peer { workload: snap.workload_by_ip(peer.ip()), identity: None };
     let me = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()) };
