@@ -17,6 +17,7 @@ ensure_packages() {
     command -v iptables >/dev/null || missing+=(iptables)
     command -v ip >/dev/null || missing+=(iproute2)
     command -v tcpdump >/dev/null || missing+=(tcpdump)
+    command -v ipset >/dev/null || missing+=(ipset)
     [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
     command -v gcc >/dev/null || missing+=(gcc)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -15,6 +15,7 @@ use std::time::Duration;
 use ambit_proto::cni_api::{self, Command, ErrorCode, Outcome, Request, Response};
 use ambit_proto::seqpacket::{SeqPacket, SeqPacketListener};
 use ambit_proto::zds::{WorkloadInfo, WorkloadRequest};
+use anyhow::Context;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
@@ -23,7 +24,8 @@ use crate::enrol::{Decision, StandalonePolicy};
 use crate::listeners::PodListeners;
 use crate::netns::{NetnsError, PodNetns};
 use crate::pods::{Pod, PodRecord, StateStore};
-use crate::rules::{self, apply, routing};
+use crate::rules::host::ProbeSet;
+use crate::rules::{Backend, routing};
 use crate::zds::{self, ConnHandle, Job, ZdsError};
 
 /// How long ztunnel has to say hello after connecting.
@@ -108,6 +110,8 @@ impl PolicySource {
 /// The node agent.
 pub struct Agent {
     config: Config,
+    backend: Backend,
+    probes: Option<Arc<ProbeSet>>,
     policy: std::sync::Mutex<PolicySource>,
     store: StateStore,
     host_netns_inode: u64,
@@ -162,7 +166,36 @@ impl Agent {
             version,
             policy: Arc::new(config.standalone.clone()),
         });
-        Ok(Arc::new(Agent { config, policy, store, host_netns_inode, state: Mutex::new(state) }))
+        let backend = config.backend();
+        let probes = if config.host_probe_snat {
+            let members: Vec<(String, Vec<IpAddr>)> =
+                state.pods.values().map(|p| (p.record.uid.clone(), p.record.ips.clone())).collect();
+            let set = ProbeSet::install(backend, &members).context("installing the node's probe rules")?;
+            Some(Arc::new(set))
+        } else {
+            None
+        };
+        info!(%backend, probe_snat = probes.is_some(), "rule backend ready");
+        Ok(Arc::new(Agent { config, backend, probes, policy, store, host_netns_inode, state: Mutex::new(state) }))
+    }
+
+    async fn probe_add(&self, r: &PodRecord) {
+        if let Some(p) = self.probes.clone() {
+            let (uid, ips) = (r.uid.clone(), r.ips.clone());
+            let _ = tokio::task::spawn_blocking(move || p.add(&uid, &ips)).await;
+        }
+    }
+
+    async fn probe_remove(&self, r: &PodRecord) {
+        if let Some(p) = self.probes.clone() {
+            let (uid, ips) = (r.uid.clone(), r.ips.clone());
+            let _ = tokio::task::spawn_blocking(move || p.remove(&uid, &ips)).await;
+        }
+    }
+
+    /// The rule backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     fn policy(&self) -> Arc<StandalonePolicy> {
@@ -247,11 +280,12 @@ impl Agent {
             }
         };
         let cfg = record.inpod_config();
+        let backend = self.backend;
         let need_listeners = reuse_listeners.is_none();
         let started = std::time::Instant::now();
         let setup = netns
             .run(move || -> Result<Option<PodListeners>, String> {
-                apply::nft_run(&rules::nft_apply_script(cfg)).map_err(|e| e.to_string())?;
+                backend.install_pod(cfg).map_err(|e| e.to_string())?;
                 routing::install(cfg).map_err(|e| e.to_string())?;
                 if need_listeners {
                     PodListeners::bind_here(cfg.ipv6).map(Some).map_err(|e| format!("creating listeners: {e}"))
@@ -309,6 +343,7 @@ impl Agent {
         if let Err(e) = self.store.save(&record) {
             warn!(pod = %pod_name, error = %e, "cannot record the pod; a restarted agent will not know it");
         }
+        self.probe_add(&record).await;
         info!(pod = %pod_name, uid = %record.uid, ips = ?record.ips, elapsed_ms = started.elapsed().as_millis() as u64, "pod enrolled");
         Ok(Outcome::Enrolled)
     }
@@ -336,10 +371,12 @@ impl Agent {
         let _ = self.store.remove(uid);
         // The pod's netns may outlive the sandbox (or the pod was only un-enrolled): take the rules out.
         let cfg = pod.record.inpod_config();
+        let backend = self.backend;
+        self.probe_remove(&pod.record).await;
         if let Some(netns) = &pod.netns {
             let res = netns
                 .run(move || -> Result<(), String> {
-                    apply::nft_run(&rules::nft_delete_script()).map_err(|e| e.to_string())?;
+                    backend.remove_pod(cfg).map_err(|e| e.to_string())?;
                     routing::remove(cfg).map_err(|e| e.to_string())
                 })
                 .await;
@@ -391,10 +428,11 @@ impl Agent {
             }
         };
         let netns = PodNetns::open(&netns_path)?;
+        let backend = self.backend;
         let ok = netns
             .run(move || -> Result<bool, String> {
-                let table = apply::nft_list_table(rules::NFT_TABLE).map_err(|e| e.to_string())?;
-                Ok(table.is_some() && routing::present(cfg).map_err(|e| e.to_string())?)
+                Ok(backend.pod_present(cfg).map_err(|e| e.to_string())?
+                    && routing::present(cfg).map_err(|e| e.to_string())?)
             })
             .await?
             .map_err(|e| AgentError::new(ErrorCode::Internal, e))?;

@@ -29,6 +29,57 @@ pub struct Config {
     /// Which pods are enrolled when there is no Kubernetes API (standalone mode).
     #[serde(default)]
     pub standalone: StandalonePolicy,
+    /// `nftables` (default) or `iptables`.
+    #[serde(default)]
+    pub rule_backend: RuleBackend,
+    /// For the iptables backend: `auto` (the flavour the node already uses), `legacy` or `nft`.
+    #[serde(default)]
+    pub iptables_flavor: FlavorChoice,
+    /// SNAT the node's own connections to enrolled pods (kubelet probes) to 169.254.7.127 so they bypass
+    /// capture. On by default; off for clusters whose probes must keep their source address.
+    #[serde(default = "default_true")]
+    pub host_probe_snat: bool,
+}
+
+/// Which rule backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleBackend {
+    /// Native nftables.
+    #[default]
+    Nftables,
+    /// iptables-restore.
+    Iptables,
+}
+
+/// Which iptables flavour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlavorChoice {
+    /// Detect it from the node's existing rules.
+    #[default]
+    Auto,
+    /// iptables-legacy.
+    Legacy,
+    /// iptables-nft.
+    Nft,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    /// The backend to use, detecting the iptables flavour if asked to (run in the node's netns).
+    pub fn backend(&self) -> crate::rules::Backend {
+        use crate::rules::{Backend, Flavor};
+        match (self.rule_backend, self.iptables_flavor) {
+            (RuleBackend::Nftables, _) => Backend::Nftables,
+            (RuleBackend::Iptables, FlavorChoice::Legacy) => Backend::Iptables(Flavor::Legacy),
+            (RuleBackend::Iptables, FlavorChoice::Nft) => Backend::Iptables(Flavor::Nft),
+            (RuleBackend::Iptables, FlavorChoice::Auto) => Backend::Iptables(crate::rules::backend::detect_flavor()),
+        }
+    }
 }
 
 fn default_cni_socket() -> PathBuf {
@@ -88,5 +139,9 @@ mod tests {
         assert!(Config::parse("nodeNmae: n1").is_err());
         assert!(Config::parse("zdsTimeoutMs: 0").is_err());
         assert!(Config::parse("standalone: {pods: [{namespace: a, name: b, mode: sideways}]}").is_err());
+        assert!(Config::parse("ruleBackend: ebpf").is_err());
+        let c = Config::parse("ruleBackend: iptables\niptablesFlavor: legacy\nhostProbeSnat: false").unwrap();
+        assert_eq!(c.backend(), crate::rules::Backend::Iptables(crate::rules::Flavor::Legacy));
+        assert!(!c.host_probe_snat);
     }
 }

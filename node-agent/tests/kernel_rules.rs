@@ -1,42 +1,88 @@
-//! The generated in-pod rules applied by the agent's own code in a throwaway netns, checked with real traffic.
-//! Needs root (fails loudly without it).
+//! The in-pod rules and the node's probe rules, applied by the agent's own code in throwaway namespaces and
+//! checked with real traffic, for each backend (nftables, iptables-nft, iptables-legacy) and both address
+//! families. Needs root (fails loudly without it).
+//!
+//! Topology: `remote` ─ `node` ─ `pod`. The pod's default route is the node, which forwards to the remote.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use ambit_agent::listeners::PodListeners;
 use ambit_agent::netns::PodNetns;
-use ambit_agent::rules::{self, InpodConfig, apply, routing};
+use ambit_agent::rules::host::ProbeSet;
+use ambit_agent::rules::{self, Backend, Flavor, InpodConfig, routing};
 use lab::Netns;
 use socket2::{Domain, SockAddr, Socket, Type};
 
-const POD: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const PROBE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
-
 struct Topo {
     pod: Netns,
-    peer: Netns,
+    node: Netns,
+    remote: Netns,
+}
+
+struct Addrs {
+    pod: IpAddr,
+    node: IpAddr,
+    remote: IpAddr,
+    probe: IpAddr,
+    loopback: IpAddr,
+}
+
+fn v4() -> Addrs {
+    Addrs {
+        pod: "10.77.0.2".parse().unwrap(),
+        node: "10.77.0.1".parse().unwrap(),
+        remote: "10.78.0.2".parse().unwrap(),
+        probe: rules::PROBE_SNAT_V4.into(),
+        loopback: "127.0.0.1".parse().unwrap(),
+    }
+}
+
+fn v6() -> Addrs {
+    Addrs {
+        pod: "fd00:77::2".parse().unwrap(),
+        node: "fd00:77::1".parse().unwrap(),
+        remote: "fd00:78::2".parse().unwrap(),
+        probe: rules::PROBE_SNAT_V6.into(),
+        loopback: "::1".parse().unwrap(),
+    }
 }
 
 fn topo() -> Topo {
     lab::require_root();
     let id = lab::util::unique_id();
     let pod = Netns::create(&format!("ambit-k{id}-pod")).unwrap();
-    let peer = Netns::create(&format!("ambit-k{id}-peer")).unwrap();
-    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name()]).unwrap();
-    pod.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]).unwrap();
-    pod.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let node = Netns::create(&format!("ambit-k{id}-node")).unwrap();
+    let remote = Netns::create(&format!("ambit-k{id}-remote")).unwrap();
+    for ns in [&pod, &node, &remote] {
+        ns.sysctl("net.ipv6.conf.all.accept_dad", "0").unwrap();
+        ns.sysctl("net.ipv6.conf.default.accept_dad", "0").unwrap();
+    }
+    node.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    node.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns", node.name()]).unwrap();
+    remote.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "remote0", "netns", node.name()]).unwrap();
+    let up = |ns: &Netns, dev: &str, addrs: &[&str]| {
+        for a in addrs {
+            ns.ip(&["addr", "add", a, "dev", dev, "nodad"]).unwrap();
+        }
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    };
+    up(&pod, "eth0", &["10.77.0.2/24", "fd00:77::2/64"]);
+    up(&node, "pod0", &["10.77.0.1/24", "fd00:77::1/64"]);
+    up(&node, "remote0", &["10.78.0.1/24", "fd00:78::1/64"]);
+    up(&remote, "eth0", &["10.78.0.2/24", "fd00:78::2/64"]);
     pod.ip(&["route", "add", "default", "via", "10.77.0.1"]).unwrap();
-    peer.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]).unwrap();
-    peer.ip(&["addr", "add", "169.254.7.127/32", "dev", "eth0"]).unwrap();
-    peer.ip(&["link", "set", "eth0", "up"]).unwrap();
-    Topo { pod, peer }
+    pod.ip(&["-6", "route", "add", "default", "via", "fd00:77::1"]).unwrap();
+    remote.ip(&["route", "add", "default", "via", "10.78.0.1"]).unwrap();
+    remote.ip(&["-6", "route", "add", "default", "via", "fd00:78::1"]).unwrap();
+    Topo { pod, node, remote }
 }
 
-fn listen(ns: &Netns, port: u16) -> TcpListener {
-    let l = ns.run(move || TcpListener::bind(("0.0.0.0", port))).unwrap().unwrap();
+fn listen(ns: &Netns, ip: IpAddr, port: u16) -> TcpListener {
+    let unspecified: IpAddr = if ip.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+    let l = ns.run(move || TcpListener::bind((unspecified, port))).unwrap().unwrap();
     l.set_nonblocking(true).unwrap();
     l
 }
@@ -58,15 +104,19 @@ fn accept_within(l: &TcpListener, t: Duration) -> Option<(TcpStream, SocketAddr)
 }
 
 /// Connects from inside `ns`, optionally with a socket mark and a (possibly foreign) source address.
-fn connect(ns: &Netns, dst: SocketAddrV4, mark: Option<u32>, src: Option<SocketAddrV4>) -> std::io::Result<TcpStream> {
+fn connect(ns: &Netns, dst: SocketAddr, mark: Option<u32>, src: Option<IpAddr>) -> std::io::Result<TcpStream> {
     ns.run(move || {
-        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
         if let Some(m) = mark {
             s.set_mark(m)?;
         }
         if let Some(src) = src {
-            s.set_ip_transparent_v4(true)?;
-            s.bind(&SockAddr::from(src))?;
+            if src.is_ipv4() {
+                s.set_ip_transparent_v4(true)?
+            } else {
+                s.set_ip_transparent_v6(true)?
+            };
+            s.bind(&SockAddr::from(SocketAddr::new(src, 0)))?;
         }
         s.connect_timeout(&SockAddr::from(dst), Duration::from_secs(2))?;
         Ok(TcpStream::from(s))
@@ -74,120 +124,181 @@ fn connect(ns: &Netns, dst: SocketAddrV4, mark: Option<u32>, src: Option<SocketA
     .unwrap()
 }
 
-fn listeners_from(pl: &PodListeners) -> Vec<TcpListener> {
-    pl.fds()
+fn original_dst(s: &TcpStream) -> SocketAddr {
+    let r = socket2::SockRef::from(s);
+    // A dual-stack listener's IPv4 connections have v4-mapped local addresses but IPv4 conntrack entries.
+    let a =
+        if s.local_addr().unwrap().ip().to_canonical().is_ipv4() { r.original_dst_v4() } else { r.original_dst_v6() };
+    let a = a.unwrap().as_socket().unwrap();
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+const DUAL: InpodConfig = InpodConfig { ipv4: true, ipv6: true };
+
+async fn install(pod: &PodNetns, backend: Backend) {
+    pod.run(move || {
+        backend.install_pod(DUAL).unwrap();
+        routing::install(DUAL).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// Every redirection, bypass and return path of one backend, over one address family.
+fn check_family(t: &Topo, pl: &PodListeners, a: &Addrs) {
+    let ls: Vec<TcpListener> = pl
+        .fds()
         .into_iter()
         .map(|fd| {
             let l = TcpListener::from(fd.try_clone_to_owned().unwrap());
             l.set_nonblocking(true).unwrap();
             l
         })
-        .collect()
-}
-
-fn original_dst(s: &TcpStream) -> SocketAddr {
-    socket2::SockRef::from(s).original_dst_v4().unwrap().as_socket().unwrap()
-}
-
-async fn install(pod: &PodNetns, cfg: InpodConfig) {
-    pod.run(move || {
-        apply::nft_run(&rules::nft_apply_script(cfg)).unwrap();
-        routing::install(cfg).unwrap();
-    })
-    .await
-    .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn captures_what_it_should_and_nothing_else() {
-    let t = topo();
-    let handle = PodNetns::open(&t.pod.path()).unwrap();
-    let cfg = InpodConfig { ipv4: true, ipv6: false };
-    install(&handle, cfg).await;
-    let pl = handle.run(|| PodListeners::bind_here(false)).await.unwrap().unwrap();
-    assert_eq!(pl.ports(), vec![15001, 15006, 15008]);
-    let [outbound, inbound, hbone] = <[TcpListener; 3]>::try_from(listeners_from(&pl)).unwrap();
-    let app = listen(&t.pod, 8080);
-    let remote = listen(&t.peer, 9000);
+        .collect();
+    let [outbound, inbound, hbone] = <[TcpListener; 3]>::try_from(ls).unwrap();
+    let app = listen(&t.pod, a.pod, 8080);
+    let remote = listen(&t.remote, a.remote, 9000);
     let wait = Duration::from_secs(2);
+    let quiet = Duration::from_millis(100);
+    let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
 
     // Outbound TCP from the app is captured on 15001 with its original destination.
-    let _c = connect(&t.pod, SocketAddrV4::new(PEER, 9000), None, None).unwrap();
+    let _c = connect(&t.pod, at(a.remote, 9000), None, None).unwrap();
     let (s, _) = accept_within(&outbound, wait).expect("outbound capture");
-    assert_eq!(original_dst(&s), SocketAddr::from((PEER, 9000)));
-    assert!(accept_within(&remote, Duration::from_millis(100)).is_none(), "uncaptured outbound leaked");
+    assert_eq!(original_dst(&s), at(a.remote, 9000));
+    assert!(accept_within(&remote, quiet).is_none(), "uncaptured outbound leaked");
 
     // ztunnel's own sockets (mark 0x539) go out untouched.
-    let _c = connect(&t.pod, SocketAddrV4::new(PEER, 9000), Some(rules::ZTUNNEL_MARK), None).unwrap();
-    assert!(accept_within(&remote, wait).is_some(), "marked traffic must not be captured");
+    let _c = connect(&t.pod, at(a.remote, 9000), Some(rules::ZTUNNEL_MARK), None).unwrap();
+    let (_, from) = accept_within(&remote, wait).expect("marked traffic must not be captured");
+    assert_eq!(from.ip().to_canonical(), a.pod);
 
     // Loopback and the pod's own IP stay local.
-    let _c = connect(&t.pod, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080), None, None).unwrap();
+    let _c = connect(&t.pod, at(a.loopback, 8080), None, None).unwrap();
     assert!(accept_within(&app, wait).is_some(), "loopback must not be captured");
-    let _c = connect(&t.pod, SocketAddrV4::new(POD, 8080), None, None).unwrap();
+    let _c = connect(&t.pod, at(a.pod, 8080), None, None).unwrap();
     assert!(accept_within(&app, wait).is_some(), "traffic to the pod's own IP must stay local");
 
-    // Inbound plaintext lands on 15006 with its original destination; HBONE reaches 15008 directly.
-    let _c = connect(&t.peer, SocketAddrV4::new(POD, 8080), None, None).unwrap();
+    // Inbound plaintext lands on 15006 with its original destination; HBONE reaches 15008 directly. Forwarded
+    // traffic keeps its source: it is not a probe.
+    let _c = connect(&t.remote, at(a.pod, 8080), None, None).unwrap();
     let (s, peer) = accept_within(&inbound, wait).expect("inbound capture");
-    assert_eq!(original_dst(&s), SocketAddr::from((POD, 8080)));
-    assert_eq!(peer.ip(), std::net::IpAddr::V4(PEER));
-    assert!(accept_within(&app, Duration::from_millis(100)).is_none(), "uncaptured inbound leaked");
-    let _c = connect(&t.peer, SocketAddrV4::new(POD, 15008), None, None).unwrap();
+    assert_eq!(original_dst(&s), at(a.pod, 8080));
+    assert_eq!(peer.ip().to_canonical(), a.remote);
+    assert!(accept_within(&app, quiet).is_none(), "uncaptured inbound leaked");
+    let _c = connect(&t.remote, at(a.pod, 15008), None, None).unwrap();
     assert!(accept_within(&hbone, wait).is_some(), "HBONE must reach 15008");
 
-    // Kubelet probes (SNATed to 169.254.7.127 on the node) reach the app directly.
-    let _c = connect(&t.peer, SocketAddrV4::new(POD, 8080), None, Some(SocketAddrV4::new(PROBE, 0))).unwrap();
-    assert!(accept_within(&app, wait).is_some(), "probes must bypass capture");
+    // The node's own connections (the kubelet's probes) are SNATed to the probe address and reach the app.
+    let _c = connect(&t.node, at(a.pod, 8080), None, None).unwrap();
+    let (_, seen) = accept_within(&app, wait).expect("probes must bypass capture");
+    assert_eq!(seen.ip().to_canonical(), a.probe);
 
     // ztunnel's connection to the app, spoofing the client's IP: the app sees the client, and its replies
     // return to ztunnel through the connmark and table 100 instead of leaving the pod.
-    let mut z =
-        connect(&t.pod, SocketAddrV4::new(POD, 8080), Some(rules::ZTUNNEL_MARK), Some(SocketAddrV4::new(PEER, 0)))
-            .expect("spoofed connect from inside the pod");
-    let (mut a, seen) = accept_within(&app, wait).expect("app accepts ztunnel's connection");
-    assert_eq!(seen.ip(), std::net::IpAddr::V4(PEER), "the app sees the original client IP");
-    a.write_all(b"pong").unwrap();
+    let mut z = connect(&t.pod, at(a.pod, 8080), Some(rules::ZTUNNEL_MARK), Some(a.remote)).expect("spoofed connect");
+    let (mut s, seen) = accept_within(&app, wait).expect("app accepts ztunnel's connection");
+    assert_eq!(seen.ip().to_canonical(), a.remote, "the app sees the original client IP");
+    s.write_all(b"pong").unwrap();
     z.set_read_timeout(Some(wait)).unwrap();
     let mut buf = [0u8; 4];
     z.read_exact(&mut buf).expect("the reply came back to ztunnel");
     assert_eq!(&buf, b"pong");
+    let _ = a.node;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn install_is_idempotent_and_removal_is_complete() {
-    let t = topo();
-    let handle = PodNetns::open(&t.pod.path()).unwrap();
-    let cfg = InpodConfig { ipv4: true, ipv6: false };
-    install(&handle, cfg).await;
-    let first = t.pod.exec("nft", &["list", "ruleset"]).unwrap();
-    install(&handle, cfg).await;
-    let second = t.pod.exec("nft", &["list", "ruleset"]).unwrap();
-    assert_eq!(first, second, "re-applying changed the ruleset");
-    let rules_out = t.pod.ip(&["rule", "show"]).unwrap();
-    assert_eq!(rules_out.matches("fwmark 0x111/0xfff lookup 100").count(), 1, "{rules_out}");
-    assert!(t.pod.ip(&["route", "show", "table", "100"]).unwrap().contains("local default dev lo"));
-    assert!(handle.run(move || routing::present(cfg).unwrap()).await.unwrap());
+fn ruleset(t: &Topo, backend: Backend) -> String {
+    match backend {
+        Backend::Nftables => t.pod.exec("nft", &["list", "ruleset"]).unwrap(),
+        Backend::Iptables(Flavor::Legacy) => {
+            t.pod.exec("iptables-legacy-save", &[]).unwrap() + &t.pod.exec("ip6tables-legacy-save", &[]).unwrap()
+        }
+        Backend::Iptables(Flavor::Nft) => {
+            t.pod.exec("iptables-nft-save", &[]).unwrap() + &t.pod.exec("ip6tables-nft-save", &[]).unwrap()
+        }
+    }
+}
 
+/// Strips what changes between two saves of the same rules (comments with times, packet counters).
+fn normalized(s: &str) -> String {
+    s.lines().filter(|l| !l.starts_with('#')).map(|l| l.split(" [").next().unwrap_or(l)).collect::<Vec<_>>().join("\n")
+}
+
+async fn full_cycle(backend: Backend) {
+    let t = topo();
+    let node_ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let probes = std::sync::Arc::new(
+        t.node
+            .run(move || {
+                ProbeSet::install(
+                    backend,
+                    &[("pod-uid".to_string(), vec![node_ip("10.77.0.2"), node_ip("fd00:77::2")])],
+                )
+            })
+            .unwrap()
+            .unwrap(),
+    );
+    let handle = PodNetns::open(&t.pod.path()).unwrap();
+    install(&handle, backend).await;
+    let first = normalized(&ruleset(&t, backend));
+    install(&handle, backend).await;
+    assert_eq!(first, normalized(&ruleset(&t, backend)), "re-applying changed the ruleset");
+    let ip_rules = t.pod.ip(&["rule", "show"]).unwrap();
+    assert_eq!(ip_rules.matches("fwmark 0x111/0xfff lookup 100").count(), 1, "{ip_rules}");
+    assert!(handle.run(move || backend.pod_present(DUAL).unwrap() && routing::present(DUAL).unwrap()).await.unwrap());
+
+    let pl = handle.run(|| PodListeners::bind_here(true)).await.unwrap().unwrap();
+    assert_eq!(pl.ports(), vec![15001, 15006, 15008]);
+    check_family(&t, &pl, &v4());
+    check_family(&t, &pl, &v6());
+
+    // Removal takes everything out, twice without complaint, and traffic flows uncaptured again.
     handle
         .run(move || {
-            apply::nft_run(&rules::nft_delete_script()).unwrap();
-            routing::remove(cfg).unwrap();
-            // Removing what is not there is fine too.
-            apply::nft_run(&rules::nft_delete_script()).unwrap();
-            routing::remove(cfg).unwrap();
+            for _ in 0..2 {
+                backend.remove_pod(DUAL).unwrap();
+                routing::remove(DUAL).unwrap();
+            }
         })
         .await
         .unwrap();
-    assert_eq!(t.pod.exec("nft", &["list", "ruleset"]).unwrap().trim(), "");
+    let left = ruleset(&t, backend);
+    assert!(!left.contains("ambit") && !left.contains("AMBIT"), "rules remain:\n{left}");
     assert!(!t.pod.ip(&["rule", "show"]).unwrap().contains("0x111"));
     assert_eq!(t.pod.ip(&["route", "show", "table", "100"]).unwrap().trim(), "");
-    assert!(!handle.run(move || routing::present(cfg).unwrap()).await.unwrap());
-
-    // And traffic flows uncaptured again.
-    let remote = listen(&t.peer, 9000);
-    let _c = connect(&t.pod, SocketAddrV4::new(PEER, 9000), None, None).unwrap();
+    assert!(!handle.run(move || backend.pod_present(DUAL).unwrap()).await.unwrap());
+    drop(pl);
+    let remote = listen(&t.remote, "10.78.0.2".parse().unwrap(), 9000);
+    let _c = connect(&t.pod, "10.78.0.2:9000".parse().unwrap(), None, None).unwrap();
     assert!(accept_within(&remote, Duration::from_secs(2)).is_some());
+
+    // The probe set follows enrolment: without the pod in it, the node's connections keep their source.
+    // (The set lives in the node's netns: change it from there, as the agent does from its own.)
+    let p = probes.clone();
+    t.node.run(move || p.remove("other-pod", &["10.77.0.2".parse().unwrap()])).unwrap();
+    assert_eq!(probes.members().len(), 2, "a pod cannot remove another pod's IP");
+    let p = probes.clone();
+    t.node.run(move || p.remove("pod-uid", &["10.77.0.2".parse().unwrap()])).unwrap();
+    let app = listen(&t.pod, "10.77.0.2".parse().unwrap(), 8081);
+    let _c = connect(&t.node, "10.77.0.2:8081".parse().unwrap(), None, None).unwrap();
+    let (_, seen) = accept_within(&app, Duration::from_secs(2)).unwrap();
+    assert_eq!(seen.ip(), "10.77.0.1".parse::<IpAddr>().unwrap());
+    t.node.run(move || backend.remove_host().unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_backend() {
+    full_cycle(Backend::Nftables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_nft_backend() {
+    full_cycle(Backend::Iptables(Flavor::Nft)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iptables_legacy_backend() {
+    full_cycle(Backend::Iptables(Flavor::Legacy)).await;
 }
 
 #[tokio::test]

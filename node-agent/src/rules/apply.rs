@@ -1,4 +1,5 @@
-//! Applying nftables scripts. Called on a thread that is inside the pod netns: the `nft` child inherits it.
+//! Running the rule tools (`nft`, `iptables-restore`, `iptables-save`, `ipset`). Called on a thread inside the
+//! target netns: the child process inherits it.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -6,12 +7,22 @@ use std::process::{Command, Stdio};
 /// Why a ruleset could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// The `nft` binary could not be run.
-    #[error("cannot run nft ({0}); is the nftables package installed?")]
-    Spawn(std::io::Error),
-    /// nft rejected the script; nothing was changed (the transaction is atomic).
-    #[error("nft rejected the ruleset: {0}")]
-    Rejected(String),
+    /// A tool could not be run.
+    #[error("cannot run {tool} ({source}); is its package installed?")]
+    Spawn {
+        /// The tool.
+        tool: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A tool rejected its input; nothing was changed (each apply is one transaction).
+    #[error("{tool} rejected the ruleset: {message}")]
+    Rejected {
+        /// The tool.
+        tool: String,
+        /// What it said.
+        message: String,
+    },
 }
 
 /// The `nft` binary, overridable for hosts that keep it elsewhere.
@@ -19,33 +30,41 @@ pub fn nft_binary() -> String {
     std::env::var("AMBIT_NFT").unwrap_or_else(|_| "nft".to_string())
 }
 
-/// Runs `nft -f -` with `script` in the calling thread's netns.
-pub fn nft_run(script: &str) -> Result<(), ApplyError> {
-    let mut child = Command::new(nft_binary())
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+/// Runs `tool args…` with `stdin` and returns its stdout.
+pub fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
+    let spawn_err = |source| ApplyError::Spawn { tool: tool.to_string(), source };
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(ApplyError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error means nft exited early; its stderr says why.
-        let _ = stdin.write_all(script.as_bytes());
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A write error means the tool exited early; its stderr says why.
+        let _ = pipe.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(ApplyError::Spawn)?;
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(ApplyError::Rejected(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+        Err(ApplyError::Rejected {
+            tool: format!("{tool} {}", args.join(" ")),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
-/// `nft list table inet <table>` in the calling thread's netns; `None` when the table does not exist.
+/// Runs `nft -f -` with `script`.
+pub fn nft_run(script: &str) -> Result<(), ApplyError> {
+    run(&nft_binary(), &["-f", "-"], Some(script)).map(|_| ())
+}
+
+/// `nft list table inet <table>`; `None` when the table does not exist.
 pub fn nft_list_table(table: &str) -> Result<Option<String>, ApplyError> {
-    let out = Command::new(nft_binary())
-        .args(["list", "table", "inet", table])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(ApplyError::Spawn)?;
-    if out.status.success() { Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())) } else { Ok(None) }
+    match run(&nft_binary(), &["list", "table", "inet", table], None) {
+        Ok(s) => Ok(Some(s)),
+        Err(ApplyError::Rejected { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

@@ -11,12 +11,16 @@
 //! - kubelet probes, SNATed on the node to 169.254.7.127, bypass capture.
 
 pub mod apply;
+pub mod backend;
+pub mod host;
+pub mod iptables;
+pub mod nft;
 pub mod routing;
 
-use std::fmt::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+pub use backend::{Backend, Flavor};
+pub use nft::{nft_apply_script, nft_delete_script};
 
-use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Mark on every socket ztunnel creates in a pod netns.
 pub const ZTUNNEL_MARK: u32 = 0x539;
@@ -53,94 +57,48 @@ impl InpodConfig {
     }
 }
 
-/// One address family's view of the rules.
-struct Family {
-    /// nft's protocol selector for addresses (`ip` or `ip6`).
-    sel: &'static str,
-    loopback: &'static str,
-    probe: IpAddr,
+/// IPv4 or IPv6, with what the rules need to know about each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
 }
 
-fn families(cfg: InpodConfig) -> Vec<Family> {
-    let mut v = Vec::new();
-    if cfg.ipv4 {
-        v.push(Family { sel: "ip", loopback: "127.0.0.0/8", probe: IpAddr::V4(PROBE_SNAT_V4) });
+impl Family {
+    /// The families a pod's rules cover.
+    pub fn of(cfg: InpodConfig) -> Vec<Family> {
+        let mut v = Vec::new();
+        if cfg.ipv4 {
+            v.push(Family::V4);
+        }
+        if cfg.ipv6 {
+            v.push(Family::V6);
+        }
+        v
     }
-    if cfg.ipv6 {
-        v.push(Family { sel: "ip6", loopback: "::1", probe: IpAddr::V6(PROBE_SNAT_V6) });
-    }
-    v
-}
 
-/// The nft script that installs (or replaces) a pod's rules in one atomic transaction. Running it again is a
-/// no-op in effect: the table is created if absent, deleted, and defined afresh, all in the same transaction,
-/// so there is never a moment without capture and never a duplicate rule.
-pub fn nft_apply_script(cfg: InpodConfig) -> String {
-    let fams = families(cfg);
-    let not_ztunnel = format!("meta mark & {MARK_MASK:#x} != {ZTUNNEL_MARK:#x}");
-    let mut s = String::new();
-    let w = &mut s;
-    let _ = writeln!(w, "add table inet {NFT_TABLE}");
-    let _ = writeln!(w, "delete table inet {NFT_TABLE}");
-    let _ = writeln!(w, "table inet {NFT_TABLE} {{");
-
-    let _ = writeln!(w, "  chain prerouting_mangle {{");
-    let _ = writeln!(w, "    type filter hook prerouting priority mangle; policy accept;");
-    let _ = writeln!(w, "    # Remember the connections ztunnel opened to the app.");
-    let _ = writeln!(
-        w,
-        "    meta mark & {MARK_MASK:#x} == {ZTUNNEL_MARK:#x} ct mark set ct mark & {:#x} | {CONNMARK:#x}",
-        !MARK_MASK
-    );
-    let _ = writeln!(w, "  }}");
-
-    let _ = writeln!(w, "  chain output_mangle {{");
-    let _ = writeln!(w, "    type route hook output priority mangle; policy accept;");
-    let _ = writeln!(
-        w,
-        "    # Replies on those connections carry the mark, so table {ROUTE_TABLE} returns them to ztunnel."
-    );
-    let _ = writeln!(w, "    ct mark & {MARK_MASK:#x} == {CONNMARK:#x} meta mark set ct mark");
-    let _ = writeln!(w, "  }}");
-
-    let _ = writeln!(w, "  chain prerouting_nat {{");
-    let _ = writeln!(w, "    type nat hook prerouting priority dstnat; policy accept;");
-    for f in &fams {
-        let _ = writeln!(w, "    meta l4proto tcp {} saddr {} accept", f.sel, f.probe);
+    /// Loopback, as a prefix.
+    pub fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
     }
-    for f in &fams {
-        let _ = writeln!(
-            w,
-            "    meta l4proto tcp {} daddr != {} tcp dport != {INBOUND_HBONE_PORT} {not_ztunnel} redirect to :{INBOUND_PLAINTEXT_PORT}",
-            f.sel, f.loopback
-        );
-    }
-    let _ = writeln!(w, "  }}");
 
-    let _ = writeln!(w, "  chain output_nat {{");
-    let _ = writeln!(w, "    type nat hook output priority -100; policy accept;");
-    for f in &fams {
-        let _ = writeln!(w, "    meta l4proto tcp {} daddr {} accept", f.sel, f.probe);
+    /// Where the node SNATs kubelet probes to.
+    pub fn probe_snat(self) -> IpAddr {
+        match self {
+            Family::V4 => IpAddr::V4(PROBE_SNAT_V4),
+            Family::V6 => IpAddr::V6(PROBE_SNAT_V6),
+        }
     }
-    let _ = writeln!(w, "    meta l4proto tcp meta mark & {MARK_MASK:#x} == {CONNMARK:#x} accept");
-    for f in &fams {
-        let _ = writeln!(w, "    oifname \"lo\" {} daddr != {} accept", f.sel, f.loopback);
-    }
-    for f in &fams {
-        let _ = writeln!(
-            w,
-            "    meta l4proto tcp {} daddr != {} {not_ztunnel} redirect to :{OUTBOUND_PORT}",
-            f.sel, f.loopback
-        );
-    }
-    let _ = writeln!(w, "  }}");
-    let _ = writeln!(w, "}}");
-    s
-}
 
-/// The nft script that removes a pod's rules; succeeds whether or not they exist.
-pub fn nft_delete_script() -> String {
-    format!("add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+    /// The family of an address.
+    pub fn of_ip(ip: IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
 }
 
 #[cfg(test)]
@@ -155,12 +113,5 @@ mod tests {
         assert_eq!(InpodConfig::for_ips(&[v6]), InpodConfig { ipv4: false, ipv6: true });
         assert_eq!(InpodConfig::for_ips(&[v4, v6]), InpodConfig { ipv4: true, ipv6: true });
         assert_eq!(InpodConfig::for_ips(&[]), InpodConfig { ipv4: true, ipv6: false });
-    }
-
-    #[test]
-    fn script_is_deterministic() {
-        let c = InpodConfig { ipv4: true, ipv6: true };
-        assert_eq!(nft_apply_script(c), nft_apply_script(c));
-        assert!(nft_apply_script(c).starts_with("add table inet ambit\ndelete table inet ambit\n"));
     }
 }
