@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::enrol::{Decision, StandalonePolicy};
 use crate::listeners::PodListeners;
+use crate::metrics::{BackendLabels, Metrics, RequestLabels};
 use crate::netns::{NetnsError, PodNetns};
 use crate::pods::{Pod, PodRecord, StateStore};
 use crate::rules::host::ProbeSet;
@@ -110,6 +111,8 @@ impl PolicySource {
 /// The node agent.
 pub struct Agent {
     config: Config,
+    metrics: Arc<Metrics>,
+    install_state: std::sync::Mutex<Result<(), String>>,
     backend: Backend,
     probes: Option<Arc<ProbeSet>>,
     policy: std::sync::Mutex<PolicySource>,
@@ -176,7 +179,45 @@ impl Agent {
             None
         };
         info!(%backend, probe_snat = probes.is_some(), "rule backend ready");
-        Ok(Arc::new(Agent { config, backend, probes, policy, store, host_netns_inode, state: Mutex::new(state) }))
+        let metrics = Metrics::new();
+        metrics.pods_enrolled.set(state.pods.len() as i64);
+        let install_state =
+            std::sync::Mutex::new(if config.install.enabled { Err("not installed yet".to_string()) } else { Ok(()) });
+        Ok(Arc::new(Agent {
+            config,
+            metrics,
+            install_state,
+            backend,
+            probes,
+            policy,
+            store,
+            host_netns_inode,
+            state: Mutex::new(state),
+        }))
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records the installer's state (called by the installer thread).
+    pub fn set_install_state(&self, s: Result<(), String>) {
+        self.metrics.installer_ready.set(i64::from(s.is_ok()));
+        *self.install_state.lock().unwrap() = s;
+    }
+
+    /// Ready when the plugin is installed and a ztunnel is connected; otherwise why not.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.install_state.lock().unwrap().clone().map_err(|e| format!("CNI plugin: {e}"))?;
+        if self.state.lock().await.conns.is_empty() {
+            return Err(format!("no ztunnel connected to {}", self.config.zds_socket.display()));
+        }
+        Ok(())
+    }
+
+    fn rule_error(&self) {
+        self.metrics.rule_errors.get_or_create(&BackendLabels { backend: self.backend.to_string() }).inc();
     }
 
     async fn probe_add(&self, r: &PodRecord) {
@@ -214,6 +255,7 @@ impl Agent {
                 format!("agent speaks API version {}, plugin sent {}", cni_api::API_VERSION, req.version),
             );
         }
+        let started = std::time::Instant::now();
         let result = match req.command {
             Command::Add => self.add(&req).await,
             Command::Del => self.del(&req).await.map(|_| Outcome::Ok),
@@ -221,6 +263,19 @@ impl Agent {
             Command::Status => self.status().await.map(|_| Outcome::Ok),
             Command::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
         };
+        let outcome = match &result {
+            Ok(Outcome::Enrolled) => {
+                self.metrics.enrolment_duration.observe(started.elapsed().as_secs_f64());
+                "enrolled".to_string()
+            }
+            Ok(Outcome::NotEnrolled) => "not_enrolled".to_string(),
+            Ok(Outcome::Ok) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.code),
+        };
+        self.metrics
+            .cni_requests
+            .get_or_create(&RequestLabels { command: format!("{:?}", req.command).to_uppercase(), outcome })
+            .inc();
         match result {
             Ok(o) => Response::ok(o),
             Err(e) => Response::error(e.code, e.message),
@@ -325,6 +380,7 @@ impl Agent {
             let (job, rx) = Job::awaited(zreq, fds);
             conn.enqueue(job);
             st.pods.insert(record.uid.clone(), pod);
+            self.metrics.pods_enrolled.set(st.pods.len() as i64);
             rx
         };
         let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
@@ -337,7 +393,10 @@ impl Agent {
         if let Err(e) = result {
             // Fail closed: the rules stay (traffic black-holed, never leaked) and the runtime tears the sandbox
             // down after the failed ADD; forget the pod so a retry starts clean.
-            self.state.lock().await.pods.remove(&record.uid);
+            let mut st = self.state.lock().await;
+            st.pods.remove(&record.uid);
+            self.metrics.pods_enrolled.set(st.pods.len() as i64);
+            drop(st);
             return Err(AgentError::new(ErrorCode::Internal, format!("handing pod {pod_name} to ztunnel: {e}")));
         }
         if let Err(e) = self.store.save(&record) {
@@ -352,6 +411,7 @@ impl Agent {
         let (pod, replies) = {
             let mut st = self.state.lock().await;
             let Some(pod) = st.pods.remove(uid) else { return Ok(()) };
+            self.metrics.pods_enrolled.set(st.pods.len() as i64);
             let mut replies = Vec::new();
             for c in &st.conns {
                 let (job, rx) = Job::awaited(WorkloadRequest::del(uid.to_string()), Vec::new());
@@ -382,7 +442,10 @@ impl Agent {
                 .await;
             match res {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(pod = %name, error = %e, "removing the pod's rules failed"),
+                Ok(Err(e)) => {
+                    self.rule_error();
+                    warn!(pod = %name, error = %e, "removing the pod's rules failed")
+                }
                 Err(e) => debug!(pod = %name, error = %e, "pod netns not enterable; rules went with it"),
             }
         }
@@ -540,12 +603,14 @@ impl Agent {
             }
             handle.enqueue(Job { req: WorkloadRequest::snapshot_sent(), fds: Vec::new(), reply: None });
             st.conns.push(handle.clone());
+            self.metrics.ztunnels.set(st.conns.len() as i64);
             info!(conn = handle.id, pid, handoff, pods = sent, "ztunnel connected; snapshot queued");
             (handle, rx)
         };
         let reason = zds::serve_queue(sock, rx, self.zds_timeout()).await;
         let mut st = self.state.lock().await;
         st.conns.retain(|c| c.id != handle.id);
+        self.metrics.ztunnels.set(st.conns.len() as i64);
         warn!(conn = handle.id, pid, reason = %reason, remaining = st.conns.len(), "ztunnel disconnected");
     }
 
@@ -563,5 +628,51 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Removes Ambit from the node (see `ambit-agent uninstall`): every recorded pod's rules and routes, the
+/// records, the node's probe rules, and the plugin's installation. Keeps going past errors and reports them
+/// all at the end.
+pub async fn uninstall(config: &Config) -> anyhow::Result<()> {
+    let mut errors = Vec::new();
+    if config.install.enabled {
+        let installer = crate::installer::Installer::new(config.install.clone(), &config.cni_socket);
+        if let Err(e) = installer.uninstall() {
+            errors.push(format!("CNI installation: {e}"));
+        }
+    }
+    let backend = config.backend();
+    let store = StateStore::new(&config.state_dir)?;
+    let (records, _) = store.load_all();
+    for r in records {
+        let cfg = r.inpod_config();
+        match PodNetns::open(&r.netns_path) {
+            Ok(ns) => {
+                let res = ns
+                    .run(move || -> Result<(), String> {
+                        backend.remove_pod(cfg).map_err(|e| e.to_string())?;
+                        routing::remove(cfg).map_err(|e| e.to_string())
+                    })
+                    .await;
+                match res {
+                    Ok(Ok(())) => info!(pod = %format!("{}/{}", r.namespace, r.name), "un-enrolled"),
+                    Ok(Err(e)) => errors.push(format!("pod {}/{}: {e}", r.namespace, r.name)),
+                    Err(e) => errors.push(format!("pod {}/{}: {e}", r.namespace, r.name)),
+                }
+            }
+            Err(e) => info!(uid = %r.uid, error = %e, "pod netns gone; nothing to remove"),
+        }
+        let _ = store.remove(&r.uid);
+    }
+    if let Err(e) = tokio::task::spawn_blocking(move || backend.remove_host()).await? {
+        errors.push(format!("node probe rules: {e}"));
+    }
+    let _ = std::fs::remove_file(&config.cni_socket);
+    if errors.is_empty() {
+        info!("Ambit removed from this node");
+        Ok(())
+    } else {
+        anyhow::bail!("uninstall finished with errors:\n  {}", errors.join("\n  "))
     }
 }

@@ -39,6 +39,16 @@ pub struct Config {
     /// capture. On by default; off for clusters whose probes must keep their source address.
     #[serde(default = "default_true")]
     pub host_probe_snat: bool,
+    /// Installing and chaining the CNI plugin.
+    #[serde(default)]
+    pub install: crate::installer::InstallConfig,
+    /// Where `/readyz` and `/metrics` are served.
+    #[serde(default = "default_health_addr")]
+    pub health_addr: std::net::SocketAddr,
+}
+
+fn default_health_addr() -> std::net::SocketAddr {
+    "[::]:15014".parse().expect("valid address")
 }
 
 /// Which rule backend.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use ambit_agent::agent::Agent;
 use ambit_agent::config::Config;
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing::info;
 
 /// Ambit's node agent: enrols this node's pods into the ambient mesh and hands them to ztunnel.
@@ -28,6 +28,18 @@ struct Args {
     /// Where enrolled pods are recorded.
     #[arg(long, env = "AMBIT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Remove Ambit from this node: un-enrol every recorded pod (their rules go, traffic flows uncaptured),
+    /// take ambit-cni out of the CNI config and the bin dir, and remove the node's probe rules. An agent
+    /// restart or upgrade never does this; run it when Ambit is being removed from the node.
+    Uninstall,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,11 +64,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = args.state_dir {
         config.state_dir = p;
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run(config, args.config))
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    match args.cmd {
+        None | Some(Cmd::Run) => rt.block_on(run(config, args.config)),
+        Some(Cmd::Uninstall) => rt.block_on(ambit_agent::agent::uninstall(&config)),
+    }
 }
 
 async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -65,6 +77,9 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     if let Some(dir) = zds_socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let health_addr = config.health_addr;
+    let installer =
+        config.install.enabled.then(|| ambit_agent::installer::Installer::new(config.install.clone(), &cni_socket));
     let agent = Agent::new(config, config_path).context("starting the agent")?;
     let zds = ambit_proto::seqpacket::SeqPacketListener::bind(&zds_socket)
         .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
@@ -73,6 +88,19 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().await.len(), "ambit-agent ready");
     tokio::spawn(agent.clone().serve_zds(zds));
     tokio::spawn(agent.clone().serve_cni(cni));
+    ambit_agent::health::serve(health_addr, agent.clone())
+        .await
+        .with_context(|| format!("health endpoint on {health_addr}"))?;
+    if let Some(installer) = installer {
+        let (a, b) = (agent.clone(), agent.clone());
+        ambit_agent::installer::watch(
+            installer,
+            move |s| a.set_install_state(s),
+            move || {
+                b.metrics().installer_repairs.inc();
+            },
+        );
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -32,6 +32,8 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const METRICS_PORT: u16 = 15020;
 /// ztunnel's readiness port.
 pub const READY_PORT: u16 = 15021;
+/// The agent's health port (`/readyz`, `/metrics`).
+pub const AGENT_HEALTH_PORT: u16 = 15014;
 
 /// How to build a lab.
 #[derive(Debug, Clone)]
@@ -230,8 +232,6 @@ impl Lab {
         fabric.ip(&["link", "set", "br0", "up"])?;
         lab.fabric = Some(fabric);
 
-        let bin = dir.join("cni-bin");
-        std::fs::create_dir_all(&bin)?;
         for p in ["bridge", "host-local", "loopback", "portmap"] {
             let target = Path::new("/usr/lib/cni").join(p);
             anyhow::ensure!(
@@ -239,15 +239,13 @@ impl Lab {
                 "{} is missing: install Debian's containernetworking-plugins",
                 target.display()
             );
-            std::os::unix::fs::symlink(&target, bin.join(p))?;
         }
-        std::os::unix::fs::symlink(binary("ambit-cni"), bin.join("ambit-cni"))?;
 
         crate::ca::write_ca(&dir.join("ca-cert.pem"), &dir.join("ca-key.pem"))?;
         lab.write_workloads()?;
 
         for i in 0..config.nodes {
-            let node = lab.make_node(i, &bin)?;
+            let node = lab.make_node(i)?;
             lab.nodes.push(node);
             lab.write_agent_config(i)?;
         }
@@ -265,16 +263,22 @@ impl Lab {
             }
             for i in 0..config.nodes {
                 lab.wait_ready(i)?;
+                lab.wait_agent_ready(i)?;
             }
         }
         Ok(lab)
     }
 
-    fn make_node(&self, i: usize, bin: &Path) -> anyhow::Result<Node> {
+    fn make_node(&self, i: usize) -> anyhow::Result<Node> {
         let name = format!("node{}", i + 1);
         let dir = self.dir.join(&name);
-        for d in ["run", "net.d", "ipam", "state"] {
+        for d in ["run", "net.d", "ipam", "state", "cni-bin"] {
             std::fs::create_dir_all(dir.join(d))?;
+        }
+        // The node's /opt/cni/bin: Debian's plugins; the agent's installer adds ambit-cni.
+        let bin = dir.join("cni-bin");
+        for p in ["bridge", "host-local", "loopback", "portmap"] {
+            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p))?;
         }
         let netns = Netns::create(&format!("ambit-{}-{name}", self.id))?;
         let fabric = self.fabric.as_ref().expect("fabric");
@@ -299,16 +303,10 @@ impl Lab {
                         "routes": [{"dst": "0.0.0.0/0"}],
                         "dataDir": dir.join("ipam"),
                     }
-                },
-                {
-                    "type": "ambit-cni",
-                    "agent_socket": dir.join("run/cni.sock"),
-                    "agent_timeout_ms": 10000,
-                    "log_file": dir.join("cni.log"),
-                    "log_level": "debug",
                 }
             ]
         });
+        // The primary CNI's config, as the primary CNI writes it: the agent's installer chains ambit-cni.
         write_atomic(&dir.join("net.d/10-lab.conflist"), serde_json::to_string_pretty(&conflist)?.as_bytes())?;
         Ok(Node {
             index: i,
@@ -316,15 +314,15 @@ impl Lab {
             netns,
             ip,
             pod_cidr,
-            cni: CniRunner { bin_dir: bin.to_path_buf(), conf_dir: dir.join("net.d") },
+            cni: CniRunner { bin_dir: bin, conf_dir: dir.join("net.d") },
             dir,
             agent: None,
             ztunnel: None,
         })
     }
 
-    /// Starts (or restarts) node `i`'s agent and waits for its socket.
-    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Starts (or restarts) node `i`'s agent without waiting for anything.
+    pub fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         if let Some(mut old) = node.agent.take() {
             old.stop(Duration::from_secs(5));
@@ -334,10 +332,54 @@ impl Lab {
         cmd.arg("--config").arg(node.dir.join("agent.yaml")).env("RUST_LOG", &self.config.log_level);
         let p = Proc::spawn("ambit-agent", cmd, &node.dir.join("agent.log"))?;
         node.agent = Some(p);
-        let sock = node.cni_socket();
-        wait_for(&format!("{}'s agent socket", node.name), Duration::from_secs(10), || sock.exists().then_some(()))
-            .with_context(|| node.agent.as_ref().map(|a| a.log()).unwrap_or_default())?;
         Ok(())
+    }
+
+    /// Starts (or restarts) node `i`'s agent and waits until it serves the plugin with ambit-cni chained (and,
+    /// when its ztunnel runs, until that ztunnel is connected).
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn_agent(i)?;
+        let node = &self.nodes[i];
+        let sock = node.cni_socket();
+        let cni = node.cni.clone();
+        wait_for(&format!("{}'s agent socket and chained CNI config", node.name), Duration::from_secs(10), || {
+            let chained = cni.load_conflist().ok()?["plugins"].as_array()?.iter().any(|p| p["type"] == "ambit-cni");
+            (sock.exists() && chained).then_some(())
+        })
+        .with_context(|| node.agent.as_ref().map(|a| a.log()).unwrap_or_default())?;
+        if node.ztunnel.is_some() {
+            self.wait_agent_ready(i)?;
+        }
+        Ok(())
+    }
+
+    /// GET on node `i`'s agent health endpoint.
+    pub fn agent_get(&self, i: usize, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&self.nodes[i].netns, SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_HEALTH_PORT)), path)
+    }
+
+    /// Runs `ambit-agent <args>` once on node `i` (e.g. `uninstall`) with the node's agent config.
+    pub fn agent_command(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let node = &self.nodes[i];
+        let out = node
+            .netns
+            .command(binary("ambit-agent"))
+            .arg("--config")
+            .arg(node.dir.join("agent.yaml"))
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        anyhow::ensure!(out.status.success(), "ambit-agent {} failed: {text}", args.join(" "));
+        Ok(text)
+    }
+
+    /// Waits until node `i`'s agent reports ready (plugin installed, a ztunnel connected).
+    pub fn wait_agent_ready(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        wait_for(&format!("{}'s agent to be ready", node.name), Duration::from_secs(10), || {
+            matches!(self.agent_get(i, "/readyz"), Ok((200, _))).then_some(())
+        })
+        .with_context(|| node.agent.as_ref().map(|a| a.log()).unwrap_or_default())
     }
 
     /// The environment ztunnel gets on node `i`.
@@ -433,6 +475,12 @@ impl Lab {
             "zdsSocket": n.dir.join("run/ztunnel.sock"),
             "stateDir": n.dir.join("state"),
             "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces, "pods": pods},
+            "install": {
+                "cniBinDir": n.dir.join("cni-bin"),
+                "cniConfDir": n.dir.join("net.d"),
+                "pluginBinary": binary("ambit-cni"),
+                "pluginConfig": {"agent_timeout_ms": 10000, "log_file": n.dir.join("cni.log"), "log_level": "debug"},
+            },
         });
         write_atomic(&n.dir.join("agent.yaml"), serde_yaml_ng::to_string(&agent_conf)?.as_bytes())
     }
