@@ -257,10 +257,10 @@ impl Installer {
 
     /// Installs the binary and chains the config.
     pub fn install(&self) -> Result<ConfOutcome, InstallError> {
-        if let Some(src) = self.plugin_source() {
-            if install_binary(&src, &self.config.cni_bin_dir)? {
-                info!(bin = %self.config.cni_bin_dir.join(PLUGIN_TYPE).display(), "installed the CNI plugin binary");
-            }
+        if let Some(src) = self.plugin_source()
+            && install_binary(&src, &self.config.cni_bin_dir)?
+        {
+            info!(bin = %self.config.cni_bin_dir.join(PLUGIN_TYPE).display(), "installed the CNI plugin binary");
         }
         self.ensure_chained()
     }
