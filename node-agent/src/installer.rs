@@ -316,6 +316,71 @@ impl RepairLimiter {
     }
 }
 
+/// Keeps the plugin installed: installs now, then watches the conf and bin dirs (inotify, with a slow poll as a
+/// safety net) and puts Ambit's entry back whenever something removes it. Runs on its own thread; `on_state`
+/// hears whether the installation is complete after every check, and `on_repair` each rewrite that undid
+/// someone else's change.
+pub fn watch(
+    installer: Installer,
+    on_state: impl Fn(Result<(), String>) + Send + 'static,
+    on_repair: impl Fn() + Send + 'static,
+) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    std::thread::Builder::new()
+        .name("cni-installer".into())
+        .spawn(move || {
+            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
+            let flags = AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_MOVED_FROM;
+            let mut watching = false;
+            let mut limiter = RepairLimiter::default();
+            let mut installed_once = false;
+            let mut last_poll = Instant::now() - Duration::from_secs(60);
+            loop {
+                if let (Some(i), false) = (&inotify, watching) {
+                    let _ = std::fs::create_dir_all(&installer.config.cni_bin_dir);
+                    watching = i.add_watch(&installer.config.cni_conf_dir, flags).is_ok()
+                        && i.add_watch(&installer.config.cni_bin_dir, flags).is_ok();
+                }
+                let mut changed = last_poll.elapsed() >= Duration::from_secs(if installed_once { 10 } else { 1 });
+                if let Some(i) = &inotify {
+                    while let Ok(events) = i.read_events() {
+                        if events.is_empty() {
+                            break;
+                        }
+                        // Only other writers' changes matter: ours are temp files renamed into place.
+                        changed |= events.iter().any(|e| e.name.as_ref().is_none_or(|n| !n.to_string_lossy().starts_with('.')));
+                    }
+                }
+                if changed {
+                    last_poll = Instant::now();
+                    match installer.install() {
+                        Ok(ConfOutcome::Written(path)) => {
+                            if installed_once {
+                                on_repair();
+                                if limiter.record(Instant::now()) {
+                                    warn!(config = %path.display(), "another component keeps rewriting the CNI config and removing ambit-cni; if it is Cilium, set cni.exclusive=false");
+                                }
+                            }
+                            installed_once = true;
+                            on_state(Ok(()));
+                        }
+                        Ok(ConfOutcome::Unchanged(_)) => {
+                            installed_once = true;
+                            on_state(Ok(()));
+                        }
+                        Err(e) => on_state(Err(e.to_string())),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .expect("spawning the installer thread");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,69 +477,4 @@ mod tests {
         assert!(matches!(inst.ensure_chained(), Err(InstallError::NoPrimary { .. })));
         std::fs::remove_dir_all(&d).unwrap();
     }
-}
-
-/// Keeps the plugin installed: installs now, then watches the conf and bin dirs (inotify, with a slow poll as a
-/// safety net) and puts Ambit's entry back whenever something removes it. Runs on its own thread; `on_state`
-/// hears whether the installation is complete after every check, and `on_repair` each rewrite that undid
-/// someone else's change.
-pub fn watch(
-    installer: Installer,
-    on_state: impl Fn(Result<(), String>) + Send + 'static,
-    on_repair: impl Fn() + Send + 'static,
-) {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    std::thread::Builder::new()
-        .name("cni-installer".into())
-        .spawn(move || {
-            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
-            let flags = AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE
-                | AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_MOVED_FROM;
-            let mut watching = false;
-            let mut limiter = RepairLimiter::default();
-            let mut installed_once = false;
-            let mut last_poll = Instant::now() - Duration::from_secs(60);
-            loop {
-                if let (Some(i), false) = (&inotify, watching) {
-                    let _ = std::fs::create_dir_all(&installer.config.cni_bin_dir);
-                    watching = i.add_watch(&installer.config.cni_conf_dir, flags).is_ok()
-                        && i.add_watch(&installer.config.cni_bin_dir, flags).is_ok();
-                }
-                let mut changed = last_poll.elapsed() >= Duration::from_secs(if installed_once { 10 } else { 1 });
-                if let Some(i) = &inotify {
-                    while let Ok(events) = i.read_events() {
-                        if events.is_empty() {
-                            break;
-                        }
-                        // Only other writers' changes matter: ours are temp files renamed into place.
-                        changed |= events.iter().any(|e| e.name.as_ref().is_none_or(|n| !n.to_string_lossy().starts_with('.')));
-                    }
-                }
-                if changed {
-                    last_poll = Instant::now();
-                    match installer.install() {
-                        Ok(ConfOutcome::Written(path)) => {
-                            if installed_once {
-                                on_repair();
-                                if limiter.record(Instant::now()) {
-                                    warn!(config = %path.display(), "another component keeps rewriting the CNI config and removing ambit-cni; if it is Cilium, set cni.exclusive=false");
-                                }
-                            }
-                            installed_once = true;
-                            on_state(Ok(()));
-                        }
-                        Ok(ConfOutcome::Unchanged(_)) => {
-                            installed_once = true;
-                            on_state(Ok(()));
-                        }
-                        Err(e) => on_state(Err(e.to_string())),
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-        .expect("spawning the installer thread");
 }
