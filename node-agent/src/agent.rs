@@ -26,7 +26,7 @@ use crate::metrics::{BackendLabels, Metrics, RequestLabels};
 use crate::netns::{NetnsError, PodNetns};
 use crate::pods::{Pod, PodRecord, StateStore};
 use crate::rules::host::ProbeSet;
-use crate::rules::{Backend, routing};
+use crate::rules::{Backend, InpodConfig, routing};
 use crate::zds::{self, ConnHandle, Job, ZdsError};
 
 /// How long ztunnel has to say hello after connecting.
@@ -127,17 +127,24 @@ fn workload_info(r: &PodRecord) -> WorkloadInfo {
 
 /// The ZDS request for a pod, with owned copies of the fds that travel with it, for a ztunnel that does or does
 /// not take listeners. `None` when the agent has no netns for the pod (it can only ask ztunnel to keep it).
+///
+/// A pod the agent re-adopted after a restart has no listener copies: a ztunnel that takes listeners is asked to
+/// send back the ones it serves the pod from, so the agent again holds them across the next ztunnel restart.
 fn add_job_parts(pod: &Pod, handoff: bool) -> std::io::Result<Option<(WorkloadRequest, Vec<OwnedFd>)>> {
     let Some(netns) = &pod.netns else { return Ok(None) };
     let mut fds = vec![netns.fd().try_clone_to_owned()?];
-    let mut ports = Vec::new();
-    if handoff && let Some(l) = &pod.listeners {
-        for fd in l.fds() {
-            fds.push(fd.try_clone_to_owned()?);
+    let (uid, info) = (pod.record.uid.clone(), workload_info(&pod.record));
+    let req = match (&pod.listeners, handoff) {
+        (Some(l), true) => {
+            for fd in l.fds() {
+                fds.push(fd.try_clone_to_owned()?);
+            }
+            WorkloadRequest::add(uid, info, l.ports())
         }
-        ports = l.ports();
-    }
-    Ok(Some((WorkloadRequest::add(pod.record.uid.clone(), workload_info(&pod.record), ports), fds)))
+        (None, true) => WorkloadRequest::add_returning_listeners(uid, info),
+        (_, false) => WorkloadRequest::add(uid, info, Vec::new()),
+    };
+    Ok(Some((req, fds)))
 }
 
 impl Agent {
@@ -194,6 +201,42 @@ impl Agent {
             host_netns_inode,
             state: Mutex::new(state),
         }))
+    }
+
+    /// Re-applies the rules of every re-adopted pod (after a restart): idempotent, so a pod whose rules are in
+    /// place sees no change and no gap, and one whose rules were damaged gets them back. A pod whose netns went
+    /// away meanwhile is dropped.
+    pub async fn reconcile(&self) {
+        let pods: Vec<(String, InpodConfig, PathBuf, Option<std::fs::File>)> = {
+            let st = self.state.lock().await;
+            st.pods
+                .values()
+                .map(|p| {
+                    let file = p.netns.as_ref().and_then(|n| n.file().ok());
+                    (p.record.uid.clone(), p.record.inpod_config(), p.record.netns_path.clone(), file)
+                })
+                .collect()
+        };
+        for (uid, cfg, path, file) in pods {
+            let backend = self.backend;
+            let res = match file {
+                Some(f) => crate::netns::run_in(path, f, move || -> Result<(), String> {
+                    backend.install_pod(cfg).map_err(|e| e.to_string())?;
+                    routing::install(cfg).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
+                None => Err("no netns".into()),
+            };
+            match res {
+                Ok(()) => debug!(uid = %uid, "re-applied the pod's rules"),
+                Err(e) => {
+                    self.rule_error();
+                    warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
+                }
+            }
+        }
     }
 
     /// The agent's metrics.
@@ -385,10 +428,21 @@ impl Agent {
         };
         let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
         let result = match outcome {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(returned))) => Ok(returned),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(ZdsError::Disconnected("request dropped".into())),
             Err(_) => Err(ZdsError::Timeout(self.zds_timeout() * 2)),
+        };
+        let result = match result {
+            Ok(returned) if !returned.is_empty() => {
+                if let Some(p) = self.state.lock().await.pods.get_mut(&record.uid)
+                    && p.listeners.is_none()
+                {
+                    p.listeners = Some(PodListeners::from_returned(returned));
+                }
+                Ok(())
+            }
+            r => r.map(|_| ()),
         };
         if let Err(e) = result {
             // Fail closed: the rules stay (traffic black-holed, never leaked) and the runtime tears the sandbox
@@ -423,7 +477,7 @@ impl Agent {
         let name = format!("{}/{}", pod.record.namespace, pod.record.name);
         for (id, rx) in replies {
             match tokio::time::timeout(self.zds_timeout() * 2, rx).await {
-                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => warn!(pod = %name, conn = id, error = %e, "ztunnel did not confirm the removal"),
                 _ => warn!(pod = %name, conn = id, "ztunnel did not confirm the removal in time"),
             }
@@ -568,6 +622,27 @@ impl Agent {
         }
     }
 
+    /// Keeps the listeners ztunnel sent back for a pod, if the agent still has none for that same netns.
+    async fn adopt_returned(
+        self: Arc<Self>,
+        uid: String,
+        inode: Option<u64>,
+        rx: tokio::sync::oneshot::Receiver<zds::Outcome>,
+    ) {
+        let Ok(Ok(returned)) = rx.await else { return };
+        if returned.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().await;
+        match st.pods.get_mut(&uid) {
+            Some(p) if p.listeners.is_none() && p.netns.as_ref().map(PodNetns::inode) == inode => {
+                p.listeners = Some(PodListeners::from_returned(returned));
+                info!(uid = %uid, "took back the pod's listeners from ztunnel");
+            }
+            _ => {}
+        }
+    }
+
     async fn serve_zds_conn(self: Arc<Self>, sock: SeqPacket) {
         let pid = sock.peer_pid().unwrap_or(0);
         let hello = match zds::read_hello(&sock, HELLO_TIMEOUT).await {
@@ -590,18 +665,22 @@ impl Agent {
                 if !handoff {
                     pod.listeners = None;
                 }
-                let job = match add_job_parts(pod, handoff) {
-                    Ok(Some((req, fds))) => Job { req, fds, reply: None },
-                    Ok(None) => Job { req: WorkloadRequest::keep(uid.clone()), fds: Vec::new(), reply: None },
+                let inode = pod.netns.as_ref().map(PodNetns::inode);
+                match add_job_parts(pod, handoff) {
+                    Ok(Some((req, fds))) => {
+                        let (job, rx) = Job::awaited(req, fds);
+                        handle.enqueue(job);
+                        tokio::spawn(self.clone().adopt_returned(uid.clone(), inode, rx));
+                    }
+                    Ok(None) => handle.enqueue(Job::fire(WorkloadRequest::keep(uid.clone()), Vec::new())),
                     Err(e) => {
                         warn!(uid = %uid, error = %e, "cannot duplicate the pod's fds; asking ztunnel to keep it");
-                        Job { req: WorkloadRequest::keep(uid.clone()), fds: Vec::new(), reply: None }
+                        handle.enqueue(Job::fire(WorkloadRequest::keep(uid.clone()), Vec::new()));
                     }
-                };
-                handle.enqueue(job);
+                }
                 sent += 1;
             }
-            handle.enqueue(Job { req: WorkloadRequest::snapshot_sent(), fds: Vec::new(), reply: None });
+            handle.enqueue(Job::fire(WorkloadRequest::snapshot_sent(), Vec::new()));
             st.conns.push(handle.clone());
             self.metrics.ztunnels.set(st.conns.len() as i64);
             info!(conn = handle.id, pid, handoff, pods = sent, "ztunnel connected; snapshot queued");

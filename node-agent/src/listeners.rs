@@ -50,6 +50,11 @@ impl PodListeners {
         Ok(PodListeners { sockets })
     }
 
+    /// Listeners ztunnel sent back (already checked to be listening on their ports).
+    pub fn from_returned(sockets: Vec<(u16, OwnedFd)>) -> PodListeners {
+        PodListeners { sockets }
+    }
+
     /// The ports, in fd order.
     pub fn ports(&self) -> Vec<u32> {
         self.sockets.iter().map(|(p, _)| u32::from(*p)).collect()

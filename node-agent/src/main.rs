@@ -81,6 +81,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let installer =
         config.install.enabled.then(|| ambit_agent::installer::Installer::new(config.install.clone(), &cni_socket));
     let agent = Agent::new(config, config_path).context("starting the agent")?;
+    agent.reconcile().await;
     let zds = ambit_proto::seqpacket::SeqPacketListener::bind(&zds_socket)
         .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
     let cni = ambit_agent::cniserver::bind(&cni_socket)

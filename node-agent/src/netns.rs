@@ -90,6 +90,11 @@ impl PodNetns {
         self.ns.file().as_fd()
     }
 
+    /// A second handle on the namespace file, to run work in it without holding `self`.
+    pub fn file(&self) -> std::io::Result<File> {
+        self.ns.file().try_clone()
+    }
+
     /// Runs `f` on a fresh thread inside this netns and returns its result.
     pub async fn run<F, R>(&self, f: F) -> Result<R, NetnsError>
     where
@@ -97,22 +102,31 @@ impl PodNetns {
         R: Send + 'static,
     {
         let path = self.path().to_path_buf();
-        let file: File = self.ns.file().try_clone().map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let thread_path = path.clone();
-        std::thread::Builder::new()
-            .name("netns-worker".into())
-            .spawn(move || {
-                let res = match nix::sched::setns(&file, CloneFlags::CLONE_NEWNET) {
-                    // The thread ends right after, so it never has to switch back.
-                    Ok(()) => Ok(f()),
-                    Err(e) => Err(NetnsError::Enter { path: thread_path, source: e }),
-                };
-                let _ = tx.send(res);
-            })
-            .map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
-        rx.await.map_err(|_| NetnsError::Panicked(path))?
+        let file = self.file().map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
+        run_in(path, file, f).await
     }
+}
+
+/// Runs `f` on a fresh thread inside the netns `file` (opened from `path`) refers to.
+pub async fn run_in<F, R>(path: PathBuf, file: File, f: F) -> Result<R, NetnsError>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread_path = path.clone();
+    std::thread::Builder::new()
+        .name("netns-worker".into())
+        .spawn(move || {
+            let res = match nix::sched::setns(&file, CloneFlags::CLONE_NEWNET) {
+                // The thread ends right after, so it never has to switch back.
+                Ok(()) => Ok(f()),
+                Err(e) => Err(NetnsError::Enter { path: thread_path, source: e }),
+            };
+            let _ = tx.send(res);
+        })
+        .map_err(|e| NetnsError::Io { path: path.clone(), source: e })?;
+    rx.await.map_err(|_| NetnsError::Panicked(path))?
 }
 
 /// The inode of the agent's own netns, to refuse ever treating it as a pod's.

@@ -29,6 +29,12 @@ pub enum ZdsError {
     Disconnected(String),
 }
 
+/// Listening sockets ztunnel sent back with an ack, by port.
+pub type Returned = Vec<(u16, OwnedFd)>;
+
+/// What a request's outcome is.
+pub type Outcome = Result<Returned, ZdsError>;
+
 /// One request waiting in a connection's queue.
 pub struct Job {
     /// The request.
@@ -36,17 +42,27 @@ pub struct Job {
     /// The fds that travel with it (the netns, then listeners); owned copies, closed after sending.
     pub fds: Vec<OwnedFd>,
     /// Where the outcome goes, if someone waits for it.
-    pub reply: Option<oneshot::Sender<Result<(), ZdsError>>>,
+    pub reply: Option<oneshot::Sender<Outcome>>,
 }
 
 impl Job {
     /// A job whose outcome the caller awaits on the returned receiver.
-    pub fn awaited(req: WorkloadRequest, fds: Vec<OwnedFd>) -> (Job, oneshot::Receiver<Result<(), ZdsError>>) {
+    pub fn awaited(req: WorkloadRequest, fds: Vec<OwnedFd>) -> (Job, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
         (Job { req, fds, reply: Some(tx) }, rx)
     }
 
-    fn finish(self, r: Result<(), ZdsError>) {
+    /// A job nobody waits for (snapshot entries).
+    pub fn fire(req: WorkloadRequest, fds: Vec<OwnedFd>) -> Job {
+        Job { req, fds, reply: None }
+    }
+
+    /// Whether this request asked ztunnel to send listeners back.
+    fn wants_listeners(&self) -> bool {
+        matches!(&self.req.payload, Some(ambit_proto::zds::workload_request::Payload::Add(a)) if a.ambit_return_listeners)
+    }
+
+    fn finish(self, r: Outcome) {
         if let Some(tx) = self.reply {
             let _ = tx.send(r);
         }
@@ -78,6 +94,32 @@ impl ConnHandle {
             job.finish(Err(ZdsError::Disconnected("connection closed".into())));
         }
     }
+}
+
+/// Checks the listeners an ack brought back: only when asked for, one fd per port, each listening on it.
+fn returned_listeners(ports: Vec<u32>, fds: Vec<OwnedFd>, asked: bool) -> Result<Returned, ZdsError> {
+    if fds.is_empty() && ports.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !asked {
+        return Err(ZdsError::Disconnected("an ack carried file descriptors nobody asked for".into()));
+    }
+    if ports.len() != fds.len() {
+        return Err(ZdsError::Disconnected(format!(
+            "an ack named {} listener ports but carried {} fds",
+            ports.len(),
+            fds.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for (port, fd) in ports.into_iter().zip(fds) {
+        let port =
+            u16::try_from(port).map_err(|_| ZdsError::Disconnected(format!("listener port {port} out of range")))?;
+        ambit_proto::seqpacket::check_listener(fd.as_fd(), port)
+            .map_err(|e| ZdsError::Disconnected(format!("returned listener {port}: {e}")))?;
+        out.push((port, fd));
+    }
+    Ok(out)
 }
 
 /// Reads ztunnel's hello.
@@ -142,19 +184,17 @@ pub async fn serve_queue(sock: SeqPacket, mut rx: mpsc::UnboundedReceiver<Job>, 
             Err(_) => Err(ZdsError::Timeout(ack_timeout)),
             Ok(Err(e)) => Err(ZdsError::Disconnected(e.to_string())),
             Ok(Ok((0, _))) => Err(ZdsError::Disconnected("ztunnel closed the connection".into())),
-            Ok(Ok((n, fds))) => {
-                if !fds.is_empty() {
-                    Err(ZdsError::Disconnected("an ack carried file descriptors".into()))
-                } else {
-                    match zds::decode::<WorkloadResponse>(&buf[..n]) {
-                        Ok(r) => r.into_result().map_err(ZdsError::Nack),
-                        Err(e) => Err(ZdsError::Disconnected(format!("undecodable ack: {e}"))),
-                    }
-                }
-            }
+            Ok(Ok((n, fds))) => match zds::decode::<WorkloadResponse>(&buf[..n]) {
+                Err(e) => Err(ZdsError::Disconnected(format!("undecodable ack: {e}"))),
+                Ok(r) => match r.into_result() {
+                    Err(e) if fds.is_empty() => Err(ZdsError::Nack(e)),
+                    Err(_) => Err(ZdsError::Disconnected("a nack carried file descriptors".into())),
+                    Ok(ports) => returned_listeners(ports, fds, job.wants_listeners()),
+                },
+            },
         };
         match outcome {
-            Ok(()) => job.finish(Ok(())),
+            Ok(l) => job.finish(Ok(l)),
             // A nack is an answer: the connection stays healthy.
             Err(ZdsError::Nack(m)) => job.finish(Err(ZdsError::Nack(m))),
             Err(e) => {
@@ -202,8 +242,8 @@ mod tests {
         handle.enqueue(j2);
         handle.enqueue(j3);
         let server = tokio::spawn(serve_queue(agent, rx, Duration::from_secs(1)));
-        assert_eq!(r1.await.unwrap(), Ok(()));
-        assert_eq!(r2.await.unwrap(), Err(ZdsError::Nack("no".into())));
+        assert!(r1.await.unwrap().unwrap().is_empty());
+        assert_eq!(r2.await.unwrap().unwrap_err(), ZdsError::Nack("no".into()));
         assert_eq!(peer.await.unwrap(), vec![("add".to_string(), 1), ("del".to_string(), 0)]);
         // The fake ztunnel is gone: the third request fails, and so does the connection.
         assert!(matches!(r3.await.unwrap(), Err(ZdsError::Disconnected(_))));
@@ -221,7 +261,7 @@ mod tests {
         handle.enqueue(j);
         let reason = serve_queue(agent, rx, Duration::from_millis(50)).await;
         assert_eq!(reason, ZdsError::Timeout(Duration::from_millis(50)));
-        assert_eq!(r.await.unwrap(), Err(ZdsError::Timeout(Duration::from_millis(50))));
+        assert_eq!(r.await.unwrap().unwrap_err(), ZdsError::Timeout(Duration::from_millis(50)));
         drop(zt);
     }
 

@@ -158,6 +158,20 @@ impl SeqPacket {
     }
 }
 
+/// Checks that a received fd is a listening TCP socket bound to `port` (what ZDS's listener handoff carries).
+pub fn check_listener(fd: BorrowedFd<'_>, port: u16) -> Result<(), String> {
+    let listening = socket::getsockopt(&fd, socket::sockopt::AcceptConn).map_err(|e| format!("not a socket: {e}"))?;
+    if !listening {
+        return Err("not a listening socket".into());
+    }
+    let local: socket::SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    let actual = local.as_sockaddr_in().map(|s| s.port()).or_else(|| local.as_sockaddr_in6().map(|s| s.port()));
+    if actual != Some(port) {
+        return Err(format!("bound to port {actual:?}, not {port}"));
+    }
+    Ok(())
+}
+
 fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut cmsg_buf = cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];

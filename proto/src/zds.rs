@@ -29,8 +29,18 @@ impl WorkloadRequest {
                 uid: uid.into(),
                 workload_info: Some(info),
                 ambit_listener_ports: listener_ports,
+                ambit_return_listeners: false,
             })),
         }
+    }
+
+    /// An add that also asks ztunnel to send back the pod's listening sockets (Ambit extension).
+    pub fn add_returning_listeners(uid: impl Into<String>, info: WorkloadInfo) -> Self {
+        let mut r = Self::add(uid, info, Vec::new());
+        if let Some(workload_request::Payload::Add(a)) = &mut r.payload {
+            a.ambit_return_listeners = true;
+        }
+        r
     }
 
     /// A request that removes a pod.
@@ -63,18 +73,30 @@ impl WorkloadRequest {
 impl WorkloadResponse {
     /// A positive acknowledgement.
     pub fn ack() -> Self {
-        WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: String::new() })) }
+        Self::ack_with_listeners(Vec::new())
+    }
+
+    /// A positive acknowledgement whose listener fds (on these ports) travel with it (Ambit extension).
+    pub fn ack_with_listeners(ports: Vec<u32>) -> Self {
+        WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(Ack { error: String::new(), ambit_listener_ports: ports })),
+        }
     }
 
     /// A negative acknowledgement carrying the reason.
     pub fn nack(error: impl Into<String>) -> Self {
-        WorkloadResponse { payload: Some(workload_response::Payload::Ack(Ack { error: error.into() })) }
+        WorkloadResponse {
+            payload: Some(workload_response::Payload::Ack(Ack {
+                error: error.into(),
+                ambit_listener_ports: Vec::new(),
+            })),
+        }
     }
 
-    /// `Ok(())` for an ack, `Err(reason)` for a nack or a response without an ack.
-    pub fn into_result(self) -> Result<(), String> {
+    /// `Ok(listener ports)` for an ack, `Err(reason)` for a nack or a response without an ack.
+    pub fn into_result(self) -> Result<Vec<u32>, String> {
         match self.payload {
-            Some(workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
+            Some(workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(a.ambit_listener_ports),
             Some(workload_response::Payload::Ack(a)) => Err(a.error),
             None => Err("response carries no ack".to_string()),
         }

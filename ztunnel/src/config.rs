@@ -38,6 +38,9 @@ pub struct Config {
     pub packet_mark: u32,
     /// `INPOD_PORT_REUSE`: SO_REUSEPORT on listeners ztunnel binds itself.
     pub inpod_port_reuse: bool,
+    /// `AMBIT_LISTENER_HANDOFF`: announce Ambit's ZDS extension and take the pods' listeners from the agent
+    /// (default). Off, ztunnel binds its own listeners, as Istio's does.
+    pub listener_handoff: bool,
     /// `IPV6_ENABLED`.
     pub ipv6_enabled: bool,
     /// `ADMIN_ADDR` (Ambit): admin server, localhost only by default.
@@ -161,6 +164,7 @@ impl Config {
             secret_ttl: duration("SECRET_TTL", Duration::from_secs(24 * 3600))?,
             packet_mark: number("PACKET_MARK", 1337)?,
             inpod_port_reuse: boolean("INPOD_PORT_REUSE", true)?,
+            listener_handoff: boolean("AMBIT_LISTENER_HANDOFF", true)?,
             ipv6_enabled,
             admin_addr: addr("ADMIN_ADDR", SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)))?,
             stats_addr: addr("STATS_ADDR", SocketAddr::new(any, 15020))?,

@@ -413,6 +413,27 @@ impl Lab {
         Ok(())
     }
 
+    /// Kills node `i`'s ztunnel outright (SIGKILL: no drain).
+    pub fn kill_ztunnel(&mut self, i: usize) {
+        if let Some(mut z) = self.nodes[i].ztunnel.take() {
+            z.kill();
+        }
+    }
+
+    /// Starts another ztunnel on node `i` beside the running one (an upgrade's surge), its control ports moved
+    /// by `port_offset` so both can run in the node's netns. The caller owns the process.
+    pub fn spawn_extra_ztunnel(&self, i: usize, port_offset: u16, log_name: &str) -> anyhow::Result<Proc> {
+        let mut env = self.ztunnel_env(i);
+        env.push(("ADMIN_ADDR".into(), format!("127.0.0.1:{}", ADMIN_PORT + port_offset)));
+        env.push(("STATS_ADDR".into(), format!("[::]:{}", METRICS_PORT + port_offset)));
+        env.push(("READINESS_ADDR".into(), format!("[::]:{}", READY_PORT + port_offset)));
+        let bin = self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel"));
+        let node = &self.nodes[i];
+        let mut cmd = node.netns.command(bin);
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").envs(env);
+        Proc::spawn("ztunnel", cmd, &node.dir.join(log_name))
+    }
+
     /// Waits until node `i`'s ztunnel reports ready (connected to the agent and synced).
     pub fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];

@@ -82,6 +82,12 @@ impl EchoClient {
             .run(move || TcpStream::connect_timeout(&addr, timeout))?
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_read_timeout(Some(timeout))?;
+        Self::from_stream(stream)
+    }
+
+    /// Reads the greeting on an already connected stream.
+    pub fn from_stream(stream: TcpStream) -> anyhow::Result<EchoClient> {
+        let addr = stream.peer_addr()?;
         stream.set_nodelay(true)?;
         let mut reader = BufReader::new(stream);
         let mut line = String::new();

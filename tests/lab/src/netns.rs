@@ -26,15 +26,22 @@ pub fn tie_children_to_lab(tie: bool) {
 pub struct Netns {
     name: String,
     inner: Option<netns_rs::NetNs>,
+    owned: bool,
 }
 
 impl Netns {
     /// Creates it, with loopback up.
     pub fn create(name: &str) -> anyhow::Result<Netns> {
         let inner = netns_rs::NetNs::new(name).with_context(|| format!("creating netns {name}"))?;
-        let ns = Netns { name: name.to_string(), inner: Some(inner) };
+        let ns = Netns { name: name.to_string(), inner: Some(inner), owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Opens an existing netns by name without owning it (it is not deleted on drop).
+    pub fn open(name: &str) -> anyhow::Result<Netns> {
+        let inner = netns_rs::NetNs::get(name).with_context(|| format!("opening netns {name}"))?;
+        Ok(Netns { name: name.to_string(), inner: Some(inner), owned: false })
     }
 
     /// Its name under `/var/run/netns`.
@@ -126,6 +133,9 @@ impl Netns {
     }
 
     fn remove(&mut self) -> anyhow::Result<()> {
+        if !self.owned {
+            return Ok(());
+        }
         if let Some(inner) = self.inner.take() {
             inner.remove().with_context(|| format!("removing netns {}", self.name))?;
         }

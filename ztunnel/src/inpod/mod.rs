@@ -153,7 +153,7 @@ pub async fn run(path: PathBuf, inpod: Arc<Mutex<Inpod>>, ctx: Arc<ProxyCtx>) {
 }
 
 async fn serve(sock: &SeqPacket, inpod: &Arc<Mutex<Inpod>>, host: &Arc<OwnedFd>, ctx: &Arc<ProxyCtx>) -> String {
-    if let Err(e) = sock.send(&zds::encode(&ZdsHello::ambit(true)), &[]).await {
+    if let Err(e) = sock.send(&zds::encode(&ZdsHello::ambit(ctx.cfg.listener_handoff)), &[]).await {
         return format!("sending hello: {e}");
     }
     inpod.lock().unwrap().state.connection_opened();
@@ -165,6 +165,7 @@ async fn serve(sock: &SeqPacket, inpod: &Arc<Mutex<Inpod>>, host: &Arc<OwnedFd>,
             Ok(x) => x,
             Err(e) => return format!("receiving: {e}"),
         };
+        let mut give_back: Option<String> = None;
         let (kind, answer) = match protocol::decode(&buf[..n], fds, host) {
             Err(e) => {
                 warn!(error = %e, "refusing a ZDS request");
@@ -172,7 +173,10 @@ async fn serve(sock: &SeqPacket, inpod: &Arc<Mutex<Inpod>>, host: &Arc<OwnedFd>,
             }
             Ok(req) => {
                 let kind = match &req {
-                    Request::Add { .. } => "add",
+                    Request::Add { uid, return_listeners, .. } => {
+                        give_back = return_listeners.then(|| uid.clone());
+                        "add"
+                    }
                     Request::Del { .. } => "del",
                     Request::Keep { .. } => "keep",
                     Request::SnapshotSent => "snapshot_sent",
@@ -183,13 +187,28 @@ async fn serve(sock: &SeqPacket, inpod: &Arc<Mutex<Inpod>>, host: &Arc<OwnedFd>,
                 (kind, state.handle(req, pods))
             }
         };
+        // An agent that restarted asks for the pod's listeners back: they travel with the ack.
+        let returned: Vec<(u16, OwnedFd)> = match (&answer, &give_back) {
+            (Answer::Ack, Some(uid)) => {
+                let g = inpod.lock().unwrap();
+                g.pods.pods.get(uid).map(|p| p.listener_copies()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         let (resp, outcome, fatal) = match &answer {
+            Answer::Ack if !returned.is_empty() => (
+                WorkloadResponse::ack_with_listeners(returned.iter().map(|(p, _)| u32::from(*p)).collect()),
+                "ack",
+                None,
+            ),
             Answer::Ack => (WorkloadResponse::ack(), "ack", None),
             Answer::Nack(e) => (WorkloadResponse::nack(e.clone()), "nack", None),
             Answer::ProtocolError(e) => (WorkloadResponse::nack(e.clone()), "nack", Some(e.clone())),
         };
         ctx.metrics.zds_messages.get_or_create(&ZdsLabels { kind: kind.into(), outcome: outcome.into() }).inc();
-        if let Err(e) = sock.send(&zds::encode(&resp), &[]).await {
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            returned.iter().map(|(_, fd)| std::os::fd::AsFd::as_fd(fd)).collect();
+        if let Err(e) = sock.send(&zds::encode(&resp), &fds).await {
             return format!("sending the answer: {e}");
         }
         if let Some(e) = fatal {

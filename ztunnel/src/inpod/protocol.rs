@@ -5,7 +5,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use ambit_proto::zds::{self, WorkloadRequest, workload_request::Payload};
-use nix::sys::socket::{SockaddrStorage, getsockname, getsockopt, sockopt};
 
 use super::netns::InpodNetns;
 use super::statemanager::{NetnsId, Request};
@@ -63,21 +62,14 @@ pub fn decode(packet: &[u8], mut fds: Vec<OwnedFd>, host: &Arc<OwnedFd>) -> Resu
                 uid: a.uid,
                 info: a.workload_info.unwrap_or_default(),
                 netns: PodResources { netns, listeners },
+                return_listeners: a.ambit_return_listeners,
             })
         }
     }
 }
 
 fn listener(fd: OwnedFd, port: u16) -> Result<std::net::TcpListener, String> {
-    let listening = getsockopt(&fd.as_fd(), sockopt::AcceptConn).map_err(|e| format!("not a socket: {e}"))?;
-    if !listening {
-        return Err("not a listening socket".into());
-    }
-    let local: SockaddrStorage = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(|e| e.to_string())?;
-    let actual = local.as_sockaddr_in().map(|s| s.port()).or_else(|| local.as_sockaddr_in6().map(|s| s.port()));
-    if actual != Some(port) {
-        return Err(format!("bound to port {actual:?}, not {port}"));
-    }
+    ambit_proto::seqpacket::check_listener(fd.as_fd(), port)?;
     let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
     Ok(l)

@@ -16,6 +16,9 @@ pub enum Request<N> {
         info: WorkloadInfo,
         /// Its netns, plus any listeners the agent handed over.
         netns: N,
+        /// The agent asks for the pod's listeners back with the ack (Ambit extension; the state machine
+        /// ignores it, the connection answers it).
+        return_listeners: bool,
     },
     /// Keep a pod if it is served (snapshot only).
     Keep {
@@ -89,7 +92,7 @@ impl StateManager {
     /// Handles one request.
     pub fn handle<N: NetnsId, D: Driver<N>>(&mut self, req: Request<N>, driver: &mut D) -> Answer {
         match req {
-            Request::Add { uid, info, netns } => {
+            Request::Add { uid, info, netns, .. } => {
                 if uid.is_empty() {
                     return Answer::Nack("add without a uid".into());
                 }
@@ -177,7 +180,7 @@ mod tests {
     }
 
     fn add(uid: &str, inode: u64) -> Request<Ns> {
-        Request::Add { uid: uid.into(), info: WorkloadInfo::default(), netns: Ns(inode) }
+        Request::Add { uid: uid.into(), info: WorkloadInfo::default(), netns: Ns(inode), return_listeners: false }
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct PodCtx {
     pub tls_server: Arc<rustls::ServerConfig>,
     /// Ports it listens on, and whether the agent handed them over.
     pub listeners: Vec<(u16, bool)>,
+    /// Copies of its listening sockets, to hand back to an agent that restarted (closed when the pod stops, so
+    /// a stopped pod's own listeners refuse connections instead of queueing them).
+    pub listener_fds: std::sync::Mutex<Vec<(u16, std::os::fd::OwnedFd)>>,
     /// The shared context.
     pub ctx: Arc<ProxyCtx>,
 }
@@ -82,6 +85,11 @@ impl PodCtx {
     /// `namespace/name`, for logs.
     pub fn name(&self) -> String {
         format!("{}/{}", self.info.namespace, self.info.name)
+    }
+
+    /// Fresh copies of the pod's listening sockets (for an agent that asks for them back).
+    pub fn listener_copies(&self) -> Vec<(u16, std::os::fd::OwnedFd)> {
+        self.listener_fds.lock().unwrap().iter().filter_map(|(port, fd)| Some((*port, fd.try_clone().ok()?))).collect()
     }
 
     /// Where a redirected connection was going; `None` (logged) when the kernel has no record of it.
@@ -161,9 +169,12 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
     let identity = identity_for(&ctx.cfg, &info);
     let netns = Arc::new(netns);
     let mut bound = Vec::new();
+    let mut listener_fds = Vec::new();
     for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT] {
         let (l, handed) =
             take_or_bind(ctx, &netns, &mut listeners, port).map_err(|e| format!("listener {port}: {e}"))?;
+        let copy = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().map_err(|e| format!("listener {port}: {e}"))?;
+        listener_fds.push((port, copy));
         bound.push((port, l, handed));
     }
     let pod = Arc::new(PodCtx {
@@ -179,6 +190,7 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
         netns,
         drain: Drain::new(),
         listeners: bound.iter().map(|(p, _, h)| (*p, *h)).collect(),
+        listener_fds: std::sync::Mutex::new(listener_fds),
         info,
         ctx: ctx.clone(),
     });
@@ -213,6 +225,7 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
 
 /// Stops serving a pod: listeners close now, open connections get until the deadline.
 pub fn stop_pod(pod: Arc<PodCtx>, deadline: Duration) {
+    pod.listener_fds.lock().unwrap().clear();
     pod.ctx.metrics.active_proxies.dec();
     pod.ctx.metrics.proxies_stopped.inc();
     tokio::spawn(async move {
