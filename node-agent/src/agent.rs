@@ -108,9 +108,28 @@ impl PolicySource {
     }
 }
 
+/// Holds a pod's lock; releases the map entry when the last holder goes.
+pub struct PodGuard<'a> {
+    agent: &'a Agent,
+    uid: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for PodGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self.agent.locks.lock().unwrap();
+        if locks.get(&self.uid).is_some_and(|m| Arc::strong_count(m) == 1) {
+            locks.remove(&self.uid);
+        }
+    }
+}
+
 /// The node agent.
 pub struct Agent {
     config: Config,
+    kube: std::sync::OnceLock<Arc<crate::k8s::Kube>>,
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
     install_state: std::sync::Mutex<Result<(), String>>,
     backend: Backend,
@@ -159,7 +178,15 @@ impl Agent {
             warn!(record = %b, "ignoring an unreadable pod record");
         }
         for r in records {
-            match PodNetns::open(&r.netns_path) {
+            let opened = PodNetns::open(&r.netns_path).and_then(|ns| {
+                // A /proc path may now name another process's netns: only the same inode is the pod's.
+                if r.netns_inode != 0 && ns.inode() != r.netns_inode {
+                    Err(NetnsError::Gone(r.netns_path.clone()))
+                } else {
+                    Ok(ns)
+                }
+            });
+            match opened {
                 Ok(ns) => {
                     info!(pod = %format!("{}/{}", r.namespace, r.name), uid = %r.uid, "re-adopted pod from a previous run (its listeners stay with ztunnel)");
                     state.pods.insert(r.uid.clone(), Pod { record: r, netns: Some(ns), listeners: None });
@@ -192,6 +219,8 @@ impl Agent {
             std::sync::Mutex::new(if config.install.enabled { Err("not installed yet".to_string()) } else { Ok(()) });
         Ok(Arc::new(Agent {
             config,
+            kube: std::sync::OnceLock::new(),
+            locks: std::sync::Mutex::new(HashMap::new()),
             metrics,
             install_state,
             backend,
@@ -253,6 +282,9 @@ impl Agent {
     /// Ready when the plugin is installed and a ztunnel is connected; otherwise why not.
     pub async fn readiness(&self) -> Result<(), String> {
         self.install_state.lock().unwrap().clone().map_err(|e| format!("CNI plugin: {e}"))?;
+        if self.kube.get().is_some_and(|k| !k.synced()) {
+            return Err("the pod and namespace caches have not synced with the Kubernetes API yet".into());
+        }
         if self.state.lock().await.conns.is_empty() {
             return Err(format!("no ztunnel connected to {}", self.config.zds_socket.display()));
         }
@@ -331,7 +363,7 @@ impl Agent {
 
     async fn add(&self, req: &Request) -> Result<Outcome, AgentError> {
         let pod_name = format!("{}/{}", req.pod.namespace, req.pod.name);
-        let service_account = match self.policy().decide(&req.pod) {
+        let service_account = match self.decide(&req.pod).await? {
             Decision::Skip(why) => {
                 debug!(pod = %pod_name, why, "not enrolled");
                 return Ok(Outcome::NotEnrolled);
@@ -350,17 +382,32 @@ impl Agent {
                 AgentError::new(ErrorCode::BadRequest, format!("pod address {cidr:?} is not an IP address"))
             })?);
         }
+        let uid = Self::pod_uid(req);
+        let _guard = self.lock_pod(&uid).await;
+        let netns = PodNetns::open(&netns_path)?;
         let record = PodRecord {
-            uid: Self::pod_uid(req),
+            uid,
             namespace: req.pod.namespace.clone(),
             name: req.pod.name.clone(),
             service_account,
             container_id: req.container_id.clone(),
-            netns_path: netns_path.clone(),
+            netns_path,
             ips,
+            netns_inode: netns.inode(),
         };
+        let out = self.enrol(record, netns).await?;
+        if let Some(k) = self.kube.get() {
+            // Record the state on the pod (the controller retries if the API is slow).
+            k.enqueue((req.pod.namespace.clone(), req.pod.name.clone()));
+        }
+        Ok(out)
+    }
 
-        let netns = PodNetns::open(&netns_path)?;
+    /// Enrols a pod whose netns is open: rules, routing and listeners inside it, then ztunnel's ack. The caller
+    /// holds the pod's lock.
+    pub async fn enrol(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
+        let pod_name = format!("{}/{}", record.namespace, record.name);
+        let netns_path = record.netns_path.clone();
         if netns.inode() == self.host_netns_inode {
             return Err(AgentError::new(
                 ErrorCode::InvalidNetns,
@@ -461,7 +508,87 @@ impl Agent {
         Ok(Outcome::Enrolled)
     }
 
-    async fn remove_pod(&self, uid: &str) -> Result<(), AgentError> {
+    /// The enrolment decision for a pod the plugin asks about.
+    async fn decide(&self, pod: &cni_api::PodRef) -> Result<Decision, AgentError> {
+        let Some(k) = self.kube.get() else { return Ok(self.policy().decide(pod)) };
+        let (p, ns) = k.lookup(&pod.namespace, &pod.name, &pod.uid).await.map_err(|e| {
+            AgentError::new(ErrorCode::TryAgainLater, format!("{e}; the pod stays blocked until the API answers"))
+        })?;
+        Ok(match k.verdict(&p, ns.as_deref()) {
+            crate::k8s::decide::Verdict::Enrol { service_account } => Decision::Enrol { service_account },
+            crate::k8s::decide::Verdict::Skip(why) | crate::k8s::decide::Verdict::Gone(why) => Decision::Skip(why),
+        })
+    }
+
+    /// Switches to Kubernetes mode.
+    pub fn set_kube(&self, k: Arc<crate::k8s::Kube>) {
+        let _ = self.kube.set(k);
+    }
+
+    /// Serialises all work on one pod (plugin requests and the controller).
+    pub async fn lock_pod(&self, uid: &str) -> PodGuard<'_> {
+        let m = self.locks.lock().unwrap().entry(uid.to_string()).or_default().clone();
+        let guard = m.lock_owned().await;
+        PodGuard { agent: self, uid: uid.to_string(), guard: Some(guard) }
+    }
+
+    /// Whether the agent holds the pod.
+    pub async fn is_enrolled(&self, uid: &str) -> bool {
+        self.state.lock().await.pods.contains_key(uid)
+    }
+
+    /// The UID of an enrolled pod by name.
+    pub async fn uid_of(&self, namespace: &str, name: &str) -> Option<String> {
+        let st = self.state.lock().await;
+        st.pods
+            .values()
+            .find(|p| p.record.namespace == namespace && p.record.name == name)
+            .map(|p| p.record.uid.clone())
+    }
+
+    /// The records of the enrolled pods.
+    pub async fn records(&self) -> Vec<PodRecord> {
+        self.pods().await
+    }
+
+    /// Forgets a pod: ZDS Del to every ztunnel, record and probe entry dropped; with `remove_rules`, also the
+    /// rules inside its netns (an un-enrolled pod keeps running; a deleted one takes its netns with it).
+    pub async fn forget(&self, uid: &str, remove_rules: bool) -> Result<(), AgentError> {
+        self.remove_pod(uid, remove_rules).await
+    }
+
+    /// Enrols a pod that is already running: finds its netns through /proc (its UID in a process's cgroup, its
+    /// IP on an interface there, never the node's own), then as for a new pod. The caller holds the pod's lock.
+    pub async fn enrol_running(
+        &self,
+        mut record: PodRecord,
+        proc_root: &std::path::Path,
+    ) -> Result<Outcome, AgentError> {
+        let candidates = crate::k8s::procfs::candidates(proc_root, &record.uid, self.host_netns_inode);
+        for c in candidates {
+            let Ok(ns) = PodNetns::open(&c.netns_path) else { continue };
+            let ips = ns.run(routing::addresses).await;
+            let owns = matches!(&ips, Ok(Ok(addrs)) if record.ips.iter().any(|ip| addrs.contains(ip)));
+            if owns {
+                record.netns_path = c.netns_path.clone();
+                record.netns_inode = ns.inode();
+                return self.enrol(record, ns).await;
+            }
+        }
+        Err(AgentError::new(
+            ErrorCode::TryAgainLater,
+            format!(
+                "no process of pod {}/{} (uid {}) with IP {:?} found under {}",
+                record.namespace,
+                record.name,
+                record.uid,
+                record.ips,
+                proc_root.display()
+            ),
+        ))
+    }
+
+    async fn remove_pod(&self, uid: &str, remove_rules: bool) -> Result<(), AgentError> {
         let (pod, replies) = {
             let mut st = self.state.lock().await;
             let Some(pod) = st.pods.remove(uid) else { return Ok(()) };
@@ -487,7 +614,7 @@ impl Agent {
         let cfg = pod.record.inpod_config();
         let backend = self.backend;
         self.probe_remove(&pod.record).await;
-        if let Some(netns) = &pod.netns {
+        if let Some(netns) = pod.netns.as_ref().filter(|_| remove_rules) {
             let res = netns
                 .run(move || -> Result<(), String> {
                     backend.remove_pod(cfg).map_err(|e| e.to_string())?;
@@ -522,7 +649,10 @@ impl Agent {
             }
         };
         match uid {
-            Some(uid) => self.remove_pod(&uid).await,
+            Some(uid) => {
+                let _guard = self.lock_pod(&uid).await;
+                self.remove_pod(&uid, true).await
+            }
             None => Ok(()),
         }
     }
@@ -588,7 +718,8 @@ impl Agent {
         };
         for uid in stale {
             info!(uid = %uid, "GC: the runtime no longer knows this sandbox");
-            self.remove_pod(&uid).await?;
+            let _guard = self.lock_pod(&uid).await;
+            self.remove_pod(&uid, true).await?;
         }
         Ok(())
     }

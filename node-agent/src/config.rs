@@ -26,9 +26,15 @@ pub struct Config {
     /// How long to wait for ztunnel's answer to one ZDS message, in milliseconds.
     #[serde(default = "default_zds_timeout_ms")]
     pub zds_timeout_ms: u64,
+    /// `standalone` (enrolment from this file) or `kubernetes` (labels, through the API).
+    #[serde(default)]
+    pub mode: Mode,
     /// Which pods are enrolled when there is no Kubernetes API (standalone mode).
     #[serde(default)]
     pub standalone: StandalonePolicy,
+    /// Kubernetes mode's settings.
+    #[serde(default)]
+    pub kubernetes: crate::k8s::KubeConfig,
     /// `nftables` (default) or `iptables`.
     #[serde(default)]
     pub rule_backend: RuleBackend,
@@ -49,6 +55,17 @@ pub struct Config {
 
 fn default_health_addr() -> std::net::SocketAddr {
     "[::]:15014".parse().expect("valid address")
+}
+
+/// Where enrolment decisions come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The agent's config file.
+    #[default]
+    Standalone,
+    /// Pod and namespace labels, through the Kubernetes API.
+    Kubernetes,
 }
 
 /// Which rule backend.

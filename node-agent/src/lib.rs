@@ -14,6 +14,7 @@ pub mod config;
 pub mod enrol;
 pub mod health;
 pub mod installer;
+pub mod k8s;
 pub mod listeners;
 pub mod metrics;
 pub mod netns;

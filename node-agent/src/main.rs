@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use ambit_agent::agent::Agent;
-use ambit_agent::config::Config;
+use ambit_agent::config::{Config, Mode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::info;
@@ -80,8 +80,21 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let health_addr = config.health_addr;
     let installer =
         config.install.enabled.then(|| ambit_agent::installer::Installer::new(config.install.clone(), &cni_socket));
+    let mode = config.mode;
+    let kube_cfg = config.kubernetes.clone();
+    let node_name = config.node_name.clone();
+    let uninstall_cfg = config.clone();
     let agent = Agent::new(config, config_path).context("starting the agent")?;
     agent.reconcile().await;
+    let own_namespace = std::env::var("POD_NAMESPACE").ok();
+    let kube = if mode == Mode::Kubernetes {
+        let (kube, queue) = ambit_agent::k8s::Kube::connect(&kube_cfg, &node_name, own_namespace.as_deref()).await?;
+        agent.set_kube(kube.clone());
+        tokio::spawn(ambit_agent::k8s::run(agent.clone(), kube.clone(), queue));
+        Some(kube)
+    } else {
+        None
+    };
     let zds = ambit_proto::seqpacket::SeqPacketListener::bind(&zds_socket)
         .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
     let cni = ambit_agent::cniserver::bind(&cni_socket)
@@ -108,7 +121,18 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    // Pods keep their rules and ztunnel keeps serving them; a restarted agent re-adopts them from its records.
+    // An upgrade (the usual case): pods keep their rules, ztunnel keeps serving them, the plugin stays
+    // installed (new pods wait for the next agent), and the next agent re-adopts everything. Only when the
+    // agent's DaemonSet is going away is Ambit removed from the node.
+    if let (Some(k), Ok(pod)) = (&kube, std::env::var("POD_NAME"))
+        && k.being_removed(own_namespace.as_deref().unwrap_or_default(), &pod).await
+    {
+        info!("the agent's DaemonSet is being deleted: removing Ambit from this node");
+        if let Err(e) = ambit_agent::agent::uninstall(&uninstall_cfg).await {
+            tracing::warn!("{e:#}");
+        }
+        return Ok(());
+    }
     info!("shutting down; enrolled pods stay captured and served");
     let _ = std::fs::remove_file(&cni_socket);
     let _ = std::fs::remove_file(&zds_socket);

@@ -28,6 +28,9 @@ pub struct PodRecord {
     pub netns_path: PathBuf,
     /// The pod's IPs.
     pub ips: Vec<IpAddr>,
+    /// The netns's inode, to recognise it again after a restart (a `/proc/<pid>/ns/net` path may be reused).
+    #[serde(default)]
+    pub netns_inode: u64,
 }
 
 impl PodRecord {
@@ -123,6 +126,7 @@ mod tests {
             container_id: "c".into(),
             netns_path: "/var/run/netns/x".into(),
             ips: vec!["10.0.0.1".parse().unwrap()],
+            netns_inode: 0,
         };
         s.save(&r).unwrap();
         std::fs::write(dir.join("junk.json"), b"{").unwrap();

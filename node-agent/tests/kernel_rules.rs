@@ -239,7 +239,25 @@ async fn full_cycle(backend: Backend) {
             .unwrap(),
     );
     let handle = PodNetns::open(&t.pod.path()).unwrap();
+    // Connections open before enrolment (both ways) must survive it: conntrack picks them up mid-stream once
+    // rules exist, and only a connection's first segment may be redirected.
+    let early_app = listen(&t.pod, "10.77.0.2".parse().unwrap(), 7070);
+    let early_remote = listen(&t.remote, "10.78.0.2".parse().unwrap(), 7071);
+    let mut inbound_early = connect(&t.remote, "10.77.0.2:7070".parse().unwrap(), None, None).unwrap();
+    let (mut inbound_early_srv, _) = accept_within(&early_app, Duration::from_secs(2)).unwrap();
+    let mut outbound_early = connect(&t.pod, "10.78.0.2:7071".parse().unwrap(), None, None).unwrap();
+    let (mut outbound_early_srv, _) = accept_within(&early_remote, Duration::from_secs(2)).unwrap();
     install(&handle, backend).await;
+    for (c, srv) in [(&mut inbound_early, &mut inbound_early_srv), (&mut outbound_early, &mut outbound_early_srv)] {
+        c.write_all(b"ping").unwrap();
+        srv.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 4];
+        srv.read_exact(&mut b).expect("a connection open before enrolment was cut");
+        srv.write_all(b"pong").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c.read_exact(&mut b).expect("a connection open before enrolment was cut");
+        assert_eq!(&b, b"pong");
+    }
     let first = normalized(&ruleset(&t, backend));
     install(&handle, backend).await;
     assert_eq!(first, normalized(&ruleset(&t, backend)), "re-applying changed the ruleset");

@@ -109,12 +109,13 @@ pub fn pod_restore(f: Family, existing: &Existing) -> String {
     let _ = writeln!(w, "-A {PRERT} -s {probe} -p tcp -j ACCEPT");
     let _ = writeln!(
         w,
-        "-A {PRERT} ! -d {lo} -p tcp -m tcp ! --dport {INBOUND_HBONE_PORT} {not_mark} -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}"
+        "-A {PRERT} ! -d {lo} -p tcp -m tcp ! --dport {INBOUND_HBONE_PORT} --syn {not_mark} -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}"
     );
     let _ = writeln!(w, "-A {OUTPUT} -d {probe} -p tcp -j ACCEPT");
     let _ = writeln!(w, "-A {OUTPUT} -p tcp -m mark --mark {CONNMARK:#x}/{MARK_MASK:#x} -j ACCEPT");
     let _ = writeln!(w, "-A {OUTPUT} ! -d {lo} -o lo -j ACCEPT");
-    let _ = writeln!(w, "-A {OUTPUT} ! -d {lo} -p tcp {not_mark} -j REDIRECT --to-ports {OUTBOUND_PORT}");
+    // Only first segments (--syn): connections open before enrolment, picked up mid-stream, are left alone.
+    let _ = writeln!(w, "-A {OUTPUT} ! -d {lo} -p tcp -m tcp --syn {not_mark} -j REDIRECT --to-ports {OUTBOUND_PORT}");
     let _ = writeln!(w, "COMMIT");
     s
 }

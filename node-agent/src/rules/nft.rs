@@ -7,6 +7,10 @@ use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 
 use super::{CONNMARK, Family, InpodConfig, MARK_MASK, NFT_TABLE, ROUTE_TABLE, ZTUNNEL_MARK};
 
+/// Only a connection's first segment is redirected. Connections that were open before the pod was enrolled
+/// are picked up by conntrack mid-stream once rules exist; redirecting those would reset them.
+const SYN_ONLY: &str = "tcp flags & (fin | syn | rst | ack) == syn";
+
 /// The node's table for kubelet probes.
 pub const HOST_TABLE: &str = "ambit-host";
 
@@ -62,7 +66,7 @@ pub fn nft_apply_script(cfg: InpodConfig) -> String {
     for &f in &fams {
         let _ = writeln!(
             w,
-            "    meta l4proto tcp {} daddr != {} tcp dport != {INBOUND_HBONE_PORT} {not_ztunnel} redirect to :{INBOUND_PLAINTEXT_PORT}",
+            "    meta l4proto tcp {} daddr != {} tcp dport != {INBOUND_HBONE_PORT} {SYN_ONLY} {not_ztunnel} redirect to :{INBOUND_PLAINTEXT_PORT}",
             sel(f),
             f.loopback()
         );
@@ -81,7 +85,7 @@ pub fn nft_apply_script(cfg: InpodConfig) -> String {
     for &f in &fams {
         let _ = writeln!(
             w,
-            "    meta l4proto tcp {} daddr != {} {not_ztunnel} redirect to :{OUTBOUND_PORT}",
+            "    meta l4proto tcp {} daddr != {} {SYN_ONLY} {not_ztunnel} redirect to :{OUTBOUND_PORT}",
             sel(f),
             f.loopback()
         );

@@ -193,3 +193,25 @@ pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
         Ok(true)
     })
 }
+
+/// The addresses on the calling thread's netns's interfaces (to tell a pod's netns by its IP).
+pub fn addresses() -> Result<Vec<std::net::IpAddr>, RoutingError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    with_netlink(|handle| async move {
+        let msgs: Vec<_> = handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| RoutingError::Netlink { what: "list addresses".into(), source: e })?;
+        Ok(msgs
+            .into_iter()
+            .flat_map(|m| m.attributes.into_iter())
+            .filter_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(ip),
+                _ => None,
+            })
+            .collect())
+    })
+}

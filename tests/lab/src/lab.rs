@@ -50,6 +50,8 @@ pub struct LabConfig {
     pub log_level: String,
     /// Start agents and ztunnels (off for tests that drive the pieces themselves).
     pub start_daemons: bool,
+    /// The Kubernetes tier: run etcd and kube-apiserver, and the agents in Kubernetes mode.
+    pub kubernetes: bool,
 }
 
 impl Default for LabConfig {
@@ -61,6 +63,7 @@ impl Default for LabConfig {
             ztunnel_env: Vec::new(),
             log_level: "info".into(),
             start_daemons: true,
+            kubernetes: false,
         }
     }
 }
@@ -140,6 +143,70 @@ pub struct Pod {
     pub result: Value,
     /// How long each plugin took in ADD.
     pub timings: Timings,
+    /// The sandbox's process, in Kubernetes-tier pods (what /proc discovery finds).
+    pub sandbox: Option<Sandbox>,
+}
+
+/// A pod's "pause" process: it lives in the pod's netns and in a cgroup named after the pod's UID, as a
+/// container runtime would put it, so the agent can find a running pod through /proc.
+pub struct Sandbox {
+    proc: Proc,
+    cgroup: PathBuf,
+}
+
+impl Sandbox {
+    fn start(netns: &Netns, uid: &str, container_id: &str, log: &Path) -> anyhow::Result<Sandbox> {
+        let root = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .map(Path::new)
+            .find(|p| p.join("cgroup.procs").exists())
+            .context("no writable cgroup hierarchy for the sandbox")?;
+        let cgroup = root.join(format!("kubepods/besteffort/pod{uid}/{container_id}"));
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        let mut cmd = netns.command("sleep");
+        cmd.arg("infinity");
+        let proc = Proc::spawn("pause", cmd, log)?;
+        std::fs::write(cgroup.join("cgroup.procs"), proc.pid().to_string())
+            .with_context(|| format!("moving the sandbox into {}", cgroup.display()))?;
+        // Recorded so that `lab clean` can remove the cgroups of a killed run.
+        if let Some(dir) = log.parent() {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(dir.join("cgroups")) {
+                let _ = writeln!(f, "{}", cgroup.display());
+            }
+        }
+        Ok(Sandbox { proc, cgroup })
+    }
+
+    /// The sandbox process's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.proc.kill();
+        // Remove the pod's cgroups, innermost first; a non-empty one is left alone.
+        let mut dir = self.cgroup.clone();
+        for _ in 0..3 {
+            let _ = std::fs::remove_dir(&dir);
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+}
+
+/// What the lab's "kubelet" creates in the Kubernetes tier.
+#[derive(Debug, Clone, Default)]
+pub struct PodSpec {
+    /// Service account (default `default`).
+    pub service_account: Option<String>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+    /// Annotations.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl Pod {
@@ -205,6 +272,7 @@ pub struct Lab {
     fabric: Option<Netns>,
     workloads: Mutex<BTreeMap<String, Published>>,
     service_accounts: Mutex<BTreeMap<(String, String), String>>,
+    kube: Option<crate::kube::KubeApi>,
     keep: bool,
 }
 
@@ -224,6 +292,7 @@ impl Lab {
             fabric: None,
             workloads: Mutex::new(BTreeMap::new()),
             service_accounts: Mutex::new(BTreeMap::new()),
+            kube: None,
             keep: false,
         };
 
@@ -231,6 +300,10 @@ impl Lab {
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         lab.fabric = Some(fabric);
+        if config.kubernetes {
+            let api = crate::kube::KubeApi::start(&format!("ambit-{id}-api"), lab.fabric(), &dir.join("api"))?;
+            lab.kube = Some(api);
+        }
 
         for p in ["bridge", "host-local", "loopback", "portmap"] {
             let target = Path::new("/usr/lib/cni").join(p);
@@ -496,6 +569,8 @@ impl Lab {
             "zdsSocket": n.dir.join("run/ztunnel.sock"),
             "stateDir": n.dir.join("state"),
             "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces, "pods": pods},
+            "mode": if self.config.kubernetes { "kubernetes" } else { "standalone" },
+            "kubernetes": {"kubeconfig": self.kube.as_ref().map(|k| k.kubeconfig.clone())},
             "install": {
                 "cniBinDir": n.dir.join("cni-bin"),
                 "cniConfDir": n.dir.join("net.d"),
@@ -546,14 +621,157 @@ impl Lab {
             container_id,
             result,
             timings,
+            sandbox: None,
         };
         self.publish(&pod).map_err(PodError::Setup)?;
         Ok(pod)
     }
 
-    /// Publishes (or republishes) a pod in the workload file and waits for the ztunnels to load it.
+    /// The Kubernetes API of the Kubernetes tier.
+    pub fn kube(&self) -> &crate::kube::KubeApi {
+        self.kube.as_ref().expect("the lab was started with kubernetes: true")
+    }
+
+    /// The Kubernetes API, to stop and start it.
+    pub fn kube_mut(&mut self) -> &mut crate::kube::KubeApi {
+        self.kube.as_mut().expect("the lab was started with kubernetes: true")
+    }
+
+    /// Creates or relabels a namespace (`mode`: the `istio.io/dataplane-mode` label, `None` removes it).
+    pub fn k8s_namespace(&self, name: &str, mode: Option<&str>) -> anyhow::Result<()> {
+        let name = name.to_string();
+        let mode = mode.map(str::to_string);
+        self.kube().run(move |c| async move {
+            use k8s_openapi::api::core::v1::Namespace;
+            use kube::api::{Api, Patch, PatchParams, PostParams};
+            let api: Api<Namespace> = Api::all(c);
+            if api.get_opt(&name).await?.is_none() {
+                let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+                api.create(&PostParams::default(), &ns).await?;
+            }
+            let patch = json!({"metadata": {"labels": {"istio.io/dataplane-mode": mode}}});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            anyhow::Ok(())
+        })?
+    }
+
+    /// Runs a pod as a kubelet and its runtime do in the Kubernetes tier: the Pod object (bound to the node), a
+    /// netns with a sandbox process in the pod's cgroup, the CNI chain, then the pod's status (Running, its IP).
+    /// On a CNI failure everything is undone and the failure returned.
+    pub fn add_k8s_pod(&self, node: usize, namespace: &str, name: &str, spec: PodSpec) -> Result<Pod, PodError> {
+        let n = &self.nodes[node];
+        let sa = spec.service_account.clone().unwrap_or_else(|| "default".into());
+        let labels: serde_json::Map<String, Value> = spec.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let annotations: serde_json::Map<String, Value> =
+            spec.annotations.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let object = json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
+            "spec": {"nodeName": n.name, "serviceAccountName": sa, "containers": [{"name": "app", "image": "busybox"}]},
+        });
+        let ns_name = namespace.to_string();
+        let uid: String = self
+            .kube()
+            .run(move |c| async move {
+                use k8s_openapi::api::core::v1::Pod as KPod;
+                let api: kube::Api<KPod> = kube::Api::namespaced(c, &ns_name);
+                let p: KPod = serde_json::from_value(object)?;
+                let created = api.create(&Default::default(), &p).await?;
+                anyhow::Ok(created.metadata.uid.unwrap_or_default())
+            })
+            .and_then(|r| r)
+            .map_err(PodError::Setup)?;
+        let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
+        let netns = Netns::create(&format!("ambit-{}-{}-{}", self.id, namespace, name)).map_err(PodError::Setup)?;
+        let sandbox = Sandbox::start(&netns, &uid, &container_id, &n.dir.join(format!("pause-{namespace}-{name}.log")))
+            .map_err(PodError::Setup)?;
+        let att = Attachment {
+            container_id: container_id.clone(),
+            netns: netns.path(),
+            ifname: "eth0".into(),
+            args: cni_args(namespace, name, &uid),
+        };
+        let (result, timings) = match n.cni.add(&n.netns, &att) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = n.cni.del(&n.netns, &att, None);
+                let _ = self.delete_k8s_object(namespace, name);
+                return Err(PodError::Cni(e));
+            }
+        };
+        let ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| PodError::Setup(anyhow::anyhow!("CNI result without an IP: {result}")))?;
+        self.set_pod_status(namespace, name, "Running", Some(ip)).map_err(PodError::Setup)?;
+        Ok(Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid,
+            service_account: sa,
+            node,
+            netns,
+            ip,
+            container_id,
+            result,
+            timings,
+            sandbox: Some(sandbox),
+        })
+    }
+
+    /// Sets a pod's phase (and IP) through the status subresource, as a kubelet does.
+    pub fn set_pod_status(&self, namespace: &str, name: &str, phase: &str, ip: Option<IpAddr>) -> anyhow::Result<()> {
+        let (ns, name, phase) = (namespace.to_string(), name.to_string(), phase.to_string());
+        let host_ip = "172.30.0.1";
+        self.kube().run(move |c| async move {
+            use k8s_openapi::api::core::v1::Pod as KPod;
+            let api: kube::Api<KPod> = kube::Api::namespaced(c, &ns);
+            let mut status = json!({"phase": phase, "hostIP": host_ip});
+            if let Some(ip) = ip {
+                status["podIP"] = json!(ip.to_string());
+                status["podIPs"] = json!([{"ip": ip.to_string()}]);
+            }
+            api.patch_status(&name, &Default::default(), &kube::api::Patch::Merge(&json!({"status": status}))).await?;
+            anyhow::Ok(())
+        })?
+    }
+
+    fn delete_k8s_object(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let (ns, name) = (namespace.to_string(), name.to_string());
+        self.kube().run(move |c| async move {
+            use k8s_openapi::api::core::v1::Pod as KPod;
+            let api: kube::Api<KPod> = kube::Api::namespaced(c, &ns);
+            let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+            let _ = api.delete(&name, &dp).await?;
+            anyhow::Ok(())
+        })?
+    }
+
+    /// Removes a Kubernetes-tier pod as a kubelet does: CNI DEL, the sandbox, the Pod object, the netns.
+    pub fn delete_k8s_pod(&self, pod: Pod) -> anyhow::Result<()> {
+        self.cni_del(&pod)?;
+        self.delete_k8s_object(&pod.namespace, &pod.name)?;
+        drop(pod.sandbox);
+        pod.netns.delete()
+    }
+
+    /// A pod object as the API has it now.
+    pub fn k8s_pod(&self, namespace: &str, name: &str) -> anyhow::Result<Option<k8s_openapi::api::core::v1::Pod>> {
+        let (ns, name) = (namespace.to_string(), name.to_string());
+        self.kube().run(move |c| async move {
+            let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(c, &ns);
+            anyhow::Ok(api.get_opt(&name).await?)
+        })?
+    }
+
+    /// Publishes (or republishes) a pod in the workload file and waits for the ztunnels to load it; it is an
+    /// HBONE workload if its namespace is one the lab enrols.
     pub fn publish(&self, pod: &Pod) -> anyhow::Result<()> {
-        let hbone = self.config.enrolled_namespaces.contains(&pod.namespace);
+        self.publish_as(pod, self.config.enrolled_namespaces.contains(&pod.namespace))
+    }
+
+    /// Publishes a pod as an HBONE (`true`) or plain TCP workload, as istiod would after its enrolment changed.
+    pub fn publish_as(&self, pod: &Pod, hbone: bool) -> anyhow::Result<()> {
         self.workloads.lock().unwrap().insert(
             pod.uid.clone(),
             Published {
@@ -664,6 +882,7 @@ impl Drop for Lab {
             }
         }
         self.nodes.clear();
+        self.kube.take();
         self.fabric.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -715,6 +934,15 @@ pub fn remove_lab(id: &str, dir: &Path) -> Vec<String> {
                 let _ = ns.remove();
             }
             removed.push(format!("netns {name}"));
+        }
+    }
+    for list in walk_files(dir, "cgroups") {
+        for cg in std::fs::read_to_string(&list).unwrap_or_default().lines() {
+            let mut d = PathBuf::from(cg);
+            for _ in 0..3 {
+                let _ = std::fs::remove_dir(&d);
+                d.pop();
+            }
         }
     }
     let _ = std::fs::remove_dir_all(dir);

@@ -8,6 +8,7 @@
 pub mod ca;
 pub mod cni;
 pub mod demo;
+pub mod kube;
 pub mod lab;
 pub mod net;
 pub mod netns;

@@ -1,0 +1,375 @@
+//! Kubernetes mode: the pods of this node and all namespaces, watched through the API, decide enrolment; a
+//! controller keeps the node in step (enrols running pods when their namespace is labelled, un-enrols them
+//! when the label goes, forgets finished and deleted pods) and records the state on each pod as the
+//! `ambient.istio.io/redirection` annotation.
+
+pub mod decide;
+pub mod procfs;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::agent::{Agent, AgentError};
+use crate::pods::PodRecord;
+use decide::{REDIRECTION, Verdict};
+
+/// Kubernetes mode's settings (`kubernetes:` in the agent config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeConfig {
+    /// A kubeconfig file; without one, the in-cluster service account is used.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces never enrolled.
+    #[serde(default = "default_excluded")]
+    pub exclude_namespaces: Vec<String>,
+    /// The host's /proc (`/host/proc` in a DaemonSet), to find running pods' netns.
+    #[serde(default = "default_proc")]
+    pub host_proc: PathBuf,
+}
+
+fn default_excluded() -> Vec<String> {
+    vec!["kube-system".into()]
+}
+fn default_proc() -> PathBuf {
+    PathBuf::from("/proc")
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults")
+    }
+}
+
+/// A pod, by namespace and name.
+pub type Key = (String, String);
+
+/// The API side of Kubernetes mode.
+pub struct Kube {
+    client: kube::Client,
+    node: String,
+    excluded: Vec<String>,
+    /// Where to look for running pods' processes.
+    pub proc_root: PathBuf,
+    pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    queue: mpsc::UnboundedSender<Key>,
+    queued: Mutex<HashMap<Key, u32>>,
+    synced: std::sync::atomic::AtomicBool,
+}
+
+impl Kube {
+    /// Connects and starts watching this node's pods and all namespaces. Returns the handle and the queue the
+    /// controller ([`run`]) serves. An unreachable API is not fatal: the watches retry with backoff.
+    pub async fn connect(
+        cfg: &KubeConfig,
+        node: &str,
+        own_namespace: Option<&str>,
+    ) -> anyhow::Result<(Arc<Kube>, mpsc::UnboundedReceiver<Key>)> {
+        use anyhow::Context;
+        anyhow::ensure!(!node.is_empty(), "Kubernetes mode needs the node's name (NODE_NAME or nodeName)");
+        let kcfg = match &cfg.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.context("kubeconfig")?
+            }
+            None => kube::Config::infer().await.context("finding Kubernetes credentials (in-cluster or KUBECONFIG)")?,
+        };
+        let client = kube::Client::try_from(kcfg).context("building the Kubernetes client")?;
+        let mut excluded = cfg.exclude_namespaces.clone();
+        if let Some(own) = own_namespace.filter(|n| !n.is_empty()) {
+            excluded.push(own.to_string());
+        }
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (namespaces, ns_writer) = reflector::store::<Namespace>();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let kube = Arc::new(Kube {
+            client: client.clone(),
+            node: node.to_string(),
+            excluded,
+            proc_root: cfg.host_proc.clone(),
+            pods,
+            namespaces,
+            queue: tx,
+            queued: Mutex::new(HashMap::new()),
+            synced: std::sync::atomic::AtomicBool::new(false),
+        });
+        let pod_api: Api<Pod> = Api::all(client.clone());
+        let watch_cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let k = kube.clone();
+        tokio::spawn(async move {
+            let mut s = watcher(pod_api, watch_cfg).default_backoff().reflect(pod_writer).touched_objects().boxed();
+            while let Some(ev) = s.next().await {
+                match ev {
+                    Ok(p) => k.enqueue((
+                        p.metadata.namespace.clone().unwrap_or_default(),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    )),
+                    Err(e) => warn!(error = %e, "pod watch failed; retrying"),
+                }
+            }
+        });
+        let ns_api: Api<Namespace> = Api::all(client);
+        let k = kube.clone();
+        tokio::spawn(async move {
+            let mut s = watcher(ns_api, watcher::Config::default())
+                .default_backoff()
+                .reflect(ns_writer)
+                .touched_objects()
+                .boxed();
+            while let Some(ev) = s.next().await {
+                match ev {
+                    // A namespace's label decides for all its pods on this node.
+                    Ok(ns) => {
+                        let name = ns.metadata.name.clone().unwrap_or_default();
+                        for p in k.pods.state() {
+                            if p.metadata.namespace.as_deref() == Some(name.as_str()) {
+                                k.enqueue((name.clone(), p.metadata.name.clone().unwrap_or_default()));
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "namespace watch failed; retrying"),
+                }
+            }
+        });
+        Ok((kube, rx))
+    }
+
+    /// Queues a pod for reconciliation.
+    pub fn enqueue(&self, key: Key) {
+        let _ = self.queue.send(key);
+    }
+
+    /// Whether both caches have listed everything once.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn cached(&self, ns: &str, name: &str) -> (Option<Arc<Pod>>, Option<Arc<Namespace>>) {
+        (self.pods.get(&ObjectRef::new(name).within(ns)), self.namespaces.get(&ObjectRef::new(ns)))
+    }
+
+    /// The pod and its namespace, from the caches, waiting briefly for them to catch up with a pod the runtime
+    /// is creating, then from the API. An unreachable API fails: the caller fails closed.
+    pub async fn lookup(&self, ns: &str, name: &str, uid: &str) -> Result<(Arc<Pod>, Option<Arc<Namespace>>), String> {
+        for _ in 0..10 {
+            let (p, n) = self.cached(ns, name);
+            if let Some(p) = p
+                && (uid.is_empty() || p.metadata.uid.as_deref() == Some(uid))
+                && n.is_some()
+            {
+                return Ok((p, n));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pod = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .get(name)
+            .await
+            .map_err(|e| format!("cannot read pod {ns}/{name} from the Kubernetes API: {e}"))?;
+        let namespace = Api::<Namespace>::all(self.client.clone())
+            .get_opt(ns)
+            .await
+            .map_err(|e| format!("cannot read namespace {ns}: {e}"))?;
+        Ok((Arc::new(pod), namespace.map(Arc::new)))
+    }
+
+    /// The verdict for a pod.
+    pub fn verdict(&self, pod: &Pod, ns: Option<&Namespace>) -> Verdict {
+        decide::decide(pod, ns, &self.excluded)
+    }
+
+    /// Sets (`true`) or removes the redirection annotation.
+    pub async fn annotate(&self, ns: &str, name: &str, enabled: bool) -> Result<(), String> {
+        let value = if enabled { serde_json::json!("enabled") } else { serde_json::Value::Null };
+        let patch = serde_json::json!({"metadata": {"annotations": {REDIRECTION: value}}});
+        Api::<Pod>::namespaced(self.client.clone(), ns)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("annotating pod {ns}/{name}: {e}"))
+    }
+
+    /// Whether the agent's own DaemonSet is gone or being deleted (an uninstall, not an upgrade). Any doubt
+    /// (no pod name, API errors) answers no: leaving Ambit installed is the safe side.
+    pub async fn being_removed(&self, pod_namespace: &str, pod_name: &str) -> bool {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let Ok(me) = Api::<Pod>::namespaced(self.client.clone(), pod_namespace).get(pod_name).await else {
+            return false;
+        };
+        let Some(owner) = me.metadata.owner_references.iter().flatten().find(|o| o.kind == "DaemonSet") else {
+            return false;
+        };
+        match Api::<DaemonSet>::namespaced(self.client.clone(), pod_namespace).get_opt(&owner.name).await {
+            Ok(None) => true,
+            Ok(Some(ds)) => {
+                ds.metadata.deletion_timestamp.is_some() || ds.metadata.uid.as_deref() != Some(owner.uid.as_str())
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Every pod of this node in the cache.
+    pub fn node_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods.state()
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn attempt(&self, key: &Key) -> u32 {
+        let mut q = self.queued.lock().unwrap();
+        let n = q.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn done(&self, key: &Key) {
+        self.queued.lock().unwrap().remove(key);
+    }
+}
+
+/// Serves the queue: reconciles each pod, retrying failures with backoff (5 ms doubling to 5 s), each pod at
+/// most once at a time.
+pub async fn run(agent: Arc<Agent>, kube: Arc<Kube>, mut rx: mpsc::UnboundedReceiver<Key>) {
+    // After the first full listing, forget recorded pods the API no longer has (deleted while the agent was down).
+    let k = kube.clone();
+    let a = agent.clone();
+    tokio::spawn(async move {
+        let _ = k.pods.wait_until_ready().await;
+        let _ = k.namespaces.wait_until_ready().await;
+        k.synced.store(true, std::sync::atomic::Ordering::Release);
+        info!(pods = k.node_pods().len(), "Kubernetes caches synced");
+        for r in a.records().await {
+            if k.cached(&r.namespace, &r.name).0.is_none_or(|p| p.metadata.uid.as_deref() != Some(r.uid.as_str())) {
+                info!(pod = %format!("{}/{}", r.namespace, r.name), "forgetting a recorded pod the API no longer has");
+                let _ = a.forget(&r.uid, true).await;
+            }
+        }
+        for p in k.node_pods() {
+            k.enqueue((p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()));
+        }
+    });
+    let running: Arc<Mutex<HashMap<Key, bool>>> = Arc::default();
+    while let Some(key) = rx.recv().await {
+        {
+            let mut r = running.lock().unwrap();
+            if let Some(dirty) = r.get_mut(&key) {
+                *dirty = true;
+                continue;
+            }
+            r.insert(key.clone(), false);
+        }
+        let (agent, kube, running) = (agent.clone(), kube.clone(), running.clone());
+        tokio::spawn(async move {
+            loop {
+                let result = reconcile(&agent, &kube, &key).await;
+                let again = {
+                    let mut r = running.lock().unwrap();
+                    let dirty = r.get(&key).copied().unwrap_or(false);
+                    if result.is_ok() && !dirty {
+                        r.remove(&key);
+                        false
+                    } else {
+                        r.insert(key.clone(), false);
+                        true
+                    }
+                };
+                match result {
+                    Ok(()) => kube.done(&key),
+                    Err(e) => {
+                        let n = kube.attempt(&key);
+                        let delay =
+                            Duration::from_millis(5u64.saturating_mul(1 << n.min(10))).min(Duration::from_secs(5));
+                        warn!(pod = %format!("{}/{}", key.0, key.1), attempt = n, error = %e, "reconcile failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+                if !again {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Brings one pod in step with its verdict.
+async fn reconcile(agent: &Agent, kube: &Kube, key: &Key) -> Result<(), String> {
+    let (ns, name) = key;
+    let (pod, namespace) = kube.cached(ns, name);
+    let Some(pod) = pod else {
+        // Deleted: forget it (its netns is going away with it).
+        if let Some(uid) = agent.uid_of(ns, name).await {
+            agent.forget(&uid, false).await.map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let _guard = agent.lock_pod(&uid).await;
+    let enrolled = agent.is_enrolled(&uid).await;
+    let annotated =
+        pod.metadata.annotations.as_ref().and_then(|a| a.get(REDIRECTION)).map(String::as_str) == Some("enabled");
+    match kube.verdict(&pod, namespace.as_deref()) {
+        Verdict::Gone(why) => {
+            if enrolled {
+                debug!(pod = %format!("{ns}/{name}"), why, "forgetting the pod");
+                agent.forget(&uid, false).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Verdict::Skip(why) => {
+            if enrolled {
+                info!(pod = %format!("{ns}/{name}"), why, "un-enrolling the running pod");
+                agent.forget(&uid, true).await.map_err(|e| e.to_string())?;
+            }
+            if annotated {
+                kube.annotate(ns, name, false).await?;
+            }
+        }
+        Verdict::Enrol { service_account } => {
+            if !enrolled {
+                let Some(ips) = pod_ips(&pod) else {
+                    // No IP yet: the sandbox is still being set up, and its CNI ADD enrols it.
+                    return Ok(());
+                };
+                let record = PodRecord {
+                    uid: uid.clone(),
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    service_account,
+                    container_id: String::new(),
+                    netns_path: PathBuf::new(),
+                    ips,
+                    netns_inode: 0,
+                };
+                info!(pod = %format!("{ns}/{name}"), "enrolling the running pod");
+                agent.enrol_running(record, &kube.proc_root).await.map_err(|e: AgentError| e.to_string())?;
+            }
+            if !annotated {
+                kube.annotate(ns, name, true).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pod_ips(pod: &Pod) -> Option<Vec<std::net::IpAddr>> {
+    let status = pod.status.as_ref()?;
+    let mut ips: Vec<std::net::IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()));
+    }
+    (!ips.is_empty()).then_some(ips)
+}
