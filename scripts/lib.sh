@@ -31,3 +31,26 @@ ensure_packages() {
         exit 1
     fi
 }
+
+# The Kubernetes tier: etcd from Debian, kube-apiserver built once from Debian's source package and cached.
+ensure_kubernetes_tier() {
+    if ! command -v etcd >/dev/null; then
+        echo "installing: etcd-server"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+    fi
+    AMBIT_KUBE_APISERVER="$("$(ambit_root)/scripts/kube-apiserver")"
+    export AMBIT_KUBE_APISERVER
+}
+
+# The runtime tier: containerd and runc from Debian, and what builds the test images.
+ensure_runtime_tier() {
+    local missing=()
+    command -v containerd >/dev/null || missing+=(containerd)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v umoci >/dev/null || missing+=(umoci)
+    dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}

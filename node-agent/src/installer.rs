@@ -316,6 +316,22 @@ impl RepairLimiter {
     }
 }
 
+/// Stops the installer's watch (before an uninstall, which must not be undone by it).
+pub struct WatchHandle {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WatchHandle {
+    /// Stops watching and waits for the watcher to finish what it was doing.
+    pub fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Keeps the plugin installed: installs now, then watches the conf and bin dirs (inotify, with a slow poll as a
 /// safety net) and puts Ambit's entry back whenever something removes it. Runs on its own thread; `on_state`
 /// hears whether the installation is complete after every check, and `on_repair` each rewrite that undid
@@ -324,9 +340,11 @@ pub fn watch(
     installer: Installer,
     on_state: impl Fn(Result<(), String>) + Send + 'static,
     on_repair: impl Fn() + Send + 'static,
-) {
+) -> WatchHandle {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("cni-installer".into())
         .spawn(move || {
             let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
@@ -339,7 +357,7 @@ pub fn watch(
             let mut limiter = RepairLimiter::default();
             let mut installed_once = false;
             let mut last_poll = Instant::now() - Duration::from_secs(60);
-            loop {
+            while !stopped.load(std::sync::atomic::Ordering::Acquire) {
                 if let (Some(i), false) = (&inotify, watching) {
                     let _ = std::fs::create_dir_all(&installer.config.cni_bin_dir);
                     watching = i.add_watch(&installer.config.cni_conf_dir, flags).is_ok()
@@ -379,6 +397,7 @@ pub fn watch(
             }
         })
         .expect("spawning the installer thread");
+    WatchHandle { stop, thread: Some(thread) }
 }
 
 #[cfg(test)]

@@ -105,15 +105,16 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     ambit_agent::health::serve(health_addr, agent.clone())
         .await
         .with_context(|| format!("health endpoint on {health_addr}"))?;
+    let mut install_watch = None;
     if let Some(installer) = installer {
         let (a, b) = (agent.clone(), agent.clone());
-        ambit_agent::installer::watch(
+        install_watch = Some(ambit_agent::installer::watch(
             installer,
             move |s| a.set_install_state(s),
             move || {
                 b.metrics().installer_repairs.inc();
             },
-        );
+        ));
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -128,6 +129,9 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         && k.being_removed(own_namespace.as_deref().unwrap_or_default(), &pod).await
     {
         info!("the agent's DaemonSet is being deleted: removing Ambit from this node");
+        if let Some(w) = install_watch.take() {
+            w.stop();
+        }
         if let Err(e) = ambit_agent::agent::uninstall(&uninstall_cfg).await {
             tracing::warn!("{e:#}");
         }

@@ -396,6 +396,11 @@ impl Lab {
 
     /// Starts (or restarts) node `i`'s agent without waiting for anything.
     pub fn spawn_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn_agent_with_env(i, &[])
+    }
+
+    /// [`Lab::spawn_agent`] with extra environment (e.g. the `POD_NAME` of the agent's own pod).
+    pub fn spawn_agent_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> anyhow::Result<()> {
         let node = &mut self.nodes[i];
         if let Some(mut old) = node.agent.take() {
             old.stop(Duration::from_secs(5));
@@ -403,6 +408,7 @@ impl Lab {
         let _ = std::fs::remove_file(node.cni_socket());
         let mut cmd = node.netns.command(binary("ambit-agent"));
         cmd.arg("--config").arg(node.dir.join("agent.yaml")).env("RUST_LOG", &self.config.log_level);
+        cmd.envs(env.iter().copied());
         let p = Proc::spawn("ambit-agent", cmd, &node.dir.join("agent.log"))?;
         node.agent = Some(p);
         Ok(())

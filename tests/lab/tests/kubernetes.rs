@@ -240,3 +240,68 @@ fn a_restarted_agent_rebuilds_from_the_api_and_proc() {
     assert_eq!(p.nft_ruleset().unwrap().matches("table inet ambit").count(), 1);
     assert!(served(&lab, &p));
 }
+
+#[test]
+fn the_agent_uninstalls_only_when_its_daemonset_goes() {
+    let mut lab = lab();
+    lab.k8s_namespace("ambit-system", None).unwrap();
+    lab.k8s_namespace("mesh", Some("ambient")).unwrap();
+    let p = lab.add_k8s_pod(0, "mesh", "web", spec("default", &[])).unwrap();
+    wait_state(&lab, &p, true);
+    // The agent's own DaemonSet and pod, as the cluster would have them (no controllers run in the lab).
+    let ds_uid: String = lab
+        .kube()
+        .run(|c| async move {
+            use k8s_openapi::api::apps::v1::DaemonSet;
+            let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "ambit-node", "namespace": "ambit-system"},
+                "spec": {"selector": {"matchLabels": {"app": "ambit-node"}},
+                         "template": {"metadata": {"labels": {"app": "ambit-node"}},
+                                      "spec": {"containers": [{"name": "agent", "image": "ambit"}]}}}
+            }))
+            .unwrap();
+            let api: kube::Api<DaemonSet> = kube::Api::namespaced(c, "ambit-system");
+            api.create(&Default::default(), &ds).await.unwrap().metadata.uid.unwrap()
+        })
+        .unwrap();
+    let owner = serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "ambit-node", "uid": ds_uid, "controller": true});
+    lab.kube()
+        .run(move |c| async move {
+            use k8s_openapi::api::core::v1::Pod as KPod;
+            let pod: KPod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "ambit-node-x1", "namespace": "ambit-system", "ownerReferences": [owner]},
+                "spec": {"nodeName": "node1", "hostNetwork": true, "containers": [{"name": "agent", "image": "ambit"}]}
+            }))
+            .unwrap();
+            kube::Api::<KPod>::namespaced(c, "ambit-system").create(&Default::default(), &pod).await.unwrap();
+        })
+        .unwrap();
+    let env = [("POD_NAME", "ambit-node-x1"), ("POD_NAMESPACE", "ambit-system")];
+    let chained = |lab: &Lab| {
+        std::fs::read_to_string(lab.nodes[0].dir.join("net.d/10-lab.conflist")).unwrap().contains("ambit-cni")
+    };
+
+    // SIGTERM while the DaemonSet exists: an upgrade, everything stays.
+    lab.spawn_agent_with_env(0, &env).unwrap();
+    lab.wait_agent_ready(0).unwrap();
+    lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
+    assert!(chained(&lab) && captured(&p) && lab.nodes[0].dir.join("cni-bin/ambit-cni").exists());
+
+    // The DaemonSet is deleted: the next SIGTERM removes Ambit from the node.
+    lab.kube()
+        .run(|c| async move {
+            use k8s_openapi::api::apps::v1::DaemonSet;
+            let dp = kube::api::DeleteParams {
+                propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+                ..Default::default()
+            };
+            let _ = kube::Api::<DaemonSet>::namespaced(c, "ambit-system").delete("ambit-node", &dp).await.unwrap();
+        })
+        .unwrap();
+    lab.spawn_agent_with_env(0, &env).unwrap();
+    lab.wait_agent_ready(0).unwrap();
+    lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
+    assert!(!chained(&lab), "the plugin is still chained after the DaemonSet was deleted");
+    assert!(!lab.nodes[0].dir.join("cni-bin/ambit-cni").exists());
+    assert!(!captured(&p), "the pod was not un-enrolled");
+}
