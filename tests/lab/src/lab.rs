@@ -52,6 +52,8 @@ pub struct LabConfig {
     pub start_daemons: bool,
     /// The Kubernetes tier: run etcd and kube-apiserver, and the agents in Kubernetes mode.
     pub kubernetes: bool,
+    /// The runtime tier: run containerd on each node, with the CNI config the agent chained.
+    pub runtime: bool,
 }
 
 impl Default for LabConfig {
@@ -64,6 +66,7 @@ impl Default for LabConfig {
             log_level: "info".into(),
             start_daemons: true,
             kubernetes: false,
+            runtime: false,
         }
     }
 }
@@ -88,6 +91,8 @@ pub struct Node {
     pub agent: Option<Proc>,
     /// Its ztunnel.
     pub ztunnel: Option<Proc>,
+    /// Its container runtime (runtime tier).
+    pub containerd: Option<crate::runtime::Containerd>,
 }
 
 impl Node {
@@ -338,6 +343,19 @@ impl Lab {
                 lab.wait_ready(i)?;
                 lab.wait_agent_ready(i)?;
             }
+            if config.runtime {
+                let pause = crate::runtime::build_pause_image(&dir.join("images"))?;
+                for n in &mut lab.nodes {
+                    let c = crate::runtime::Containerd::start(
+                        &n.netns,
+                        &n.dir.join("containerd"),
+                        &n.cni.bin_dir,
+                        &n.cni.conf_dir,
+                        &pause,
+                    )?;
+                    n.containerd = Some(c);
+                }
+            }
         }
         Ok(lab)
     }
@@ -391,6 +409,7 @@ impl Lab {
             dir,
             agent: None,
             ztunnel: None,
+            containerd: None,
         })
     }
 
@@ -776,6 +795,33 @@ impl Lab {
         self.publish_as(pod, self.config.enrolled_namespaces.contains(&pod.namespace))
     }
 
+    /// Publishes a workload the lab did not create itself (a runtime-tier sandbox) and waits for the ztunnels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish_workload(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        ip: IpAddr,
+        node: usize,
+        hbone: bool,
+    ) -> anyhow::Result<()> {
+        let p = Published {
+            uid: format!("Kubernetes//Pod/{namespace}/{name}"),
+            name: name.into(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+            ip,
+            node: self.nodes[node].name.clone(),
+            hbone,
+        };
+        let wl = p.uid.clone();
+        self.workloads.lock().unwrap().insert(uid.to_string(), p);
+        self.write_workloads()?;
+        self.wait_workload_visible(&wl, true)
+    }
+
     /// Publishes a pod as an HBONE (`true`) or plain TCP workload, as istiod would after its enrolment changed.
     pub fn publish_as(&self, pod: &Pod, hbone: bool) -> anyhow::Result<()> {
         self.workloads.lock().unwrap().insert(
@@ -879,6 +925,10 @@ impl Drop for Lab {
         if self.keep {
             return;
         }
+        // Sandboxes go before the agents they need for CNI DEL.
+        for n in &mut self.nodes {
+            n.containerd.take();
+        }
         for n in &mut self.nodes {
             if let Some(mut z) = n.ztunnel.take() {
                 z.stop(Duration::from_secs(3));
@@ -942,6 +992,7 @@ pub fn remove_lab(id: &str, dir: &Path) -> Vec<String> {
             removed.push(format!("netns {name}"));
         }
     }
+    crate::runtime::cleanup_runtime_leftovers(dir);
     for list in walk_files(dir, "cgroups") {
         for cg in std::fs::read_to_string(&list).unwrap_or_default().lines() {
             let mut d = PathBuf::from(cg);

@@ -14,6 +14,7 @@ pub mod net;
 pub mod netns;
 pub mod pcap;
 pub mod proc;
+pub mod runtime;
 pub mod util;
 
 pub use lab::{Lab, LabConfig, Node, Pod, PodError};
