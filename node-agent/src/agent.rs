@@ -128,6 +128,7 @@ impl Drop for PodGuard<'_> {
 /// The node agent.
 pub struct Agent {
     config: Config,
+    stopping: std::sync::atomic::AtomicBool,
     kube: std::sync::OnceLock<Arc<crate::k8s::Kube>>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
@@ -219,6 +220,7 @@ impl Agent {
             std::sync::Mutex::new(if config.install.enabled { Err("not installed yet".to_string()) } else { Ok(()) });
         Ok(Arc::new(Agent {
             config,
+            stopping: std::sync::atomic::AtomicBool::new(false),
             kube: std::sync::OnceLock::new(),
             locks: std::sync::Mutex::new(HashMap::new()),
             metrics,
@@ -293,13 +295,6 @@ impl Agent {
 
     fn rule_error(&self) {
         self.metrics.rule_errors.get_or_create(&BackendLabels { backend: self.backend.to_string() }).inc();
-    }
-
-    async fn probe_add(&self, r: &PodRecord) {
-        if let Some(p) = self.probes.clone() {
-            let (uid, ips) = (r.uid.clone(), r.ips.clone());
-            let _ = tokio::task::spawn_blocking(move || p.add(&uid, &ips)).await;
-        }
     }
 
     async fn probe_remove(&self, r: &PodRecord) {
@@ -404,16 +399,35 @@ impl Agent {
     }
 
     /// Enrols a pod whose netns is open: rules, routing and listeners inside it, then ztunnel's ack. The caller
-    /// holds the pod's lock.
+    /// holds the pod's lock. The node's probe set is updated at the same time (it does not depend on the rest),
+    /// before the answer; a failed enrolment takes the pod out of it again.
     pub async fn enrol(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
-        let pod_name = format!("{}/{}", record.namespace, record.name);
-        let netns_path = record.netns_path.clone();
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(AgentError::new(ErrorCode::TryAgainLater, "the agent is removing Ambit from this node"));
+        }
         if netns.inode() == self.host_netns_inode {
             return Err(AgentError::new(
                 ErrorCode::InvalidNetns,
-                format!("{} is the node's own netns; refusing to install pod rules there", netns_path.display()),
+                format!("{} is the node's own netns; refusing to install pod rules there", record.netns_path.display()),
             ));
         }
+        let probe = self.probes.clone().map(|p| {
+            let (uid, ips) = (record.uid.clone(), record.ips.clone());
+            tokio::task::spawn_blocking(move || p.add(&uid, &ips))
+        });
+        let result = self.enrol_in_netns(record.clone(), netns).await;
+        if let Some(h) = probe {
+            let _ = h.await;
+        }
+        if result.is_err() {
+            self.probe_remove(&record).await;
+        }
+        result
+    }
+
+    async fn enrol_in_netns(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
+        let pod_name = format!("{}/{}", record.namespace, record.name);
+        let netns_path = record.netns_path.clone();
         // A retried ADD for the same sandbox keeps the listeners it already has; only a new netns gets new ones.
         let reuse_listeners = {
             let mut st = self.state.lock().await;
@@ -446,7 +460,7 @@ impl Agent {
                 )
             })?;
         let listeners = reuse_listeners.flatten().or(setup);
-        debug!(pod = %pod_name, elapsed_ms = started.elapsed().as_millis() as u64, "rules and listeners in place");
+        let in_netns = started.elapsed();
 
         let reply = {
             let mut st = self.state.lock().await;
@@ -473,7 +487,9 @@ impl Agent {
             self.metrics.pods_enrolled.set(st.pods.len() as i64);
             rx
         };
+        let zds_started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
+        let zds = zds_started.elapsed();
         let result = match outcome {
             Ok(Ok(Ok(returned))) => Ok(returned),
             Ok(Ok(Err(e))) => Err(e),
@@ -503,8 +519,15 @@ impl Agent {
         if let Err(e) = self.store.save(&record) {
             warn!(pod = %pod_name, error = %e, "cannot record the pod; a restarted agent will not know it");
         }
-        self.probe_add(&record).await;
-        info!(pod = %pod_name, uid = %record.uid, ips = ?record.ips, elapsed_ms = started.elapsed().as_millis() as u64, "pod enrolled");
+        info!(
+            pod = %pod_name,
+            uid = %record.uid,
+            ips = ?record.ips,
+            total_us = started.elapsed().as_micros() as u64,
+            netns_us = in_netns.as_micros() as u64,
+            ztunnel_us = zds.as_micros() as u64,
+            "pod enrolled"
+        );
         Ok(Outcome::Enrolled)
     }
 
@@ -838,6 +861,22 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+impl Agent {
+    /// Removes Ambit from the node while the agent runs (its DaemonSet is being deleted): no more enrolments,
+    /// every pod forgotten under its lock (rules out, ztunnel told), then the node's rules and the plugin.
+    pub async fn uninstall(&self) -> anyhow::Result<()> {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+        let uids: Vec<String> = self.state.lock().await.pods.keys().cloned().collect();
+        for uid in uids {
+            let _guard = self.lock_pod(&uid).await;
+            if let Err(e) = self.remove_pod(&uid, true).await {
+                warn!(uid = %uid, error = %e, "un-enrolling during uninstall failed");
+            }
+        }
+        uninstall(&self.config).await
     }
 }
 

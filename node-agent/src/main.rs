@@ -83,7 +83,6 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let mode = config.mode;
     let kube_cfg = config.kubernetes.clone();
     let node_name = config.node_name.clone();
-    let uninstall_cfg = config.clone();
     let agent = Agent::new(config, config_path).context("starting the agent")?;
     agent.reconcile().await;
     let own_namespace = std::env::var("POD_NAMESPACE").ok();
@@ -125,14 +124,22 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     // An upgrade (the usual case): pods keep their rules, ztunnel keeps serving them, the plugin stays
     // installed (new pods wait for the next agent), and the next agent re-adopts everything. Only when the
     // agent's DaemonSet is going away is Ambit removed from the node.
-    if let (Some(k), Ok(pod)) = (&kube, std::env::var("POD_NAME"))
-        && k.being_removed(own_namespace.as_deref().unwrap_or_default(), &pod).await
-    {
+    // Asking the API must not hold up the shutdown: no answer within 5 s counts as an upgrade.
+    let removing = match (&kube, std::env::var("POD_NAME")) {
+        (Some(k), Ok(pod)) => tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            k.being_removed(own_namespace.as_deref().unwrap_or_default(), &pod),
+        )
+        .await
+        .unwrap_or(false),
+        _ => false,
+    };
+    if removing {
         info!("the agent's DaemonSet is being deleted: removing Ambit from this node");
         if let Some(w) = install_watch.take() {
             w.stop();
         }
-        if let Err(e) = ambit_agent::agent::uninstall(&uninstall_cfg).await {
+        if let Err(e) = agent.uninstall().await {
             tracing::warn!("{e:#}");
         }
         return Ok(());

@@ -23,6 +23,7 @@ fn nft_pod() {
     check("nft_ipv6.nft", &nft::nft_apply_script(InpodConfig { ipv4: false, ipv6: true }));
     check("nft_dual.nft", &nft::nft_apply_script(InpodConfig { ipv4: true, ipv6: true }));
     check("nft_delete.nft", &nft::nft_delete_script());
+    check("nft_dual_replace.nft", &nft::nft_replace_script(InpodConfig { ipv4: true, ipv6: true }));
 }
 
 #[test]

@@ -330,3 +330,16 @@ async fn a_vanished_or_fake_netns_is_a_clear_error() {
     assert!(e.to_string().contains("not a network namespace"), "{e}");
     std::fs::remove_file(&f).unwrap();
 }
+
+#[tokio::test]
+async fn a_table_from_an_older_agent_is_replaced() {
+    let t = topo();
+    // An older agent's table whose chain has another priority: refreshing it in place is refused by the kernel,
+    // so the backend replaces the table.
+    let old = "table inet ambit {\n chain prerouting_nat {\n  type nat hook prerouting priority -90; policy accept;\n }\n chain leftover {\n }\n}\n";
+    t.pod.run(move || rules::apply::nft_run(old)).unwrap().unwrap();
+    let handle = PodNetns::open(&t.pod.path()).unwrap();
+    install(&handle, Backend::Nftables).await;
+    let now = t.pod.exec("nft", &["list", "table", "inet", "ambit"]).unwrap();
+    assert!(now.contains("priority dstnat;") && !now.contains("leftover"), "{now}");
+}

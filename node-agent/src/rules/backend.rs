@@ -74,7 +74,11 @@ impl Backend {
     /// Installs or refreshes a pod's rules (idempotent, atomic per transaction).
     pub fn install_pod(self, cfg: InpodConfig) -> Result<(), ApplyError> {
         match self {
-            Backend::Nftables => apply::nft_run(&nft::nft_apply_script(cfg)),
+            Backend::Nftables => match apply::nft_run(&nft::nft_apply_script(cfg)) {
+                // The chains changed (an older agent's table): replace the table instead.
+                Err(ApplyError::Rejected { .. }) => apply::nft_run(&nft::nft_replace_script(cfg)),
+                r => r,
+            },
             Backend::Iptables(fl) => {
                 for fam in Family::of(cfg) {
                     restore(fl, fam, &iptables::pod_restore(fam, &saved(fl, fam)?))?;

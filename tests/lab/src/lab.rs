@@ -600,7 +600,11 @@ impl Lab {
                 "cniBinDir": n.dir.join("cni-bin"),
                 "cniConfDir": n.dir.join("net.d"),
                 "pluginBinary": binary("ambit-cni"),
-                "pluginConfig": {"agent_timeout_ms": 10000, "log_file": n.dir.join("cni.log"), "log_level": "debug"},
+                "pluginConfig": {
+                    "agent_timeout_ms": 10000,
+                    "log_file": n.dir.join("cni.log"),
+                    "log_level": if self.config.log_level.contains("debug") || self.config.log_level == "info" { "debug" } else { "info" },
+                },
             },
         });
         write_atomic(&n.dir.join("agent.yaml"), serde_yaml_ng::to_string(&agent_conf)?.as_bytes())

@@ -5,6 +5,7 @@
 //! [`lab::clean_stale`] removes what a killed run left behind.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod ca;
 pub mod cni;
 pub mod demo;

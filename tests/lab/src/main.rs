@@ -18,6 +18,18 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Measure: CNI enrolment and passthrough latency (and, later, the mesh against direct TCP).
+    Bench {
+        /// Print one JSON object instead of the readable report.
+        #[arg(long)]
+        json: bool,
+        /// Pods of each kind for the CNI figures.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Leave the lab running afterwards, with its logs.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
         /// Also remove labs left running with `demo --keep`.
@@ -30,6 +42,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Bench { json, pods, keep } => bench(json, pods, keep),
         Cmd::Clean { all } => {
             lab::require_root();
             for r in lab::lab::clean_stale(all) {
@@ -39,6 +52,39 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+fn bench(json: bool, pods: usize, keep: bool) -> i32 {
+    lab::require_root();
+    lab::lab::clean_stale(false);
+    let mut progress = |s: &str| {
+        if !json {
+            println!("{s}");
+        }
+    };
+    progress(&format!("CNI: ambit-cni ADD, exec to exit, {pods} enrolled and {pods} passthrough pods on one node…"));
+    if keep {
+        lab::netns::tie_children_to_lab(false);
+    }
+    match lab::bench::cni(pods, keep, &mut progress) {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!(
+                    "  enrolled:     p50 {} ms, p99 {} ms (target p99 ≤ 20 ms)",
+                    v["enrol_ms"]["p50"], v["enrol_ms"]["p99"]
+                );
+                println!("  passthrough:  p50 {} ms (target ≤ 3 ms)", v["cni_passthrough_ms"]["p50"]);
+                println!("  reference:    bridge ADD p50 {} ms in the same runs", v["reference_bridge_add_ms"]["p50"]);
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            1
+        }
+    }
 }
 
 fn demo(keep: bool) -> i32 {

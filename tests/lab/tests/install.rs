@@ -47,8 +47,12 @@ fn the_plugin_stays_chained_when_the_primary_rewrites_its_config() {
         wait_for("the agent to re-chain ambit-cni", Duration::from_secs(10), || chained(&lab, 0).then_some(()))
             .unwrap();
     }
-    let (_, m) = lab.agent_get(0, "/metrics").unwrap();
-    assert!(metric(&m, "ambit_agent_installer_repairs_total") >= 7.0, "{m}");
+    // The counter moves just after the file is rewritten.
+    wait_for("all seven repairs to be counted", Duration::from_secs(5), || {
+        let (_, m) = lab.agent_get(0, "/metrics").ok()?;
+        (metric(&m, "ambit_agent_installer_repairs_total") >= 7.0).then_some(())
+    })
+    .unwrap();
     let log = lab.nodes[0].agent.as_ref().unwrap().log();
     assert!(log.contains("keeps rewriting the CNI config"), "the repeated repairs were not reported:\n{log}");
     assert_eq!(log.matches("keeps rewriting the CNI config").count(), 1, "the warning must be rate-limited");

@@ -285,7 +285,10 @@ fn the_agent_uninstalls_only_when_its_daemonset_goes() {
     lab.spawn_agent_with_env(0, &env).unwrap();
     lab.wait_agent_ready(0).unwrap();
     lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(10));
-    assert!(chained(&lab) && captured(&p) && lab.nodes[0].dir.join("cni-bin/ambit-cni").exists());
+    let log = lab.nodes[0].agent.as_ref().unwrap().log();
+    assert!(chained(&lab), "an upgrade unchained the plugin:\n{log}");
+    assert!(captured(&p), "an upgrade un-enrolled the pod:\n{log}");
+    assert!(lab.nodes[0].dir.join("cni-bin/ambit-cni").exists(), "an upgrade removed the plugin:\n{log}");
 
     // The DaemonSet is deleted: the next SIGTERM removes Ambit from the node.
     lab.kube()

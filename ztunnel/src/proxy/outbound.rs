@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::PodCtx;
 use super::copy;
@@ -47,33 +48,40 @@ async fn hbone(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAd
         addr: hbone_addr,
     };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
-    let (mut send_req, slot) = match pod.pool.stream(&key).await {
-        Ok(s) => s,
-        Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-            return;
-        }
-    };
-    let req = Request::builder()
-        .method(Method::CONNECT)
-        .uri(dst.to_string())
-        .header("forwarded", forwarded_for(peer))
-        .header("traceparent", traceparent())
-        .header("baggage", format!("k8s.namespace.name={},k8s.pod.name={}", pod.info.namespace, pod.info.name))
-        .body(())
-        .expect("valid CONNECT request");
-    let (resp, send) = match send_req.send_request(req, false) {
-        Ok(x) => x,
-        Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-            return;
-        }
-    };
-    let resp = match resp.await {
-        Ok(r) => r,
-        Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-            return;
+    // A pooled connection can die between requests (its peer's ztunnel restarted) before the pool notices. A
+    // CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.
+    let mut attempt = 0;
+    let (resp, send, slot) = loop {
+        attempt += 1;
+        let (mut send_req, slot) = match pod.pool.stream(&key).await {
+            Ok(s) => s,
+            Err(e) => {
+                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+                return;
+            }
+        };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header("forwarded", forwarded_for(peer))
+            .header("traceparent", traceparent())
+            .header("baggage", format!("k8s.namespace.name={},k8s.pod.name={}", pod.info.namespace, pod.info.name))
+            .body(())
+            .expect("valid CONNECT request");
+        let sent = match send_req.send_request(req, false) {
+            Ok((resp, send)) => resp.await.map(|r| (r, send)),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((resp, send)) => break (resp, send, slot),
+            Err(e) if attempt < 2 => {
+                slot.mark_broken();
+                debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection failed; retrying on a new one");
+            }
+            Err(e) => {
+                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+                return;
+            }
         }
     };
     if resp.status() != StatusCode::OK {

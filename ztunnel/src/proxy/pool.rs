@@ -40,6 +40,13 @@ pub struct PooledConn {
 #[derive(Debug)]
 pub struct StreamSlot(Arc<PooledConn>);
 
+impl StreamSlot {
+    /// Marks the connection broken (a request on it failed before any answer): the pool opens another.
+    pub fn mark_broken(&self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
