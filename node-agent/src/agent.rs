@@ -192,6 +192,13 @@ impl Agent {
                     info!(pod = %format!("{}/{}", r.namespace, r.name), uid = %r.uid, "re-adopted pod from a previous run (its listeners stay with ztunnel)");
                     state.pods.insert(r.uid.clone(), Pod { record: r, netns: Some(ns), listeners: None });
                 }
+                // In Kubernetes mode the API, not a path, says whether the pod still exists: keep it (ztunnel
+                // gets Keep and goes on serving it) until the controller finds its netns again through /proc or
+                // learns that it is gone.
+                Err(e) if config.mode == crate::config::Mode::Kubernetes => {
+                    info!(uid = %r.uid, error = %e, "re-adopted pod without its netns; the controller will look for it");
+                    state.pods.insert(r.uid.clone(), Pod { record: r, netns: None, listeners: None });
+                }
                 Err(e) => {
                     info!(uid = %r.uid, error = %e, "dropping the record of a pod whose netns is gone");
                     let _ = store.remove(&r.uid);
@@ -558,6 +565,11 @@ impl Agent {
     /// Whether the agent holds the pod.
     pub async fn is_enrolled(&self, uid: &str) -> bool {
         self.state.lock().await.pods.contains_key(uid)
+    }
+
+    /// Whether the agent holds the pod but not its netns (re-adopted after a restart without it).
+    pub async fn lacks_netns(&self, uid: &str) -> bool {
+        self.state.lock().await.pods.get(uid).is_some_and(|p| p.netns.is_none())
     }
 
     /// The UID of an enrolled pod by name.

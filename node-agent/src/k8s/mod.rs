@@ -339,7 +339,7 @@ async fn reconcile(agent: &Agent, kube: &Kube, key: &Key) -> Result<(), String> 
             }
         }
         Verdict::Enrol { service_account } => {
-            if !enrolled {
+            if !enrolled || agent.lacks_netns(&uid).await {
                 let Some(ips) = pod_ips(&pod) else {
                     // No IP yet: the sandbox is still being set up, and its CNI ADD enrols it.
                     return Ok(());

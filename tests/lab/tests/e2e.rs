@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use lab::demo::{self, APP_PORT, MESH_NS};
 use lab::net::{EchoClient, EchoServer};
+use lab::util::wait_for;
 use lab::{Lab, LabConfig, PodError};
 use serde_json::{Value, json};
 
@@ -324,4 +325,112 @@ fn untrusted_client_certificates_are_refused_and_counted() {
     assert!(count(&after, "identity") > count(&before, "identity"), "{after}");
     let log = lab.nodes[1].ztunnel.as_ref().unwrap().log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn check_status_and_gc_reach_the_agent() {
+    let mut lab = lab();
+    let web = lab.add_pod(0, MESH_NS, "web").unwrap();
+    let other = lab.add_pod(0, MESH_NS, "other").unwrap();
+    let mut conf = ambit_plugin_conf(&lab, 0);
+    conf["cniVersion"] = json!("1.1.0");
+    let with_prev = |p: &lab::Pod| {
+        let mut c = conf.clone();
+        c["prevResult"] = p.result.clone();
+        c
+    };
+    let run = |lab: &Lab, cmd: &str, att: &lab::cni::Attachment, c: &Value| {
+        let n = &lab.nodes[0];
+        n.cni.exec_raw(&n.netns, cmd, att, c)
+    };
+    // CHECK: in place, then someone removes the pod's table.
+    run(&lab, "CHECK", &web.attachment(), &with_prev(&web)).unwrap();
+    web.netns.exec("nft", &["delete", "table", "inet", "ambit"]).unwrap();
+    let e = run(&lab, "CHECK", &web.attachment(), &with_prev(&web)).unwrap_err();
+    assert_eq!(e.code(), Some(100), "{e}");
+    assert!(e.msg().contains("rules are missing"), "{}", e.msg());
+
+    // STATUS: fine with a ztunnel; without one it is reported only when report_status is on.
+    let none = lab::cni::Attachment {
+        container_id: String::new(),
+        netns: "".into(),
+        ifname: String::new(),
+        args: String::new(),
+    };
+    run(&lab, "STATUS", &none, &conf).unwrap();
+    lab.kill_ztunnel(0);
+    wait_for("the agent to notice", Duration::from_secs(5), || {
+        matches!(lab.agent_get(0, "/readyz"), Ok((503, _))).then_some(())
+    })
+    .unwrap();
+    run(&lab, "STATUS", &none, &conf).unwrap();
+    let mut strict = conf.clone();
+    strict["report_status"] = json!(true);
+    let e = run(&lab, "STATUS", &none, &strict).unwrap_err();
+    assert_eq!(e.code(), Some(50), "{e}");
+    lab.start_ztunnel(0).unwrap();
+    lab.wait_ready(0).unwrap();
+    lab.wait_agent_ready(0).unwrap();
+
+    // GC: the runtime still knows only `other`; `web` is forgotten (ztunnel drops it), `other` stays.
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": other.container_id, "ifname": "eth0"}]);
+    run(&lab, "GC", &none, &gc).unwrap();
+    let dump = lab.nodes[0].config_dump().unwrap();
+    let uids: Vec<&str> = dump["inpod"]["pods"].as_array().unwrap().iter().filter_map(|p| p["uid"].as_str()).collect();
+    assert!(uids.contains(&other.uid.as_str()) && !uids.contains(&web.uid.as_str()), "{uids:?}");
+    let records = std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().count();
+    assert_eq!(records, 1);
+}
+
+#[test]
+fn an_agent_killed_during_add_fails_it_and_leaves_nothing() {
+    use ambit_proto::seqpacket::SeqPacket;
+    use ambit_proto::zds::{self, WorkloadRequest, WorkloadResponse, ZdsHello, workload_request::Payload};
+
+    let mut lab = lab();
+    lab.kill_ztunnel(0);
+    let zsock = lab.nodes[0].zds_socket();
+    // A ztunnel that is slow to acknowledge adds, so the ADD is still in flight when the agent dies.
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let s = SeqPacket::connect(&zsock).await.unwrap();
+            s.send(&zds::encode(&ZdsHello::ambit(true)), &[]).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, _fds)) = s.recv(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let req: WorkloadRequest = zds::decode(&buf[..n]).unwrap();
+                if matches!(req.payload, Some(Payload::Add(_))) {
+                    let _ = seen_tx.send(());
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let _ = s.send(&zds::encode(&WorkloadResponse::ack()), &[]).await;
+            }
+        })
+    });
+    lab.wait_agent_ready(0).unwrap();
+    let agent_pid = lab.nodes[0].agent.as_ref().unwrap().pid();
+    let killer = std::thread::spawn(move || {
+        seen_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid as i32), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+    });
+    match lab.add_pod(0, MESH_NS, "doomed") {
+        Err(PodError::Cni(f)) => {
+            assert_eq!(f.code(), Some(11), "{f}");
+            assert!(f.msg().contains("without answering") || f.msg().contains("cannot reach"), "{}", f.msg());
+        }
+        other => panic!("expected a CNI failure, got {:?}", other.map(|p| p.uid)),
+    }
+    killer.join().unwrap();
+    // The next agent knows nothing of the pod, and the real ztunnel serves nothing for it.
+    lab.start_agent(0).unwrap();
+    lab.start_ztunnel(0).unwrap();
+    lab.wait_ready(0).unwrap();
+    assert_eq!(std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().count(), 0);
+    assert_eq!(lab.nodes[0].config_dump().unwrap()["inpod"]["pods"], json!([]));
 }

@@ -242,6 +242,32 @@ fn a_restarted_agent_rebuilds_from_the_api_and_proc() {
 }
 
 #[test]
+fn a_pod_whose_recorded_netns_went_stale_stays_served_across_a_restart() {
+    let mut lab = lab();
+    lab.k8s_namespace("mesh", Some("ambient")).unwrap();
+    let p = lab.add_k8s_pod(0, "mesh", "p", spec("default", &[])).unwrap();
+    wait_state(&lab, &p, true);
+    lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(5));
+    // The recorded netns path no longer leads to the pod's netns.
+    let rec_path = std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().next().unwrap().unwrap().path();
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    rec["netnsPath"] = serde_json::json!("/proc/999999999/ns/net");
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();
+    lab.start_agent(0).unwrap();
+    // The agent asked ztunnel to keep the pod, then found its netns through /proc.
+    wait_for("the agent to find the pod's netns again", Duration::from_secs(20), || {
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec_path).ok()?).ok()?;
+        let path = r["netnsPath"].as_str()?.to_string();
+        (path != "/proc/999999999/ns/net" && std::path::Path::new(&path).exists()).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(served(&lab, &p));
+    let zlog = lab.nodes[0].ztunnel.as_ref().unwrap().log();
+    assert!(!zlog.contains("stopped serving pod"), "ztunnel stopped serving the pod across the restart:\n{zlog}");
+    assert_eq!(p.nft_ruleset().unwrap().matches("table inet ambit").count(), 1);
+}
+
+#[test]
 fn the_agent_uninstalls_only_when_its_daemonset_goes() {
     let mut lab = lab();
     lab.k8s_namespace("ambit-system", None).unwrap();
