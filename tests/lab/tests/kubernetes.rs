@@ -334,3 +334,73 @@ fn the_agent_uninstalls_only_when_its_daemonset_goes() {
     assert!(!lab.nodes[0].dir.join("cni-bin/ambit-cni").exists());
     assert!(!captured(&p), "the pod was not un-enrolled");
 }
+
+#[test]
+fn the_deploy_manifests_are_accepted_by_the_api_server() {
+    use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+
+    let lab = Lab::start(LabConfig { kubernetes: true, nodes: 1, start_daemons: false, ..Default::default() }).unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for f in &files {
+        for doc in std::fs::read_to_string(f).unwrap().split("\n---") {
+            let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            if !v.is_null() {
+                docs.push((f.clone(), v));
+            }
+        }
+    }
+    assert!(docs.len() >= 10, "expected the whole deployment, found {} objects", docs.len());
+    // The agent's config in the ConfigMap is one the agent accepts, and ztunnel's environment one ztunnel accepts.
+    let cm = docs.iter().find(|(_, v)| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ambit-node").unwrap();
+    ambit_agent::config::Config::parse(cm.1["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    let zt = docs.iter().find(|(_, v)| v["kind"] == "DaemonSet" && v["metadata"]["name"] == "ztunnel").unwrap();
+    let env: std::collections::HashMap<String, String> = zt.1["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect();
+    ztunnel::config::Config::from_vars(|k| env.get(k).cloned()).unwrap();
+
+    let created = lab
+        .kube()
+        .run(move |c| async move {
+            let mut created = Vec::new();
+            for (file, v) in docs {
+                let obj: DynamicObject = serde_json::from_value(v.clone()).unwrap();
+                let tm = obj.types.clone().unwrap();
+                let gvk = kube::api::GroupVersionKind::try_from(&tm).unwrap();
+                // The kinds a deployment uses, with their plural and scope (no discovery: the API server is old).
+                let (plural, namespaced) = match tm.kind.as_str() {
+                    "Namespace" => ("namespaces", false),
+                    "ClusterRole" => ("clusterroles", false),
+                    "ClusterRoleBinding" => ("clusterrolebindings", false),
+                    "ServiceAccount" => ("serviceaccounts", true),
+                    "Role" => ("roles", true),
+                    "RoleBinding" => ("rolebindings", true),
+                    "ConfigMap" => ("configmaps", true),
+                    "DaemonSet" => ("daemonsets", true),
+                    other => panic!("{}: unexpected kind {other}", file.display()),
+                };
+                let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
+                let api: Api<DynamicObject> = if namespaced {
+                    Api::namespaced_with(c.clone(), obj.metadata.namespace.as_deref().unwrap_or("default"), &ar)
+                } else {
+                    Api::all_with(c.clone(), &ar)
+                };
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .unwrap_or_else(|e| panic!("{}: {} {:?} refused: {e}", file.display(), tm.kind, obj.metadata.name));
+                created.push(format!("{}/{}", tm.kind, obj.metadata.name.unwrap_or_default()));
+            }
+            created
+        })
+        .unwrap();
+    assert!(
+        created.iter().any(|c| c == "DaemonSet/ambit-node") && created.iter().any(|c| c == "DaemonSet/ztunnel"),
+        "{created:?}"
+    );
+}
