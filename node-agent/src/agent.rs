@@ -145,6 +145,30 @@ fn workload_info(r: &PodRecord) -> WorkloadInfo {
     WorkloadInfo { name: r.name.clone(), namespace: r.namespace.clone(), service_account: r.service_account.clone() }
 }
 
+/// Where a pod's listeners come from in an enrolment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListenerPlan {
+    /// A netns nobody serves yet: the agent binds them.
+    Bind,
+    /// The netns the agent already holds (or holds the pod without it): what the agent holds, else ztunnel's.
+    Held,
+}
+
+/// Puts back the entry an enrolment replaced (or removes the failed one when there was none), moving any
+/// listeners of the failed attempt back if the entry had none for the same netns.
+fn restore(st: &mut State, uid: &str, previous: Option<Pod>) {
+    let failed = st.pods.remove(uid);
+    if let Some(mut prev) = previous {
+        if let Some(f) = failed {
+            let same = prev.netns.as_ref().map(PodNetns::inode) == f.netns.as_ref().map(PodNetns::inode);
+            if prev.listeners.is_none() && (same || prev.netns.is_none()) {
+                prev.listeners = f.listeners;
+            }
+        }
+        st.pods.insert(uid.to_string(), prev);
+    }
+}
+
 /// The ZDS request for a pod, with owned copies of the fds that travel with it, for a ztunnel that does or does
 /// not take listeners. `None` when the agent has no netns for the pod (it can only ask ztunnel to keep it).
 ///
@@ -435,25 +459,27 @@ impl Agent {
     async fn enrol_in_netns(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
         let pod_name = format!("{}/{}", record.namespace, record.name);
         let netns_path = record.netns_path.clone();
-        // A retried ADD for the same sandbox keeps the listeners it already has; only a new netns gets new ones.
-        let reuse_listeners = {
-            let mut st = self.state.lock().await;
-            match st.pods.get_mut(&record.uid) {
-                Some(old) if old.netns.as_ref().map(PodNetns::inode) == Some(netns.inode()) => {
-                    Some(old.listeners.take())
-                }
-                _ => None,
+        // Listeners: the agent binds fresh ones only for a netns nobody serves yet (a pod new to it, or a new
+        // sandbox of the pod). For the same netns it keeps what it holds; for a pod it re-adopted without them it
+        // asks ztunnel for the live ones. Never a second listener beside a live one.
+        let plan = {
+            let st = self.state.lock().await;
+            match st.pods.get(&record.uid).map(|p| p.netns.as_ref().map(PodNetns::inode)) {
+                None => ListenerPlan::Bind,
+                Some(None) => ListenerPlan::Held,
+                Some(Some(inode)) if inode == netns.inode() => ListenerPlan::Held,
+                Some(Some(_)) => ListenerPlan::Bind,
             }
         };
         let cfg = record.inpod_config();
         let backend = self.backend;
-        let need_listeners = reuse_listeners.is_none();
+        let bind = plan == ListenerPlan::Bind;
         let started = std::time::Instant::now();
-        let setup = netns
+        let fresh = netns
             .run(move || -> Result<Option<PodListeners>, String> {
                 backend.install_pod(cfg).map_err(|e| e.to_string())?;
                 routing::install(cfg).map_err(|e| e.to_string())?;
-                if need_listeners {
+                if bind {
                     PodListeners::bind_here(cfg.ipv6).map(Some).map_err(|e| format!("creating listeners: {e}"))
                 } else {
                     Ok(None)
@@ -466,7 +492,6 @@ impl Agent {
                     format!("redirection for pod {pod_name} in {}: {e}", netns_path.display()),
                 )
             })?;
-        let listeners = reuse_listeners.flatten().or(setup);
         let in_netns = started.elapsed();
 
         let reply = {
@@ -480,20 +505,32 @@ impl Agent {
                     ),
                 ));
             };
+            // The entry this replaces, kept until ztunnel answers so that a failure can put it back.
+            let mut previous = st.pods.remove(&record.uid);
+            let listeners = match plan {
+                ListenerPlan::Bind => fresh,
+                ListenerPlan::Held => previous.as_mut().and_then(|p| p.listeners.take()),
+            };
             let mut pod = Pod { record: record.clone(), netns: Some(netns), listeners };
             if !conn.handoff {
                 // This ztunnel binds its own listeners: ours must not sit beside them unaccepted.
                 pod.listeners = None;
             }
-            let (zreq, fds) = add_job_parts(&pod, conn.handoff)
-                .map_err(|e| AgentError::new(ErrorCode::Internal, format!("duplicating fds: {e}")))?
-                .expect("the pod has a netns");
+            let parts = add_job_parts(&pod, conn.handoff);
+            st.pods.insert(record.uid.clone(), pod);
+            let (zreq, fds) = match parts {
+                Ok(p) => p.expect("the pod has a netns"),
+                Err(e) => {
+                    restore(&mut st, &record.uid, previous);
+                    return Err(AgentError::new(ErrorCode::Internal, format!("duplicating fds: {e}")));
+                }
+            };
             let (job, rx) = Job::awaited(zreq, fds);
             conn.enqueue(job);
-            st.pods.insert(record.uid.clone(), pod);
             self.metrics.pods_enrolled.set(st.pods.len() as i64);
-            rx
+            (rx, previous)
         };
+        let (reply, previous) = reply;
         let zds_started = std::time::Instant::now();
         let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
         let zds = zds_started.elapsed();
@@ -516,9 +553,10 @@ impl Agent {
         };
         if let Err(e) = result {
             // Fail closed: the rules stay (traffic black-holed, never leaked) and the runtime tears the sandbox
-            // down after the failed ADD; forget the pod so a retry starts clean.
+            // down after the failed ADD. A pod new to the agent is forgotten so a retry starts clean; one it
+            // already held (re-adopted, or a retried ADD) goes back to how it was.
             let mut st = self.state.lock().await;
-            st.pods.remove(&record.uid);
+            restore(&mut st, &record.uid, previous);
             self.metrics.pods_enrolled.set(st.pods.len() as i64);
             drop(st);
             return Err(AgentError::new(ErrorCode::Internal, format!("handing pod {pod_name} to ztunnel: {e}")));

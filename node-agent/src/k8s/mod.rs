@@ -245,24 +245,23 @@ impl Kube {
 /// Serves the queue: reconciles each pod, retrying failures with backoff (5 ms doubling to 5 s), each pod at
 /// most once at a time.
 pub async fn run(agent: Arc<Agent>, kube: Arc<Kube>, mut rx: mpsc::UnboundedReceiver<Key>) {
-    // After the first full listing, forget recorded pods the API no longer has (deleted while the agent was down).
-    let k = kube.clone();
-    let a = agent.clone();
-    tokio::spawn(async move {
-        let _ = k.pods.wait_until_ready().await;
-        let _ = k.namespaces.wait_until_ready().await;
-        k.synced.store(true, std::sync::atomic::Ordering::Release);
-        info!(pods = k.node_pods().len(), "Kubernetes caches synced");
-        for r in a.records().await {
-            if k.cached(&r.namespace, &r.name).0.is_none_or(|p| p.metadata.uid.as_deref() != Some(r.uid.as_str())) {
-                info!(pod = %format!("{}/{}", r.namespace, r.name), "forgetting a recorded pod the API no longer has");
-                let _ = a.forget(&r.uid, true).await;
-            }
+    // Nothing is decided before both caches hold a full listing: a pod seen before its namespace would look
+    // "not enrolled" and be released. (Wait here only: kube's readiness signal wakes a single waiter.)
+    let _ = kube.pods.wait_until_ready().await;
+    let _ = kube.namespaces.wait_until_ready().await;
+    kube.synced.store(true, std::sync::atomic::Ordering::Release);
+    info!(pods = kube.node_pods().len(), "Kubernetes caches synced");
+    // Forget recorded pods the API no longer has (deleted while the agent was down), then look at every pod.
+    for r in agent.records().await {
+        if kube.cached(&r.namespace, &r.name).0.is_none_or(|p| p.metadata.uid.as_deref() != Some(r.uid.as_str())) {
+            info!(pod = %format!("{}/{}", r.namespace, r.name), "forgetting a recorded pod the API no longer has");
+            let _guard = agent.lock_pod(&r.uid).await;
+            let _ = agent.forget(&r.uid, true).await;
         }
-        for p in k.node_pods() {
-            k.enqueue((p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()));
-        }
-    });
+    }
+    for p in kube.node_pods() {
+        kube.enqueue((p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()));
+    }
     let running: Arc<Mutex<HashMap<Key, bool>>> = Arc::default();
     while let Some(key) = rx.recv().await {
         {

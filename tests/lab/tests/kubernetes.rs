@@ -263,7 +263,11 @@ fn a_pod_whose_recorded_netns_went_stale_stays_served_across_a_restart() {
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     assert!(served(&lab, &p));
     let zlog = lab.nodes[0].ztunnel.as_ref().unwrap().log();
-    assert!(!zlog.contains("stopped serving pod"), "ztunnel stopped serving the pod across the restart:\n{zlog}");
+    assert!(
+        !zlog.contains("stopped serving pod"),
+        "ztunnel stopped serving the pod across the restart:\n{}",
+        lab.logs()
+    );
     assert_eq!(p.nft_ruleset().unwrap().matches("table inet ambit").count(), 1);
 }
 
