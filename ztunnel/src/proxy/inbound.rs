@@ -60,6 +60,13 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         Ok(l) => socket::canonical(l),
         Err(_) => return,
     };
+    // The certificate is issued on first use; a connection that arrives first (queued while ztunnel restarted)
+    // must wait for it rather than meet a server without one.
+    if let Err(e) = pod.ctx.certs.fetch(&pod.identity).await {
+        pod.ctx.metrics.tls_failure("inbound", "no_certificate");
+        warn!(pod = %pod.name(), %peer, error = %e, "no certificate to answer an HBONE connection with");
+        return;
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
