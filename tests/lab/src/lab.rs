@@ -850,6 +850,29 @@ impl Lab {
         n.cni.del(&n.netns, &pod.attachment(), Some(&pod.result))
     }
 
+    /// Runs only ambit-cni's DEL for the pod: its capture goes (rules, ztunnel), its network stays.
+    pub fn uncapture(&self, pod: &Pod) -> Result<(), CniFailure> {
+        let n = &self.nodes[pod.node];
+        let list = n.cni.load_conflist().map_err(|e| CniFailure {
+            plugin: "(conflist)".into(),
+            exit_code: None,
+            error: None,
+            stdout: String::new(),
+            stderr: format!("{e:#}"),
+        })?;
+        let mut conf = list["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["type"] == "ambit-cni")
+            .cloned()
+            .unwrap_or_default();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        conf["prevResult"] = pod.result.clone();
+        n.cni.exec_raw(&n.netns, "DEL", &pod.attachment(), &conf).map(|_| ())
+    }
+
     /// Removes a pod as a runtime does: CNI DEL, then the netns; and unpublishes it.
     pub fn delete_pod(&self, pod: Pod) -> anyhow::Result<()> {
         self.cni_del(&pod)?;

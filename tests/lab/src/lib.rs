@@ -11,6 +11,7 @@ pub mod cni;
 pub mod demo;
 pub mod kube;
 pub mod lab;
+pub mod load;
 pub mod net;
 pub mod netns;
 pub mod pcap;

@@ -18,15 +18,28 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Measure: CNI enrolment and passthrough latency (and, later, the mesh against direct TCP).
+    /// Measure: the mesh against direct TCP between the same pods (throughput, latency, connection rate,
+    /// ztunnel memory and CPU), and CNI enrolment and passthrough latency.
     Bench {
         /// Print one JSON object instead of the readable report.
         #[arg(long)]
         json: bool,
+        /// Only one part: `mesh` or `cni`.
+        #[arg(long)]
+        only: Option<String>,
         /// Pods of each kind for the CNI figures.
         #[arg(long, default_value_t = 100)]
         pods: usize,
-        /// Leave the lab running afterwards, with its logs.
+        /// Seconds per throughput and connection-rate measurement.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Measure another ztunnel binary (a drop-in peer) under the same conditions.
+        #[arg(long)]
+        ztunnel: Option<std::path::PathBuf>,
+        /// Extra environment for that ztunnel (KEY=VALUE, repeatable).
+        #[arg(long = "ztunnel-env")]
+        ztunnel_env: Vec<String>,
+        /// Leave the CNI lab running afterwards, with its logs.
         #[arg(long)]
         keep: bool,
     },
@@ -42,7 +55,15 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Bench { json, pods, keep } => bench(json, pods, keep),
+        Cmd::Bench { json, only, pods, secs, ztunnel, ztunnel_env, keep } => {
+            let env = ztunnel_env
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let opts = lab::bench::MeshOpts { secs, ztunnel, ztunnel_env: env, ..Default::default() };
+            bench(json, only.as_deref(), pods, opts, keep)
+        }
         Cmd::Clean { all } => {
             lab::require_root();
             for r in lab::lab::clean_stale(all) {
@@ -54,37 +75,72 @@ fn main() {
     std::process::exit(code);
 }
 
-fn bench(json: bool, pods: usize, keep: bool) -> i32 {
+fn bench(json: bool, only: Option<&str>, pods: usize, opts: lab::bench::MeshOpts, keep: bool) -> i32 {
     lab::require_root();
     lab::lab::clean_stale(false);
+    if keep {
+        lab::netns::tie_children_to_lab(false);
+    }
     let mut progress = |s: &str| {
         if !json {
             println!("{s}");
         }
     };
-    progress(&format!("CNI: ambit-cni ADD, exec to exit, {pods} enrolled and {pods} passthrough pods on one node…"));
-    if keep {
-        lab::netns::tie_children_to_lab(false);
+    let mut out = serde_json::Map::new();
+    out.insert("machine".into(), lab::bench::machine());
+    if only.is_none_or(|o| o == "mesh") {
+        progress("mesh vs direct (two nodes, one client pod, one server pod)…");
+        match lab::bench::mesh(&opts, &mut progress) {
+            Ok(v) => {
+                if let Some(m) = v.as_object() {
+                    out.extend(m.clone());
+                }
+                let r = &v["ratios"];
+                progress(&format!(
+                    "  ratios: 1-stream throughput {}× direct (target ≥ 0.5), 8 streams {}×, added 1 B round trip p50 {} µs (≤ 25) p99 {} µs (≤ 200), connection rate {}× (≥ 0.6), RSS with 1000 idle connections {} MiB (≤ 16)",
+                    r["throughput_1"],
+                    r["throughput_8"],
+                    r["added_rr_1b_us_p50"],
+                    r["added_rr_1b_us_p99"],
+                    r["connect_rate"],
+                    v["ztunnel_rss_mib"]["conns_1000"]
+                ));
+            }
+            Err(e) => {
+                eprintln!("mesh bench failed: {e:#}");
+                return 1;
+            }
+        }
     }
-    match lab::bench::cni(pods, keep, &mut progress) {
-        Ok(v) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                println!(
+    if only.is_none_or(|o| o == "cni") {
+        progress(&format!(
+            "CNI: ambit-cni ADD, exec to exit, {pods} enrolled and {pods} passthrough pods on one node…"
+        ));
+        match lab::bench::cni(pods, keep, &mut progress) {
+            Ok(v) => {
+                progress(&format!(
                     "  enrolled:     p50 {} ms, p99 {} ms (target p99 ≤ 20 ms)",
                     v["enrol_ms"]["p50"], v["enrol_ms"]["p99"]
-                );
-                println!("  passthrough:  p50 {} ms (target ≤ 3 ms)", v["cni_passthrough_ms"]["p50"]);
-                println!("  reference:    bridge ADD p50 {} ms in the same runs", v["reference_bridge_add_ms"]["p50"]);
+                ));
+                progress(&format!("  passthrough:  p50 {} ms (target ≤ 3 ms)", v["cni_passthrough_ms"]["p50"]));
+                progress(&format!(
+                    "  reference:    bridge ADD p50 {} ms in the same runs",
+                    v["reference_bridge_add_ms"]["p50"]
+                ));
+                if let Some(m) = v.as_object() {
+                    out.extend(m.clone());
+                }
             }
-            0
-        }
-        Err(e) => {
-            eprintln!("bench failed: {e:#}");
-            1
+            Err(e) => {
+                eprintln!("CNI bench failed: {e:#}");
+                return 1;
+            }
         }
     }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(out)).unwrap_or_default());
+    }
+    0
 }
 
 fn demo(keep: bool) -> i32 {

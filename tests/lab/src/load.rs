@@ -1,0 +1,182 @@
+//! Load for the benchmark: servers and clients on plain blocking sockets in pod namespaces (the same code for
+//! the direct and the mesh runs, so only the path differs).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::netns::Netns;
+
+/// What a server port does with a connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Reads everything; answers the byte count (8 bytes, big endian) at end of stream.
+    Sink,
+    /// Echoes back what it reads.
+    Echo,
+}
+
+/// A load server: one thread per connection.
+pub struct LoadServer {
+    stop: Arc<AtomicBool>,
+    listener: Arc<TcpListener>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl LoadServer {
+    /// Starts listening on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, mode: Mode) -> anyhow::Result<LoadServer> {
+        let l = Arc::new(ns.run(move || TcpListener::bind(addr))??);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l2, s2) = (l.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                let Ok((mut c, _)) = l2.accept() else { break };
+                std::thread::spawn(move || {
+                    let _ = c.set_nodelay(true);
+                    let mut buf = vec![0u8; 256 * 1024];
+                    match mode {
+                        Mode::Sink => {
+                            let mut total = 0u64;
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 {
+                                    break;
+                                }
+                                total += n as u64;
+                            }
+                            let _ = c.write_all(&total.to_be_bytes());
+                        }
+                        Mode::Echo => {
+                            while let Ok(n) = c.read(&mut buf) {
+                                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(LoadServer { stop, listener: l, addr })
+    }
+}
+
+impl Drop for LoadServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn connect(ns: &Netns, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let s = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(10)))??;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Bulk throughput over `streams` connections for `secs`: bits per second, and the bytes moved.
+pub fn throughput(ns: &Netns, addr: SocketAddr, streams: usize, secs: f64) -> anyhow::Result<(f64, u64)> {
+    let conns: Vec<TcpStream> = (0..streams).map(|_| connect(ns, addr)).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let buf = vec![0x5au8; 128 * 1024];
+                while Instant::now() < deadline {
+                    c.write_all(&buf)?;
+                }
+                c.shutdown(std::net::Shutdown::Write)?;
+                let mut total = [0u8; 8];
+                c.read_exact(&mut total).context("reading the sink's count")?;
+                Ok(u64::from_be_bytes(total))
+            })
+        })
+        .collect();
+    let mut bytes = 0;
+    for h in handles {
+        bytes += h.join().map_err(|_| anyhow::anyhow!("a stream panicked"))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok((bytes as f64 * 8.0 / elapsed, bytes))
+}
+
+/// Request/response latency on one connection: `n` exchanges of `size` bytes; returns sorted microseconds.
+pub fn round_trips(ns: &Netns, addr: SocketAddr, size: usize, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut c = connect(ns, addr)?;
+    let msg = vec![0x42u8; size];
+    let mut back = vec![0u8; size];
+    for _ in 0..n.min(200) {
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&msg)?;
+        c.read_exact(&mut back)?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
+/// Serial connection rate for `secs`: a new connection and a one-byte echo each. Returns connections per
+/// second and sorted microseconds per connection.
+pub fn connect_rate(ns: &Netns, addr: SocketAddr, secs: f64) -> anyhow::Result<(f64, Vec<f64>)> {
+    let res = ns.run(move || -> anyhow::Result<(f64, Vec<f64>)> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(secs);
+        let mut v = Vec::new();
+        while Instant::now() < deadline {
+            let t = Instant::now();
+            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+            c.set_nodelay(true)?;
+            c.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        let rate = v.len() as f64 / start.elapsed().as_secs_f64();
+        v.sort_by(f64::total_cmp);
+        Ok((rate, v))
+    })??;
+    Ok(res)
+}
+
+/// Opens `n` connections and keeps them open (idle) until dropped.
+pub fn hold_idle(ns: &Netns, addr: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = connect(ns, addr)?;
+        c.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)?;
+        v.push(c);
+    }
+    Ok(v)
+}
+
+/// A process's resident memory in MiB and its CPU seconds (user + system).
+pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = &stat[stat.rfind(')').context("bad stat")? + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    Ok((rss_kb / 1024.0, ticks / hz))
+}
