@@ -65,8 +65,19 @@ impl AdminState {
             "trustDomain": self.ctx.cfg.trust_domain,
             "configSource": self.ctx.state.status(),
             "workloads": snap.workloads.iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
-            "services": snap.services,
-            "policies": snap.policies,
+            "services": snap.services.iter().map(|s| {
+                let mut v = serde_json::to_value(s.as_ref()).unwrap_or_default();
+                v["endpoints"] = snap.endpoints(s).iter().map(|e| serde_json::json!({
+                    "workload": e.workload.uid,
+                    "name": e.workload.name,
+                    "addresses": e.workload.workload_ips,
+                    "protocol": e.workload.protocol,
+                    "status": e.workload.status,
+                    "ports": e.ports,
+                })).collect();
+                v
+            }).collect::<Vec<_>>(),
+            "policies": snap.policies.all(),
             "certificates": self.ctx.certs.dump(),
             "inpod": {"ready": inpod.ready(), "pods": inpod.status()},
         })
@@ -110,6 +121,9 @@ impl AdminState {
             (&Method::POST, "/quitquitquit") => {
                 self.quit.notify_one();
                 reply(StatusCode::OK, "text/plain", "draining and exiting\n")
+            }
+            (_, "/" | "/config_dump" | "/logging" | "/quitquitquit") => {
+                reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")
             }
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }

@@ -7,6 +7,7 @@
 //! ([`state`]); metrics are Istio's ([`metrics`]); control endpoints are in [`admin`].
 
 pub mod admin;
+pub mod authz;
 pub mod certs;
 pub mod config;
 pub mod hbone;

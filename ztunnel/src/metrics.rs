@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
-use crate::state::Workload;
+use crate::state::{Service, Workload};
 
 /// Istio's standard labels of TCP metrics.
 #[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +97,24 @@ pub struct DirectionLabels {
     pub direction: String,
 }
 
+/// A label set for policy denials.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// `hbone` or `plaintext`.
+    pub transport: String,
+    /// `<namespace>/<name>` of the deciding DENY policy; `-` when ALLOW policies apply and none matched.
+    pub policy: String,
+}
+
+/// A label set naming a source workload.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Its namespace.
+    pub source_workload_namespace: String,
+    /// Its workload name.
+    pub source_workload: String,
+}
+
 /// All of ztunnel's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -128,6 +146,11 @@ pub struct Metrics {
     pub pool_connections: Gauge,
     /// `ztunnel_certificate_expiry_seconds{identity}`: seconds until each workload certificate expires.
     pub cert_expiry: Family<IdentityLabels, Gauge>,
+    /// `ztunnel_policy_denials_total{transport,policy}`: inbound connections refused by authorization policy.
+    pub policy_denials: Family<DenialLabels, Counter>,
+    /// `ztunnel_inbound_plaintext_from_mesh_total{source_workload_namespace,source_workload}`: plaintext
+    /// connections from workloads that speak HBONE (they could, and should, have used it).
+    pub plaintext_from_mesh: Family<SourceLabels, Counter>,
 }
 
 impl Metrics {
@@ -149,6 +172,8 @@ impl Metrics {
             active_connections: Family::default(),
             pool_connections: Gauge::default(),
             cert_expiry: Family::default(),
+            policy_denials: Family::default(),
+            plaintext_from_mesh: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,6 +222,16 @@ impl Metrics {
             "Seconds until each workload certificate expires",
             m.cert_expiry.clone(),
         );
+        registry.register(
+            "ztunnel_policy_denials",
+            "Inbound connections refused by authorization policy, by policy",
+            m.policy_denials.clone(),
+        );
+        registry.register(
+            "ztunnel_inbound_plaintext_from_mesh",
+            "Plaintext inbound connections from workloads that speak HBONE",
+            m.plaintext_from_mesh.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -239,6 +274,8 @@ pub struct Peer {
     pub workload: Option<Arc<Workload>>,
     /// Identity, if known (verified for the remote end of mTLS).
     pub identity: Option<Identity>,
+    /// The service the connection was addressed to (destination side only).
+    pub service: Option<Arc<Service>>,
 }
 
 /// One proxied connection, from open to close: counts it, times it, and writes its access log line.
@@ -318,9 +355,9 @@ impl ConnRecord {
             source_app: sv.app,
             source_version: sv.revision,
             source_cluster: sv.cluster,
-            destination_service: "unknown".into(),
-            destination_service_namespace: "unknown".into(),
-            destination_service_name: "unknown".into(),
+            destination_service: dst.service.as_ref().map_or("unknown".into(), |s| s.hostname.clone()),
+            destination_service_namespace: dst.service.as_ref().map_or("unknown".into(), |s| s.namespace.clone()),
+            destination_service_name: dst.service.as_ref().map_or("unknown".into(), |s| s.name.clone()),
             destination_canonical_service: dv.app.clone(),
             destination_canonical_revision: dv.revision.clone(),
             destination_workload: dv.workload,

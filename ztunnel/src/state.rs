@@ -1,16 +1,19 @@
-//! What ztunnel knows about the mesh: workloads (and, later, services and policies), from the local workload
-//! file in Istio ztunnel's format, reloaded when it changes. A file that does not parse leaves the last good
-//! state in force; the error is logged and shown in `/config_dump`.
+//! What ztunnel knows about the mesh: workloads, services and authorization policies, from the local file in
+//! Istio ztunnel's format, reloaded when it changes. A file that does not parse or does not hold together
+//! leaves the last good state in force; the error is logged and shown in `/config_dump`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::authz::{Policy, PolicySet};
 use crate::identity::Identity;
 
 /// How a workload accepts traffic.
@@ -79,8 +82,11 @@ pub struct Workload {
     #[serde(default)]
     pub status: HealthStatus,
     /// Services it backs: `"<ns>/<hostname>"` → service port → target port.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "service_port_maps")]
     pub services: HashMap<String, HashMap<u16, u16>>,
+    /// Keys (`<ns>/<name>`) of the WORKLOAD_SELECTOR policies that select it.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
 }
 
 impl Workload {
@@ -109,12 +115,12 @@ pub struct LocalConfig {
     /// Workloads.
     #[serde(default)]
     pub workloads: Vec<Workload>,
-    /// Services (kept as given until they are used).
+    /// Services.
     #[serde(default)]
-    pub services: Vec<serde_json::Value>,
-    /// Authorization policies (kept as given until they are used).
+    pub services: Vec<Service>,
+    /// Authorization policies.
     #[serde(default)]
-    pub policies: Vec<serde_json::Value>,
+    pub policies: Vec<Policy>,
 }
 
 impl LocalConfig {
@@ -132,8 +138,148 @@ impl LocalConfig {
                 }
             }
         }
+        let mut vips = HashMap::new();
+        for svc in &c.services {
+            if svc.hostname.is_empty() || svc.namespace.is_empty() {
+                return Err(format!("service {:?} needs a hostname and a namespace", svc.name));
+            }
+            for v in &svc.vips {
+                if let Some(other) = vips.insert(v.address, svc.key()) {
+                    return Err(format!("VIP {} belongs to both {other} and {}", v.address, svc.key()));
+                }
+                if let Some(w) = seen.get(&v.address) {
+                    return Err(format!("VIP {} of {} is also the address of workload {w:?}", v.address, svc.key()));
+                }
+            }
+            if !svc.other.is_empty() {
+                let fields: Vec<&str> = svc.other.keys().map(String::as_str).collect();
+                warn!(service = %svc.key(), ?fields, "service fields Ambit does not act on are kept but ignored");
+            }
+        }
+        PolicySet::new(c.policies.clone())?;
         Ok(c)
     }
+}
+
+/// `{port: port}`; YAML writes the keys as numbers, JSON (and YAML written from JSON) as strings.
+fn port_map<'de, D: serde::Deserializer<'de>, M: FromIterator<(u16, u16)>>(d: D) -> Result<M, D::Error> {
+    BTreeMap::<String, u16>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| Ok((k.parse().map_err(|_| format!("{k:?} is not a port"))?, v)))
+        .collect::<Result<M, String>>()
+        .map_err(serde::de::Error::custom)
+}
+
+/// A workload's `services`: `{"<ns>/<hostname>": {port: port}}`.
+fn service_port_maps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HashMap<String, HashMap<u16, u16>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Ports(#[serde(deserialize_with = "port_map")] HashMap<u16, u16>);
+    let m = HashMap::<String, Ports>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// An address on a network: `"<network>/<ip>"` in the file (the network may be empty: `"/10.96.0.1"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NetworkAddress {
+    /// Network name.
+    pub network: String,
+    /// Address.
+    pub address: IpAddr,
+}
+
+impl fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.address)
+    }
+}
+
+impl std::str::FromStr for NetworkAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (network, ip) = s.split_once('/').unwrap_or(("", s));
+        let address = ip.parse().map_err(|_| format!("{s:?} is not \"<network>/<ip>\""))?;
+        Ok(NetworkAddress { network: network.to_string(), address })
+    }
+}
+
+impl Serialize for NetworkAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A service: virtual IPs and ports in front of the workloads whose `services` map names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Hostname (`<name>.<ns>.svc.cluster.local`); with the namespace, the key workloads use.
+    pub hostname: String,
+    /// Virtual IPs.
+    #[serde(default)]
+    pub vips: Vec<NetworkAddress>,
+    /// Service port → target port (0: the same port, unless the endpoint maps it).
+    #[serde(default, deserialize_with = "port_map")]
+    pub ports: BTreeMap<u16, u16>,
+    /// Identities its endpoints may present besides their own.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// Fields of Istio's format Ambit does not act on (`loadBalancer`, `ipFamilies`, …): kept and shown.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+impl Service {
+    /// `<namespace>/<hostname>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// One workload behind a service, with its port map for that service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The workload.
+    pub workload: Arc<Workload>,
+    /// Service port → target port, as the workload gives it.
+    pub ports: HashMap<u16, u16>,
+}
+
+/// Where a connection to a service goes.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The service.
+    pub service: Arc<Service>,
+    /// The chosen endpoint.
+    pub workload: Arc<Workload>,
+    /// Endpoint address and target port.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Why a service had no upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoUpstream {
+    /// The service does not have the port.
+    #[error("service {service} has no port {port}")]
+    UnknownPort {
+        /// Service key.
+        service: String,
+        /// Port asked for.
+        port: u16,
+    },
+    /// No healthy endpoint.
+    #[error("service {0} has no healthy endpoint")]
+    NoEndpoint(String),
 }
 
 /// A consistent snapshot of what ztunnel knows.
@@ -142,10 +288,13 @@ pub struct Snapshot {
     /// Workloads, in file order.
     pub workloads: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// Services as given.
-    pub services: Vec<serde_json::Value>,
-    /// Policies as given.
-    pub policies: Vec<serde_json::Value>,
+    /// Services, in file order.
+    pub services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    endpoints: HashMap<String, Vec<Endpoint>>,
+    next: AtomicUsize,
+    /// Authorization policies.
+    pub policies: PolicySet,
 }
 
 impl Snapshot {
@@ -153,12 +302,80 @@ impl Snapshot {
     pub fn new(c: LocalConfig) -> Snapshot {
         let workloads: Vec<Arc<Workload>> = c.workloads.into_iter().map(Arc::new).collect();
         let mut by_ip = HashMap::new();
+        let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
         for w in &workloads {
             for ip in &w.workload_ips {
                 by_ip.insert(*ip, w.clone());
             }
+            for (svc, ports) in &w.services {
+                endpoints.entry(svc.clone()).or_default().push(Endpoint { workload: w.clone(), ports: ports.clone() });
+            }
         }
-        Snapshot { workloads, by_ip, services: c.services, policies: c.policies }
+        let services: Vec<Arc<Service>> = c.services.into_iter().map(Arc::new).collect();
+        let by_vip = services.iter().flat_map(|s| s.vips.iter().map(move |v| (v.address, s.clone()))).collect();
+        // Checked by `LocalConfig::parse`; a set that fails here came from a test's `State::set`.
+        let policies = PolicySet::new(c.policies).unwrap_or_else(|e| {
+            warn!(error = %e, "ignoring invalid policies");
+            PolicySet::default()
+        });
+        Snapshot { workloads, by_ip, services, by_vip, endpoints, next: AtomicUsize::new(0), policies }
+    }
+
+    /// The service with a VIP.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<Arc<Service>> {
+        self.by_vip.get(&ip).cloned()
+    }
+
+    /// The workloads behind a service.
+    pub fn endpoints(&self, svc: &Service) -> &[Endpoint] {
+        self.endpoints.get(&svc.key()).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// Picks an endpoint for a connection to `svc` on `port` (round robin over the healthy endpoints that
+    /// have an address of the VIP's family, else of any family) and maps the port.
+    pub fn pick_upstream(&self, svc: &Arc<Service>, vip: IpAddr, port: u16) -> Result<Upstream, NoUpstream> {
+        let Some(&svc_target) = svc.ports.get(&port) else {
+            return Err(NoUpstream::UnknownPort { service: svc.key(), port });
+        };
+        let addr_of = |w: &Workload| {
+            w.workload_ips.iter().find(|ip| ip.is_ipv4() == vip.is_ipv4()).or(w.workload_ips.first()).copied()
+        };
+        let healthy: Vec<(&Endpoint, IpAddr)> = self
+            .endpoints(svc)
+            .iter()
+            .filter(|e| e.workload.status == HealthStatus::Healthy)
+            .filter_map(|e| Some((e, addr_of(&e.workload)?)))
+            .collect();
+        if healthy.is_empty() {
+            return Err(NoUpstream::NoEndpoint(svc.key()));
+        }
+        let (ep, ip) = healthy[self.next.fetch_add(1, Ordering::Relaxed) % healthy.len()];
+        let target = match ep.ports.get(&port).copied().filter(|p| *p != 0) {
+            Some(p) => p,
+            None if svc_target != 0 => svc_target,
+            None => port,
+        };
+        Ok(Upstream {
+            service: svc.clone(),
+            workload: ep.workload.clone(),
+            addr: std::net::SocketAddr::new(ip, target),
+        })
+    }
+
+    /// The service an inbound connection to `w` on `port` most likely came through: one `w` backs whose
+    /// ports lead to `port` (Istio ztunnel reports the same guess).
+    pub fn inbound_service(&self, w: &Workload, port: u16) -> Option<Arc<Service>> {
+        let mut keys: Vec<&String> = w.services.keys().collect();
+        keys.sort();
+        keys.into_iter().find_map(|k| {
+            let svc = self.services.iter().find(|s| s.key() == *k)?;
+            let ports = &w.services[k];
+            let leads = svc.ports.iter().any(|(sp, tp)| {
+                let t = ports.get(sp).copied().filter(|p| *p != 0).unwrap_or(if *tp != 0 { *tp } else { *sp });
+                t == port
+            });
+            leads.then(|| svc.clone())
+        })
     }
 
     /// The workload at an address.
@@ -223,12 +440,15 @@ impl State {
         status.source = Some(path.to_path_buf());
         match result {
             Ok(c) => {
-                let n = c.workloads.len();
+                let (workloads, services, policies) = (c.workloads.len(), c.services.len(), c.policies.len());
                 *self.current.write().unwrap() = Arc::new(Snapshot::new(c));
                 status.generation += 1;
                 status.loaded_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                 status.last_error = None;
-                info!(file = %path.display(), workloads = n, generation = status.generation, "loaded workloads");
+                info!(
+                    file = %path.display(), workloads, services, policies, generation = status.generation,
+                    "loaded the local configuration"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -343,7 +563,56 @@ services:
         assert_eq!(s.workload_by_ip("127.0.0.2".parse().unwrap()).unwrap().protocol, Protocol::TCP);
         assert!(s.local_workload("local", "default", "local").is_some());
         assert!(s.local_workload("elsewhere", "default", "local").is_none());
-        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies.all().len(), 1);
+        let svc = s.service_by_vip("127.10.0.1".parse().unwrap()).unwrap();
+        assert_eq!(svc.key(), "default/example.com");
+        let up = s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 80).unwrap();
+        assert_eq!(up.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 81).unwrap_err(),
+            NoUpstream::UnknownPort { service: svc.key(), port: 81 }
+        );
+        assert_eq!(s.inbound_service(&w, 8080).unwrap().key(), svc.key());
+        assert!(s.inbound_service(&w, 9090).is_none());
+    }
+
+    #[test]
+    fn load_balancing_spreads_over_healthy_endpoints_and_maps_ports() {
+        let c = LocalConfig::parse(
+            r#"
+workloads:
+- {name: a, namespace: n, workloadIps: [10.0.0.1, "fd00::1"], protocol: HBONE, services: {"n/s.n.svc": {80: 8081}}}
+- {name: b, namespace: n, workloadIps: [10.0.0.2], protocol: HBONE, services: {"n/s.n.svc": {}}}
+- {name: c, namespace: n, workloadIps: [10.0.0.3], status: Unhealthy, services: {"n/s.n.svc": {}}}
+services:
+- {name: s, namespace: n, hostname: s.n.svc, vips: ["/10.96.0.1", "net1/fd00:96::1"], ports: {80: 8080, 90: 0},
+   loadBalancer: {mode: Failover}}
+"#,
+        )
+        .unwrap();
+        let s = Snapshot::new(c);
+        let svc = s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
+        assert_eq!(svc.other.keys().collect::<Vec<_>>(), ["loadBalancer"]);
+        let mut seen: Vec<String> =
+            (0..4).map(|_| s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 80).unwrap().addr.to_string()).collect();
+        seen.sort();
+        assert_eq!(seen, ["10.0.0.1:8081", "10.0.0.1:8081", "10.0.0.2:8080", "10.0.0.2:8080"]);
+        assert_eq!(s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 90).unwrap().addr.port(), 90);
+        let v6 = s.service_by_vip("fd00:96::1".parse().unwrap()).unwrap();
+        let ups: Vec<String> =
+            (0..2).map(|_| s.pick_upstream(&v6, "fd00:96::1".parse().unwrap(), 80).unwrap().addr.to_string()).collect();
+        assert!(ups.contains(&"[fd00::1]:8081".to_string()), "{ups:?}");
+    }
+
+    #[test]
+    fn inconsistent_services_and_policies_are_refused() {
+        let dup = "services:\n- {namespace: n, hostname: a, vips: [/10.96.0.1]}\n- {namespace: n, hostname: b, vips: [/10.96.0.1]}\n";
+        assert!(LocalConfig::parse(dup).unwrap_err().contains("belongs to both"));
+        assert!(LocalConfig::parse("services:\n- {namespace: n, hostname: a, vips: [10.96.0.300]}\n").is_err());
+        let pol = "policies:\n- {name: p, namespace: n, scope: Namespace, action: Allow, rules: [[[{bogus: 1}]]]}\n";
+        assert!(LocalConfig::parse(pol).is_err());
+        let twice = "policies:\n- {name: p, namespace: n, scope: Namespace, action: Allow}\n- {name: p, namespace: n, scope: Namespace, action: Deny}\n";
+        assert!(LocalConfig::parse(twice).unwrap_err().contains("twice"));
     }
 
     #[test]

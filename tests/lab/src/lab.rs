@@ -264,6 +264,16 @@ struct Published {
     hbone: bool,
 }
 
+/// What the lab publishes besides workloads, as istiod would: services, policies, and per-workload service
+/// memberships and policy selections (by pod UID).
+#[derive(Debug, Default)]
+struct MeshConfig {
+    services: Vec<Value>,
+    policies: Vec<Value>,
+    memberships: BTreeMap<String, Value>,
+    selections: BTreeMap<String, Vec<String>>,
+}
+
 /// The lab.
 pub struct Lab {
     /// Unique id of this run.
@@ -276,6 +286,7 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     fabric: Option<Netns>,
     workloads: Mutex<BTreeMap<String, Published>>,
+    mesh: Mutex<MeshConfig>,
     service_accounts: Mutex<BTreeMap<(String, String), String>>,
     kube: Option<crate::kube::KubeApi>,
     keep: bool,
@@ -296,6 +307,7 @@ impl Lab {
             nodes: Vec::new(),
             fabric: None,
             workloads: Mutex::new(BTreeMap::new()),
+            mesh: Mutex::default(),
             service_accounts: Mutex::new(BTreeMap::new()),
             kube: None,
             keep: false,
@@ -548,18 +560,76 @@ impl Lab {
 
     fn write_workloads(&self) -> anyhow::Result<()> {
         let w = self.workloads.lock().unwrap();
+        let mesh = self.mesh.lock().unwrap();
         let workloads: Vec<Value> = w
-            .values()
-            .map(|p| {
+            .iter()
+            .map(|(pod_uid, p)| {
                 json!({
                     "uid": p.uid, "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
                     "workloadIps": [p.ip.to_string()], "protocol": if p.hbone { "HBONE" } else { "TCP" },
-                    "node": p.node, "trustDomain": TRUST_DOMAIN, "services": {},
+                    "node": p.node, "trustDomain": TRUST_DOMAIN,
+                    "services": mesh.memberships.get(pod_uid).cloned().unwrap_or_else(|| json!({})),
+                    "authorizationPolicies": mesh.selections.get(pod_uid).cloned().unwrap_or_default(),
                 })
             })
             .collect();
-        let doc = json!({"workloads": workloads, "services": [], "policies": []});
+        let doc = json!({"workloads": workloads, "services": mesh.services, "policies": mesh.policies});
         write_atomic(&self.workloads_path(), serde_yaml_ng::to_string(&doc)?.as_bytes())
+    }
+
+    /// Rewrites the local file after `change` and waits until every running ztunnel has loaded it.
+    fn republish(&self, change: impl FnOnce(&mut MeshConfig)) -> anyhow::Result<()> {
+        let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
+        let before: Vec<Option<u64>> = self.nodes.iter().map(|n| n.ztunnel.as_ref().and(generation(n))).collect();
+        change(&mut self.mesh.lock().unwrap());
+        self.write_workloads()?;
+        for (n, before) in self.nodes.iter().zip(before) {
+            let Some(before) = before else { continue };
+            let refused =
+                wait_for(&format!("{}'s ztunnel to load the new config", n.name), Duration::from_secs(10), || {
+                    let dump = n.config_dump().ok()?;
+                    let error = &dump["configSource"]["lastError"];
+                    if !error.is_null() {
+                        return Some(Some(error.to_string()));
+                    }
+                    (dump["configSource"]["generation"].as_u64()? > before).then_some(None)
+                })?;
+            if let Some(e) = refused {
+                anyhow::bail!("{}'s ztunnel refused the config: {e}", n.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes Istio `services:` entries (`{name, namespace, hostname, vips: ["/<ip>"], ports: {svc: target}}`).
+    pub fn set_services(&self, services: Vec<Value>) -> anyhow::Result<()> {
+        self.republish(|m| m.services = services)
+    }
+
+    /// Publishes Istio `policies:` (the `Authorization` model).
+    pub fn set_policies(&self, policies: Vec<Value>) -> anyhow::Result<()> {
+        self.republish(|m| m.policies = policies)
+    }
+
+    /// Sets a pod's workload `services` map (`{"<ns>/<hostname>": {svc port: target port}}`).
+    pub fn set_pod_services(&self, pod: &Pod, services: Value) -> anyhow::Result<()> {
+        self.republish(|m| {
+            m.memberships.insert(pod.uid.clone(), services);
+        })
+    }
+
+    /// Sets the WORKLOAD_SELECTOR policies (`<ns>/<name>`) that select a pod.
+    pub fn set_pod_policies(&self, pod: &Pod, keys: &[&str]) -> anyhow::Result<()> {
+        self.republish(|m| {
+            m.selections.insert(pod.uid.clone(), keys.iter().map(|k| k.to_string()).collect());
+        })
+    }
+
+    /// Removes a pod from the local file (its address becomes unknown to the mesh) without deleting it.
+    pub fn unpublish(&self, pod: &Pod) -> anyhow::Result<()> {
+        self.workloads.lock().unwrap().remove(&pod.uid);
+        self.write_workloads()?;
+        self.wait_workload_visible(&workload_uid(pod), false)
     }
 
     /// Waits until every running ztunnel has loaded a workload file that lists (or no longer lists) `uid`.

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{HANDSHAKE_TIMEOUT, PodCtx, copy};
+use crate::authz::Conn;
 use crate::hbone;
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer, ReasonLabels};
@@ -158,9 +159,18 @@ async fn stream(
         }
     };
     let snap = pod.ctx.state.snapshot();
-    let src = Peer { workload: snap.workload_by_ip(peer.ip()), identity: Some(client_id) };
-    let me = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()) };
+    let me = pod.workload();
+    let service = me.as_ref().and_then(|w| snap.inbound_service(w, target.port()));
+    let conn = Conn { src: peer, dst: target, src_identity: Some(client_id.clone()) };
+    let allowed = super::authorize(&pod, &snap, me.as_deref(), &conn, "hbone");
+    let src = Peer { workload: snap.workload_by_ip(peer.ip()), identity: Some(client_id), service: None };
+    let me = Peer { workload: me, identity: Some(pod.identity.clone()), service };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, target, Some(local), src, me, true);
+    if let Err(d) = allowed {
+        respond_status(&mut respond, StatusCode::UNAUTHORIZED);
+        rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
+        return;
+    }
     let app = match socket::connect_from_pod(&pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark).await {
         Ok(a) => a,
         Err(e) => {

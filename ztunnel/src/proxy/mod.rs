@@ -22,14 +22,15 @@ use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use crate::authz::{Conn, Denial, Target};
 use crate::certs::CertStore;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::inpod::netns::InpodNetns;
 use crate::inpod::protocol::PodResources;
-use crate::metrics::Metrics;
+use crate::metrics::{DenialLabels, Metrics};
 use crate::socket;
-use crate::state::{State, Workload};
+use crate::state::{Snapshot, State, Workload};
 use crate::tls::{self, TrustRoots};
 use drain::Drain;
 use pool::{Pool, PoolError, PoolKey};
@@ -100,6 +101,38 @@ impl PodCtx {
     }
 }
 
+/// Checks an inbound connection to `pod` against the authorization policies in force: counts and logs a
+/// denial with the deciding policy's name, logs what dry-run policies would have done.
+pub fn authorize(
+    pod: &PodCtx,
+    snap: &Snapshot,
+    me: Option<&Workload>,
+    conn: &Conn,
+    transport: &str,
+) -> Result<(), Denial> {
+    let target = Target {
+        namespace: me.map_or(pod.info.namespace.as_str(), |w| w.namespace.as_str()),
+        selected_by: me.map(|w| w.authorization_policies.as_slice()).unwrap_or_default(),
+    };
+    let v = snap.policies.check(target, conn);
+    let client = conn.src_identity.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into());
+    for d in &v.dry_run_matches {
+        info!(pod = %pod.name(), src = %conn.src, %client, dst = %conn.dst, policy = %d.policy, action = ?d.action,
+              "dry-run policy matched (not enforced)");
+    }
+    if v.dry_run_would_deny {
+        info!(pod = %pod.name(), src = %conn.src, %client, dst = %conn.dst,
+              "dry-run ALLOW policies would deny this connection (not enforced)");
+    }
+    if let Err(d) = &v.result {
+        let labels = DenialLabels { transport: transport.into(), policy: d.policy().into() };
+        pod.ctx.metrics.policy_denials.get_or_create(&labels).inc();
+        info!(pod = %pod.name(), src = %conn.src, %client, dst = %conn.dst, transport, policy = d.policy(),
+              "connection refused: {d}");
+    }
+    v.result
+}
+
 fn identity_for(cfg: &Config, info: &WorkloadInfo) -> Identity {
     let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
     Identity::new(&cfg.trust_domain, &info.namespace, sa)
@@ -111,13 +144,13 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
         let netns = netns.clone();
         Box::pin(async move {
             let err = |what: &str, e: &dyn std::fmt::Display| {
-                PoolError::Connect(format!("{what} {} ({}): {e}", key.addr, key.dst))
+                PoolError::Connect(format!("{what} {} ({:?}): {e}", key.addr, key.dst))
             };
             let cert = ctx.certs.fetch(&key.src).await.map_err(|e| err("certificate for", &e))?;
             let tcp = socket::connect_from_pod(&netns, key.addr, None, ctx.cfg.packet_mark)
                 .await
                 .map_err(|e| err("connecting to", &e))?;
-            let cfg = Arc::new(tls::client_config(cert.certified.clone(), vec![key.dst.clone()], ctx.roots.clone()));
+            let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
             let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
             let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
                 .await

@@ -5,27 +5,70 @@ use std::sync::Arc;
 
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::PodCtx;
 use super::copy;
 use super::pool::PoolKey;
+use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer};
 use crate::socket;
-use crate::state::Protocol;
+use crate::state::{NoUpstream, Protocol, Service, Snapshot};
+
+/// Where an outbound connection goes.
+enum Route {
+    /// HBONE to `target` (an HBONE workload's address), whose ztunnel must prove one of `expected`.
+    Hbone { target: SocketAddr, dst: Peer, expected: Vec<Identity> },
+    /// Plain TCP to `target` (outside the mesh, or a workload that does not speak HBONE).
+    Passthrough { target: SocketAddr, dst: Peer },
+}
+
+/// Decides the route: a service VIP goes to one of its endpoints with the port mapped; an HBONE workload's
+/// address goes over HBONE; anything else passes through.
+fn route(pod: &PodCtx, snap: &Snapshot, dst: SocketAddr) -> Result<Route, (NoUpstream, Arc<Service>)> {
+    let td = &pod.ctx.cfg.trust_domain;
+    let (workload, target, service) = match snap.service_by_vip(dst.ip()) {
+        Some(svc) => {
+            let up = snap.pick_upstream(&svc, dst.ip(), dst.port()).map_err(|e| (e, svc.clone()))?;
+            (Some(up.workload), up.addr, Some(svc))
+        }
+        None => (snap.workload_by_ip(dst.ip()), dst, None),
+    };
+    match workload {
+        Some(w) if w.protocol == Protocol::HBONE => {
+            let id = w.identity(td);
+            let mut expected = vec![id.clone()];
+            for san in service.iter().flat_map(|s| &s.subject_alt_names) {
+                match san.parse::<Identity>() {
+                    Ok(i) => expected.push(i),
+                    Err(e) => debug!(error = %e, "ignoring a service SAN that is not a workload identity"),
+                }
+            }
+            expected.sort();
+            expected.dedup();
+            Ok(Route::Hbone { target, dst: Peer { workload: Some(w), identity: Some(id), service }, expected })
+        }
+        workload => Ok(Route::Passthrough { target, dst: Peer { workload, identity: None, service } }),
+    }
+}
 
 /// Handles one captured outbound connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
     let snap = pod.ctx.state.snapshot();
-    let src = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()) };
-    match snap.workload_by_ip(dst.ip()) {
-        Some(w) if w.protocol == Protocol::HBONE => {
-            let dst_id = w.identity(&pod.ctx.cfg.trust_domain);
-            let dst_peer = Peer { workload: Some(w), identity: Some(dst_id) };
-            hbone(pod, tcp, peer, dst, src, dst_peer).await
+    let src = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()), service: None };
+    match route(&pod, &snap, dst) {
+        Ok(Route::Hbone { target, dst: dst_peer, expected }) => {
+            hbone(pod, tcp, peer, target, src, dst_peer, expected).await
         }
-        w => passthrough(pod, tcp, peer, dst, src, Peer { workload: w, identity: None }).await,
+        Ok(Route::Passthrough { target, dst: dst_peer }) => passthrough(pod, tcp, peer, target, src, dst_peer).await,
+        Err((e, svc)) => {
+            // Istio's flag for "no route": the connection is closed without being sent anywhere.
+            let dst_peer = Peer { workload: None, identity: None, service: Some(svc) };
+            let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
+            warn!(pod = %pod.name(), %peer, %dst, error = %e, "no upstream for a service connection; closing it");
+            rec.close(0, 0, Some(&e.to_string()), Some("NR"));
+        }
     }
 }
 
@@ -40,13 +83,17 @@ fn forwarded_for(peer: SocketAddr) -> String {
     format!("for=\"{peer}\"")
 }
 
-async fn hbone(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, src: Peer, dst_peer: Peer) {
+async fn hbone(
+    pod: Arc<PodCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: Peer,
+    dst_peer: Peer,
+    expected: Vec<Identity>,
+) {
     let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
-    let key = PoolKey {
-        src: pod.identity.clone(),
-        dst: dst_peer.identity.clone().expect("set by the caller"),
-        addr: hbone_addr,
-    };
+    let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
     // A pooled connection can die between requests (its peer's ztunnel restarted) before the pool notices. A
     // CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.

@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 pub struct PoolKey {
     /// Our pod's identity (the client certificate).
     pub src: Identity,
-    /// The identity the server must prove.
-    pub dst: Identity,
+    /// The identities the server may prove (the workload's, and its service's SANs), sorted.
+    pub dst: Vec<Identity>,
     /// The server's HBONE address.
     pub addr: SocketAddr,
 }
@@ -150,7 +150,7 @@ impl Pool {
             closed,
             idle_since: Mutex::new(Instant::now()),
         });
-        debug!(conn = conn.id, to = %key.addr, dst = %key.dst, "new pooled HBONE connection");
+        debug!(conn = conn.id, to = %key.addr, dst = ?key.dst, "new pooled HBONE connection");
         self.conns.lock().unwrap().entry(key.clone()).or_default().push(conn.clone());
         let s = (conn.send.clone(), StreamSlot(conn));
         self.ready(s).await
