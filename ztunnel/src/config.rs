@@ -63,6 +63,14 @@ pub struct Config {
     pub h2_connection_window: u32,
     /// `HTTP2_FRAME_SIZE`.
     pub h2_frame_size: u32,
+    /// `KEEPALIVE_ENABLED` / `KEEPALIVE_TIME` / `KEEPALIVE_INTERVAL` / `KEEPALIVE_RETRIES`: TCP keepalive on
+    /// every connection ztunnel accepts or opens (keepalives are not end to end through a proxy, so ztunnel
+    /// sends its own), as (idle time, probe interval, probes); `None` when disabled.
+    pub tcp_keepalive: Option<(Duration, Duration, u32)>,
+    /// `AMBIT_HTTP2_PING_INTERVAL`: how often an HBONE connection is checked with an HTTP/2 PING.
+    pub h2_ping_interval: Duration,
+    /// `AMBIT_HTTP2_PING_TIMEOUT`: how long a PING may go unanswered before the connection is dropped.
+    pub h2_ping_timeout: Duration,
 }
 
 /// Parses a Go-style duration (`5s`, `1m30s`, `250ms`, `24h0m0s`) or a bare number of seconds.
@@ -176,6 +184,16 @@ impl Config {
             h2_stream_window: number("HTTP2_STREAM_WINDOW_SIZE", 4 * 1024 * 1024)?,
             h2_connection_window: number("HTTP2_CONNECTION_WINDOW_SIZE", 16 * 1024 * 1024)?,
             h2_frame_size: number("HTTP2_FRAME_SIZE", 1024 * 1024)?,
+            tcp_keepalive: match boolean("KEEPALIVE_ENABLED", true)? {
+                true => Some((
+                    duration("KEEPALIVE_TIME", Duration::from_secs(180))?,
+                    duration("KEEPALIVE_INTERVAL", Duration::from_secs(180))?,
+                    number("KEEPALIVE_RETRIES", 9)?,
+                )),
+                false => None,
+            },
+            h2_ping_interval: duration("AMBIT_HTTP2_PING_INTERVAL", Duration::from_secs(10))?,
+            h2_ping_timeout: duration("AMBIT_HTTP2_PING_TIMEOUT", Duration::from_secs(20))?,
         };
         if !(16_384..=16_777_215).contains(&c.h2_frame_size) {
             return Err(bad("HTTP2_FRAME_SIZE", &c.h2_frame_size.to_string(), "must be between 16384 and 16777215"));
@@ -236,6 +254,10 @@ mod tests {
         assert_eq!(c.termination_deadline, Duration::from_secs(5));
         assert_eq!(c.admin_addr, "127.0.0.1:15000".parse().unwrap());
         assert!(c.worker_threads >= 2);
+        assert_eq!(c.tcp_keepalive, Some((Duration::from_secs(180), Duration::from_secs(180), 9)));
+        assert_eq!(cfg(&[("KEEPALIVE_ENABLED", "false")]).unwrap().tcp_keepalive, None);
+        let k = cfg(&[("KEEPALIVE_TIME", "30s"), ("KEEPALIVE_RETRIES", "3")]).unwrap().tcp_keepalive.unwrap();
+        assert_eq!((k.0, k.2), (Duration::from_secs(30), 3));
     }
 
     #[test]

@@ -106,8 +106,14 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
     };
     let mut drain = pod.drain.watch();
     let mut goaway = false;
+    let ping = super::pool::keepalive(conn.ping_pong(), c.h2_ping_interval, c.h2_ping_timeout);
+    tokio::pin!(ping);
     loop {
         tokio::select! {
+            why = &mut ping => {
+                debug!(pod = %pod.name(), %peer, "dropping an HBONE connection: {why}");
+                break;
+            }
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let pod = pod.clone();
@@ -180,6 +186,7 @@ async fn stream(
             return;
         }
     };
+    pod.ctx.tune(&app);
     let send = match respond
         .send_response(Response::builder().status(StatusCode::OK).body(()).expect("static response"), false)
     {

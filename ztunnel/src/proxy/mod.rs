@@ -52,6 +52,19 @@ pub struct ProxyCtx {
     pub metrics: Arc<Metrics>,
 }
 
+impl ProxyCtx {
+    /// Applies the socket options every proxied TCP connection gets (keepalive; Nagle off).
+    pub fn tune(&self, tcp: &TcpStream) {
+        let _ = tcp.set_nodelay(true);
+        if let Some((time, interval, retries)) = self.cfg.tcp_keepalive {
+            let ka = socket2::TcpKeepalive::new().with_time(time).with_interval(interval).with_retries(retries);
+            if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+                debug!(error = %e, "cannot set TCP keepalive");
+            }
+        }
+    }
+}
+
 /// One served pod.
 pub struct PodCtx {
     /// Pod UID.
@@ -150,6 +163,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
             let tcp = socket::connect_from_pod(&netns, key.addr, None, ctx.cfg.packet_mark)
                 .await
                 .map_err(|e| err("connecting to", &e))?;
+            ctx.tune(&tcp);
             let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
             let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
             let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
@@ -170,7 +184,8 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
                 .await
                 .map_err(|e| err("HTTP/2 handshake with", &e))?;
             let closed = Arc::new(AtomicBool::new(false));
-            pool::drive(conn, closed.clone(), ctx.metrics.clone());
+            let ping = (ctx.cfg.h2_ping_interval, ctx.cfg.h2_ping_timeout);
+            pool::drive(conn, closed.clone(), ctx.metrics.clone(), ping);
             Ok((send, closed))
         })
     })
@@ -286,7 +301,7 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
             },
             _ = drain.draining() => break,
         };
-        let _ = stream.set_nodelay(true);
+        pod.ctx.tune(&stream);
         let pod = pod.clone();
         tokio::spawn(async move {
             let active = pod.drain.track();
