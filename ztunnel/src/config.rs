@@ -49,8 +49,11 @@ pub struct Config {
     pub stats_addr: SocketAddr,
     /// `READINESS_ADDR` (Ambit): readiness.
     pub readiness_addr: SocketAddr,
-    /// `ZTUNNEL_WORKER_THREADS`: worker threads (N or N%).
+    /// `ZTUNNEL_WORKER_THREADS`: worker threads (N or N% of the CPUs), each an event loop serving its pods.
     pub worker_threads: usize,
+    /// `AMBIT_BUSY_POLL`: how long a worker keeps polling after its last I/O event before it sleeps (0: never
+    /// poll). Trades a little CPU while traffic flows for wakeup-free latency.
+    pub busy_poll: Duration,
     /// `CONNECTION_TERMINATION_DEADLINE`: how long draining waits for open connections.
     pub termination_deadline: Duration,
     /// `POOL_MAX_STREAMS_PER_CONNECTION`.
@@ -178,6 +181,7 @@ impl Config {
             stats_addr: addr("STATS_ADDR", SocketAddr::new(any, 15020))?,
             readiness_addr: addr("READINESS_ADDR", SocketAddr::new(any, 15021))?,
             worker_threads,
+            busy_poll: duration("AMBIT_BUSY_POLL", Duration::from_micros(250))?,
             termination_deadline: duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?,
             pool_max_streams: number("POOL_MAX_STREAMS_PER_CONNECTION", 100)?.max(1),
             pool_idle_timeout: duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,

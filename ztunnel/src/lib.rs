@@ -16,5 +16,7 @@ pub mod inpod;
 pub mod metrics;
 pub mod proxy;
 pub mod socket;
+pub mod spin;
 pub mod state;
 pub mod tls;
+pub mod workers;

@@ -18,6 +18,7 @@ use ztunnel::metrics::Metrics;
 use ztunnel::proxy::ProxyCtx;
 use ztunnel::state::{self, State};
 use ztunnel::tls::TrustRoots;
+use ztunnel::workers::Workers;
 
 struct Filter {
     handle: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
@@ -53,12 +54,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .thread_name("ztunnel-worker")
-        .enable_all()
-        .build()
-        .expect("building the runtime");
+    // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the runtime");
     if let Err(e) = rt.block_on(run(cfg, log)) {
         error!("{e:#}");
         std::process::exit(1);
@@ -81,7 +78,8 @@ async fn run(cfg: Config, log: Arc<Filter>) -> anyhow::Result<()> {
         state::watch(state.clone(), path.clone());
     }
     let metrics = Metrics::new();
-    let ctx = Arc::new(ProxyCtx { cfg: cfg.clone(), state, certs: certs.clone(), roots, metrics });
+    let workers = Workers::start(cfg.worker_threads, cfg.busy_poll).context("starting the worker threads")?;
+    let ctx = Arc::new(ProxyCtx { cfg: cfg.clone(), state, certs: certs.clone(), roots, metrics, workers });
     let inpod = Inpod::new(ctx.clone());
     let quit = Arc::new(Notify::new());
     let admin_state = Arc::new(AdminState { ctx: ctx.clone(), inpod: inpod.clone(), log, quit: quit.clone() });
@@ -100,6 +98,7 @@ async fn run(cfg: Config, log: Arc<Filter>) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             certs.refresh_due().await;
+            ztunnel::spin::release_memory();
         }
     });
     info!(node = %cfg.node_name, zds = %cfg.inpod_uds.display(), workers = cfg.worker_threads, "ztunnel started");

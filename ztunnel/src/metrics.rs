@@ -281,7 +281,7 @@ pub struct Peer {
 /// One proxied connection, from open to close: counts it, times it, and writes its access log line.
 pub struct ConnRecord {
     metrics: Arc<Metrics>,
-    labels: TcpLabels,
+    mtls: bool,
     direction: Direction,
     src_addr: SocketAddr,
     dst_addr: SocketAddr,
@@ -340,9 +340,32 @@ impl ConnRecord {
         dst: Peer,
         mtls: bool,
     ) -> ConnRecord {
-        let (sv, dv) = (Side::of(&src), Side::of(&dst));
-        let labels = TcpLabels {
-            reporter: match direction {
+        let active =
+            metrics.active_connections.get_or_create(&DirectionLabels { direction: direction.as_str().into() }).clone();
+        active.inc();
+        let rec = ConnRecord {
+            metrics: metrics.clone(),
+            mtls,
+            direction,
+            src_addr,
+            dst_addr,
+            hbone_addr,
+            src,
+            dst,
+            start: Instant::now(),
+            active,
+        };
+        metrics.tcp_opened.get_or_create(&rec.labels("-")).inc();
+        rec
+    }
+
+    /// Istio's labels for this connection. Built when counting rather than kept: an open connection holds
+    /// only its peers (shared), not two dozen strings.
+    fn labels(&self, response_flags: &str) -> TcpLabels {
+        let (sv, dv) = (Side::of(&self.src), Side::of(&self.dst));
+        let service = self.dst.service.as_ref();
+        TcpLabels {
+            reporter: match self.direction {
                 Direction::Outbound => "source",
                 Direction::Inbound => "destination",
             }
@@ -355,9 +378,9 @@ impl ConnRecord {
             source_app: sv.app,
             source_version: sv.revision,
             source_cluster: sv.cluster,
-            destination_service: dst.service.as_ref().map_or("unknown".into(), |s| s.hostname.clone()),
-            destination_service_namespace: dst.service.as_ref().map_or("unknown".into(), |s| s.namespace.clone()),
-            destination_service_name: dst.service.as_ref().map_or("unknown".into(), |s| s.name.clone()),
+            destination_service: service.map_or("unknown".into(), |s| s.hostname.clone()),
+            destination_service_namespace: service.map_or("unknown".into(), |s| s.namespace.clone()),
+            destination_service_name: service.map_or("unknown".into(), |s| s.name.clone()),
             destination_canonical_service: dv.app.clone(),
             destination_canonical_revision: dv.revision.clone(),
             destination_workload: dv.workload,
@@ -367,37 +390,19 @@ impl ConnRecord {
             destination_version: dv.revision,
             destination_cluster: dv.cluster,
             request_protocol: "tcp".into(),
-            response_flags: "-".into(),
-            connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
-        };
-        metrics.tcp_opened.get_or_create(&labels).inc();
-        let active =
-            metrics.active_connections.get_or_create(&DirectionLabels { direction: direction.as_str().into() }).clone();
-        active.inc();
-        ConnRecord {
-            metrics: metrics.clone(),
-            labels,
-            direction,
-            src_addr,
-            dst_addr,
-            hbone_addr,
-            src,
-            dst,
-            start: Instant::now(),
-            active,
+            response_flags: response_flags.into(),
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" }.into(),
         }
     }
 
     /// Records the outcome and writes the access log line. `received` is client → server bytes, `sent`
     /// server → client.
-    pub fn close(mut self, received: u64, sent: u64, error: Option<&str>, flags: Option<&str>) {
-        if let Some(f) = flags {
-            self.labels.response_flags = f.to_string();
-        }
+    pub fn close(self, received: u64, sent: u64, error: Option<&str>, flags: Option<&str>) {
+        let labels = self.labels(flags.unwrap_or("-"));
         let m = &self.metrics;
-        m.tcp_closed.get_or_create(&self.labels).inc();
-        m.tcp_received.get_or_create(&self.labels).inc_by(received);
-        m.tcp_sent.get_or_create(&self.labels).inc_by(sent);
+        m.tcp_closed.get_or_create(&labels).inc();
+        m.tcp_received.get_or_create(&labels).inc_by(received);
+        m.tcp_sent.get_or_create(&labels).inc_by(sent);
         self.active.dec();
         let id = |p: &Peer| p.identity.as_ref().map(ToString::to_string).unwrap_or_default();
         let wl = |p: &Peer| p.workload.as_ref().map(|w| w.name.clone()).unwrap_or_default();

@@ -69,7 +69,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         return;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::tls_io(tcp))).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = tls_reason(&e);
@@ -177,15 +177,16 @@ async fn stream(
         rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
         return;
     }
-    let app = match socket::connect_from_pod(&pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark).await {
-        Ok(a) => a,
-        Err(e) => {
-            reject(&pod, "upstream_unavailable");
-            respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-            return;
-        }
-    };
+    let app =
+        match Box::pin(socket::connect_from_pod(&pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await {
+            Ok(a) => a,
+            Err(e) => {
+                reject(&pod, "upstream_unavailable");
+                respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+                return;
+            }
+        };
     pod.ctx.tune(&app);
     let send = match respond
         .send_response(Response::builder().status(StatusCode::OK).body(()).expect("static response"), false)

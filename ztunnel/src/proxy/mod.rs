@@ -50,6 +50,8 @@ pub struct ProxyCtx {
     pub roots: Arc<TrustRoots>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The worker threads pods are served on.
+    pub workers: crate::workers::Workers,
 }
 
 impl ProxyCtx {
@@ -63,6 +65,15 @@ impl ProxyCtx {
             }
         }
     }
+}
+
+/// Read buffer under TLS on HBONE connections.
+const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The transport under an HBONE connection's TLS. rustls reads at most 4 KiB at a time from its transport;
+/// a read buffer underneath turns those into one large `read` per burst instead of a syscall per 4 KiB.
+pub fn tls_io(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
 }
 
 /// One served pod.
@@ -88,6 +99,8 @@ pub struct PodCtx {
     pub listener_fds: std::sync::Mutex<Vec<(u16, std::os::fd::OwnedFd)>>,
     /// The shared context.
     pub ctx: Arc<ProxyCtx>,
+    /// The worker serving it.
+    pub worker: tokio::runtime::Handle,
 }
 
 impl PodCtx {
@@ -166,13 +179,16 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
             ctx.tune(&tcp);
             let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
             let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
-            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
-                .await
-                .map_err(|_| err("TLS handshake with", &"timed out"))?
-                .map_err(|e| {
-                    ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
-                    err("TLS handshake with", &e)
-                })?;
+            let tls = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(cfg).connect(name, tls_io(tcp)),
+            )
+            .await
+            .map_err(|_| err("TLS handshake with", &"timed out"))?
+            .map_err(|e| {
+                ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
+                err("TLS handshake with", &e)
+            })?;
             let (send, conn) = h2::client::Builder::new()
                 .initial_window_size(ctx.cfg.h2_stream_window)
                 .initial_connection_window_size(ctx.cfg.h2_connection_window)
@@ -214,6 +230,10 @@ fn take_or_bind(
 /// Starts serving a pod: takes (or binds) its listeners and spawns their accept loops.
 pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<Arc<PodCtx>, String> {
     let PodResources { netns, mut listeners } = res;
+    // Everything of the pod lives on one worker: its sockets register with that worker's reactor, its tasks
+    // are spawned there.
+    let worker = ctx.workers.pick();
+    let _on_worker = worker.enter();
     let identity = identity_for(&ctx.cfg, &info);
     let netns = Arc::new(netns);
     let mut bound = Vec::new();
@@ -241,6 +261,7 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
         listener_fds: std::sync::Mutex::new(listener_fds),
         info,
         ctx: ctx.clone(),
+        worker: worker.clone(),
     });
     for (port, l, _) in bound {
         tokio::spawn(accept_loop(pod.clone(), l, port));
@@ -276,7 +297,8 @@ pub fn stop_pod(pod: Arc<PodCtx>, deadline: Duration) {
     pod.listener_fds.lock().unwrap().clear();
     pod.ctx.metrics.active_proxies.dec();
     pod.ctx.metrics.proxies_stopped.inc();
-    tokio::spawn(async move {
+    let worker = pod.worker.clone();
+    worker.spawn(async move {
         let cut = pod.drain.drain(deadline).await;
         pod.pool.clear();
         if cut > 0 {
@@ -301,6 +323,7 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
             },
             _ = drain.draining() => break,
         };
+        crate::spin::activity();
         pod.ctx.tune(&stream);
         let pod = pod.clone();
         tokio::spawn(async move {
@@ -317,11 +340,14 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
     debug!(pod = %pod.name(), port, "listener closed");
 }
 
+/// Each kind of connection is boxed on its own, so a connection costs its own state, not the largest kind's
+/// (an HBONE server connection holds TLS and HTTP/2 state that a plain outbound connection does not).
 async fn handle(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr, port: u16) {
+    let peer = socket::canonical(peer);
     match port {
-        OUTBOUND_PORT => outbound::handle(pod, stream, socket::canonical(peer)).await,
-        INBOUND_PLAINTEXT_PORT => plaintext::handle(pod, stream, socket::canonical(peer)).await,
-        INBOUND_HBONE_PORT => inbound::serve_connection(pod, stream, socket::canonical(peer)).await,
+        OUTBOUND_PORT => Box::pin(outbound::handle(pod, stream, peer)).await,
+        INBOUND_PLAINTEXT_PORT => Box::pin(plaintext::handle(pod, stream, peer)).await,
+        INBOUND_HBONE_PORT => Box::pin(inbound::serve_connection(pod, stream, peer)).await,
         _ => {}
     }
 }

@@ -3,13 +3,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Method, Request, StatusCode};
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::PodCtx;
 use super::copy;
-use super::pool::PoolKey;
+use super::pool::{PoolKey, StreamSlot};
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer};
 use crate::socket;
@@ -83,30 +85,19 @@ fn forwarded_for(peer: SocketAddr) -> String {
     format!("for=\"{peer}\"")
 }
 
-async fn hbone(
-    pod: Arc<PodCtx>,
-    tcp: TcpStream,
+/// Opens the CONNECT stream for one connection on the pod's pool. A pooled connection can die between
+/// requests (its peer's ztunnel restarted) before the pool notices; a CONNECT that fails before any answer
+/// has carried no data, so it is retried once on a fresh connection.
+async fn open_stream(
+    pod: &PodCtx,
+    key: &PoolKey,
     peer: SocketAddr,
     dst: SocketAddr,
-    src: Peer,
-    dst_peer: Peer,
-    expected: Vec<Identity>,
-) {
-    let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
-    let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
-    let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
-    // A pooled connection can die between requests (its peer's ztunnel restarted) before the pool notices. A
-    // CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.
+) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamSlot), String> {
     let mut attempt = 0;
-    let (resp, send, slot) = loop {
+    loop {
         attempt += 1;
-        let (mut send_req, slot) = match pod.pool.stream(&key).await {
-            Ok(s) => s,
-            Err(e) => {
-                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-                return;
-            }
-        };
+        let (mut send_req, slot) = pod.pool.stream(key).await.map_err(|e| e.to_string())?;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
@@ -120,15 +111,34 @@ async fn hbone(
             Err(e) => Err(e),
         };
         match sent {
-            Ok((resp, send)) => break (resp, send, slot),
+            Ok((resp, send)) => return Ok((resp, send, slot)),
             Err(e) if attempt < 2 => {
                 slot.mark_broken();
                 debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection failed; retrying on a new one");
             }
-            Err(e) => {
-                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
-                return;
-            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn hbone(
+    pod: Arc<PodCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src: Peer,
+    dst_peer: Peer,
+    expected: Vec<Identity>,
+) {
+    let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
+    let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
+    let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
+    // Boxed: the setup's state is freed once the stream is open, so an idle connection keeps only the copy's.
+    let (resp, send, slot) = match Box::pin(open_stream(&pod, &key, peer, dst)).await {
+        Ok(s) => s,
+        Err(e) => {
+            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+            return;
         }
     };
     if resp.status() != StatusCode::OK {
@@ -147,7 +157,7 @@ async fn hbone(
 
 async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, src: Peer, dst_peer: Peer) {
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
-    let upstream = match socket::connect_from_pod(&pod.netns, dst, None, pod.ctx.cfg.packet_mark).await {
+    let upstream = match Box::pin(socket::connect_from_pod(&pod.netns, dst, None, pod.ctx.cfg.packet_mark)).await {
         Ok(u) => u,
         Err(e) => {
             rec.close(0, 0, Some(&e.to_string()), Some("UF"));

@@ -47,7 +47,8 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
         rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
         return;
     }
-    let app = match socket::connect_from_pod(&pod.netns, dst, Some(peer.ip()), pod.ctx.cfg.packet_mark).await {
+    let app = match Box::pin(socket::connect_from_pod(&pod.netns, dst, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await
+    {
         Ok(a) => a,
         Err(e) => {
             rec.close(0, 0, Some(&e.to_string()), Some("UF"));
