@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::PodCtx;
 use super::copy;
-use super::pool::{PoolKey, StreamSlot};
+use super::pool::{PoolError, PoolKey, StreamSlot};
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer};
 use crate::socket;
@@ -86,8 +86,8 @@ fn forwarded_for(peer: SocketAddr) -> String {
 }
 
 /// Opens the CONNECT stream for one connection on the pod's pool. A pooled connection can die between
-/// requests (its peer's ztunnel restarted) before the pool notices; a CONNECT that fails before any answer
-/// has carried no data, so it is retried once on a fresh connection.
+/// requests (its peer's ztunnel restarted) or be going away (its peer is draining) before the pool notices; a
+/// CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.
 async fn open_stream(
     pod: &PodCtx,
     key: &PoolKey,
@@ -97,7 +97,16 @@ async fn open_stream(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let (mut send_req, slot) = pod.pool.stream(key).await.map_err(|e| e.to_string())?;
+        let (mut send_req, slot) = match pod.pool.stream(key).await {
+            Ok(s) => s,
+            // The pooled connection is going away (GOAWAY from a draining peer, or it broke): the pool has
+            // marked it closed, so the retry opens a new one.
+            Err(PoolError::H2(e)) if attempt < 2 => {
+                debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection unusable; retrying on a new one");
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
