@@ -128,7 +128,8 @@ impl LocalCa {
         let issuer = Issuer::new(params, key);
         let is_root = der::issuer_raw(&ca_der).as_deref() == Some(&raw_subject[..]);
         // Check the reconstruction: a throwaway leaf must name the CA exactly.
-        let probe = issue(&issuer, &Identity::new("check", "check", "check"), Duration::from_secs(60))
+        let now = SystemTime::now();
+        let probe = issue(&issuer, &Identity::new("check", "check", "check"), now, now + Duration::from_secs(60))
             .map_err(|e| CertError::Ca(format!("cannot sign with the key: {e}")))?;
         if der::issuer_raw(&probe.0).as_deref() != Some(&raw_subject[..]) {
             return Err(CertError::Ca("certificate: its subject cannot be reproduced in issued certificates".into()));
@@ -142,8 +143,20 @@ impl LocalCa {
     }
 
     fn sign(&self, id: &Identity) -> Result<WorkloadCert, CertError> {
+        let now = SystemTime::now();
+        self.sign_valid(id, now - Duration::from_secs(60), now + self.ttl)
+    }
+
+    /// Signs a certificate for `id` valid from `not_before` to `not_after` (tools and tests: expired and
+    /// not-yet-valid certificates).
+    pub fn sign_valid(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, CertError> {
         let err = |reason: String| CertError::Issue { identity: id.to_string(), reason };
-        let (leaf, key_der) = issue(&self.issuer, id, self.ttl).map_err(|e| err(e.to_string()))?;
+        let (leaf, key_der) = issue(&self.issuer, id, not_before, not_after).map_err(|e| err(e.to_string()))?;
         let mut chain = vec![leaf];
         if !self.is_root {
             chain.push(self.ca_der.clone());
@@ -163,11 +176,12 @@ impl LocalCa {
 }
 
 /// Signs a leaf for `id`: a fresh ECDSA P-256 key, the SPIFFE ID as the only (URI) SAN, usable by client and
-/// server, valid from a minute ago (clock skew) for `ttl`.
+/// server, valid from `not_before` (a minute ago, for clock skew) to `not_after`.
 fn issue(
     issuer: &Issuer<'static, KeyPair>,
     id: &Identity,
-    ttl: Duration,
+    not_before: SystemTime,
+    not_after: SystemTime,
 ) -> Result<(CertificateDer<'static>, Vec<u8>), rcgen::Error> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::default();
@@ -176,9 +190,8 @@ fn issue(
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.use_authority_key_identifier_extension = true;
-    let now = SystemTime::now();
-    p.not_before = (now - Duration::from_secs(60)).into();
-    p.not_after = (now + ttl).into();
+    p.not_before = not_before.into();
+    p.not_after = not_after.into();
     let mut serial = [0u8; 16];
     rustls::crypto::ring::default_provider()
         .secure_random

@@ -242,9 +242,10 @@ impl Metrics {
         out
     }
 
-    /// Counts a failure.
-    pub fn tls_failure(&self, direction: &str, reason: &str) {
-        self.tls_failures.get_or_create(&ReasonLabels { direction: direction.into(), reason: reason.into() }).inc();
+    /// Counts a failed TLS handshake; `true` the first time for this direction and reason (log it then, and
+    /// only then at a visible level: a peer retrying a bad certificate must not flood the log).
+    pub fn tls_failure(&self, direction: &str, reason: &str) -> bool {
+        self.tls_failures.get_or_create(&ReasonLabels { direction: direction.into(), reason: reason.into() }).inc() == 0
     }
 }
 

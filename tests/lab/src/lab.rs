@@ -579,9 +579,15 @@ impl Lab {
 
     /// Rewrites the local file after `change` and waits until every running ztunnel has loaded it.
     fn republish(&self, change: impl FnOnce(&mut MeshConfig)) -> anyhow::Result<()> {
+        self.rewrite(|_, m| change(m))
+    }
+
+    /// Rewrites the local file after `change` to the workloads and the rest, and waits until every running
+    /// ztunnel has loaded it.
+    fn rewrite(&self, change: impl FnOnce(&mut BTreeMap<String, Published>, &mut MeshConfig)) -> anyhow::Result<()> {
         let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
         let before: Vec<Option<u64>> = self.nodes.iter().map(|n| n.ztunnel.as_ref().and(generation(n))).collect();
-        change(&mut self.mesh.lock().unwrap());
+        change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
         self.write_workloads()?;
         for (n, before) in self.nodes.iter().zip(before) {
             let Some(before) = before else { continue };
@@ -890,28 +896,25 @@ impl Lab {
             node: self.nodes[node].name.clone(),
             hbone,
         };
-        let wl = p.uid.clone();
-        self.workloads.lock().unwrap().insert(uid.to_string(), p);
-        self.write_workloads()?;
-        self.wait_workload_visible(&wl, true)
+        self.rewrite(|w, _| {
+            w.insert(uid.to_string(), p);
+        })
     }
 
     /// Publishes a pod as an HBONE (`true`) or plain TCP workload, as istiod would after its enrolment changed.
     pub fn publish_as(&self, pod: &Pod, hbone: bool) -> anyhow::Result<()> {
-        self.workloads.lock().unwrap().insert(
-            pod.uid.clone(),
-            Published {
-                uid: workload_uid(pod),
-                name: pod.name.clone(),
-                namespace: pod.namespace.clone(),
-                service_account: pod.service_account.clone(),
-                ip: pod.ip,
-                node: self.nodes[pod.node].name.clone(),
-                hbone,
-            },
-        );
-        self.write_workloads()?;
-        self.wait_workload_visible(&workload_uid(pod), true)
+        let p = Published {
+            uid: workload_uid(pod),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            ip: pod.ip,
+            node: self.nodes[pod.node].name.clone(),
+            hbone,
+        };
+        self.rewrite(|w, _| {
+            w.insert(pod.uid.clone(), p);
+        })
     }
 
     /// Runs CNI DEL for the pod (reverse order, cached result) without deleting its netns.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use lab::demo::{APP_PORT, MESH_NS};
-use lab::net::EchoServer;
+use lab::net::{EchoClient, EchoServer};
 use lab::{Lab, LabConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -126,4 +126,89 @@ fn hostile_requests_get_the_right_status_and_never_stall_the_connection() {
     assert!(metric(&m, "ztunnel_tls_handshake_failures_total", &["direction=\"inbound\""]) >= 1.0, "{m}");
     let z = lab.nodes[1].ztunnel.as_ref().unwrap();
     assert!(!z.log().contains("panicked"), "{}", z.log());
+    // Logged once per kind: two requests to reserved ports, one line.
+    assert_eq!(z.log().matches("HBONE request refused").count(), 3, "{}", z.log());
+}
+
+/// Whether a TLS session with `cert` to `target` (from `ns`) is accepted: the handshake completes and the
+/// server does not close it on our first read (TLS 1.3 servers refuse client certificates after the client
+/// thinks it is done).
+fn tls_accepted(
+    ns: &lab::Netns,
+    target: SocketAddr,
+    cert: Arc<rustls::sign::CertifiedKey>,
+    roots: Arc<ztunnel::tls::TrustRoots>,
+    expected: ztunnel::identity::Identity,
+) -> bool {
+    let sock = ns.run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))).unwrap().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        sock.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
+        let cfg = Arc::new(ztunnel::tls::client_config(cert, vec![expected], roots));
+        let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+        let Ok(tls) = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await else { return false };
+        let (mut send, conn) = match h2::client::handshake(tls).await {
+            Ok(x) => x,
+            Err(_) => return false,
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // A request proves the server kept the session.
+        let req = Request::builder().method(Method::GET).uri(format!("http://{}/", target)).body(()).unwrap();
+        match send.send_request(req, true) {
+            Ok((resp, _)) => matches!(tokio::time::timeout(Duration::from_secs(5), resp).await, Ok(Ok(_))),
+            Err(_) => false,
+        }
+    })
+}
+
+#[test]
+fn certificates_out_of_validity_or_for_the_wrong_identity_are_refused() {
+    use std::time::SystemTime;
+    use ztunnel::certs::LocalCa;
+    use ztunnel::identity::Identity;
+    use ztunnel::tls::TrustRoots;
+
+    let lab = Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).unwrap();
+    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
+    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
+    let echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
+    let ca =
+        LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), Duration::from_secs(3600)).unwrap();
+    let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], "cluster.local").unwrap());
+    let me = Identity::new("cluster.local", MESH_NS, "client");
+    let server_id = Identity::new("cluster.local", MESH_NS, "server");
+    let hbone = SocketAddr::new(server.ip, 15008);
+    let ns = &lab.nodes[0].netns;
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cert = |from: SystemTime, to: SystemTime| ca.sign_valid(&me, from, to).unwrap().certified;
+
+    let before = lab.nodes[1].metrics().unwrap();
+    assert!(tls_accepted(ns, hbone, cert(now - hour, now + hour), roots.clone(), server_id.clone()), "a valid one");
+    assert!(!tls_accepted(ns, hbone, cert(now - 2 * hour, now - hour), roots.clone(), server_id.clone()), "expired");
+    assert!(
+        !tls_accepted(ns, hbone, cert(now + hour, now + 2 * hour), roots.clone(), server_id.clone()),
+        "not yet valid"
+    );
+    let after = lab.nodes[1].metrics().unwrap();
+    let count = |t: &str, reason: &str| {
+        metric(t, "ztunnel_tls_handshake_failures_total", &["direction=\"inbound\"", &format!("reason=\"{reason}\"")])
+    };
+    assert_eq!(count(&after, "expired") - count(&before, "expired"), 1.0, "{after}");
+    assert_eq!(count(&after, "not_yet_valid") - count(&before, "not_yet_valid"), 1.0, "{after}");
+
+    // The client side: the mesh says the server runs as `impostor`, so the server's real certificate (for
+    // `server`) is the wrong SAN: the client's ztunnel refuses it and the connection goes nowhere.
+    lab.publish_workload(&server.uid, MESH_NS, "server", "impostor", server.ip, 1, true).unwrap();
+    let refused =
+        EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).and_then(|mut c| c.round_trip(b"x"));
+    assert!(refused.is_err(), "the client's ztunnel accepted a server with the wrong identity");
+    let m = lab.nodes[0].metrics().unwrap();
+    let wrong = ["direction=\"outbound\"", "reason=\"identity\""];
+    assert!(metric(&m, "ztunnel_tls_handshake_failures_total", &wrong) >= 1.0, "{m}");
+    lab.publish(&server).unwrap();
+    EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"right").unwrap();
 }

@@ -47,12 +47,26 @@ pub fn tls_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-fn reject(pod: &PodCtx, reason: &str) {
+/// Counts a refused HBONE request; `true` the first time for this reason (see [`Metrics::tls_failure`]).
+fn reject(pod: &PodCtx, reason: &str) -> bool {
     pod.ctx
         .metrics
         .hbone_rejected
         .get_or_create(&ReasonLabels { direction: "inbound".into(), reason: reason.into() })
-        .inc();
+        .inc()
+        == 0
+}
+
+/// Logs bad input from a peer: at WARN the first time for its kind (counted in metrics either way), at DEBUG
+/// after that.
+macro_rules! log_once {
+    ($first:expr, $($arg:tt)+) => {
+        if $first {
+            warn!(first_of_its_kind = true, later = "counted in metrics, logged at debug", $($arg)+)
+        } else {
+            debug!($($arg)+)
+        }
+    };
 }
 
 /// Serves one HBONE connection.
@@ -64,7 +78,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
     // The certificate is issued on first use; a connection that arrives first (queued while ztunnel restarted)
     // must wait for it rather than meet a server without one.
     if let Err(e) = pod.ctx.certs.fetch(&pod.identity).await {
-        pod.ctx.metrics.tls_failure("inbound", "no_certificate");
+        let _ = pod.ctx.metrics.tls_failure("inbound", "no_certificate");
         warn!(pod = %pod.name(), %peer, error = %e, "no certificate to answer an HBONE connection with");
         return;
     }
@@ -73,18 +87,19 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = tls_reason(&e);
-            pod.ctx.metrics.tls_failure("inbound", reason);
-            debug!(pod = %pod.name(), %peer, reason, error = %e, "TLS handshake refused");
+            let first = pod.ctx.metrics.tls_failure("inbound", reason);
+            log_once!(first, pod = %pod.name(), %peer, reason, error = %e, "TLS handshake refused");
             return;
         }
         Err(_) => {
-            pod.ctx.metrics.tls_failure("inbound", "timeout");
-            debug!(pod = %pod.name(), %peer, "TLS handshake timed out");
+            let first = pod.ctx.metrics.tls_failure("inbound", "timeout");
+            log_once!(first, pod = %pod.name(), %peer, "TLS handshake timed out");
             return;
         }
     };
     let Some(client_id) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(tls::identity_of) else {
-        pod.ctx.metrics.tls_failure("inbound", "identity");
+        let first = pod.ctx.metrics.tls_failure("inbound", "identity");
+        log_once!(first, pod = %pod.name(), %peer, "client certificate without a workload identity");
         return;
     };
     let c = &pod.ctx.cfg;
@@ -158,8 +173,8 @@ async fn stream(
     let target = match hbone::validate(req.method(), req.uri(), local) {
         Ok(t) => t,
         Err(rej) => {
-            reject(&pod, rej.reason());
-            warn!(pod = %pod.name(), %peer, client = %client_id, error = %rej, "HBONE request refused");
+            let first = reject(&pod, rej.reason());
+            log_once!(first, pod = %pod.name(), %peer, client = %client_id, error = %rej, "HBONE request refused");
             respond_status(&mut respond, rej.status());
             return;
         }

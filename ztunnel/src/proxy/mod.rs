@@ -186,7 +186,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
             .await
             .map_err(|_| err("TLS handshake with", &"timed out"))?
             .map_err(|e| {
-                ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
+                let _ = ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
                 err("TLS handshake with", &e)
             })?;
             let (send, conn) = h2::client::Builder::new()
