@@ -54,6 +54,8 @@ pub struct LabConfig {
     pub kubernetes: bool,
     /// The runtime tier: run containerd on each node, with the CNI config the agent chained.
     pub runtime: bool,
+    /// Dual stack: nodes and pods get IPv6 addresses too (fd00:30::N on the fabric, fd00:244:N::/64 pods).
+    pub dual_stack: bool,
 }
 
 impl Default for LabConfig {
@@ -67,6 +69,7 @@ impl Default for LabConfig {
             start_daemons: true,
             kubernetes: false,
             runtime: false,
+            dual_stack: false,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Its pod CIDR.
     pub pod_cidr: String,
+    /// Its fabric IPv6 address and IPv6 pod CIDR (dual-stack labs).
+    pub v6: Option<(std::net::Ipv6Addr, String)>,
     /// Its directory (sockets, configs, logs).
     pub dir: PathBuf,
     /// Its CNI runtime view.
@@ -142,6 +147,8 @@ pub struct Pod {
     pub netns: Netns,
     /// Its IPv4 address.
     pub ip: IpAddr,
+    /// Its IPv6 address (dual-stack labs).
+    pub ip6: Option<IpAddr>,
     /// The sandbox id.
     pub container_id: String,
     /// The conflist's final ADD result (cached for DEL, as a runtime does).
@@ -260,6 +267,7 @@ struct Published {
     namespace: String,
     service_account: String,
     ip: IpAddr,
+    ip6: Option<IpAddr>,
     node: String,
     hbone: bool,
 }
@@ -272,6 +280,23 @@ struct MeshConfig {
     policies: Vec<Value>,
     memberships: BTreeMap<String, Value>,
     selections: BTreeMap<String, Vec<String>>,
+}
+
+/// The pod's first IPv4 (else first) address and its first IPv6 address, from a CNI result.
+fn result_ips(result: &Value) -> anyhow::Result<(IpAddr, Option<IpAddr>)> {
+    let ips: Vec<IpAddr> = result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect();
+    let ip = ips
+        .iter()
+        .find(|i| i.is_ipv4())
+        .or(ips.first())
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("CNI result without an IP: {result}"))?;
+    Ok((ip, ips.iter().find(|i| i.is_ipv6()).copied()))
 }
 
 /// The lab.
@@ -345,6 +370,15 @@ impl Lab {
             for (cidr, via) in peer_routes {
                 lab.nodes[i].netns.ip(&["route", "add", &cidr, "via", &via.to_string()])?;
             }
+            let peer_routes6: Vec<(String, std::net::Ipv6Addr)> = lab
+                .nodes
+                .iter()
+                .filter(|n| n.index != i)
+                .filter_map(|n| n.v6.as_ref().map(|(ip, cidr)| (cidr.clone(), *ip)))
+                .collect();
+            for (cidr, via) in peer_routes6 {
+                lab.nodes[i].netns.ip(&["-6", "route", "add", &cidr, "via", &via.to_string()])?;
+            }
         }
         if config.start_daemons {
             for i in 0..config.nodes {
@@ -393,6 +427,24 @@ impl Lab {
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         let pod_cidr = format!("10.244.{}.0/24", i + 1);
+        let v6 = if self.config.dual_stack {
+            // No duplicate address detection: addresses are usable at once (cni0 inherits `default`).
+            for conf in ["all", "default"] {
+                netns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+            }
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            let ip6: std::net::Ipv6Addr = format!("fd00:30::{}", i + 1).parse()?;
+            netns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            Some((ip6, format!("fd00:244:{}::/64", i + 1)))
+        } else {
+            None
+        };
+        let mut ranges = vec![json!([{"subnet": pod_cidr}])];
+        let mut routes = vec![json!({"dst": "0.0.0.0/0"})];
+        if let Some((_, cidr6)) = &v6 {
+            ranges.push(json!([{"subnet": cidr6}]));
+            routes.push(json!({"dst": "::/0"}));
+        }
 
         let conflist = json!({
             "cniVersion": "1.0.0",
@@ -402,8 +454,8 @@ impl Lab {
                     "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": pod_cidr}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "ranges": ranges,
+                        "routes": routes,
                         "dataDir": dir.join("ipam"),
                     }
                 }
@@ -417,6 +469,7 @@ impl Lab {
             netns,
             ip,
             pod_cidr,
+            v6,
             cni: CniRunner { bin_dir: bin, conf_dir: dir.join("net.d") },
             dir,
             agent: None,
@@ -566,7 +619,7 @@ impl Lab {
             .map(|(pod_uid, p)| {
                 json!({
                     "uid": p.uid, "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
-                    "workloadIps": [p.ip.to_string()], "protocol": if p.hbone { "HBONE" } else { "TCP" },
+                    "workloadIps": std::iter::once(p.ip).chain(p.ip6).map(|i| i.to_string()).collect::<Vec<_>>(), "protocol": if p.hbone { "HBONE" } else { "TCP" },
                     "node": p.node, "trustDomain": TRUST_DOMAIN,
                     "services": mesh.memberships.get(pod_uid).cloned().unwrap_or_else(|| json!({})),
                     "authorizationPolicies": mesh.selections.get(pod_uid).cloned().unwrap_or_default(),
@@ -696,6 +749,12 @@ impl Lab {
         let uid = format!("{}-{}", unique_id(), unique_id());
         let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
         let netns = Netns::create(&format!("ambit-{}-{}-{}", self.id, namespace, name)).map_err(PodError::Setup)?;
+        if self.config.dual_stack {
+            // As a runtime's sandbox would: the pod's addresses are usable at once (no duplicate detection).
+            for conf in ["all", "default"] {
+                netns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0").map_err(PodError::Setup)?;
+            }
+        }
         let att = Attachment {
             container_id: container_id.clone(),
             netns: netns.path(),
@@ -710,11 +769,7 @@ impl Lab {
                 return Err(PodError::Cni(e));
             }
         };
-        let ip: IpAddr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| PodError::Setup(anyhow::anyhow!("CNI result without an IP: {result}")))?;
+        let (ip, ip6) = result_ips(&result).map_err(PodError::Setup)?;
         let pod = Pod {
             namespace: namespace.into(),
             name: name.into(),
@@ -723,6 +778,7 @@ impl Lab {
             node,
             netns,
             ip,
+            ip6,
             container_id,
             result,
             timings,
@@ -803,11 +859,7 @@ impl Lab {
                 return Err(PodError::Cni(e));
             }
         };
-        let ip: IpAddr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| PodError::Setup(anyhow::anyhow!("CNI result without an IP: {result}")))?;
+        let (ip, ip6) = result_ips(&result).map_err(PodError::Setup)?;
         self.set_pod_status(namespace, name, "Running", Some(ip)).map_err(PodError::Setup)?;
         Ok(Pod {
             namespace: namespace.into(),
@@ -817,6 +869,7 @@ impl Lab {
             node,
             netns,
             ip,
+            ip6,
             container_id,
             result,
             timings,
@@ -893,6 +946,7 @@ impl Lab {
             namespace: namespace.into(),
             service_account: sa.into(),
             ip,
+            ip6: None,
             node: self.nodes[node].name.clone(),
             hbone,
         };
@@ -909,6 +963,7 @@ impl Lab {
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
             ip: pod.ip,
+            ip6: pod.ip6,
             node: self.nodes[pod.node].name.clone(),
             hbone,
         };
