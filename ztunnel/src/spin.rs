@@ -49,15 +49,18 @@ pub async fn run(window: Duration) {
         let mut until = Instant::now() + window;
         loop {
             tokio::task::yield_now().await;
-            // Let any other runnable thread on this CPU (the pod's app, the peer proxy) go first: spinning
-            // must only use time nobody else wants, or it would delay the very wakeups it saves.
-            std::thread::yield_now();
             let now = s.activity.get();
             if now != last {
+                // Traffic is flowing: the worker has work, nobody is waiting on the spin.
                 last = now;
                 until = Instant::now() + window;
             } else if Instant::now() >= until {
                 break;
+            } else {
+                // Waiting for the next packet: let any other runnable thread on this CPU (the pod's app, the
+                // peer proxy) go first. Spinning must only use time nobody else wants, or it would delay the
+                // very wakeups it saves.
+                std::thread::yield_now();
             }
         }
         // The traffic paused: a good moment to give the burst's freed buffers back to the system.
