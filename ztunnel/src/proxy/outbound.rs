@@ -88,11 +88,15 @@ fn forwarded_for(peer: SocketAddr) -> String {
 /// Opens the CONNECT stream for one connection on the pod's pool. A pooled connection can die between
 /// requests (its peer's ztunnel restarted) or be going away (its peer is draining) before the pool notices; a
 /// CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.
+///
+/// `early` (what the client already sent) goes right behind the request, so the peer has it when it answers
+/// instead of one round trip later; until the answer nothing reaches the app, so on a retry it is sent again.
 async fn open_stream(
     pod: &PodCtx,
     key: &PoolKey,
     peer: SocketAddr,
     dst: SocketAddr,
+    early: &Option<Bytes>,
 ) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamSlot), String> {
     let mut attempt = 0;
     loop {
@@ -116,7 +120,13 @@ async fn open_stream(
             .body(())
             .expect("valid CONNECT request");
         let sent = match send_req.send_request(req, false) {
-            Ok((resp, send)) => resp.await.map(|r| (r, send)),
+            Ok((resp, mut send)) => match early {
+                Some(b) => match send.send_data(b.clone(), false) {
+                    Ok(()) => resp.await.map(|r| (r, send)),
+                    Err(e) => Err(e),
+                },
+                None => resp.await.map(|r| (r, send)),
+            },
             Err(e) => Err(e),
         };
         match sent {
@@ -127,6 +137,21 @@ async fn open_stream(
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// What the client has already sent (its first request, typically), without waiting for more; at most
+/// `EARLY_MAX` bytes. An end of stream is left in the socket for the copy to see.
+fn early_data(tcp: &TcpStream) -> Option<Bytes> {
+    const EARLY_MAX: usize = 16 * 1024;
+    let mut buf = [0u8; EARLY_MAX];
+    // A plain non-blocking read: tokio's `try_read` would answer from its cached readiness, which a socket
+    // accepted a moment ago does not have yet.
+    let sock = socket2::SockRef::from(tcp);
+    match std::io::Read::read(&mut &*sock, &mut buf) {
+        Ok(n) if n > 0 => Some(Bytes::copy_from_slice(&buf[..n])),
+        // A read of 0 consumed nothing: the copy still sees the end of stream.
+        _ => None,
     }
 }
 
@@ -142,8 +167,10 @@ async fn hbone(
     let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
     let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
+    let early = early_data(&tcp);
+    let early_len = early.as_ref().map_or(0, |b| b.len() as u64);
     // Boxed: the setup's state is freed once the stream is open, so an idle connection keeps only the copy's.
-    let (resp, send, slot) = match Box::pin(open_stream(&pod, &key, peer, dst)).await {
+    let (resp, send, slot) = match Box::pin(open_stream(&pod, &key, peer, dst, &early)).await {
         Ok(s) => s,
         Err(e) => {
             rec.close(0, 0, Some(&e.to_string()), Some("UF"));
@@ -156,12 +183,13 @@ async fn hbone(
             StatusCode::SERVICE_UNAVAILABLE => "UF",
             _ => "CONNECT",
         };
-        rec.close(0, 0, Some(&format!("HBONE CONNECT answered {}", resp.status())), Some(flags));
+        rec.close(early_len, 0, Some(&format!("HBONE CONNECT answered {}", resp.status())), Some(flags));
         return;
     }
+    drop(early);
     let t = copy::tcp_h2(&tcp, send, resp.into_body()).await;
     drop(slot);
-    rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+    rec.close(early_len + t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
 }
 
 async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, src: Peer, dst_peer: Peer) {
