@@ -34,6 +34,18 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Turns Nagle off and sets TCP keepalive (idle time, probe interval, probes). Connections accepted from a
+/// listener inherit both (Linux copies them at accept).
+pub fn tune(tcp: &impl std::os::fd::AsFd, keepalive: Option<(Duration, Duration, u32)>) -> std::io::Result<()> {
+    let sock = SockRef::from(tcp);
+    sock.set_tcp_nodelay(true)?;
+    if let Some((time, interval, retries)) = keepalive {
+        let ka = socket2::TcpKeepalive::new().with_time(time).with_interval(interval).with_retries(retries);
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    Ok(())
+}
+
 /// A new TCP socket in the pod's netns, marked so the pod's rules let it through.
 pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
@@ -104,4 +116,24 @@ pub fn bind_in_pod(
         Ok(s)
     })??;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_inherit_the_listeners_options() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ka = (Duration::from_secs(77), Duration::from_secs(11), 4);
+        tune(&l, Some(ka)).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let s = SockRef::from(&a);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), ka.0);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), ka.1);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), ka.2);
+    }
 }
