@@ -317,12 +317,17 @@ fn untrusted_client_certificates_are_refused_and_counted() {
         !attempt(lab_store.clone(), Identity::new("evil.local", MESH_NS, "client")),
         "another trust domain was accepted"
     );
-    let after = lab.nodes[1].metrics().unwrap();
     let count = |t: &str, reason: &str| {
         metric(t, "ztunnel_tls_handshake_failures_total", &["direction=\"inbound\"", &format!("reason=\"{reason}\"")])
     };
-    assert!(count(&after, "unknown_ca") > count(&before, "unknown_ca"), "{after}");
-    assert!(count(&after, "identity") > count(&before, "identity"), "{after}");
+    // The server sends its alert before it counts the failure: wait for the counts.
+    wait_for("both refusals counted", Duration::from_secs(5), || {
+        let after = lab.nodes[1].metrics().ok()?;
+        (count(&after, "unknown_ca") > count(&before, "unknown_ca")
+            && count(&after, "identity") > count(&before, "identity"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", lab.nodes[1].metrics().unwrap()));
     let log = lab.nodes[1].ztunnel.as_ref().unwrap().log();
     assert!(!log.contains("panicked"), "{log}");
 }

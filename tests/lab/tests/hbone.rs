@@ -193,10 +193,16 @@ fn certificates_out_of_validity_or_for_the_wrong_identity_are_refused() {
         !tls_accepted(ns, hbone, cert(now + hour, now + 2 * hour), roots.clone(), server_id.clone()),
         "not yet valid"
     );
-    let after = lab.nodes[1].metrics().unwrap();
     let count = |t: &str, reason: &str| {
         metric(t, "ztunnel_tls_handshake_failures_total", &["direction=\"inbound\"", &format!("reason=\"{reason}\"")])
     };
+    // The server sends its alert before it counts the failure: wait for the count.
+    let counted = lab::util::wait_for("both refusals counted", Duration::from_secs(5), || {
+        let after = lab.nodes[1].metrics().ok()?;
+        let new = |r: &str| count(&after, r) - count(&before, r);
+        (new("expired") >= 1.0 && new("not_yet_valid") >= 1.0).then_some(after)
+    });
+    let after = counted.unwrap_or_else(|e| panic!("{e:#}: {}", lab.nodes[1].metrics().unwrap()));
     assert_eq!(count(&after, "expired") - count(&before, "expired"), 1.0, "{after}");
     assert_eq!(count(&after, "not_yet_valid") - count(&before, "not_yet_valid"), 1.0, "{after}");
 

@@ -188,8 +188,9 @@ async fn stream(
     let me = Peer { workload: me, identity: Some(pod.identity.clone()), service };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, target, Some(local), src, me, true);
     if let Err(d) = allowed {
-        respond_status(&mut respond, StatusCode::UNAUTHORIZED);
+        // Counted before the answer goes out, so whoever sees the 401 sees the count.
         rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
+        respond_status(&mut respond, StatusCode::UNAUTHORIZED);
         return;
     }
     let app =
@@ -197,8 +198,8 @@ async fn stream(
             Ok(a) => a,
             Err(e) => {
                 reject(&pod, "upstream_unavailable");
-                respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+                respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 return;
             }
         };
