@@ -46,12 +46,12 @@ pub fn tune(tcp: &impl std::os::fd::AsFd, keepalive: Option<(Duration, Duration,
     Ok(())
 }
 
-/// A new TCP socket in the pod's netns, marked so the pod's rules let it through.
+/// A new TCP socket in the pod's netns, marked so the pod's rules let it through. Callers [`tune`] it once
+/// connected.
 pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
     let s = netns.run(|| Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP)))??;
     s.set_mark(mark)?;
-    s.set_tcp_nodelay(true)?;
     Ok(s)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lab::demo::{self, APP_PORT, MESH_NS};
 use lab::net::{EchoClient, EchoServer};
-use lab::util::wait_for;
+use lab::util::{metric, wait_for};
 use lab::{Lab, LabConfig, PodError};
 use serde_json::{Value, json};
 
@@ -257,13 +257,6 @@ fn garbage_zds_is_nacked_and_pods_stay_served() {
     assert!(pods.iter().any(|p| p["uid"] == server.uid.as_str()), "{dump}");
     EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"after").unwrap();
     assert!(lab.nodes[1].ztunnel.as_mut().unwrap().running());
-}
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]

@@ -10,15 +10,9 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use lab::demo::{APP_PORT, MESH_NS};
 use lab::net::{EchoClient, EchoServer};
+use lab::util::metric;
 use lab::{Lab, LabConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[test]
 fn hostile_requests_get_the_right_status_and_never_stall_the_connection() {

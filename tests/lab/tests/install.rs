@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lab::demo::MESH_NS;
-use lab::util::wait_for;
+use lab::util::{metric, wait_for};
 use lab::{Lab, LabConfig};
 use serde_json::Value;
 
@@ -29,10 +29,6 @@ fn primary_only(lab: &Lab, i: usize) -> Vec<u8> {
     serde_json::to_vec_pretty(&v).unwrap()
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-}
-
 #[test]
 fn the_plugin_stays_chained_when_the_primary_rewrites_its_config() {
     let lab = lab();
@@ -50,7 +46,7 @@ fn the_plugin_stays_chained_when_the_primary_rewrites_its_config() {
     // The counter moves just after the file is rewritten.
     wait_for("all seven repairs to be counted", Duration::from_secs(5), || {
         let (_, m) = lab.agent_get(0, "/metrics").ok()?;
-        (metric(&m, "ambit_agent_installer_repairs_total") >= 7.0).then_some(())
+        (metric(&m, "ambit_agent_installer_repairs_total", &[]) >= 7.0).then_some(())
     })
     .unwrap();
     let log = lab.nodes[0].agent.as_ref().unwrap().log();
@@ -100,8 +96,8 @@ fn restart_keeps_the_installation_and_uninstall_removes_everything() {
     );
     lab.start_agent(0).unwrap();
     let (_, m) = lab.agent_get(0, "/metrics").unwrap();
-    assert_eq!(metric(&m, "ambit_agent_pods_enrolled"), 1.0, "the restarted agent re-adopted the pod: {m}");
-    assert_eq!(metric(&m, "ambit_agent_installer_repairs_total"), 0.0, "a restart is not a repair: {m}");
+    assert_eq!(metric(&m, "ambit_agent_pods_enrolled", &[]), 1.0, "the restarted agent re-adopted the pod: {m}");
+    assert_eq!(metric(&m, "ambit_agent_installer_repairs_total", &[]), 0.0, "a restart is not a repair: {m}");
 
     // Uninstall: the pod is un-enrolled, the node is clean.
     lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(5));

@@ -6,17 +6,11 @@ use std::time::Duration;
 
 use lab::demo::{APP_PORT, LEGACY_NS, MESH_NS};
 use lab::net::{EchoClient, EchoServer};
+use lab::util::metric;
 use lab::{Lab, LabConfig, Pod};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(5);
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 fn v6(p: &Pod) -> IpAddr {
     p.ip6.unwrap_or_else(|| panic!("{} has no IPv6 address: {}", p.full_name(), p.result))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lab::demo::{APP_PORT, LEGACY_NS, MESH_NS};
 use lab::net::{EchoClient, EchoServer, http_request};
-use lab::util::wait_for;
+use lab::util::{metric, wait_for};
 use lab::{Lab, LabConfig, Pod};
 use serde_json::json;
 
@@ -14,14 +14,6 @@ const T: Duration = Duration::from_secs(5);
 
 fn lab() -> Lab {
     Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).expect("lab starts")
-}
-
-/// Sum of the samples of `name` whose labels contain every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Whether `from` gets a working echo connection to `to` (greeting and one round trip).

@@ -180,11 +180,13 @@ async fn stream(
         }
     };
     let snap = pod.ctx.state.snapshot();
-    let me = pod.workload();
+    let me = pod.workload(&snap);
     let service = me.as_ref().and_then(|w| snap.inbound_service(w, target.port()));
     let conn = Conn { src: peer, dst: target, src_identity: Some(client_id.clone()) };
     let allowed = super::authorize(&pod, &snap, me.as_deref(), &conn, "hbone");
     let src = Peer { workload: snap.workload_by_ip(peer.ip()), identity: Some(client_id), service: None };
+    // An open connection must not keep an old configuration alive.
+    drop(snap);
     let me = Peer { workload: me, identity: Some(pod.identity.clone()), service };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, target, Some(local), src, me, true);
     if let Err(d) = allowed {

@@ -102,9 +102,9 @@ pub struct PodCtx {
 }
 
 impl PodCtx {
-    /// The pod's workload entry, if the workload file has it.
-    pub fn workload(&self) -> Option<Arc<Workload>> {
-        self.ctx.state.snapshot().local_workload(&self.ctx.cfg.node_name, &self.info.namespace, &self.info.name)
+    /// The pod's workload entry in `snap`, if the workload file has it.
+    pub fn workload(&self, snap: &Snapshot) -> Option<Arc<Workload>> {
+        snap.local_workload(&self.ctx.cfg.node_name, &self.info.namespace, &self.info.name)
     }
 
     /// `namespace/name`, for logs.

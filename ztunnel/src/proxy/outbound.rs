@@ -58,8 +58,11 @@ fn route(pod: &PodCtx, snap: &Snapshot, dst: SocketAddr) -> Result<Route, (NoUps
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
     let snap = pod.ctx.state.snapshot();
-    let src = Peer { workload: pod.workload(), identity: Some(pod.identity.clone()), service: None };
-    match route(&pod, &snap, dst) {
+    let src = Peer { workload: pod.workload(&snap), identity: Some(pod.identity.clone()), service: None };
+    let route = route(&pod, &snap, dst);
+    // An open connection must not keep an old configuration alive.
+    drop(snap);
+    match route {
         Ok(Route::Hbone { target, dst: dst_peer, expected }) => {
             hbone(pod, tcp, peer, target, src, dst_peer, expected).await
         }

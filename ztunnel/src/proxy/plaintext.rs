@@ -31,7 +31,7 @@ fn plaintext_from_mesh(pod: &PodCtx, w: &Workload, peer: SocketAddr) {
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
     let snap = pod.ctx.state.snapshot();
-    let me = pod.workload();
+    let me = pod.workload(&snap);
     let service = me.as_ref().and_then(|w| snap.inbound_service(w, dst.port()));
     let client = snap.workload_by_ip(peer.ip());
     if let Some(w) = client.as_ref().filter(|w| w.protocol == Protocol::HBONE) {
@@ -39,6 +39,8 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     }
     let conn = Conn { src: peer, dst, src_identity: None };
     let allowed = super::authorize(&pod, &snap, me.as_deref(), &conn, "plaintext");
+    // An open connection must not keep an old configuration alive.
+    drop(snap);
     let src = Peer { workload: client, identity: None, service: None };
     let me = Peer { workload: me, identity: Some(pod.identity.clone()), service };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, dst, None, src, me, false);
