@@ -54,6 +54,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if !cfg.busy_poll.is_zero() {
+        // The workers' spinners trim the heap when traffic pauses; without them, glibc's defaults stay.
+        ztunnel::spin::tune_allocator();
+    }
     // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the runtime");
     if let Err(e) = rt.block_on(run(cfg, log)) {
@@ -98,7 +102,7 @@ async fn run(cfg: Config, log: Arc<Filter>) -> anyhow::Result<()> {
         loop {
             tick.tick().await;
             certs.refresh_due().await;
-            ztunnel::spin::release_memory();
+            let _ = ztunnel::spin::release_memory();
         }
     });
     info!(node = %cfg.node_name, zds = %cfg.inpod_uds.display(), workers = cfg.worker_threads, "ztunnel started");
