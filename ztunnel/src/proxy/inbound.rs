@@ -83,7 +83,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         return;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::tls_io(tcp))).await {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::tls_io(tcp))).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = tls_reason(&e);
@@ -102,6 +102,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         log_once!(first, pod = %pod.name(), %peer, "client certificate without a workload identity");
         return;
     };
+    tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
     let c = &pod.ctx.cfg;
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(c.h2_stream_window)

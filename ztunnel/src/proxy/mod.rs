@@ -74,6 +74,11 @@ pub fn tls_io(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
     tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
 }
 
+/// Encrypted bytes rustls may hold for an HBONE connection before its writes must wait for the socket.
+/// rustls's default (64 KiB) cuts each of our data frames (up to 256 KiB plus a 9-byte header) into five
+/// writes, the last of them a lone 9-byte TLS record and TCP packet; this takes a whole frame in one `writev`.
+pub const TLS_WRITE_BUFFER: usize = 512 * 1024;
+
 /// One served pod.
 pub struct PodCtx {
     /// Pod UID.
@@ -187,6 +192,8 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
                 let _ = ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
                 err("TLS handshake with", &e)
             })?;
+            let mut tls = tls;
+            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             let (send, conn) = h2::client::Builder::new()
                 .initial_window_size(ctx.cfg.h2_stream_window)
                 .initial_connection_window_size(ctx.cfg.h2_connection_window)
