@@ -90,10 +90,13 @@ mod tests {
 /// Options of the mesh benchmark.
 #[derive(Debug, Clone)]
 pub struct MeshOpts {
-    /// Seconds per throughput and connection-rate measurement.
+    /// Seconds per throughput and connection-rate measurement, in each round.
     pub secs: f64,
-    /// Round trips per latency measurement.
+    /// Round trips per latency measurement, over all rounds.
     pub round_trips: usize,
+    /// Rounds: each measures the mesh and direct once, alternating which goes first, so both see the same
+    /// moments of a shared machine.
+    pub rounds: usize,
     /// Another ztunnel binary to measure under the same conditions.
     pub ztunnel: Option<std::path::PathBuf>,
     /// Extra environment for that ztunnel.
@@ -107,8 +110,9 @@ pub struct MeshOpts {
 impl Default for MeshOpts {
     fn default() -> Self {
         MeshOpts {
-            secs: 3.0,
-            round_trips: 5000,
+            secs: 1.5,
+            round_trips: 10_000,
+            rounds: 5,
             ztunnel: None,
             ztunnel_env: Vec::new(),
             idle_pods: 100,
@@ -117,46 +121,95 @@ impl Default for MeshOpts {
     }
 }
 
+/// One path's figures, gathered over the rounds.
+#[derive(Default)]
 struct Figures {
-    tp1: f64,
-    tp8: f64,
-    rr: [(f64, f64); 2],
-    connect: (f64, f64),
+    /// Gbit/s of each round, 1 stream and 8 streams.
+    tp: [Vec<f64>; 2],
+    /// Round-trip samples in µs, 1 B and 1 KiB.
+    rr: [Vec<f64>; 2],
+    /// Connections made and seconds spent making them.
+    conns: (usize, f64),
+    /// Connection samples in µs.
+    connect: Vec<f64>,
+    /// Bytes moved by the throughput runs.
     bytes: u64,
 }
 
+impl Figures {
+    fn tp(&self, i: usize) -> f64 {
+        self.tp[i].iter().sum::<f64>() / self.tp[i].len().max(1) as f64
+    }
+
+    fn rr(&self, i: usize, p: f64) -> f64 {
+        percentile(&self.rr[i], p)
+    }
+
+    fn connect_rate(&self) -> f64 {
+        self.conns.0 as f64 / self.conns.1.max(1e-9)
+    }
+
+    fn finish(&mut self) {
+        for v in self.rr.iter_mut().chain([&mut self.connect]) {
+            v.sort_by(f64::total_cmp);
+        }
+    }
+
+    fn json(&self) -> (Value, Value, Value) {
+        (
+            json!({"1": round(self.tp(0) / 1e9, 2), "8": round(self.tp(1) / 1e9, 2)}),
+            json!({
+                "1b": {"p50": round(self.rr(0, 50.0), 1), "p99": round(self.rr(0, 99.0), 1)},
+                "1k": {"p50": round(self.rr(1, 50.0), 1), "p99": round(self.rr(1, 99.0), 1)},
+            }),
+            json!({"per_s": round(self.connect_rate(), 0), "p50_us": round(percentile(&self.connect, 50.0), 1)}),
+        )
+    }
+}
+
+/// One round of one path, added to `f`.
 fn measure(
     ns: &crate::Netns,
     sink: std::net::SocketAddr,
     echo: std::net::SocketAddr,
     o: &MeshOpts,
+    f: &mut Figures,
     progress: &mut dyn FnMut(&str),
-) -> anyhow::Result<Figures> {
+) -> anyhow::Result<()> {
     use crate::load;
-    let (tp1, b1) = load::throughput(ns, sink, 1, o.secs)?;
-    progress(&format!("    1 stream: {:.2} Gbit/s", tp1 / 1e9));
-    let (tp8, b8) = load::throughput(ns, sink, 8, o.secs)?;
-    progress(&format!("    8 streams: {:.2} Gbit/s", tp8 / 1e9));
-    let mut rr = [(0.0, 0.0); 2];
-    for (i, size) in [1usize, 1024].into_iter().enumerate() {
-        let v = load::round_trips(ns, echo, size, o.round_trips)?;
-        rr[i] = (percentile(&v, 50.0), percentile(&v, 99.0));
-        progress(&format!("    {size} B round trip: p50 {:.0} µs, p99 {:.0} µs", rr[i].0, rr[i].1));
+    for (i, streams) in [1, 8].into_iter().enumerate() {
+        let (tp, bytes) = load::throughput(ns, sink, streams, o.secs)?;
+        f.tp[i].push(tp);
+        f.bytes += bytes;
+        progress(&format!("      {streams} stream(s): {:.2} Gbit/s", tp / 1e9));
     }
-    let (rate, v) = load::connect_rate(ns, echo, o.secs)?;
-    progress(&format!("    connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
-    Ok(Figures { tp1, tp8, rr, connect: (rate, percentile(&v, 50.0)), bytes: b1 + b8 })
+    for (i, size) in [1usize, 1024].into_iter().enumerate() {
+        let mut v = load::round_trips(ns, echo, size, o.round_trips.div_ceil(o.rounds.max(1)))?;
+        progress(&format!(
+            "      {size} B round trip: p50 {:.0} µs, p99 {:.0} µs",
+            percentile(&v, 50.0),
+            percentile(&v, 99.0)
+        ));
+        f.rr[i].append(&mut v);
+    }
+    let t = std::time::Instant::now();
+    let (rate, mut v) = load::connect_rate(ns, echo, o.secs)?;
+    f.conns.0 += v.len();
+    f.conns.1 += t.elapsed().as_secs_f64().min(v.len() as f64 / rate.max(1e-9));
+    progress(&format!("      connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
+    f.connect.append(&mut v);
+    Ok(())
 }
 
-fn figures_json(f: &Figures) -> (Value, Value, Value) {
-    (
-        json!({"1": round(f.tp1 / 1e9, 2), "8": round(f.tp8 / 1e9, 2)}),
-        json!({"1b": {"p50": round(f.rr[0].0, 1), "p99": round(f.rr[0].1, 1)}, "1k": {"p50": round(f.rr[1].0, 1), "p99": round(f.rr[1].1, 1)}}),
-        json!({"per_s": round(f.connect.0, 0), "p50_us": round(f.connect.1, 1)}),
-    )
+fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
 
 /// The mesh against direct TCP between the same two pods on two nodes, plus ztunnel's memory and CPU.
+///
+/// Direct and mesh take turns, in rounds (capture is switched off and on again between them with
+/// ambit-cni DEL and ADD, as a runtime would), so that a busy moment of a shared machine falls on both
+/// and each figure is gathered over the whole run.
 pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Value> {
     use crate::load::{self, LoadServer, Mode};
     use std::net::SocketAddr;
@@ -168,31 +221,65 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         ..Default::default()
     })?;
     let zpid = |i: usize| lab.nodes[i].ztunnel.as_ref().map(|z| z.pid()).unwrap_or(0);
-    let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
+    let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;
+    // Each connection run opens thousands of connections from one client to one address; their TIME_WAIT
+    // entries (kept 60 s) would slow every later run's port search, more with each round. Load generators
+    // reuse them (safe with TCP timestamps); both pods do, for the client and for ztunnel's connections to
+    // the app.
+    for p in [&client, &server] {
+        p.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    }
     let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
     let echo = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5002), Mode::Echo)?;
-    // The direct phase echoes on its own port: the thousands of TIME_WAIT connections the mesh phase's connection
-    // test leaves behind (same client, same address) would otherwise slow direct's port search and flatter the
-    // mesh.
+    // The direct runs echo on their own port: the thousands of TIME_WAIT connections the mesh's connection
+    // runs leave behind (same client, same address) would otherwise slow direct's port search and flatter
+    // the mesh.
     let echo_direct = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5003), Mode::Echo)?;
 
     progress(&format!("  {} more enrolled pods on node1 (idle memory)…", o.idle_pods.saturating_sub(1)));
     let mut extra = Vec::new();
     for i in 1..o.idle_pods {
-        extra.push(lab.add_pod(0, "mesh", &format!("idle{i}")).map_err(|e| anyhow::anyhow!("{e}"))?);
+        extra.push(lab.add_pod(0, "mesh", &format!("idle{i}")).map_err(cni_err)?);
     }
     std::thread::sleep(Duration::from_millis(500));
     let rss_idle = load::proc_usage(zpid(0))?.0;
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
-    progress("  mesh: client (node1) → ztunnel → HBONE → ztunnel → server (node2)");
-    let cpu0 = load::proc_usage(zpid(0))?.1 + load::proc_usage(zpid(1))?.1;
-    let m = measure(&client.netns, sink.addr, echo.addr, o, progress)?;
-    let cpu1 = load::proc_usage(zpid(0))?.1 + load::proc_usage(zpid(1))?.1;
-    let cpu_per_gib = (cpu1 - cpu0) / (m.bytes as f64 / (1u64 << 30) as f64);
+    let cpu = || -> anyhow::Result<f64> { Ok(load::proc_usage(zpid(0))?.1 + load::proc_usage(zpid(1))?.1) };
+    let (mut m, mut d) = (Figures::default(), Figures::default());
+    let mut mesh_cpu = 0.0;
+    let mut captured = true;
+    let rounds = o.rounds.max(1);
+    for r in 0..rounds {
+        // Alternate which path goes first; the last round ends with the mesh (the memory figure needs it).
+        let mesh_first = (rounds - 1 - r) % 2 == 1;
+        for mesh in [mesh_first, !mesh_first] {
+            if mesh != captured {
+                for p in [&client, &server] {
+                    if mesh { lab.capture(p) } else { lab.uncapture(p) }.map_err(cni_err)?;
+                }
+                captured = mesh;
+            }
+            if mesh {
+                progress(&format!(
+                    "  round {}/{rounds}, mesh: client (node1) → ztunnel → HBONE → ztunnel → server (node2)",
+                    r + 1
+                ));
+                let c0 = cpu()?;
+                measure(&client.netns, sink.addr, echo.addr, o, &mut m, progress)?;
+                mesh_cpu += cpu()? - c0;
+            } else {
+                progress(&format!("  round {}/{rounds}, direct: the same pods with capture switched off", r + 1));
+                measure(&client.netns, sink.addr, echo_direct.addr, o, &mut d, progress)?;
+            }
+        }
+    }
+    m.finish();
+    d.finish();
+    let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
-        "    ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, whole run incl. latency and connects)"
+        "  ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, every mesh run incl. latency and connects)"
     ));
 
     progress(&format!("  {} idle connections through the mesh…", o.idle_conns));
@@ -202,26 +289,22 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     progress(&format!("    ztunnel RSS: node1 {r0:.1} MiB, node2 {r1:.1} MiB"));
     drop(held);
 
-    progress("  direct: the same pods with capture switched off (ambit-cni DEL)");
-    lab.uncapture(&client).map_err(|e| anyhow::anyhow!("{e}"))?;
-    lab.uncapture(&server).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let d = measure(&client.netns, sink.addr, echo_direct.addr, o, progress)?;
-
-    let (dt, dr, dc) = figures_json(&d);
-    let (mt, mr, mc) = figures_json(&m);
+    let (dt, dr, dc) = d.json();
+    let (mt, mr, mc) = m.json();
     drop(extra);
     Ok(json!({
+        "rounds": rounds,
         "throughput_gbps": {"direct": dt, "mesh": mt},
         "rr_latency_us": {"direct": dr, "mesh": mr},
         "connect": {"direct": dc, "mesh": mc},
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "ratios": {
-            "throughput_1": round(m.tp1 / d.tp1, 2),
-            "throughput_8": round(m.tp8 / d.tp8, 2),
-            "added_rr_1b_us_p50": round(m.rr[0].0 - d.rr[0].0, 1),
-            "added_rr_1b_us_p99": round(m.rr[0].1 - d.rr[0].1, 1),
-            "connect_rate": round(m.connect.0 / d.connect.0, 2),
+            "throughput_1": round(m.tp(0) / d.tp(0), 2),
+            "throughput_8": round(m.tp(1) / d.tp(1), 2),
+            "added_rr_1b_us_p50": round(m.rr(0, 50.0) - d.rr(0, 50.0), 1),
+            "added_rr_1b_us_p99": round(m.rr(0, 99.0) - d.rr(0, 99.0), 1),
+            "connect_rate": round(m.connect_rate() / d.connect_rate(), 2),
         },
     }))
 }

@@ -980,6 +980,15 @@ impl Lab {
 
     /// Runs only ambit-cni's DEL for the pod: its capture goes (rules, ztunnel), its network stays.
     pub fn uncapture(&self, pod: &Pod) -> Result<(), CniFailure> {
+        self.ambit_cni(pod, "DEL")
+    }
+
+    /// Runs only ambit-cni's ADD for the pod again (after [`Lab::uncapture`]): its capture comes back.
+    pub fn capture(&self, pod: &Pod) -> Result<(), CniFailure> {
+        self.ambit_cni(pod, "ADD")
+    }
+
+    fn ambit_cni(&self, pod: &Pod, command: &str) -> Result<(), CniFailure> {
         let n = &self.nodes[pod.node];
         let list = n.cni.load_conflist().map_err(|e| CniFailure {
             plugin: "(conflist)".into(),
@@ -998,7 +1007,7 @@ impl Lab {
         conf["name"] = list["name"].clone();
         conf["cniVersion"] = list["cniVersion"].clone();
         conf["prevResult"] = pod.result.clone();
-        n.cni.exec_raw(&n.netns, "DEL", &pod.attachment(), &conf).map(|_| ())
+        n.cni.exec_raw(&n.netns, command, &pod.attachment(), &conf).map(|_| ())
     }
 
     /// Removes a pod as a runtime does: CNI DEL, then the netns; and unpublishes it.

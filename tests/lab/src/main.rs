@@ -30,9 +30,12 @@ enum Cmd {
         /// Pods of each kind for the CNI figures.
         #[arg(long, default_value_t = 100)]
         pods: usize,
-        /// Seconds per throughput and connection-rate measurement.
-        #[arg(long, default_value_t = 3.0)]
+        /// Seconds per throughput and connection-rate measurement, in each round.
+        #[arg(long, default_value_t = 1.5)]
         secs: f64,
+        /// Rounds of mesh and direct, taking turns.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
         /// Measure another ztunnel binary (a drop-in peer) under the same conditions.
         #[arg(long)]
         ztunnel: Option<std::path::PathBuf>,
@@ -55,13 +58,13 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Bench { json, only, pods, secs, ztunnel, ztunnel_env, keep } => {
+        Cmd::Bench { json, only, pods, secs, rounds, ztunnel, ztunnel_env, keep } => {
             let env = ztunnel_env
                 .iter()
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            let opts = lab::bench::MeshOpts { secs, ztunnel, ztunnel_env: env, ..Default::default() };
+            let opts = lab::bench::MeshOpts { secs, rounds, ztunnel, ztunnel_env: env, ..Default::default() };
             bench(json, only.as_deref(), pods, opts, keep)
         }
         Cmd::Clean { all } => {
