@@ -140,3 +140,46 @@ pub fn release_memory() -> Option<Duration> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rss_mib() -> f64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096.0 / (1 << 20) as f64
+    }
+
+    #[test]
+    fn release_is_rate_limited_per_thread() {
+        std::thread::spawn(|| {
+            assert_eq!(release_memory(), None);
+            let wait = release_memory().expect("a second release right away is deferred");
+            assert!(wait <= Duration::from_millis(250));
+        })
+        .join()
+        .unwrap();
+        // Another thread has its own budget.
+        std::thread::spawn(|| assert_eq!(release_memory(), None)).join().unwrap();
+    }
+
+    #[cfg(target_env = "gnu")]
+    #[test]
+    fn a_burst_stays_for_reuse_until_released() {
+        tune_allocator();
+        std::thread::spawn(|| {
+            let before = rss_mib();
+            // A burst: 32 MiB in buffers of the copy loop's largest size, written, then freed.
+            let bufs: Vec<Vec<u8>> = (0..128).map(|_| vec![1u8; 256 * 1024]).collect();
+            drop(std::hint::black_box(bufs));
+            let kept = rss_mib();
+            assert!(kept - before > 24.0, "freed buffers stay for the next burst: {before:.1} → {kept:.1} MiB");
+            assert_eq!(release_memory(), None);
+            let after = rss_mib();
+            assert!(after - before < 4.0, "released when traffic pauses: {before:.1} → {kept:.1} → {after:.1} MiB");
+        })
+        .join()
+        .unwrap();
+    }
+}
