@@ -14,14 +14,12 @@ use lab::net::{EchoClient, EchoServer};
 use lab::{Lab, LabConfig};
 use nix::sys::signal::Signal;
 
+mod common;
+
 const DEADLINE: Duration = Duration::from_secs(3);
 
 #[test]
 fn sigterm_under_load_sends_goaway_and_resets_nothing_before_the_deadline() {
-    use ztunnel::certs::{CaSource, CertStore, LocalCa};
-    use ztunnel::identity::Identity;
-    use ztunnel::tls::{TrustRoots, client_config};
-
     let mut lab = Lab::start(LabConfig {
         enrolled_namespaces: vec![MESH_NS.into()],
         ztunnel_env: vec![("CONNECTION_TERMINATION_DEADLINE".into(), format!("{}s", DEADLINE.as_secs()))],
@@ -54,31 +52,15 @@ fn sigterm_under_load_sends_goaway_and_resets_nothing_before_the_deadline() {
     }
 
     // A raw HBONE connection to the server's ztunnel, with one open stream, to watch for GOAWAY.
-    let ttl = Duration::from_secs(3600);
-    let ca = LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), ttl).unwrap();
-    let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], "cluster.local").unwrap());
-    let store = CertStore::new(CaSource::Local(ca));
-    let hbone = SocketAddr::new(server.ip, 15008);
-    let sock = lab.nodes[0]
-        .netns
-        .run(move || std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(2)))
-        .unwrap()
-        .unwrap();
+    let mesh = common::MeshClient::of(&lab);
+    let sock = common::tcp_from(&lab.nodes[0].netns, SocketAddr::new(server.ip, 15008));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ip = server.ip;
     let (send, mut body_out, mut body) = rt.block_on(async move {
-        sock.set_nonblocking(true).unwrap();
-        let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
-        let cert = store.fetch(&Identity::new("cluster.local", MESH_NS, "client")).await.unwrap();
-        let expected = vec![Identity::new("cluster.local", MESH_NS, "server")];
-        let cfg = Arc::new(client_config(cert.certified.clone(), expected, roots));
-        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
-        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
-        let (send, conn) = h2::client::handshake(tls).await.unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut send = send.ready().await.unwrap();
+        let cert = mesh.cert(MESH_NS, "client").await;
+        let expected = vec![common::identity(MESH_NS, "server")];
+        let tls = common::tls(sock, cert, expected, mesh.roots.clone()).await.unwrap();
+        let mut send = common::h2(tls).await.unwrap();
         let req = Request::builder().method(Method::CONNECT).uri(format!("{ip}:{APP_PORT}")).body(()).unwrap();
         let (resp, body_out) = send.send_request(req, false).unwrap();
         let resp = resp.await.unwrap();

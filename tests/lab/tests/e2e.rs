@@ -12,6 +12,8 @@ use lab::util::{metric, wait_for};
 use lab::{Lab, LabConfig, PodError};
 use serde_json::{Value, json};
 
+mod common;
+
 fn lab() -> Lab {
     Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).expect("lab starts")
 }
@@ -263,34 +265,24 @@ fn garbage_zds_is_nacked_and_pods_stay_served() {
 fn untrusted_client_certificates_are_refused_and_counted() {
     use ztunnel::certs::{CaSource, CertStore, LocalCa};
     use ztunnel::identity::Identity;
-    use ztunnel::tls::{TrustRoots, client_config};
 
     let lab = lab();
     let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
     let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let server_id = Identity::new("cluster.local", MESH_NS, "server");
-    let ttl = Duration::from_secs(3600);
-    let lab_ca = LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), ttl).unwrap();
-    let roots = Arc::new(TrustRoots::new(&[lab_ca.ca_cert()], "cluster.local").unwrap());
-    let (rogue_cert, rogue_key) = lab::ca::make_ca("Rogue CA", "cluster.local").unwrap();
-    let rogue = CertStore::new(CaSource::Local(LocalCa::from_pem(&rogue_cert, &rogue_key, ttl).unwrap()));
-    let lab_store = CertStore::new(CaSource::Local(lab_ca));
+    let mesh = common::MeshClient::of(&lab);
+    let (rogue_cert, rogue_key) = lab::ca::make_ca("Rogue CA", common::TRUST_DOMAIN).unwrap();
+    let rogue_ca = LocalCa::from_pem(&rogue_cert, &rogue_key, Duration::from_secs(3600)).unwrap();
+    let rogue = CertStore::new(CaSource::Local(rogue_ca));
     let target = SocketAddr::new(server.ip, 15008);
     let node = &lab.nodes[0].netns;
 
     let attempt = |store: Arc<CertStore>, id: Identity| -> bool {
-        let sock =
-            node.run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))).unwrap().unwrap();
+        let sock = common::tcp_from(node, target);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let roots = roots.clone();
-        let server_id = server_id.clone();
+        let roots = mesh.roots.clone();
         rt.block_on(async move {
-            sock.set_nonblocking(true).unwrap();
-            let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
-            let cert = store.fetch(&id).await.unwrap();
-            let cfg = Arc::new(client_config(cert.certified.clone(), vec![server_id], roots));
-            let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
-            match tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await {
+            let cert = store.fetch(&id).await.unwrap().certified.clone();
+            match common::tls(sock, cert, vec![common::identity(MESH_NS, "server")], roots).await {
                 // TLS 1.3: the client learns of a refused certificate on its first read.
                 Ok(mut s) => {
                     use tokio::io::AsyncReadExt;
@@ -307,7 +299,7 @@ fn untrusted_client_certificates_are_refused_and_counted() {
         "a certificate from another CA was accepted"
     );
     assert!(
-        !attempt(lab_store.clone(), Identity::new("evil.local", MESH_NS, "client")),
+        !attempt(mesh.certs.clone(), Identity::new("evil.local", MESH_NS, "client")),
         "another trust domain was accepted"
     );
     let count = |t: &str, reason: &str| {

@@ -14,31 +14,24 @@ use lab::util::metric;
 use lab::{Lab, LabConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 #[test]
 fn hostile_requests_get_the_right_status_and_never_stall_the_connection() {
-    use ztunnel::certs::{CaSource, CertStore, LocalCa};
-    use ztunnel::identity::Identity;
-    use ztunnel::tls::{TrustRoots, client_config};
-
     let lab = Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).unwrap();
     let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
     let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let ttl = Duration::from_secs(3600);
-    let ca = LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), ttl).unwrap();
-    let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], "cluster.local").unwrap());
-    let store = CertStore::new(CaSource::Local(ca));
+    let mesh = common::MeshClient::of(&lab);
     let hbone = SocketAddr::new(server.ip, 15008);
     let node = &lab.nodes[0].netns;
-    let connect =
-        || node.run(move || std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(2))).unwrap().unwrap();
-    let (silent, garbage, sock) = (connect(), connect(), connect());
+    let (silent, garbage, sock) =
+        (common::tcp_from(node, hbone), common::tcp_from(node, hbone), common::tcp_from(node, hbone));
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ip = server.ip;
     let statuses = rt.block_on(async move {
         // A client that never starts its handshake, and one that sends garbage instead of TLS.
         let _silent = silent;
-        garbage.set_nonblocking(true).unwrap();
         let mut garbage = tokio::net::TcpStream::from_std(garbage).unwrap();
         garbage.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, b'x', b'y', b'z']).await.unwrap();
         garbage.write_all(&vec![0xa5; 70_000]).await.ok();
@@ -54,19 +47,9 @@ fn hostile_requests_get_the_right_status_and_never_stall_the_connection() {
         .await;
         assert!(closed.is_ok(), "garbage instead of TLS was not closed");
 
-        sock.set_nonblocking(true).unwrap();
-        let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
-        let cert = store.fetch(&Identity::new("cluster.local", MESH_NS, "client")).await.unwrap();
-        let cfg = Arc::new(client_config(
-            cert.certified.clone(),
-            vec![Identity::new("cluster.local", MESH_NS, "server")],
-            roots,
-        ));
-        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
-        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
-        let (send, conn) = h2::client::handshake(tls).await.unwrap();
-        tokio::spawn(conn);
-        let mut send = send.ready().await.unwrap();
+        let cert = mesh.cert(MESH_NS, "client").await;
+        let tls = common::tls(sock, cert, vec![common::identity(MESH_NS, "server")], mesh.roots.clone()).await.unwrap();
+        let mut send = common::h2(tls).await.unwrap();
         let mut statuses = Vec::new();
         let attempts: Vec<(Method, String, usize)> = vec![
             (Method::GET, format!("http://{ip}:{APP_PORT}/"), 0),
@@ -134,21 +117,11 @@ fn tls_accepted(
     roots: Arc<ztunnel::tls::TrustRoots>,
     expected: ztunnel::identity::Identity,
 ) -> bool {
-    let sock = ns.run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))).unwrap().unwrap();
+    let sock = common::tcp_from(ns, target);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async move {
-        sock.set_nonblocking(true).unwrap();
-        let tcp = tokio::net::TcpStream::from_std(sock).unwrap();
-        let cfg = Arc::new(ztunnel::tls::client_config(cert, vec![expected], roots));
-        let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
-        let Ok(tls) = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await else { return false };
-        let (mut send, conn) = match h2::client::handshake(tls).await {
-            Ok(x) => x,
-            Err(_) => return false,
-        };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let Ok(tls) = common::tls(sock, cert, vec![expected], roots).await else { return false };
+        let Ok(mut send) = common::h2(tls).await else { return false };
         // A request proves the server kept the session.
         let req = Request::builder().method(Method::GET).uri(format!("http://{}/", target)).body(()).unwrap();
         match send.send_request(req, true) {
@@ -161,19 +134,14 @@ fn tls_accepted(
 #[test]
 fn certificates_out_of_validity_or_for_the_wrong_identity_are_refused() {
     use std::time::SystemTime;
-    use ztunnel::certs::LocalCa;
-    use ztunnel::identity::Identity;
-    use ztunnel::tls::TrustRoots;
 
     let lab = Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], ..Default::default() }).unwrap();
     let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
     let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
     let echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let ca =
-        LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), Duration::from_secs(3600)).unwrap();
-    let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], "cluster.local").unwrap());
-    let me = Identity::new("cluster.local", MESH_NS, "client");
-    let server_id = Identity::new("cluster.local", MESH_NS, "server");
+    let common::MeshClient { ca, roots, .. } = common::MeshClient::of(&lab);
+    let me = common::identity(MESH_NS, "client");
+    let server_id = common::identity(MESH_NS, "server");
     let hbone = SocketAddr::new(server.ip, 15008);
     let ns = &lab.nodes[0].netns;
     let now = SystemTime::now();
