@@ -1,0 +1,30 @@
+//! `lab bench`'s mesh part, shrunk to seconds: it runs, takes turns between mesh and direct (capture off and
+//! on again through ambit-cni), and prints every figure under its stable key. Needs root.
+
+use lab::bench::{MeshOpts, mesh};
+
+#[test]
+fn mesh_bench_reports_every_figure_under_its_stable_key() {
+    let opts = MeshOpts { secs: 0.2, round_trips: 200, rounds: 2, idle_pods: 3, idle_conns: 20, ..Default::default() };
+    let v = mesh(&opts, &mut |_| {}).unwrap();
+    let num = |path: &str| -> f64 {
+        path.split('.').fold(&v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
+    };
+    for side in ["direct", "mesh"] {
+        for streams in ["1", "8"] {
+            assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
+        }
+        for size in ["1b", "1k"] {
+            let (p50, p99) =
+                (num(&format!("rr_latency_us.{side}.{size}.p50")), num(&format!("rr_latency_us.{side}.{size}.p99")));
+            assert!(p50 > 0.0 && p99 >= p50, "{v:#}");
+        }
+        assert!(num(&format!("connect.{side}.per_s")) > 0.0 && num(&format!("connect.{side}.p50_us")) > 0.0, "{v:#}");
+    }
+    assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
+    assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
+    assert_eq!(num("rounds"), 2.0);
+    for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "added_rr_1b_us_p99", "connect_rate"] {
+        num(&format!("ratios.{ratio}"));
+    }
+}
