@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod readbuf;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,13 +66,10 @@ impl ProxyCtx {
     }
 }
 
-/// Read buffer under TLS on HBONE connections.
-const TLS_READ_BUFFER: usize = 64 * 1024;
-
-/// The transport under an HBONE connection's TLS. rustls reads at most 4 KiB at a time from its transport;
-/// a read buffer underneath turns those into one large `read` per burst instead of a syscall per 4 KiB.
-pub fn tls_io(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+/// The transport under an HBONE connection's TLS: reads through a buffer that exists only while bytes flow
+/// ([`readbuf`]).
+pub fn tls_io(tcp: TcpStream) -> readbuf::BurstReader<TcpStream> {
+    readbuf::BurstReader::new(tcp)
 }
 
 /// Encrypted bytes rustls may hold for an HBONE connection before its writes must wait for the socket.
