@@ -19,62 +19,56 @@ pub const CAPACITY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct BurstReader<T> {
     inner: T,
-    buf: Option<Box<[u8]>>,
+    /// What the last read brought (its length), while some of it is still to be handed out.
+    buf: Option<Vec<u8>>,
+    /// How much of `buf` has been handed out.
     pos: usize,
-    filled: usize,
 }
 
 impl<T> BurstReader<T> {
     /// Wraps `inner`, with no buffer yet.
     pub fn new(inner: T) -> BurstReader<T> {
-        BurstReader { inner, buf: None, pos: 0, filled: 0 }
-    }
-
-    /// The transport.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
+        BurstReader { inner, buf: None, pos: 0 }
     }
 
     /// Bytes of buffer held now (0 or [`CAPACITY`]).
     pub fn buffer_size(&self) -> usize {
-        self.buf.as_ref().map_or(0, |b| b.len())
+        self.buf.as_ref().map_or(0, Vec::capacity)
     }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos == this.filled {
+        if this.buf.as_ref().is_none_or(|b| this.pos == b.len()) {
             // Nothing buffered. A caller asking for at least a buffer's worth reads directly.
             if out.remaining() >= CAPACITY {
                 let r = ready!(Pin::new(&mut this.inner).poll_read(cx, out));
                 this.buf = None;
                 return Poll::Ready(r);
             }
-            let buf = this.buf.get_or_insert_with(|| vec![0u8; CAPACITY].into_boxed_slice());
-            let mut rb = ReadBuf::new(buf);
+            // Reused while the socket keeps having data; never zeroed (the read fills what is used).
+            let mut buf = this.buf.take().unwrap_or_else(|| Vec::with_capacity(CAPACITY));
+            buf.clear();
+            let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
             match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => {
-                    // The socket ran dry: the burst is over, and so is the buffer.
-                    this.buf = None;
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => {
-                    this.buf = None;
-                    return Poll::Ready(Err(e));
-                }
+                // The socket ran dry: the burst is over, and so is the buffer.
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    this.pos = 0;
-                    this.filled = rb.filled().len();
-                    if this.filled == 0 {
-                        this.buf = None;
+                    let n = rb.filled().len();
+                    if n == 0 {
                         return Poll::Ready(Ok(()));
                     }
+                    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(n) };
+                    this.buf = Some(buf);
+                    this.pos = 0;
                 }
             }
         }
         let buf = this.buf.as_ref().expect("bytes are buffered");
-        let n = (this.filled - this.pos).min(out.remaining());
+        let n = (buf.len() - this.pos).min(out.remaining());
         out.put_slice(&buf[this.pos..this.pos + n]);
         this.pos += n;
         Poll::Ready(Ok(()))
