@@ -282,6 +282,14 @@ struct MeshConfig {
     selections: BTreeMap<String, Vec<String>>,
 }
 
+/// Turns IPv6 duplicate address detection off in `netns`, so its addresses are usable at once.
+fn no_dad(netns: &Netns) -> anyhow::Result<()> {
+    for conf in ["all", "default"] {
+        netns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
+    }
+    Ok(())
+}
+
 /// The pod's first IPv4 (else first) address and its first IPv6 address, from a CNI result.
 fn result_ips(result: &Value) -> anyhow::Result<(IpAddr, Option<IpAddr>)> {
     let ips: Vec<IpAddr> = result["ips"]
@@ -428,10 +436,8 @@ impl Lab {
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         let pod_cidr = format!("10.244.{}.0/24", i + 1);
         let v6 = if self.config.dual_stack {
-            // No duplicate address detection: addresses are usable at once (cni0 inherits `default`).
-            for conf in ["all", "default"] {
-                netns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0")?;
-            }
+            // cni0, made later, inherits `default`.
+            no_dad(&netns)?;
             netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             let ip6: std::net::Ipv6Addr = format!("fd00:30::{}", i + 1).parse()?;
             netns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
@@ -750,10 +756,8 @@ impl Lab {
         let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
         let netns = Netns::create(&format!("ambit-{}-{}-{}", self.id, namespace, name)).map_err(PodError::Setup)?;
         if self.config.dual_stack {
-            // As a runtime's sandbox would: the pod's addresses are usable at once (no duplicate detection).
-            for conf in ["all", "default"] {
-                netns.sysctl(&format!("net.ipv6.conf.{conf}.accept_dad"), "0").map_err(PodError::Setup)?;
-            }
+            // As a runtime's sandbox would.
+            no_dad(&netns).map_err(PodError::Setup)?;
         }
         let att = Attachment {
             container_id: container_id.clone(),

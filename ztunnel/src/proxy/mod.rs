@@ -180,7 +180,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
             ctx.tune(&tcp);
             let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
             let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
-            let tls = tokio::time::timeout(
+            let mut tls = tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
                 tokio_rustls::TlsConnector::from(cfg).connect(name, tls_io(tcp)),
             )
@@ -190,7 +190,6 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
                 let _ = ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
                 err("TLS handshake with", &e)
             })?;
-            let mut tls = tls;
             tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             let (send, conn) = h2::client::Builder::new()
                 .initial_window_size(ctx.cfg.h2_stream_window)
