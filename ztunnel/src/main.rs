@@ -54,10 +54,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if !cfg.busy_poll.is_zero() {
-        // The workers' spinners trim the heap when traffic pauses; without them, glibc's defaults stay.
-        ztunnel::spin::tune_allocator();
-    }
+    // Freed buffers stay while traffic flows; each worker's spinner returns them when its traffic pauses.
+    ztunnel::spin::tune_allocator();
     // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the runtime");
     if let Err(e) = rt.block_on(run(cfg, log)) {

@@ -35,8 +35,13 @@ pub fn activity() {
     });
 }
 
+/// How long a worker without busy polling must see no activity before it counts its traffic as paused.
+const QUIET: Duration = Duration::from_millis(100);
+
 /// The spinner of the current worker thread: polls while activity continues, for `window` after the last of
-/// it. Runs forever: the future a worker's current-thread runtime blocks on.
+/// it, and returns the burst's memory when the traffic pauses. With a zero `window` it never polls, but still
+/// notices pauses (a quiet period) and returns the memory. Runs forever: the future a worker's current-thread
+/// runtime blocks on.
 pub async fn run(window: Duration) {
     // Leaked once per worker thread (they live as long as the process).
     let s: &'static Spinner =
@@ -58,22 +63,35 @@ pub async fn run(window: Duration) {
                 }
             }
         }
-        let mut last = s.activity.get();
-        let mut until = Instant::now() + window;
-        loop {
-            tokio::task::yield_now().await;
-            let now = s.activity.get();
-            if now != last {
-                // Traffic is flowing: the worker has work, nobody is waiting on the spin.
+        if window.is_zero() {
+            // No busy polling: the traffic has paused once a quiet period passes without activity.
+            let mut last = s.activity.get();
+            loop {
+                tokio::time::sleep(QUIET).await;
+                let now = s.activity.get();
+                if now == last {
+                    break;
+                }
                 last = now;
-                until = Instant::now() + window;
-            } else if Instant::now() >= until {
-                break;
-            } else {
-                // Waiting for the next packet: let any other runnable thread on this CPU (the pod's app, the
-                // peer proxy) go first. Spinning must only use time nobody else wants, or it would delay the
-                // very wakeups it saves.
-                std::thread::yield_now();
+            }
+        } else {
+            let mut last = s.activity.get();
+            let mut until = Instant::now() + window;
+            loop {
+                tokio::task::yield_now().await;
+                let now = s.activity.get();
+                if now != last {
+                    // Traffic is flowing: the worker has work, nobody is waiting on the spin.
+                    last = now;
+                    until = Instant::now() + window;
+                } else if Instant::now() >= until {
+                    break;
+                } else {
+                    // Waiting for the next packet: let any other runnable thread on this CPU (the pod's app, the
+                    // peer proxy) go first. Spinning must only use time nobody else wants, or it would delay the
+                    // very wakeups it saves.
+                    std::thread::yield_now();
+                }
             }
         }
         // The traffic paused: a good moment to give the burst's freed buffers back to the system (or as soon
@@ -178,6 +196,36 @@ mod tests {
             assert_eq!(release_memory(), None);
             let after = rss_mib();
             assert!(after - before < 4.0, "released when traffic pauses: {before:.1} → {kept:.1} → {after:.1} MiB");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[cfg(target_env = "gnu")]
+    #[test]
+    fn without_busy_polling_a_pause_still_releases_the_burst() {
+        tune_allocator();
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(tokio::task::LocalSet::new().run_until(async {
+                tokio::task::spawn_local(run(Duration::ZERO));
+                // Let the spinner register itself on this thread.
+                tokio::task::yield_now().await;
+                let before = rss_mib();
+                let bufs: Vec<Vec<u8>> = (0..128).map(|_| vec![1u8; 256 * 1024]).collect();
+                drop(std::hint::black_box(bufs));
+                activity();
+                let kept = rss_mib();
+                assert!(kept - before > 24.0, "freed buffers stay while traffic flows: {before:.1} → {kept:.1} MiB");
+                tokio::time::sleep(QUIET / 2).await;
+                assert!(rss_mib() - before > 24.0, "not released before a quiet period");
+                tokio::time::sleep(QUIET * 3).await;
+                let after = rss_mib();
+                assert!(
+                    after - before < 4.0,
+                    "released after a quiet period: {before:.1} → {kept:.1} → {after:.1} MiB"
+                );
+            }));
         })
         .join()
         .unwrap();

@@ -23,13 +23,10 @@ impl Workers {
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             handles.push(rt.handle().clone());
-            std::thread::Builder::new().name(format!("ztunnel-worker-{i}")).spawn(move || {
-                if spin.is_zero() {
-                    rt.block_on(std::future::pending::<()>());
-                } else {
-                    rt.block_on(crate::spin::run(spin));
-                }
-            })?;
+            // Even without busy polling the spinner runs: it returns a burst's memory when traffic pauses.
+            std::thread::Builder::new()
+                .name(format!("ztunnel-worker-{i}"))
+                .spawn(move || rt.block_on(crate::spin::run(spin)))?;
         }
         Ok(Workers { handles, next: AtomicUsize::new(0) })
     }
