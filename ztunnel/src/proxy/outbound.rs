@@ -88,19 +88,34 @@ fn forwarded_for(peer: SocketAddr) -> String {
     format!("for=\"{peer}\"")
 }
 
+/// Most of what the client sends before the peer answers that is forwarded at once (and kept, for a retry).
+const EARLY_MAX: usize = 16 * 1024;
+
+/// Why a CONNECT stream could not be opened.
+enum OpenError {
+    /// The pool or the peer failed; the message says how.
+    Upstream(String),
+    /// The client's own socket failed while the answer was on its way.
+    Client(std::io::Error),
+}
+
 /// Opens the CONNECT stream for one connection on the pod's pool. A pooled connection can die between
 /// requests (its peer's ztunnel restarted) or be going away (its peer is draining) before the pool notices; a
-/// CONNECT that fails before any answer has carried no data, so it is retried once on a fresh connection.
+/// CONNECT that fails before any answer has carried no data to the app, so it is retried once on a fresh
+/// connection.
 ///
-/// `early` (what the client already sent) goes right behind the request, so the peer has it when it answers
-/// instead of one round trip later; until the answer nothing reaches the app, so on a retry it is sent again.
+/// What the client sends goes right behind the request, without waiting for the answer: a client that speaks
+/// first (HTTP, TLS) has its first bytes at the app one round trip between the ztunnels sooner. Until the
+/// answer, those bytes (at most [`EARLY_MAX`]; more waits in the client's socket) are also kept in `early`,
+/// so a retry sends them again.
 async fn open_stream(
     pod: &PodCtx,
     key: &PoolKey,
     peer: SocketAddr,
     dst: SocketAddr,
-    early: &Option<Bytes>,
-) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamSlot), String> {
+    tcp: &TcpStream,
+    early: &mut Vec<u8>,
+) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamSlot), OpenError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -112,7 +127,7 @@ async fn open_stream(
                 debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection unusable; retrying on a new one");
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(OpenError::Upstream(e.to_string())),
         };
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -123,38 +138,80 @@ async fn open_stream(
             .body(())
             .expect("valid CONNECT request");
         let sent = match send_req.send_request(req, false) {
-            Ok((resp, mut send)) => match early {
-                Some(b) => match send.send_data(b.clone(), false) {
-                    Ok(()) => resp.await.map(|r| (r, send)),
-                    Err(e) => Err(e),
-                },
-                None => resp.await.map(|r| (r, send)),
-            },
-            Err(e) => Err(e),
+            Ok((resp, mut send)) => {
+                let first =
+                    if early.is_empty() { Ok(()) } else { send.send_data(Bytes::copy_from_slice(early), false) };
+                match first {
+                    Ok(()) => answer(resp, &mut send, tcp, early).await.map(|r| r.map(|r| (r, send))),
+                    Err(e) => Ok(Err(e)),
+                }
+            }
+            Err(e) => Ok(Err(e)),
         };
         match sent {
-            Ok((resp, send)) => return Ok((resp, send, slot)),
-            Err(e) if attempt < 2 => {
+            Err(e) => return Err(OpenError::Client(e)),
+            Ok(Ok((resp, send))) => return Ok((resp, send, slot)),
+            Ok(Err(e)) if attempt < 2 => {
                 slot.mark_broken();
                 debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection failed; retrying on a new one");
             }
-            Err(e) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(OpenError::Upstream(e.to_string())),
+        }
+    }
+}
+
+/// Waits for the peer's answer to a CONNECT, meanwhile forwarding what the client sends (up to
+/// [`EARLY_MAX`] in all, also kept in `early`). The outer error is the client's socket failing.
+async fn answer(
+    resp: h2::client::ResponseFuture,
+    send: &mut SendStream<Bytes>,
+    tcp: &TcpStream,
+    early: &mut Vec<u8>,
+) -> std::io::Result<Result<Response<RecvStream>, h2::Error>> {
+    tokio::pin!(resp);
+    // Reading stops at the limit, or at the client's end of stream (which stays readable for the copy: a
+    // TCP socket reads 0 again after its peer's FIN).
+    let mut watch = early.len() < EARLY_MAX;
+    let mut chunk = [0u8; 4096];
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut resp => return Ok(r),
+            r = tcp.readable(), if watch => {
+                r?;
+                let room = (EARLY_MAX - early.len()).min(chunk.len());
+                match tcp.try_read(&mut chunk[..room]) {
+                    Ok(0) => watch = false,
+                    Ok(n) => {
+                        crate::spin::activity();
+                        early.extend_from_slice(&chunk[..n]);
+                        watch = early.len() < EARLY_MAX;
+                        if let Err(e) = send.send_data(Bytes::copy_from_slice(&chunk[..n]), false) {
+                            return Ok(Err(e));
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
     }
 }
 
 /// What the client has already sent (its first request, typically), without waiting for more; at most
 /// `EARLY_MAX` bytes. An end of stream is left in the socket for the copy to see.
-fn early_data(tcp: &TcpStream) -> Option<Bytes> {
-    const EARLY_MAX: usize = 16 * 1024;
-    let mut buf = [0u8; EARLY_MAX];
+fn early_data(tcp: &TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; EARLY_MAX];
     // A plain non-blocking read: tokio's `try_read` would answer from its cached readiness, which a socket
     // accepted a moment ago does not have yet.
     let sock = socket2::SockRef::from(tcp);
     match std::io::Read::read(&mut &*sock, &mut buf) {
-        Ok(n) if n > 0 => Some(Bytes::copy_from_slice(&buf[..n])),
+        Ok(n) if n > 0 => {
+            buf.truncate(n);
+            buf
+        }
         // A read of 0 consumed nothing: the copy still sees the end of stream.
-        _ => None,
+        _ => Vec::new(),
     }
 }
 
@@ -170,13 +227,19 @@ async fn hbone(
     let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
     let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
-    let early = early_data(&tcp);
-    let early_len = early.as_ref().map_or(0, |b| b.len() as u64);
+    let mut early = early_data(&tcp);
     // Boxed: the setup's state is freed once the stream is open, so an idle connection keeps only the copy's.
-    let (resp, send, slot) = match Box::pin(open_stream(&pod, &key, peer, dst, &early)).await {
+    let opened = Box::pin(open_stream(&pod, &key, peer, dst, &tcp, &mut early)).await;
+    let early_len = early.len() as u64;
+    drop(early);
+    let (resp, send, slot) = match opened {
         Ok(s) => s,
-        Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+        Err(OpenError::Upstream(e)) => {
+            rec.close(early_len, 0, Some(&e), Some("UF"));
+            return;
+        }
+        Err(OpenError::Client(e)) => {
+            rec.close(early_len, 0, Some(&format!("client: {e}")), None);
             return;
         }
     };
@@ -189,7 +252,6 @@ async fn hbone(
         rec.close(early_len, 0, Some(&format!("HBONE CONNECT answered {}", resp.status())), Some(flags));
         return;
     }
-    drop(early);
     let t = copy::tcp_h2(&tcp, send, resp.into_body()).await;
     drop(slot);
     rec.close(early_len + t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
@@ -207,4 +269,62 @@ async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: So
     pod.ctx.tune(&upstream);
     let t = copy::tcp_tcp(&tcp, &upstream).await;
     rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that answers a CONNECT only once it has `wait_for` bytes of the stream; returns what it got.
+    async fn peer_answering_after(io: tokio::io::DuplexStream, wait_for: usize) -> Vec<u8> {
+        let mut srv = h2::server::handshake(io).await.unwrap();
+        let (req, mut respond) = srv.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while srv.accept().await.is_some() {} });
+        let mut body = req.into_body();
+        let mut got = Vec::new();
+        while got.len() < wait_for {
+            let chunk = body.data().await.unwrap().unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        respond.send_response(Response::new(()), false).unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn what_the_client_sends_goes_before_the_answer_up_to_the_limit_and_is_kept() {
+        let (c_io, s_io) = tokio::io::duplex(1 << 20);
+        let peer = tokio::spawn(peer_answering_after(s_io, EARLY_MAX));
+        let (send_req, conn) = h2::client::handshake(c_io).await.unwrap();
+        tokio::spawn(conn);
+        let mut send_req = send_req.ready().await.unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut proxied, _) = l.accept().await.unwrap();
+
+        let req = Request::builder().method(Method::CONNECT).uri("10.0.0.1:80").body(()).unwrap();
+        let (resp, mut send) = send_req.send_request(req, false).unwrap();
+        // The client writes only after the request went out, and more than is forwarded before the answer.
+        let payload: Vec<u8> = (0..EARLY_MAX + 1000).map(|i| (i % 251) as u8).collect();
+        let written = payload.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&written).await.unwrap();
+            client
+        });
+        let mut early = Vec::new();
+        // The peer answers only once it has the client's bytes: without them this would wait for ever.
+        let r = tokio::time::timeout(Duration::from_secs(10), answer(resp, &mut send, &proxied, &mut early))
+            .await
+            .expect("answered");
+        assert_eq!(r.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(early, payload[..EARLY_MAX], "what went before the answer is kept, for a retry");
+        assert_eq!(peer.await.unwrap(), payload[..EARLY_MAX]);
+        // The rest waits in the client's socket for the copy.
+        let mut rest = vec![0u8; 1000];
+        proxied.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, payload[EARLY_MAX..]);
+    }
 }
