@@ -63,9 +63,9 @@ pub async fn run(window: Duration) {
                 }
             }
         }
+        let mut last = s.activity.get();
         if window.is_zero() {
             // No busy polling: the traffic has paused once a quiet period passes without activity.
-            let mut last = s.activity.get();
             loop {
                 tokio::time::sleep(QUIET).await;
                 let now = s.activity.get();
@@ -75,7 +75,6 @@ pub async fn run(window: Duration) {
                 last = now;
             }
         } else {
-            let mut last = s.activity.get();
             let mut until = Instant::now() + window;
             loop {
                 tokio::task::yield_now().await;

@@ -138,14 +138,7 @@ async fn open_stream(
             .body(())
             .expect("valid CONNECT request");
         let sent = match send_req.send_request(req, false) {
-            Ok((resp, mut send)) => {
-                let first =
-                    if early.is_empty() { Ok(()) } else { send.send_data(Bytes::copy_from_slice(early), false) };
-                match first {
-                    Ok(()) => answer(resp, &mut send, tcp, early).await.map(|r| r.map(|r| (r, send))),
-                    Err(e) => Ok(Err(e)),
-                }
-            }
+            Ok((resp, mut send)) => answer(resp, &mut send, tcp, early).await.map(|r| r.map(|r| (r, send))),
             Err(e) => Ok(Err(e)),
         };
         match sent {
@@ -160,14 +153,20 @@ async fn open_stream(
     }
 }
 
-/// Waits for the peer's answer to a CONNECT, meanwhile forwarding what the client sends (up to
-/// [`EARLY_MAX`] in all, also kept in `early`). The outer error is the client's socket failing.
+/// Sends `early` (what the client sent before this attempt) behind the CONNECT, then waits for the peer's
+/// answer, meanwhile forwarding what the client sends (up to [`EARLY_MAX`] in all, also kept in `early`).
+/// The outer error is the client's socket failing.
 async fn answer(
     resp: h2::client::ResponseFuture,
     send: &mut SendStream<Bytes>,
     tcp: &TcpStream,
     early: &mut Vec<u8>,
 ) -> std::io::Result<Result<Response<RecvStream>, h2::Error>> {
+    if !early.is_empty()
+        && let Err(e) = send.send_data(Bytes::copy_from_slice(early), false)
+    {
+        return Ok(Err(e));
+    }
     tokio::pin!(resp);
     // Reading stops at the limit, or at the client's end of stream (which stays readable for the copy: a
     // TCP socket reads 0 again after its peer's FIN).
@@ -201,15 +200,12 @@ async fn answer(
 /// What the client has already sent (its first request, typically), without waiting for more; at most
 /// `EARLY_MAX` bytes. An end of stream is left in the socket for the copy to see.
 fn early_data(tcp: &TcpStream) -> Vec<u8> {
-    let mut buf = vec![0u8; EARLY_MAX];
+    let mut buf = [0u8; EARLY_MAX];
     // A plain non-blocking read: tokio's `try_read` would answer from its cached readiness, which a socket
     // accepted a moment ago does not have yet.
     let sock = socket2::SockRef::from(tcp);
     match std::io::Read::read(&mut &*sock, &mut buf) {
-        Ok(n) if n > 0 => {
-            buf.truncate(n);
-            buf
-        }
+        Ok(n) if n > 0 => buf[..n].to_vec(),
         // A read of 0 consumed nothing: the copy still sees the end of stream.
         _ => Vec::new(),
     }
