@@ -85,9 +85,11 @@ pub async fn connect_from_pod(
         }
     }
     let sock = TcpSocket::from_std_stream(std::net::TcpStream::from(s));
-    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))?
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
+    crate::spin::activity();
+    Ok(tcp)
 }
 
 /// Binds a listener inside the pod's netns (when the agent did not hand one over).

@@ -74,19 +74,47 @@ async fn read_bursts(tcp: &TcpStream, count: &mut u64, sink: &mut impl Sink) -> 
         loop {
             buf.reserve(size);
             let room = buf.capacity() - buf.len();
-            match tcp.try_read_buf(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
+            match read_once(tcp, buf.spare_capacity_mut())? {
+                None => break,
+                Some(0) => return Ok(()),
+                Some(n) => {
+                    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
                     *count += n as u64;
                     if n == room && size < MAX_BUF {
                         size *= 2;
                     }
                     sink.put(buf.split().freeze()).await?;
+                    if n < room {
+                        // Drained (see `read_once`): wait for the next arrival.
+                        break;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// One read from a socket tokio saw readable: `None` if there was nothing (it waits for the next event). As
+/// in tokio's own `poll_read`, a read that leaves room in `buf` drained the socket, so the cached readiness
+/// is cleared right away; the next arrival raises a new edge-triggered event. Otherwise every burst would
+/// end with one more read, only to learn `WouldBlock` — a system call per message in request/response
+/// traffic.
+fn read_once(tcp: &TcpStream, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<Option<usize>> {
+    let room = buf.len();
+    let mut read = 0;
+    let r = tcp.try_io(tokio::io::Interest::READABLE, || {
+        read = SockRef::from(tcp).recv(buf)?;
+        if read > 0 && read < room {
+            // Not an error: tells tokio the socket is empty now.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(Some(read)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((read > 0).then_some(read)),
+        Err(e) => Err(e),
     }
 }
 

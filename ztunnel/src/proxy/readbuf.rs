@@ -44,6 +44,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
             // Nothing buffered. A caller asking for at least a buffer's worth reads directly.
             if out.remaining() >= CAPACITY {
                 let r = ready!(Pin::new(&mut this.inner).poll_read(cx, out));
+                crate::spin::activity();
                 this.buf = None;
                 return Poll::Ready(r);
             }
@@ -60,6 +61,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
                     if n == 0 {
                         return Poll::Ready(Ok(()));
                     }
+                    // Bytes arrived for this worker (its spinner keeps polling while they do).
+                    crate::spin::activity();
                     // SAFETY: the read initialized the first `n` bytes of the spare capacity.
                     unsafe { buf.set_len(n) };
                     this.buf = Some(buf);
