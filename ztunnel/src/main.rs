@@ -54,7 +54,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Freed buffers stay while traffic flows; each worker's spinner returns them when its traffic pauses.
+    // Freed buffers stay while traffic flows; each worker returns them when its traffic pauses.
     ztunnel::spin::tune_allocator();
     // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the runtime");

@@ -62,7 +62,7 @@ pub fn install(window: Duration) -> &'static Spinner {
     s
 }
 
-/// Notes I/O activity on this worker (a no-op on threads without a spinner).
+/// Notes I/O activity on this worker (a no-op on threads that are not workers).
 #[inline]
 pub fn activity() {
     LOCAL.with(|l| {

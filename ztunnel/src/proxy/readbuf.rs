@@ -61,7 +61,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
                     if n == 0 {
                         return Poll::Ready(Ok(()));
                     }
-                    // Bytes arrived for this worker (its spinner keeps polling while they do).
+                    // Bytes arrived for this worker (it keeps polling while they do).
                     crate::spin::activity();
                     // SAFETY: the read initialized the first `n` bytes of the spare capacity.
                     unsafe { buf.set_len(n) };
