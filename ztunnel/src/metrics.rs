@@ -156,83 +156,101 @@ pub struct Metrics {
 impl Metrics {
     /// Creates and registers everything.
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::default();
-        let m = Metrics {
-            tcp_opened: Family::default(),
-            tcp_closed: Family::default(),
-            tcp_sent: Family::default(),
-            tcp_received: Family::default(),
-            active_proxies: Gauge::default(),
-            proxies_started: Counter::default(),
-            proxies_stopped: Counter::default(),
-            tls_failures: Family::default(),
-            hbone_rejected: Family::default(),
-            zds_messages: Family::default(),
-            zds_connected: Gauge::default(),
-            active_connections: Family::default(),
-            pool_connections: Gauge::default(),
-            cert_expiry: Family::default(),
-            policy_denials: Family::default(),
-            plaintext_from_mesh: Family::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "istio_tcp_connections_opened",
-            "The total number of TCP connections opened",
-            m.tcp_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "The total number of TCP connections closed",
-            m.tcp_closed.clone(),
-        );
-        registry.register(
-            "istio_tcp_sent_bytes",
-            "The size of total bytes sent during response in case of a TCP connection",
-            m.tcp_sent.clone(),
-        );
-        registry.register(
-            "istio_tcp_received_bytes",
-            "The size of total bytes received during request in case of a TCP connection",
-            m.tcp_received.clone(),
-        );
-        registry.register(
-            "workload_manager_active_proxy_count",
-            "The count of pods ztunnel currently serves",
-            m.active_proxies.clone(),
-        );
-        registry.register("workload_manager_proxies_started", "Pod proxies started", m.proxies_started.clone());
-        registry.register("workload_manager_proxies_stopped", "Pod proxies stopped", m.proxies_stopped.clone());
-        registry.register(
-            "ztunnel_tls_handshake_failures",
-            "TLS handshakes that failed, by reason",
-            m.tls_failures.clone(),
-        );
-        registry.register("ztunnel_hbone_rejected", "HBONE requests refused, by reason", m.hbone_rejected.clone());
-        registry.register("ztunnel_zds_messages", "ZDS requests handled, by kind and outcome", m.zds_messages.clone());
-        registry.register(
-            "ztunnel_zds_connected",
-            "Whether ztunnel is connected to the node agent",
-            m.zds_connected.clone(),
-        );
-        registry.register("ztunnel_active_connections", "Proxied connections open now", m.active_connections.clone());
-        registry.register("ztunnel_pool_connections", "Pooled HBONE connections open now", m.pool_connections.clone());
-        registry.register(
-            "ztunnel_certificate_expiry_seconds",
-            "Seconds until each workload certificate expires",
-            m.cert_expiry.clone(),
-        );
-        registry.register(
-            "ztunnel_policy_denials",
-            "Inbound connections refused by authorization policy, by policy",
-            m.policy_denials.clone(),
-        );
-        registry.register(
-            "ztunnel_inbound_plaintext_from_mesh",
-            "Plaintext inbound connections from workloads that speak HBONE",
-            m.plaintext_from_mesh.clone(),
-        );
-        Arc::new(Metrics { registry, ..m })
+        let mut r = Registry::default();
+        // Registers a metric (the registry keeps a handle to the same counters) and returns it.
+        fn reg<M: prometheus_client::registry::Metric + Clone>(r: &mut Registry, name: &str, help: &str, m: M) -> M {
+            r.register(name, help, m.clone());
+            m
+        }
+        Arc::new(Metrics {
+            tcp_opened: reg(
+                &mut r,
+                "istio_tcp_connections_opened",
+                "The total number of TCP connections opened",
+                Family::default(),
+            ),
+            tcp_closed: reg(
+                &mut r,
+                "istio_tcp_connections_closed",
+                "The total number of TCP connections closed",
+                Family::default(),
+            ),
+            tcp_sent: reg(
+                &mut r,
+                "istio_tcp_sent_bytes",
+                "The size of total bytes sent during response in case of a TCP connection",
+                Family::default(),
+            ),
+            tcp_received: reg(
+                &mut r,
+                "istio_tcp_received_bytes",
+                "The size of total bytes received during request in case of a TCP connection",
+                Family::default(),
+            ),
+            active_proxies: reg(
+                &mut r,
+                "workload_manager_active_proxy_count",
+                "The count of pods ztunnel currently serves",
+                Gauge::default(),
+            ),
+            proxies_started: reg(&mut r, "workload_manager_proxies_started", "Pod proxies started", Counter::default()),
+            proxies_stopped: reg(&mut r, "workload_manager_proxies_stopped", "Pod proxies stopped", Counter::default()),
+            tls_failures: reg(
+                &mut r,
+                "ztunnel_tls_handshake_failures",
+                "TLS handshakes that failed, by reason",
+                Family::default(),
+            ),
+            hbone_rejected: reg(
+                &mut r,
+                "ztunnel_hbone_rejected",
+                "HBONE requests refused, by reason",
+                Family::default(),
+            ),
+            zds_messages: reg(
+                &mut r,
+                "ztunnel_zds_messages",
+                "ZDS requests handled, by kind and outcome",
+                Family::default(),
+            ),
+            zds_connected: reg(
+                &mut r,
+                "ztunnel_zds_connected",
+                "Whether ztunnel is connected to the node agent",
+                Gauge::default(),
+            ),
+            active_connections: reg(
+                &mut r,
+                "ztunnel_active_connections",
+                "Proxied connections open now",
+                Family::default(),
+            ),
+            pool_connections: reg(
+                &mut r,
+                "ztunnel_pool_connections",
+                "Pooled HBONE connections open now",
+                Gauge::default(),
+            ),
+            cert_expiry: reg(
+                &mut r,
+                "ztunnel_certificate_expiry_seconds",
+                "Seconds until each workload certificate expires",
+                Family::default(),
+            ),
+            policy_denials: reg(
+                &mut r,
+                "ztunnel_policy_denials",
+                "Inbound connections refused by authorization policy, by policy",
+                Family::default(),
+            ),
+            plaintext_from_mesh: reg(
+                &mut r,
+                "ztunnel_inbound_plaintext_from_mesh",
+                "Plaintext inbound connections from workloads that speak HBONE",
+                Family::default(),
+            ),
+            registry: r,
+        })
     }
 
     /// The Prometheus (OpenMetrics) text.
