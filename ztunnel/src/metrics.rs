@@ -454,3 +454,51 @@ impl ConnRecord {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_under_its_istio_or_ztunnel_name() {
+        let m = Metrics::new();
+        // A family shows only once it has a member.
+        let tcp = TcpLabels { reporter: "destination".into(), ..Default::default() };
+        for f in [&m.tcp_opened, &m.tcp_closed, &m.tcp_sent, &m.tcp_received] {
+            f.get_or_create(&tcp).inc();
+        }
+        let why = ReasonLabels { direction: "inbound".into(), reason: "r".into() };
+        m.tls_failures.get_or_create(&why).inc();
+        m.hbone_rejected.get_or_create(&why).inc();
+        m.zds_messages.get_or_create(&ZdsLabels { kind: "add".into(), outcome: "ack".into() }).inc();
+        m.active_connections.get_or_create(&DirectionLabels { direction: "inbound".into() }).inc();
+        m.cert_expiry.get_or_create(&IdentityLabels { identity: "spiffe://a/ns/b/sa/c".into() }).set(1);
+        m.policy_denials.get_or_create(&DenialLabels { transport: "hbone".into(), policy: "-".into() }).inc();
+        m.plaintext_from_mesh
+            .get_or_create(&SourceLabels { source_workload_namespace: "b".into(), source_workload: "w".into() })
+            .inc();
+        let text = m.encode();
+        for name in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+            "workload_manager_active_proxy_count",
+            "workload_manager_proxies_started_total",
+            "workload_manager_proxies_stopped_total",
+            "ztunnel_tls_handshake_failures_total",
+            "ztunnel_hbone_rejected_total",
+            "ztunnel_zds_messages_total",
+            "ztunnel_zds_connected",
+            "ztunnel_active_connections",
+            "ztunnel_pool_connections",
+            "ztunnel_certificate_expiry_seconds",
+            "ztunnel_policy_denials_total",
+            "ztunnel_inbound_plaintext_from_mesh_total",
+        ] {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family} is not registered:\n{text}");
+        }
+        assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"destination\""), "{text}");
+    }
+}
