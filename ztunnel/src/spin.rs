@@ -86,21 +86,21 @@ pub fn on_idle() {
     }
     let seen = s.activity.load(Relaxed);
     let (last, until) = POLLING.get();
-    let now = Instant::now();
     if seen != last {
-        POLLING.set((seen, Some(now + s.window)));
+        POLLING.set((seen, Some(Instant::now() + s.window)));
         s.poll.notify_one();
         return;
     }
-    match until {
-        Some(t) if now < t => {
-            #[cfg(test)]
-            YIELDS.set(YIELDS.get() + 1);
-            std::thread::yield_now();
-            s.poll.notify_one();
-        }
-        _ => POLLING.set((seen, None)),
+    // Not polling (the window passed with no activity): let the runtime sleep, without reading the clock.
+    let Some(until) = until else { return };
+    if Instant::now() >= until {
+        POLLING.set((seen, None));
+        return;
     }
+    #[cfg(test)]
+    YIELDS.set(YIELDS.get() + 1);
+    std::thread::yield_now();
+    s.poll.notify_one();
 }
 
 /// A task that [`on_idle`] wakes to keep its worker polling; it does nothing else. (Queued before the
