@@ -39,19 +39,30 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 pub fn tune(tcp: &impl std::os::fd::AsFd, keepalive: Option<(Duration, Duration, u32)>) -> std::io::Result<()> {
     let sock = SockRef::from(tcp);
     sock.set_tcp_nodelay(true)?;
-    if let Some((time, interval, retries)) = keepalive {
-        let ka = socket2::TcpKeepalive::new().with_time(time).with_interval(interval).with_retries(retries);
-        sock.set_tcp_keepalive(&ka)?;
+    if let Some(ka) = keepalive {
+        self::keepalive(tcp, ka)?;
     }
     Ok(())
 }
 
-/// A new TCP socket in the pod's netns, marked so the pod's rules let it through. Callers [`tune`] it once
-/// connected.
+/// Sets TCP keepalive (idle time, probe interval, probes) on a connection whose peer is across the network.
+pub fn keepalive(
+    tcp: &impl std::os::fd::AsFd,
+    (time, interval, retries): (Duration, Duration, u32),
+) -> std::io::Result<()> {
+    let ka = socket2::TcpKeepalive::new().with_time(time).with_interval(interval).with_retries(retries);
+    SockRef::from(tcp).set_tcp_keepalive(&ka)
+}
+
+/// A new TCP socket in the pod's netns, marked so the pod's rules let it through, with Nagle off. It gets no
+/// keepalive: most of these connections go to the pod's own app, in the same netns, where a peer that dies
+/// has its socket closed by the kernel and probes would find nothing (callers whose peer is remote add
+/// [`keepalive`]).
 pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
     let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
     let s = netns.run(|| Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP)))??;
     s.set_mark(mark)?;
+    s.set_tcp_nodelay(true)?;
     Ok(s)
 }
 
@@ -137,5 +148,18 @@ mod tests {
         assert_eq!(s.tcp_keepalive_time().unwrap(), ka.0);
         assert_eq!(s.tcp_keepalive_interval().unwrap(), ka.1);
         assert_eq!(s.tcp_keepalive_retries().unwrap(), ka.2);
+    }
+
+    /// A connection to the pod's app has Nagle off from the start and no keepalive (four system calls per
+    /// connection that would buy nothing inside one netns).
+    #[tokio::test]
+    async fn connections_from_the_pod_have_nodelay_and_no_keepalive() {
+        let own = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let netns = InpodNetns::new(crate::inpod::netns::host_netns().unwrap(), own.into()).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = connect_from_pod(&netns, l.local_addr().unwrap(), None, 0).await.unwrap();
+        let s = SockRef::from(&c);
+        assert!(s.tcp_nodelay().unwrap());
+        assert!(!s.keepalive().unwrap());
     }
 }

@@ -206,7 +206,6 @@ async fn stream(
                 return;
             }
         };
-    pod.ctx.tune(&app);
     let send = match respond
         .send_response(Response::builder().status(StatusCode::OK).body(()).expect("static response"), false)
     {

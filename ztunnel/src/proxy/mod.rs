@@ -56,12 +56,21 @@ pub struct ProxyCtx {
 }
 
 impl ProxyCtx {
-    /// Applies the socket options every proxied TCP connection gets (keepalive; Nagle off). On a listener,
-    /// the connections it accepts inherit them (Linux copies them at accept), which saves five system calls on
-    /// every new connection.
+    /// Applies keepalive and turns Nagle off, on a pod's listener: the connections it accepts inherit both
+    /// (Linux copies them at accept), which saves five system calls on every new connection.
     pub fn tune(&self, tcp: &impl std::os::fd::AsFd) {
         if let Err(e) = socket::tune(tcp, self.cfg.tcp_keepalive) {
             debug!(error = %e, "cannot set TCP options");
+        }
+    }
+
+    /// Adds keepalive to a connection made from a pod's netns (which has Nagle off already) whose peer is
+    /// across the network.
+    pub fn keepalive(&self, tcp: &impl std::os::fd::AsFd) {
+        if let Some(ka) = self.cfg.tcp_keepalive
+            && let Err(e) = socket::keepalive(tcp, ka)
+        {
+            debug!(error = %e, "cannot set TCP keepalive");
         }
     }
 }
@@ -177,7 +186,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
             let tcp = socket::connect_from_pod(&netns, key.addr, None, ctx.cfg.packet_mark)
                 .await
                 .map_err(|e| err("connecting to", &e))?;
-            ctx.tune(&tcp);
+            ctx.keepalive(&tcp);
             let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
             let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
             let mut tls = tokio::time::timeout(

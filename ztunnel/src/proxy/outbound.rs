@@ -262,7 +262,7 @@ async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: So
             return;
         }
     };
-    pod.ctx.tune(&upstream);
+    pod.ctx.keepalive(&upstream);
     let t = copy::tcp_tcp(&tcp, &upstream).await;
     rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
 }

@@ -57,7 +57,6 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    pod.ctx.tune(&app);
     let t = copy::tcp_tcp(&tcp, &app).await;
     rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
 }
