@@ -134,6 +134,73 @@ struct Figures {
     connect: Vec<f64>,
     /// Bytes moved by the throughput runs.
     bytes: u64,
+    /// Where the work went, per phase ([`BULK`], [`RR`], [`CONNECT`]).
+    cost: [Cost; 3],
+}
+
+/// Phases of one measurement, for [`Cost`].
+const BULK: usize = 0;
+const RR: usize = 1;
+const CONNECT: usize = 2;
+
+/// What one phase cost: packets sent inside the two pods' netns (every hop of the path: loopback inside a
+/// pod, the pod's veth), the ztunnels' CPU (mesh only), and how many units of work (GiB, round trips,
+/// connections) that was for.
+#[derive(Default, Clone, Copy)]
+struct Cost {
+    packets: u64,
+    user_s: f64,
+    sys_s: f64,
+    units: f64,
+}
+
+/// Counters read before and after a phase.
+#[derive(Clone, Copy)]
+struct Counters {
+    packets: u64,
+    user_s: f64,
+    sys_s: f64,
+}
+
+/// The pods' netns and the ztunnels whose counters [`Cost`] takes.
+struct Meters<'a> {
+    pods: [&'a crate::Netns; 2],
+    /// ztunnel pids (mesh runs only).
+    ztunnels: Vec<u32>,
+}
+
+impl Meters<'_> {
+    fn read(&self) -> anyhow::Result<Counters> {
+        let mut c = Counters { packets: 0, user_s: 0.0, sys_s: 0.0 };
+        for ns in self.pods {
+            c.packets += crate::load::packets_sent(ns)?;
+        }
+        for pid in &self.ztunnels {
+            let (u, s) = crate::load::cpu_times(*pid)?;
+            c.user_s += u;
+            c.sys_s += s;
+        }
+        Ok(c)
+    }
+}
+
+impl Cost {
+    fn add(&mut self, before: Counters, after: Counters, units: f64) {
+        self.packets += after.packets.saturating_sub(before.packets);
+        self.user_s += after.user_s - before.user_s;
+        self.sys_s += after.sys_s - before.sys_s;
+        self.units += units;
+    }
+
+    fn packets_per_unit(&self) -> f64 {
+        self.packets as f64 / self.units.max(1e-9)
+    }
+
+    /// ztunnel CPU seconds per unit, and the kernel's share of it.
+    fn cpu_per_unit(&self) -> (f64, f64) {
+        let total = self.user_s + self.sys_s;
+        (total / self.units.max(1e-9), if total > 0.0 { self.sys_s / total } else { f64::NAN })
+    }
 }
 
 impl Figures {
@@ -169,7 +236,7 @@ impl Figures {
 
 /// One round of one path, added to `f`.
 fn measure(
-    ns: &crate::Netns,
+    meters: &Meters,
     sink: std::net::SocketAddr,
     echo: std::net::SocketAddr,
     o: &MeshOpts,
@@ -177,12 +244,19 @@ fn measure(
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<()> {
     use crate::load;
+    let ns = meters.pods[0];
+    let c0 = meters.read()?;
+    let mut moved = 0;
     for (i, streams) in [1, 8].into_iter().enumerate() {
         let (tp, bytes) = load::throughput(ns, sink, streams, o.secs)?;
         f.tp[i].push(tp);
-        f.bytes += bytes;
+        moved += bytes;
         progress(&format!("      {streams} stream(s): {:.2} Gbit/s", tp / 1e9));
     }
+    f.bytes += moved;
+    let c1 = meters.read()?;
+    f.cost[BULK].add(c0, c1, moved as f64 / (1u64 << 30) as f64);
+    let mut exchanges = 0;
     for (i, size) in [1usize, 1024].into_iter().enumerate() {
         let mut v = load::round_trips(ns, echo, size, o.round_trips.div_ceil(o.rounds.max(1)))?;
         progress(&format!(
@@ -190,9 +264,13 @@ fn measure(
             percentile(&v, 50.0),
             percentile(&v, 99.0)
         ));
+        exchanges += v.len();
         f.rr[i].append(&mut v);
     }
+    let c2 = meters.read()?;
+    f.cost[RR].add(c1, c2, exchanges as f64);
     let (rate, mut v) = load::connect_rate(ns, echo, o.secs)?;
+    f.cost[CONNECT].add(c2, meters.read()?, v.len() as f64);
     f.conns.0 += v.len();
     // The run's own duration (connections / rate).
     f.conns.1 += v.len() as f64 / rate.max(1e-9);
@@ -246,9 +324,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let rss_idle = load::proc_usage(zpid(0))?.0;
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
-    let cpu = || -> anyhow::Result<f64> { Ok(load::proc_usage(zpid(0))?.1 + load::proc_usage(zpid(1))?.1) };
+    let mesh_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: vec![zpid(0), zpid(1)] };
+    let direct_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: Vec::new() };
     let (mut m, mut d) = (Figures::default(), Figures::default());
-    let mut mesh_cpu = 0.0;
     let mut captured = true;
     let rounds = o.rounds.max(1);
     for r in 0..rounds {
@@ -266,20 +344,34 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     "  round {}/{rounds}, mesh: client (node1) → ztunnel → HBONE → ztunnel → server (node2)",
                     r + 1
                 ));
-                let c0 = cpu()?;
-                measure(&client.netns, sink.addr, echo.addr, o, &mut m, progress)?;
-                mesh_cpu += cpu()? - c0;
+                measure(&mesh_meters, sink.addr, echo.addr, o, &mut m, progress)?;
             } else {
                 progress(&format!("  round {}/{rounds}, direct: the same pods with capture switched off", r + 1));
-                measure(&client.netns, sink.addr, echo_direct.addr, o, &mut d, progress)?;
+                measure(&direct_meters, sink.addr, echo_direct.addr, o, &mut d, progress)?;
             }
         }
     }
     m.finish();
     d.finish();
+    let mesh_cpu: f64 = m.cost.iter().map(|c| c.user_s + c.sys_s).sum();
     let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
         "  ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, every mesh run incl. latency and connects)"
+    ));
+    let breakdown = breakdown(&d, &m);
+    progress(&format!(
+        "  where the work goes: packets per connection {} direct, {} mesh; per 1 B/1 KiB round trip {} / {}; \
+         ztunnel CPU {} s per GiB in bulk, {} µs per round trip, {} µs per connection (kernel {} / {} / {})",
+        breakdown["packets_per_connection"]["direct"],
+        breakdown["packets_per_connection"]["mesh"],
+        breakdown["packets_per_round_trip"]["direct"],
+        breakdown["packets_per_round_trip"]["mesh"],
+        breakdown["ztunnel_cpu"]["bulk_s_per_gib"],
+        breakdown["ztunnel_cpu"]["round_trip_us"],
+        breakdown["ztunnel_cpu"]["connection_us"],
+        breakdown["ztunnel_cpu"]["kernel_share"]["bulk"],
+        breakdown["ztunnel_cpu"]["kernel_share"]["round_trip"],
+        breakdown["ztunnel_cpu"]["kernel_share"]["connection"],
     ));
 
     progress(&format!("  {} idle connections through the mesh…", o.idle_conns));
@@ -299,6 +391,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         "connect": {"direct": dc, "mesh": mc},
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
+        "breakdown": breakdown,
         "ratios": {
             "throughput_1": round(m.tp(0) / d.tp(0), 2),
             "throughput_8": round(m.tp(1) / d.tp(1), 2),
@@ -307,6 +400,34 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             "connect_rate": round(m.connect_rate() / d.connect_rate(), 2),
         },
     }))
+}
+
+/// Where the work goes, per phase: packets on the path (both paths) and the ztunnels' CPU with its kernel
+/// share (mesh). With busy polling on, the per-round-trip and per-connection CPU includes the polling.
+fn breakdown(d: &Figures, m: &Figures) -> Value {
+    let (bulk, bulk_k) = m.cost[BULK].cpu_per_unit();
+    let (rr, rr_k) = m.cost[RR].cpu_per_unit();
+    let (conn, conn_k) = m.cost[CONNECT].cpu_per_unit();
+    json!({
+        "packets_per_connection": {
+            "direct": round(d.cost[CONNECT].packets_per_unit(), 1),
+            "mesh": round(m.cost[CONNECT].packets_per_unit(), 1),
+        },
+        "packets_per_round_trip": {
+            "direct": round(d.cost[RR].packets_per_unit(), 1),
+            "mesh": round(m.cost[RR].packets_per_unit(), 1),
+        },
+        "packets_per_mib": {
+            "direct": round(d.cost[BULK].packets_per_unit() / 1024.0, 1),
+            "mesh": round(m.cost[BULK].packets_per_unit() / 1024.0, 1),
+        },
+        "ztunnel_cpu": {
+            "bulk_s_per_gib": round(bulk, 2),
+            "round_trip_us": round(rr * 1e6, 1),
+            "connection_us": round(conn * 1e6, 1),
+            "kernel_share": {"bulk": round(bulk_k, 2), "round_trip": round(rr_k, 2), "connection": round(conn_k, 2)},
+        },
+    })
 }
 
 /// What the figures were measured on.

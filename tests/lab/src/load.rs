@@ -164,6 +164,36 @@ pub fn hold_idle(ns: &Netns, addr: SocketAddr, n: usize) -> anyhow::Result<Vec<T
     Ok(v)
 }
 
+/// User and system CPU seconds a process has used (all its threads).
+pub fn cpu_times(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = &stat[stat.rfind(')').context("bad stat")? + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    Ok((field(11) / hz, field(12) / hz))
+}
+
+/// Packets sent on every interface of a netns (loopback included): each packet of a path inside it,
+/// counted once.
+pub fn packets_sent(ns: &Netns) -> anyhow::Result<u64> {
+    // thread-self: /proc/net follows the netns of the process's main thread, not of this one.
+    let dev = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))??;
+    sum_tx_packets(&dev)
+}
+
+/// Sums the transmitted-packets column of a `/proc/net/dev` table.
+fn sum_tx_packets(dev: &str) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for line in dev.lines().skip(2) {
+        let (_, counters) = line.split_once(':').with_context(|| format!("bad /proc/net/dev line {line:?}"))?;
+        // Eight receive counters, then transmit: bytes, packets, ...
+        let tx = counters.split_whitespace().nth(9).with_context(|| format!("short /proc/net/dev line {line:?}"))?;
+        total += tx.parse::<u64>().with_context(|| format!("bad packet count in {line:?}"))?;
+    }
+    Ok(total)
+}
+
 /// A process's resident memory in MiB and its CPU seconds (user + system).
 pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -172,11 +202,30 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = &stat[stat.rfind(')').context("bad stat")? + 1..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-    Ok((rss_kb / 1024.0, ticks / hz))
+    let (user, sys) = cpu_times(pid)?;
+    Ok((rss_kb / 1024.0, user + sys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmitted_packets_of_every_interface_are_summed() {
+        let dev = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:  328305    4001    0    0    0     0          0         0   328305    4001    0    0    0     0       0          0
+  eth0: 1293817   20000    0    0    0     0          0         0   596588   17000    0    0    0     0       0          0
+";
+        assert_eq!(sum_tx_packets(dev).unwrap(), 21001);
+        assert!(sum_tx_packets("h1\nh2\n  eth0: 1 2 3\n").is_err());
+    }
+
+    #[test]
+    fn own_cpu_time_is_read() {
+        let end = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < end {}
+        let (user, sys) = cpu_times(std::process::id()).unwrap();
+        assert!(user + sys >= 0.02, "{user} + {sys}");
+    }
 }
