@@ -24,6 +24,17 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
     assert_eq!(num("rounds"), 2.0);
+    // Where the work goes: a TCP connection with a 1-byte echo is at least seven packets (handshake, byte,
+    // echo, two FINs); the mesh carries each connection over more hops than direct, and each exchange too.
+    let (direct, mesh) = (num("breakdown.packets_per_connection.direct"), num("breakdown.packets_per_connection.mesh"));
+    assert!(direct >= 7.0 && mesh > direct, "{v:#}");
+    let (direct, mesh) = (num("breakdown.packets_per_round_trip.direct"), num("breakdown.packets_per_round_trip.mesh"));
+    assert!(direct >= 2.0 && mesh >= 2.0 * direct, "{v:#}");
+    assert!(num("breakdown.packets_per_mib.mesh") > num("breakdown.packets_per_mib.direct"), "{v:#}");
+    assert!(num("breakdown.ztunnel_cpu.bulk_s_per_gib") > 0.0, "{v:#}");
+    let share = num("breakdown.ztunnel_cpu.kernel_share.bulk");
+    assert!((0.0..=1.0).contains(&share), "{v:#}");
+    assert!(num("breakdown.ztunnel_cpu.round_trip_us") >= 0.0 && num("breakdown.ztunnel_cpu.connection_us") >= 0.0);
     for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "added_rr_1b_us_p99", "connect_rate"] {
         num(&format!("ratios.{ratio}"));
     }
