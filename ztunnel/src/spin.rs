@@ -48,7 +48,7 @@ thread_local! {
 }
 
 /// Makes the calling thread a worker that busy-polls for `window` after activity (`Duration::ZERO`: never).
-/// Its runtime must call [`on_idle`] when it parks and run [`poller`] (when polling) and [`watch_pauses`].
+/// Its runtime must call [`on_idle`] when it parks and run [`poller`] and [`watch_pauses`].
 pub fn install(window: Duration) -> &'static Spinner {
     // Leaked once per worker thread (they live as long as the process).
     let s: &'static Spinner = Box::leak(Box::new(Spinner {

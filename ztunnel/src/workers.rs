@@ -29,9 +29,9 @@ impl Workers {
             std::thread::Builder::new().name(format!("ztunnel-worker-{i}")).spawn(move || {
                 let s = crate::spin::install(spin);
                 rt.block_on(async {
-                    if !spin.is_zero() {
-                        tokio::spawn(crate::spin::poller(s));
-                    }
+                    // Whether the worker polls is the park hook's decision: without busy polling nothing
+                    // ever wakes this task.
+                    tokio::spawn(crate::spin::poller(s));
                     // Even without busy polling: a burst's memory goes back when the traffic pauses.
                     tokio::spawn(crate::spin::watch_pauses(s));
                     std::future::pending::<()>().await

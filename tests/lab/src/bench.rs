@@ -148,14 +148,13 @@ const CONNECT: usize = 2;
 /// connections) that was for.
 #[derive(Default, Clone, Copy)]
 struct Cost {
-    packets: u64,
-    user_s: f64,
-    sys_s: f64,
+    /// What the phase used: the counters' growth over it.
+    used: Counters,
     units: f64,
 }
 
 /// Counters read before and after a phase.
-#[derive(Clone, Copy)]
+#[derive(Default, Clone, Copy)]
 struct Counters {
     packets: u64,
     user_s: f64,
@@ -171,7 +170,7 @@ struct Meters<'a> {
 
 impl Meters<'_> {
     fn read(&self) -> anyhow::Result<Counters> {
-        let mut c = Counters { packets: 0, user_s: 0.0, sys_s: 0.0 };
+        let mut c = Counters::default();
         for ns in self.pods {
             c.packets += crate::load::packets_sent(ns)?;
         }
@@ -186,20 +185,26 @@ impl Meters<'_> {
 
 impl Cost {
     fn add(&mut self, before: Counters, after: Counters, units: f64) {
-        self.packets += after.packets.saturating_sub(before.packets);
-        self.user_s += after.user_s - before.user_s;
-        self.sys_s += after.sys_s - before.sys_s;
+        let u = &mut self.used;
+        u.packets += after.packets.saturating_sub(before.packets);
+        u.user_s += after.user_s - before.user_s;
+        u.sys_s += after.sys_s - before.sys_s;
         self.units += units;
     }
 
     fn packets_per_unit(&self) -> f64 {
-        self.packets as f64 / self.units.max(1e-9)
+        self.used.packets as f64 / self.units.max(1e-9)
+    }
+
+    /// ztunnel CPU seconds (user + system).
+    fn cpu_s(&self) -> f64 {
+        self.used.user_s + self.used.sys_s
     }
 
     /// ztunnel CPU seconds per unit, and the kernel's share of it.
     fn cpu_per_unit(&self) -> (f64, f64) {
-        let total = self.user_s + self.sys_s;
-        (total / self.units.max(1e-9), if total > 0.0 { self.sys_s / total } else { f64::NAN })
+        let total = self.cpu_s();
+        (total / self.units.max(1e-9), if total > 0.0 { self.used.sys_s / total } else { f64::NAN })
     }
 }
 
@@ -353,7 +358,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     }
     m.finish();
     d.finish();
-    let mesh_cpu: f64 = m.cost.iter().map(|c| c.user_s + c.sys_s).sum();
+    let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
     let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
         "  ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, every mesh run incl. latency and connects)"
