@@ -105,6 +105,25 @@ pub struct MeshOpts {
     pub idle_pods: usize,
     /// Open idle connections for the memory figure.
     pub idle_conns: usize,
+    /// Only these phases (all when empty): for profiling one of them; the others' figures are null.
+    pub phases: Vec<Phase>,
+}
+
+/// A phase of each round's measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    /// Bulk throughput, 1 and 8 streams.
+    Bulk,
+    /// Request/response round trips.
+    RoundTrip,
+    /// New connections with a 1-byte echo.
+    Connect,
+}
+
+impl MeshOpts {
+    fn runs(&self, p: Phase) -> bool {
+        self.phases.is_empty() || self.phases.contains(&p)
+    }
 }
 
 impl Default for MeshOpts {
@@ -117,6 +136,7 @@ impl Default for MeshOpts {
             ztunnel_env: Vec::new(),
             idle_pods: 100,
             idle_conns: 1000,
+            phases: Vec::new(),
         }
     }
 }
@@ -252,7 +272,7 @@ fn measure(
     let ns = meters.pods[0];
     let c0 = meters.read()?;
     let mut moved = 0;
-    for (i, streams) in [1, 8].into_iter().enumerate() {
+    for (i, streams) in [1, 8].into_iter().enumerate().filter(|_| o.runs(Phase::Bulk)) {
         let (tp, bytes) = load::throughput(ns, sink, streams, o.secs)?;
         f.tp[i].push(tp);
         moved += bytes;
@@ -262,7 +282,7 @@ fn measure(
     let c1 = meters.read()?;
     f.cost[BULK].add(c0, c1, moved as f64 / (1u64 << 30) as f64);
     let mut exchanges = 0;
-    for (i, size) in [1usize, 1024].into_iter().enumerate() {
+    for (i, size) in [1usize, 1024].into_iter().enumerate().filter(|_| o.runs(Phase::RoundTrip)) {
         let mut v = load::round_trips(ns, echo, size, o.round_trips.div_ceil(o.rounds.max(1)))?;
         progress(&format!(
             "      {size} B round trip: p50 {:.0} µs, p99 {:.0} µs",
@@ -274,6 +294,9 @@ fn measure(
     }
     let c2 = meters.read()?;
     f.cost[RR].add(c1, c2, exchanges as f64);
+    if !o.runs(Phase::Connect) {
+        return Ok(());
+    }
     let (rate, mut v) = load::connect_rate(ns, echo, o.secs)?;
     f.cost[CONNECT].add(c2, meters.read()?, v.len() as f64);
     f.conns.0 += v.len();
@@ -282,6 +305,52 @@ fn measure(
     progress(&format!("      connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
     f.connect.append(&mut v);
     Ok(())
+}
+
+/// The paths a round measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Pod to pod, capture off.
+    Direct,
+    /// Through the two ztunnels.
+    Mesh,
+    /// Capture off, through two bare relays ([`crate::relay`]) where the ztunnels would be.
+    Relay,
+}
+
+/// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
+/// 127.0.0.1:`local` and connects to the server pod's on `between`, which connects to the app on `app`.
+fn start_relays(
+    lab: &Lab,
+    client: &crate::Pod,
+    server: &crate::Pod,
+    ports: [(u16, u16, u16); 2],
+) -> anyhow::Result<Vec<crate::proc::Proc>> {
+    let lab_bin = crate::util::binary("lab");
+    let route = |listen: std::net::SocketAddr, to: std::net::SocketAddr| format!("{listen}={to}");
+    let at = |ip, port| std::net::SocketAddr::new(ip, port);
+    let mut relays = Vec::new();
+    for (pod, name, routes) in [
+        (
+            client,
+            "relay-client",
+            ports.map(|(l, b, _)| route(at(std::net::Ipv4Addr::LOCALHOST.into(), l), at(server.ip, b))),
+        ),
+        (server, "relay-server", ports.map(|(_, b, a)| route(at(server.ip, b), at(server.ip, a)))),
+    ] {
+        let mut cmd = pod.netns.command(&lab_bin);
+        cmd.arg("relay");
+        for r in routes {
+            cmd.args(["--route", &r]);
+        }
+        let log = lab.dir.join(format!("{name}.log"));
+        let p = crate::proc::Proc::spawn(name, cmd, &log)?;
+        crate::util::wait_for(&format!("{name} to listen (log {})", log.display()), Duration::from_secs(10), || {
+            p.log().contains("ready").then_some(())
+        })?;
+        relays.push(p);
+    }
+    Ok(relays)
 }
 
 fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -329,35 +398,55 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let rss_idle = load::proc_usage(zpid(0))?.0;
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
+    // The floor: the same three TCP connections with a bare relay in each ztunnel's place (capture off).
+    let relays = start_relays(&lab, &client, &server, [(6001, 7001, sink.addr.port()), (6003, 7003, 5003)])?;
+    let relay_addrs = |port: u16| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
+
     let mesh_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: vec![zpid(0), zpid(1)] };
     let direct_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: Vec::new() };
-    let (mut m, mut d) = (Figures::default(), Figures::default());
+    let relay_meters =
+        Meters { pods: [&client.netns, &server.netns], ztunnels: relays.iter().map(crate::proc::Proc::pid).collect() };
+    let (mut m, mut d, mut f) = (Figures::default(), Figures::default(), Figures::default());
     let mut captured = true;
     let rounds = o.rounds.max(1);
     for r in 0..rounds {
-        // Alternate which path goes first; the last round ends with the mesh (the memory figure needs it).
-        let mesh_first = (rounds - 1 - r) % 2 == 1;
-        for mesh in [mesh_first, !mesh_first] {
+        // Each path goes first in turn; the last round ends with the mesh (the memory figure needs it).
+        let mut order = [Path::Direct, Path::Relay, Path::Mesh];
+        order.rotate_left((rounds - 1 - r) % 3);
+        for path in order {
+            let mesh = path == Path::Mesh;
             if mesh != captured {
                 for p in [&client, &server] {
                     if mesh { lab.capture(p) } else { lab.uncapture(p) }.map_err(cni_err)?;
                 }
                 captured = mesh;
             }
-            if mesh {
-                progress(&format!(
-                    "  round {}/{rounds}, mesh: client (node1) → ztunnel → HBONE → ztunnel → server (node2)",
-                    r + 1
-                ));
-                measure(&mesh_meters, sink.addr, echo.addr, o, &mut m, progress)?;
-            } else {
-                progress(&format!("  round {}/{rounds}, direct: the same pods with capture switched off", r + 1));
-                measure(&direct_meters, sink.addr, echo_direct.addr, o, &mut d, progress)?;
+            match path {
+                Path::Mesh => {
+                    progress(&format!(
+                        "  round {}/{rounds}, mesh: client (node1) → ztunnel → HBONE → ztunnel → server (node2)",
+                        r + 1
+                    ));
+                    measure(&mesh_meters, sink.addr, echo.addr, o, &mut m, progress)?;
+                }
+                Path::Direct => {
+                    progress(&format!("  round {}/{rounds}, direct: the same pods with capture switched off", r + 1));
+                    measure(&direct_meters, sink.addr, echo_direct.addr, o, &mut d, progress)?;
+                }
+                Path::Relay => {
+                    progress(&format!(
+                        "  round {}/{rounds}, floor: the mesh's three TCP connections through a bare relay",
+                        r + 1
+                    ));
+                    measure(&relay_meters, relay_addrs(6001), relay_addrs(6003), o, &mut f, progress)?;
+                }
             }
         }
     }
+    drop(relays);
     m.finish();
     d.finish();
+    f.finish();
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
     let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
@@ -388,12 +477,15 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
 
     let (dt, dr, dc) = d.json();
     let (mt, mr, mc) = m.json();
+    let (ft, fr, fc) = f.json();
+    let (floor_cpu, floor_kernel) = f.cost[BULK].cpu_per_unit();
+    let (floor_rr, floor_conn) = (f.cost[RR].cpu_per_unit().0, f.cost[CONNECT].cpu_per_unit().0);
     drop(extra);
     Ok(json!({
         "rounds": rounds,
-        "throughput_gbps": {"direct": dt, "mesh": mt},
-        "rr_latency_us": {"direct": dr, "mesh": mr},
-        "connect": {"direct": dc, "mesh": mc},
+        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft},
+        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr},
+        "connect": {"direct": dc, "mesh": mc, "floor": fc},
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "breakdown": breakdown,
@@ -403,6 +495,23 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             "added_rr_1b_us_p50": round(m.rr(0, 50.0) - d.rr(0, 50.0), 1),
             "added_rr_1b_us_p99": round(m.rr(0, 99.0) - d.rr(0, 99.0), 1),
             "connect_rate": round(m.connect_rate() / d.connect_rate(), 2),
+        },
+        // What the bare relay reaches: the bound of the in-pod design on this machine, and how close the
+        // mesh comes to it.
+        "floor": {
+            "throughput_1": round(f.tp(0) / d.tp(0), 2),
+            "throughput_8": round(f.tp(1) / d.tp(1), 2),
+            "added_rr_1b_us_p50": round(f.rr(0, 50.0) - d.rr(0, 50.0), 1),
+            "added_rr_1b_us_p99": round(f.rr(0, 99.0) - d.rr(0, 99.0), 1),
+            "connect_rate": round(f.connect_rate() / d.connect_rate(), 2),
+            "relay_cpu_s_per_gib": round(floor_cpu, 2),
+            "relay_kernel_share": round(floor_kernel, 2),
+            "relay_cpu_round_trip_us": round(floor_rr * 1e6, 1),
+            "relay_cpu_connection_us": round(floor_conn * 1e6, 1),
+            "mesh_of_floor": {
+                "throughput_1": round(m.tp(0) / f.tp(0), 2),
+                "connect_rate": round(m.connect_rate() / f.connect_rate(), 2),
+            },
         },
     }))
 }

@@ -16,6 +16,7 @@ pub mod net;
 pub mod netns;
 pub mod pcap;
 pub mod proc;
+pub mod relay;
 pub mod runtime;
 pub mod util;
 

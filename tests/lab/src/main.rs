@@ -42,9 +42,22 @@ enum Cmd {
         /// Extra environment for that ztunnel (KEY=VALUE, repeatable).
         #[arg(long = "ztunnel-env")]
         ztunnel_env: Vec<String>,
+        /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect.
+        #[arg(long = "phase", value_enum)]
+        phases: Vec<lab::bench::Phase>,
         /// Leave the CNI lab running afterwards, with its logs.
         #[arg(long)]
         keep: bool,
+    },
+    /// The bench's floor relay (internal): serve ROUTEs (LISTEN=TO) in the current netns; prints `ready`.
+    #[command(hide = true)]
+    Relay {
+        /// LISTEN=TO socket addresses (repeatable).
+        #[arg(long = "route", required = true)]
+        routes: Vec<lab::relay::Route>,
+        /// Busy-poll for this many µs after activity (0: never).
+        #[arg(long, default_value_t = 250)]
+        spin_us: u64,
     },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
@@ -58,15 +71,22 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Bench { json, only, pods, secs, rounds, ztunnel, ztunnel_env, keep } => {
+        Cmd::Bench { json, only, pods, secs, rounds, ztunnel, ztunnel_env, phases, keep } => {
             let env = ztunnel_env
                 .iter()
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            let opts = lab::bench::MeshOpts { secs, rounds, ztunnel, ztunnel_env: env, ..Default::default() };
+            let opts = lab::bench::MeshOpts { secs, rounds, ztunnel, ztunnel_env: env, phases, ..Default::default() };
             bench(json, only.as_deref(), pods, opts, keep)
         }
+        Cmd::Relay { routes, spin_us } => match lab::relay::run(&routes, std::time::Duration::from_micros(spin_us)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("relay: {e:#}");
+                1
+            }
+        },
         Cmd::Clean { all } => {
             lab::require_root();
             for r in lab::lab::clean_stale(all) {
@@ -107,6 +127,19 @@ fn bench(json: bool, only: Option<&str>, pods: usize, opts: lab::bench::MeshOpts
                     r["added_rr_1b_us_p99"],
                     r["connect_rate"],
                     v["ztunnel_rss_mib"]["conns_1000"]
+                ));
+                let f = &v["floor"];
+                progress(&format!(
+                    "  floor (a bare relay over the same three TCP connections, no TLS or HTTP/2): 1-stream throughput {}× direct, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs, connection rate {}×; relay CPU {} s per GiB in bulk (kernel {}); the mesh reaches {}× the floor's throughput and {}× its connection rate",
+                    f["throughput_1"],
+                    f["throughput_8"],
+                    f["added_rr_1b_us_p50"],
+                    f["added_rr_1b_us_p99"],
+                    f["connect_rate"],
+                    f["relay_cpu_s_per_gib"],
+                    f["relay_kernel_share"],
+                    f["mesh_of_floor"]["throughput_1"],
+                    f["mesh_of_floor"]["connect_rate"],
                 ));
             }
             Err(e) => {

@@ -1,5 +1,6 @@
-//! `lab bench`'s mesh part, shrunk to seconds: it runs, takes turns between mesh and direct (capture off and
-//! on again through ambit-cni), and prints every figure under its stable key. Needs root.
+//! `lab bench`'s mesh part, shrunk to seconds: it runs, takes turns between mesh, direct (capture off and on
+//! again through ambit-cni) and the floor (bare relays over the mesh's three TCP connections), and prints every
+//! figure under its stable key. Needs root.
 
 use lab::bench::{MeshOpts, mesh};
 
@@ -10,7 +11,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     let num = |path: &str| -> f64 {
         path.split('.').fold(&v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
     };
-    for side in ["direct", "mesh"] {
+    for side in ["direct", "mesh", "floor"] {
         for streams in ["1", "8"] {
             assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
         }
@@ -37,5 +38,9 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     assert!(num("breakdown.ztunnel_cpu.round_trip_us") >= 0.0 && num("breakdown.ztunnel_cpu.connection_us") >= 0.0);
     for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "added_rr_1b_us_p99", "connect_rate"] {
         num(&format!("ratios.{ratio}"));
+        num(&format!("floor.{ratio}"));
     }
+    // The floor's relays are processes of their own, measured like the ztunnels.
+    assert!(num("floor.relay_cpu_s_per_gib") > 0.0 && num("floor.relay_cpu_connection_us") > 0.0, "{v:#}");
+    assert!(num("floor.mesh_of_floor.throughput_1") > 0.0 && num("floor.mesh_of_floor.connect_rate") > 0.0);
 }
