@@ -247,6 +247,21 @@ impl Figures {
         }
     }
 
+    /// This path's figures as ratios to (throughput, connection rate) or differences from (latency) `direct`'s.
+    fn against(&self, direct: &Figures) -> serde_json::Map<String, Value> {
+        let d = direct;
+        json!({
+            "throughput_1": round(self.tp(0) / d.tp(0), 2),
+            "throughput_8": round(self.tp(1) / d.tp(1), 2),
+            "added_rr_1b_us_p50": round(self.rr(0, 50.0) - d.rr(0, 50.0), 1),
+            "added_rr_1b_us_p99": round(self.rr(0, 99.0) - d.rr(0, 99.0), 1),
+            "connect_rate": round(self.connect_rate() / d.connect_rate(), 2),
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+    }
+
     fn json(&self) -> (Value, Value, Value) {
         (
             json!({"1": round(self.tp(0) / 1e9, 2), "8": round(self.tp(1) / 1e9, 2)}),
@@ -480,6 +495,22 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let (ft, fr, fc) = f.json();
     let (floor_cpu, floor_kernel) = f.cost[BULK].cpu_per_unit();
     let (floor_rr, floor_conn) = (f.cost[RR].cpu_per_unit().0, f.cost[CONNECT].cpu_per_unit().0);
+    // What the bare relays reach: the bound of the in-pod design on this machine, and how close the mesh
+    // comes to it.
+    let mut floor = f.against(&d);
+    floor.extend([
+        ("relay_cpu_s_per_gib".to_string(), json!(round(floor_cpu, 2))),
+        ("relay_kernel_share".to_string(), json!(round(floor_kernel, 2))),
+        ("relay_cpu_round_trip_us".to_string(), json!(round(floor_rr * 1e6, 1))),
+        ("relay_cpu_connection_us".to_string(), json!(round(floor_conn * 1e6, 1))),
+        (
+            "mesh_of_floor".to_string(),
+            json!({
+                "throughput_1": round(m.tp(0) / f.tp(0), 2),
+                "connect_rate": round(m.connect_rate() / f.connect_rate(), 2),
+            }),
+        ),
+    ]);
     drop(extra);
     Ok(json!({
         "rounds": rounds,
@@ -489,30 +520,8 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "breakdown": breakdown,
-        "ratios": {
-            "throughput_1": round(m.tp(0) / d.tp(0), 2),
-            "throughput_8": round(m.tp(1) / d.tp(1), 2),
-            "added_rr_1b_us_p50": round(m.rr(0, 50.0) - d.rr(0, 50.0), 1),
-            "added_rr_1b_us_p99": round(m.rr(0, 99.0) - d.rr(0, 99.0), 1),
-            "connect_rate": round(m.connect_rate() / d.connect_rate(), 2),
-        },
-        // What the bare relay reaches: the bound of the in-pod design on this machine, and how close the
-        // mesh comes to it.
-        "floor": {
-            "throughput_1": round(f.tp(0) / d.tp(0), 2),
-            "throughput_8": round(f.tp(1) / d.tp(1), 2),
-            "added_rr_1b_us_p50": round(f.rr(0, 50.0) - d.rr(0, 50.0), 1),
-            "added_rr_1b_us_p99": round(f.rr(0, 99.0) - d.rr(0, 99.0), 1),
-            "connect_rate": round(f.connect_rate() / d.connect_rate(), 2),
-            "relay_cpu_s_per_gib": round(floor_cpu, 2),
-            "relay_kernel_share": round(floor_kernel, 2),
-            "relay_cpu_round_trip_us": round(floor_rr * 1e6, 1),
-            "relay_cpu_connection_us": round(floor_conn * 1e6, 1),
-            "mesh_of_floor": {
-                "throughput_1": round(m.tp(0) / f.tp(0), 2),
-                "connect_rate": round(m.connect_rate() / f.connect_rate(), 2),
-            },
-        },
+        "ratios": m.against(&d),
+        "floor": floor,
     }))
 }
 
