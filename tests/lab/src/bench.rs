@@ -414,7 +414,8 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
     // The floor: the same three TCP connections with a bare relay in each ztunnel's place (capture off).
-    let relays = start_relays(&lab, &client, &server, [(6001, 7001, sink.addr.port()), (6003, 7003, 5003)])?;
+    let relays =
+        start_relays(&lab, &client, &server, [(6001, 7001, sink.addr.port()), (6003, 7003, echo_direct.addr.port())])?;
     let relay_addrs = |port: u16| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
 
     let mesh_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: vec![zpid(0), zpid(1)] };
