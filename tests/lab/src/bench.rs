@@ -164,7 +164,7 @@ const RR: usize = 1;
 const CONNECT: usize = 2;
 
 /// What one phase cost: packets sent inside the two pods' netns (every hop of the path: loopback inside a
-/// pod, the pod's veth), the ztunnels' CPU (mesh only), and how many units of work (GiB, round trips,
+/// pod, the pod's veth), the proxies' CPU (ztunnels or relays; none direct), and how many units of work (GiB, round trips,
 /// connections) that was for.
 #[derive(Default, Clone, Copy)]
 struct Cost {
@@ -181,11 +181,11 @@ struct Counters {
     sys_s: f64,
 }
 
-/// The pods' netns and the ztunnels whose counters [`Cost`] takes.
+/// The pods' netns and the proxies whose counters [`Cost`] takes.
 struct Meters<'a> {
     pods: [&'a crate::Netns; 2],
-    /// ztunnel pids (mesh runs only).
-    ztunnels: Vec<u32>,
+    /// The proxies' pids: the ztunnels (mesh), the relays (floor), none (direct).
+    proxies: Vec<u32>,
 }
 
 impl Meters<'_> {
@@ -194,7 +194,7 @@ impl Meters<'_> {
         for ns in self.pods {
             c.packets += crate::load::packets_sent(ns)?;
         }
-        for pid in &self.ztunnels {
+        for pid in &self.proxies {
             let (u, s) = crate::load::cpu_times(*pid)?;
             c.user_s += u;
             c.sys_s += s;
@@ -335,12 +335,13 @@ enum Path {
 
 /// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
 /// 127.0.0.1:`local` and connects to the server pod's on `between`, which connects to the app on `app`.
+/// Returns the relays and, for each route, where the client connects.
 fn start_relays(
     lab: &Lab,
     client: &crate::Pod,
     server: &crate::Pod,
     ports: [(u16, u16, u16); 2],
-) -> anyhow::Result<Vec<crate::proc::Proc>> {
+) -> anyhow::Result<(Vec<crate::proc::Proc>, [std::net::SocketAddr; 2])> {
     let lab_bin = crate::util::binary("lab");
     let route = |listen: std::net::SocketAddr, to: std::net::SocketAddr| format!("{listen}={to}");
     let at = |ip, port| std::net::SocketAddr::new(ip, port);
@@ -365,7 +366,7 @@ fn start_relays(
         })?;
         relays.push(p);
     }
-    Ok(relays)
+    Ok((relays, ports.map(|(l, _, _)| at(std::net::Ipv4Addr::LOCALHOST.into(), l))))
 }
 
 fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -414,14 +415,13 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
     // The floor: the same three TCP connections with a bare relay in each ztunnel's place (capture off).
-    let relays =
+    let (relays, [relay_sink, relay_echo]) =
         start_relays(&lab, &client, &server, [(6001, 7001, sink.addr.port()), (6003, 7003, echo_direct.addr.port())])?;
-    let relay_addrs = |port: u16| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port);
 
-    let mesh_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: vec![zpid(0), zpid(1)] };
-    let direct_meters = Meters { pods: [&client.netns, &server.netns], ztunnels: Vec::new() };
+    let mesh_meters = Meters { pods: [&client.netns, &server.netns], proxies: vec![zpid(0), zpid(1)] };
+    let direct_meters = Meters { pods: [&client.netns, &server.netns], proxies: Vec::new() };
     let relay_meters =
-        Meters { pods: [&client.netns, &server.netns], ztunnels: relays.iter().map(crate::proc::Proc::pid).collect() };
+        Meters { pods: [&client.netns, &server.netns], proxies: relays.iter().map(crate::proc::Proc::pid).collect() };
     let (mut m, mut d, mut f) = (Figures::default(), Figures::default(), Figures::default());
     let mut captured = true;
     let rounds = o.rounds.max(1);
@@ -454,7 +454,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                         "  round {}/{rounds}, floor: the mesh's three TCP connections through a bare relay",
                         r + 1
                     ));
-                    measure(&relay_meters, relay_addrs(6001), relay_addrs(6003), o, &mut f, progress)?;
+                    measure(&relay_meters, relay_sink, relay_echo, o, &mut f, progress)?;
                 }
             }
         }

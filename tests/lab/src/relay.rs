@@ -57,7 +57,7 @@ fn activity() {
 /// sockets again instead of sleeping in `epoll_wait`.
 pub fn run(routes: &[Route], spin: Duration) -> anyhow::Result<()> {
     let mut rt = tokio::runtime::Builder::new_current_thread();
-    rt.enable_io();
+    rt.enable_all();
     if !spin.is_zero() {
         rt.on_thread_park(move || {
             if ACTIVE.get().is_some_and(|t| t.elapsed() < spin) {
@@ -84,7 +84,11 @@ pub fn run(routes: &[Route], spin: Duration) -> anyhow::Result<()> {
 
 async fn accept(l: TcpListener, to: SocketAddr) {
     loop {
-        let Ok((c, _)) = l.accept().await else { continue };
+        let Ok((c, _)) = l.accept().await else {
+            // Out of descriptors or memory: back off rather than spin on the error.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         activity();
         tokio::spawn(async move {
             let Ok(up) = TcpStream::connect(to).await else { return };
