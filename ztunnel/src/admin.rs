@@ -37,6 +37,8 @@ pub struct AdminState {
     pub log: Arc<dyn LogControl>,
     /// Notified by `/quitquitquit`.
     pub quit: Arc<Notify>,
+    /// The xDS connection, when workloads come from a control plane.
+    pub xds: Option<Arc<Mutex<crate::xds::XdsStatus>>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -50,10 +52,10 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Repl
 }
 
 impl AdminState {
-    /// Whether ztunnel is ready: workloads loaded and the agent's snapshot received.
+    /// Whether ztunnel is ready: workloads loaded (the local file, or every xDS type pushed once) and the
+    /// agent's snapshot received.
     pub fn ready(&self) -> bool {
-        let loaded = self.ctx.cfg.local_xds_path.is_none() || self.ctx.state.status().generation > 0;
-        loaded && self.inpod.lock().unwrap().ready()
+        self.ctx.state.status().generation > 0 && self.inpod.lock().unwrap().ready()
     }
 
     /// `/config_dump`.
@@ -78,7 +80,9 @@ impl AdminState {
                 v
             }).collect::<Vec<_>>(),
             "policies": snap.policies.all(),
+            "certificateAuthority": self.ctx.certs.source(),
             "certificates": self.ctx.certs.dump(),
+            "xds": self.xds.as_ref().map(|x| x.lock().unwrap().clone()),
             "inpod": {"ready": inpod.ready(), "pods": inpod.status()},
         })
     }
@@ -141,11 +145,14 @@ impl AdminState {
     fn readiness(&self, req: &Request<Incoming>) -> Reply {
         match req.uri().path() {
             "/healthz/ready" if self.ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
-            "/healthz/ready" => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not ready: waiting for the node agent's snapshot\n",
-            ),
+            "/healthz/ready" => {
+                let why = if self.ctx.state.status().generation == 0 {
+                    "not ready: waiting for the first complete configuration (local file or xDS push)\n"
+                } else {
+                    "not ready: waiting for the node agent's snapshot\n"
+                };
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", why)
+            }
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }
     }

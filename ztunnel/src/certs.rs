@@ -1,8 +1,11 @@
-//! Workload certificates: issued per identity by the CA, cached, renewed at half-life, and dropped when no
-//! local pod uses the identity any more.
+//! Workload certificates: issued per identity by the CA, cached, renewed at half-life with jittered, capped
+//! backoff on failure, and dropped when no local pod uses the identity any more.
 //!
-//! The embedded default CA is a local file CA (a root certificate and key on disk), which signs leaves in
-//! process; an Istio-compatible CA client plugs in as another [`CaSource`].
+//! Certificates come from an Istio-compatible CA over gRPC (istiod; [`crate::controlplane::IstioCa`]) or,
+//! for the embedded default without a control plane, from a local file CA (a root certificate and key on
+//! disk) that signs in process. Both go through the same request and the same checks ([`crate::ca`]): a key
+//! made here, a CSR for exactly one SPIFFE ID, and an answer refused unless it certifies that key for that
+//! identity under the mesh's roots.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,30 +13,47 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-    KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, DnType, DnValue, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::ca::{Accepted, CertRequest, ChainError, Signer, accept_chain, issue_for_key};
 use crate::identity::Identity;
-use crate::tls::der;
+use crate::metrics::Metrics;
+use crate::tls::{TrustRoots, der};
 
 /// Why a certificate could not be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CertError {
-    /// The CA's files could not be read or used.
+    /// The local CA's files could not be read or used.
     #[error("CA {0}")]
     Ca(String),
-    /// Signing or loading the leaf failed.
+    /// Making the key or request, or signing locally, failed.
     #[error("issuing a certificate for {identity}: {reason}")]
     Issue {
         /// For whom.
         identity: String,
         /// Why.
         reason: String,
+    },
+    /// The CA could not be asked or did not answer (unreachable, timed out, refused the request, no token).
+    #[error("certificate for {identity}: the CA did not issue it: {reason}")]
+    Unavailable {
+        /// For whom.
+        identity: String,
+        /// Why.
+        reason: String,
+    },
+    /// The CA answered with something ztunnel refuses to use.
+    #[error("certificate for {identity}: refused the CA's answer: {reason}")]
+    Rejected {
+        /// For whom.
+        identity: String,
+        /// What was wrong with it.
+        reason: ChainError,
     },
 }
 
@@ -65,8 +85,12 @@ fn now_secs() -> i64 {
 pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     ca_der: CertificateDer<'static>,
+    /// What follows a leaf in the chains it issues: its own certificate.
+    chain: Vec<CertificateDer<'static>>,
     is_root: bool,
     ttl: Duration,
+    /// Where it was loaded from, for logs.
+    origin: String,
 }
 
 impl std::fmt::Debug for LocalCa {
@@ -87,7 +111,9 @@ impl LocalCa {
             .map_err(|e| CertError::Ca(format!("certificate {}: {e}", cert_path.display())))?;
         let key_pem =
             std::fs::read_to_string(key_path).map_err(|e| CertError::Ca(format!("key {}: {e}", key_path.display())))?;
-        Self::from_pem(&cert_pem, &key_pem, ttl)
+        let mut ca = Self::from_pem(&cert_pem, &key_pem, ttl)?;
+        ca.origin = cert_path.display().to_string();
+        Ok(ca)
     }
 
     /// The CA from PEM text.
@@ -134,17 +160,22 @@ impl LocalCa {
         if der::issuer_raw(&probe.0).as_deref() != Some(&raw_subject[..]) {
             return Err(CertError::Ca("certificate: its subject cannot be reproduced in issued certificates".into()));
         }
-        Ok(LocalCa { issuer, ca_der, is_root, ttl })
+        Ok(LocalCa { issuer, chain: vec![ca_der.clone()], ca_der, is_root, ttl, origin: "(in memory)".into() })
+    }
+
+    /// The CSR signer of this CA.
+    pub fn signer(&self) -> Signer<'_> {
+        Signer { issuer: &self.issuer, ca_chain: &self.chain }
+    }
+
+    /// The lifetime of the leaves it issues.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// The CA certificate (the trust root when it is self-signed).
     pub fn ca_cert(&self) -> CertificateDer<'static> {
         self.ca_der.clone()
-    }
-
-    fn sign(&self, id: &Identity) -> Result<WorkloadCert, CertError> {
-        let now = SystemTime::now();
-        self.sign_valid(id, now - Duration::from_secs(60), now + self.ttl)
     }
 
     /// Signs a certificate for `id` valid from `not_before` to `not_after` (tools and tests: expired and
@@ -175,46 +206,59 @@ impl LocalCa {
     }
 }
 
-/// Signs a leaf for `id`: a fresh ECDSA P-256 key, the SPIFFE ID as the only (URI) SAN, usable by client and
-/// server, valid from `not_before` (a minute ago, for clock skew) to `not_after`.
+/// A leaf for `id` with a fresh key: (certificate, PKCS#8 key).
 fn issue(
     issuer: &Issuer<'static, KeyPair>,
     id: &Identity,
     not_before: SystemTime,
     not_after: SystemTime,
 ) -> Result<(CertificateDer<'static>, Vec<u8>), rcgen::Error> {
+    use rustls::pki_types::pem::PemObject;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    p.use_authority_key_identifier_extension = true;
-    p.not_before = not_before.into();
-    p.not_after = not_after.into();
-    let mut serial = [0u8; 16];
-    rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut serial)
-        .map_err(|_| rcgen::Error::RingUnspecified)?;
-    serial[0] &= 0x7f;
-    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-    let cert = p.signed_by(&key, issuer)?;
-    Ok((cert.der().clone(), key.serialize_der()))
+    let pem = issue_for_key(issuer, &key, id, not_before, not_after)?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+    Ok((der, key.serialize_der()))
 }
 
 /// Where certificates come from.
-#[derive(Debug)]
+// One per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum CaSource {
-    /// The local file CA.
+    /// The local file CA: signs in process (the embedded default, without a control plane).
     Local(LocalCa),
+    /// An Istio-compatible CA over gRPC (istiod, istio-csr).
+    Istio(crate::controlplane::IstioCa),
+}
+
+impl std::fmt::Debug for CaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl CaSource {
-    async fn sign(&self, id: &Identity) -> Result<WorkloadCert, CertError> {
+    /// Where certificates come from, for logs and `/config_dump`.
+    pub fn describe(&self) -> String {
         match self {
-            CaSource::Local(ca) => ca.sign(id),
+            CaSource::Local(ca) => format!("local CA {}", ca.origin),
+            CaSource::Istio(ca) => format!("istio CA {}", ca.address()),
         }
+    }
+
+    async fn sign(&self, id: &Identity, roots: &TrustRoots) -> Result<Accepted, CertError> {
+        let req =
+            CertRequest::new(id).map_err(|e| CertError::Issue { identity: id.to_string(), reason: e.to_string() })?;
+        let chain = match self {
+            CaSource::Local(ca) => {
+                ca.signer()
+                    .sign_request(&req.csr_pem, ca.ttl)
+                    .map_err(|e| CertError::Issue { identity: id.to_string(), reason: e.to_string() })?
+                    .1
+            }
+            CaSource::Istio(ca) => ca.create_certificate(id, &req.csr_pem).await?,
+        };
+        accept_chain(id, req, &chain, roots, SystemTime::now())
+            .map_err(|reason| CertError::Rejected { identity: id.to_string(), reason })
     }
 }
 
@@ -224,6 +268,10 @@ impl CaSource {
 pub struct CertInfo {
     /// The identity.
     pub identity: String,
+    /// Where it came from.
+    pub source: String,
+    /// `Available` (a valid certificate), or `Unavailable` (none yet, or expired).
+    pub state: &'static str,
     /// Validity start (Unix seconds).
     pub not_before: i64,
     /// Validity end (Unix seconds).
@@ -232,92 +280,224 @@ pub struct CertInfo {
     pub refresh_at: i64,
     /// Seconds until it expires.
     pub expires_in_seconds: i64,
+    /// When the current certificate was issued to us (Unix seconds).
+    pub last_issued: i64,
+    /// The last failed attempt's error, until an attempt succeeds.
+    pub last_error: Option<String>,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// When the next renewal attempt is due (Unix seconds).
+    pub next_attempt: i64,
+}
+
+/// One identity's entry.
+#[derive(Debug)]
+struct Entry {
+    cert: Option<Arc<WorkloadCert>>,
+    /// Serialises issuance for this identity: concurrent first connections ask the CA once.
+    issuing: Arc<tokio::sync::Mutex<()>>,
+    issued_at: i64,
+    last_error: Option<String>,
+    failures: u32,
+    next_attempt: i64,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            cert: None,
+            issuing: Arc::new(tokio::sync::Mutex::new(())),
+            issued_at: 0,
+            last_error: None,
+            failures: 0,
+            next_attempt: 0,
+        }
+    }
+
+    fn valid(&self, now: i64) -> Option<Arc<WorkloadCert>> {
+        self.cert.clone().filter(|c| c.not_after > now && c.not_before <= now + 60)
+    }
+}
+
+/// Backoff after `failures` failed attempts: 1 s doubling up to 150 s (Istio's cap), never beyond a quarter of
+/// what is left of the current certificate's life (so a short outage cannot outlast it unnoticed), jittered by
+/// ±25 % so the node's identities do not retry in lockstep.
+pub fn backoff(failures: u32, remaining_life: Option<i64>, jitter: f64) -> Duration {
+    let base = 2f64.powi(failures.saturating_sub(1).min(8) as i32).min(150.0);
+    let capped = match remaining_life {
+        Some(r) if r > 0 => base.min((r as f64 / 4.0).max(1.0)),
+        _ => base,
+    };
+    Duration::from_secs_f64(capped * (0.75 + 0.5 * jitter.clamp(0.0, 1.0)))
 }
 
 /// The cache of workload certificates.
-#[derive(Debug)]
 pub struct CertStore {
     ca: CaSource,
-    certs: Mutex<HashMap<Identity, Arc<WorkloadCert>>>,
-    /// Serialises issuance so concurrent first connections of one identity sign once.
-    issuing: tokio::sync::Mutex<()>,
+    roots: Arc<TrustRoots>,
+    metrics: Arc<Metrics>,
+    entries: Mutex<HashMap<Identity, Entry>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore").field("ca", &self.ca).field("entries", &self.entries).finish_non_exhaustive()
+    }
 }
 
 impl CertStore {
-    /// A store backed by `ca`.
-    pub fn new(ca: CaSource) -> Arc<CertStore> {
-        Arc::new(CertStore { ca, certs: Mutex::new(HashMap::new()), issuing: tokio::sync::Mutex::new(()) })
+    /// A store backed by `ca`, accepting only chains that lead to `roots`.
+    pub fn new(ca: CaSource, roots: Arc<TrustRoots>, metrics: Arc<Metrics>) -> Arc<CertStore> {
+        Arc::new(CertStore { ca, roots, metrics, entries: Mutex::new(HashMap::new()) })
+    }
+
+    /// A store on a local CA, trusting that CA's certificate (tools and tests).
+    pub fn local(ca: LocalCa, trust_domain: &str) -> Arc<CertStore> {
+        let roots = Arc::new(
+            TrustRoots::new(&[ca.ca_cert()], trust_domain).expect("a loaded CA certificate is a valid anchor"),
+        );
+        CertStore::new(CaSource::Local(ca), roots, Metrics::new())
+    }
+
+    /// Where certificates come from.
+    pub fn source(&self) -> String {
+        self.ca.describe()
     }
 
     /// The cached certificate of `id`, even if due for renewal (still valid).
     pub fn current(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
-        let c = self.certs.lock().unwrap().get(id).cloned()?;
-        (c.not_after > now_secs()).then_some(c)
+        self.entries.lock().unwrap().get(id)?.valid(now_secs())
     }
 
-    /// The certificate of `id`, issuing or renewing it when needed.
+    /// The certificate of `id`, asking the CA when there is no valid one or it is past half-life. A failed
+    /// renewal keeps the still-valid certificate in service; with none, the error is returned (the caller
+    /// refuses the connection: never plaintext).
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
-        if let Some(c) = self.current(id)
-            && c.refresh_at() > now_secs()
-        {
+        let lock = {
+            let mut entries = self.entries.lock().unwrap();
+            let e = entries.entry(id.clone()).or_insert_with(Entry::new);
+            if let Some(c) = e.valid(now_secs()).filter(|c| c.refresh_at() > now_secs()) {
+                return Ok(c);
+            }
+            e.issuing.clone()
+        };
+        let _g = lock.lock().await;
+        // Another task may have renewed it while this one waited.
+        if let Some(c) = self.current(id).filter(|c| c.refresh_at() > now_secs()) {
             return Ok(c);
         }
-        let _g = self.issuing.lock().await;
-        if let Some(c) = self.current(id)
-            && c.refresh_at() > now_secs()
-        {
-            return Ok(c);
-        }
-        match self.ca.sign(id).await {
-            Ok(c) => {
-                let c = Arc::new(c);
-                info!(identity = %id, expires = c.not_after, "issued workload certificate");
-                self.certs.lock().unwrap().insert(id.clone(), c.clone());
+        self.issue(id, &lock).await
+    }
+
+    async fn issue(&self, id: &Identity, lock: &Arc<tokio::sync::Mutex<()>>) -> Result<Arc<WorkloadCert>, CertError> {
+        let result = self.ca.sign(id, &self.roots).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CertError::Rejected { .. }) => "rejected",
+            Err(CertError::Unavailable { .. }) => "unavailable",
+            Err(_) => "error",
+        };
+        self.metrics.cert_requests.get_or_create(&crate::metrics::OutcomeLabels { outcome: outcome.into() }).inc();
+        let now = now_secs();
+        let mut entries = self.entries.lock().unwrap();
+        // The identity was dropped (its last pod left) while the CA answered: keep nothing.
+        let Some(e) = entries.get_mut(id).filter(|e| Arc::ptr_eq(&e.issuing, lock)) else {
+            return result.map(|a| {
+                Arc::new(WorkloadCert {
+                    identity: id.clone(),
+                    certified: a.certified,
+                    not_before: a.not_before,
+                    not_after: a.not_after,
+                })
+            });
+        };
+        match result {
+            Ok(a) => {
+                let c = Arc::new(WorkloadCert {
+                    identity: id.clone(),
+                    certified: a.certified,
+                    not_before: a.not_before,
+                    not_after: a.not_after,
+                });
+                info!(identity = %id, source = %self.ca.describe(), expires = c.not_after, "workload certificate issued");
+                e.cert = Some(c.clone());
+                e.issued_at = now;
+                e.last_error = None;
+                e.failures = 0;
+                e.next_attempt = c.refresh_at();
                 Ok(c)
             }
-            // A renewal that fails keeps the still-valid certificate in service.
-            Err(e) => match self.current(id) {
-                Some(c) => {
-                    warn!(identity = %id, error = %e, "renewal failed; keeping the current certificate");
-                    Ok(c)
+            Err(err) => {
+                e.failures += 1;
+                e.last_error = Some(err.to_string());
+                let remaining = e.valid(now).map(|c| c.not_after - now);
+                let wait = backoff(e.failures, remaining, jitter());
+                e.next_attempt = now + wait.as_secs() as i64;
+                match e.valid(now) {
+                    Some(c) => {
+                        warn!(identity = %id, error = %err, failures = e.failures, retry_in = ?wait, expires = c.not_after,
+                              "certificate renewal failed; the current certificate stays in service");
+                        Ok(c)
+                    }
+                    None => {
+                        warn!(identity = %id, error = %err, failures = e.failures, retry_in = ?wait,
+                              "no certificate for this identity: its connections are refused until one is issued");
+                        Err(err)
+                    }
                 }
-                None => Err(e),
-            },
+            }
         }
     }
 
     /// Drops the certificate of an identity no local pod uses any more.
     pub fn forget(&self, id: &Identity) {
-        self.certs.lock().unwrap().remove(id);
+        self.entries.lock().unwrap().remove(id);
     }
 
-    /// Renews every certificate past its half-life. Run periodically.
+    /// Renews every certificate past its half-life (and retries failed ones) whose attempt is due. Run
+    /// periodically; concurrent renewals of different identities run in parallel.
     pub async fn refresh_due(&self) {
-        let due: Vec<Identity> = {
+        let due: Vec<(Identity, Arc<tokio::sync::Mutex<()>>)> = {
             let now = now_secs();
-            self.certs.lock().unwrap().values().filter(|c| c.refresh_at() <= now).map(|c| c.identity.clone()).collect()
+            self.entries
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, e)| e.next_attempt <= now && e.valid(now).is_none_or(|c| c.refresh_at() <= now))
+                .map(|(id, e)| (id.clone(), e.issuing.clone()))
+                .collect()
         };
-        for id in due {
-            if let Err(e) = self.fetch(&id).await {
-                warn!(identity = %id, error = %e, "certificate renewal failed");
-            }
-        }
+        let renewals = due.into_iter().map(|(id, lock)| async move {
+            let Ok(_g) = lock.try_lock() else { return };
+            let _ = self.issue(&id, &lock).await;
+        });
+        futures_join_all(renewals).await;
     }
 
     /// What is cached, for `/config_dump` and metrics.
     pub fn dump(&self) -> Vec<CertInfo> {
         let now = now_secs();
+        let source = self.ca.describe();
         let mut v: Vec<CertInfo> = self
-            .certs
+            .entries
             .lock()
             .unwrap()
-            .values()
-            .map(|c| CertInfo {
-                identity: c.identity.to_string(),
-                not_before: c.not_before,
-                not_after: c.not_after,
-                refresh_at: c.refresh_at(),
-                expires_in_seconds: c.not_after - now,
+            .iter()
+            .map(|(id, e)| {
+                let c = e.valid(now);
+                CertInfo {
+                    identity: id.to_string(),
+                    source: source.clone(),
+                    state: if c.is_some() { "Available" } else { "Unavailable" },
+                    not_before: c.as_ref().map_or(0, |c| c.not_before),
+                    not_after: c.as_ref().map_or(0, |c| c.not_after),
+                    refresh_at: c.as_ref().map_or(0, |c| c.refresh_at()),
+                    expires_in_seconds: c.as_ref().map_or(0, |c| c.not_after - now),
+                    last_issued: e.issued_at,
+                    last_error: e.last_error.clone(),
+                    failures: e.failures,
+                    next_attempt: e.next_attempt,
+                }
             })
             .collect();
         v.sort_by(|a, b| a.identity.cmp(&b.identity));
@@ -325,8 +505,25 @@ impl CertStore {
     }
 }
 
+/// Runs futures concurrently on the current task and waits for all (a few renewals at a time: no spawning).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl IntoIterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(move |cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+    })
+    .await
+}
+
+/// A uniform number in [0, 1) for jitter.
+fn jitter() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tls::{TrustRoots, client_config, server_config};
 
@@ -345,7 +542,7 @@ mod tests {
         let (cert, key) = test_ca("cluster.local");
         let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
         let root = ca.ca_cert();
-        let store = CertStore::new(CaSource::Local(ca));
+        let store = CertStore::local(ca, "cluster.local");
         let id = Identity::new("cluster.local", "ns", "sa");
         let c1 = store.fetch(&id).await.unwrap();
         let c2 = store.fetch(&id).await.unwrap();
@@ -364,7 +561,7 @@ mod tests {
         let (cert, key) = test_ca("cluster.local");
         // Valid from a minute ago for ten seconds: already past half-life, so every fetch renews.
         let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(10)).unwrap();
-        let store = CertStore::new(CaSource::Local(ca));
+        let store = CertStore::local(ca, "cluster.local");
         let id = Identity::new("cluster.local", "ns", "sa");
         let first = store.fetch(&id).await.unwrap();
         assert!(first.refresh_at() <= now_secs());
@@ -375,7 +572,7 @@ mod tests {
         // A long-lived one is not.
         let (cert, key) = test_ca("cluster.local");
         let store =
-            CertStore::new(CaSource::Local(LocalCa::from_pem(&cert, &key, Duration::from_secs(86400)).unwrap()));
+            CertStore::local(LocalCa::from_pem(&cert, &key, Duration::from_secs(86400)).unwrap(), "cluster.local");
         let a = store.fetch(&id).await.unwrap();
         store.refresh_due().await;
         assert!(Arc::ptr_eq(&a, &store.current(&id).unwrap()));
@@ -386,7 +583,7 @@ mod tests {
         let (cert, key) = test_ca("cluster.local");
         let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
         let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], "cluster.local").unwrap());
-        let store = CertStore::new(CaSource::Local(ca));
+        let store = CertStore::local(ca, "cluster.local");
         let client_id = Identity::new("cluster.local", "a", "client");
         let server_id = Identity::new("cluster.local", "b", "server");
         store.fetch(&server_id).await.unwrap();
@@ -420,7 +617,7 @@ mod tests {
         // The server refuses a client from another CA.
         let (cert2, key2) = test_ca("cluster.local");
         let rogue =
-            CertStore::new(CaSource::Local(LocalCa::from_pem(&cert2, &key2, Duration::from_secs(3600)).unwrap()));
+            CertStore::local(LocalCa::from_pem(&cert2, &key2, Duration::from_secs(3600)).unwrap(), "cluster.local");
         let rogue_cert = rogue.fetch(&client_id).await.unwrap();
         let (_, s) = handshake(vec![server_id.clone()], rogue_cert.certified.clone()).await;
         assert!(s.is_err());

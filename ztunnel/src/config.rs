@@ -26,11 +26,34 @@ pub struct Config {
     pub node_name: String,
     /// `LOCAL_XDS_PATH`: the local workload file (Istio's YAML format).
     pub local_xds_path: Option<PathBuf>,
-    /// `XDS_ADDRESS`: istiod's delta xDS (not used when a local file is given).
+    /// `XDS_ADDRESS`: istiod's delta xDS (`https://istiod.istio-system.svc:15012` unless a local file is
+    /// given; `""` turns xDS off).
     pub xds_address: Option<String>,
+    /// `XDS_ROOT_CA`: roots that sign the xDS server's certificate.
+    pub xds_root_ca: PathBuf,
+    /// `ALT_XDS_HOSTNAME`: the name to check the xDS server's certificate against.
+    pub alt_xds_hostname: Option<String>,
+    /// `CA_ADDRESS`: the Istio-compatible CA (used unless the local file CA is configured).
+    pub ca_address: String,
+    /// `CA_ROOT_CA`: roots that sign the CA's certificate; also the mesh's trust roots (Istio's
+    /// `root-cert.pem`, from the `istio-ca-root-cert` ConfigMap).
+    pub ca_root_ca: PathBuf,
+    /// `ALT_CA_HOSTNAME`: the name to check the CA's certificate against.
+    pub alt_ca_hostname: Option<String>,
+    /// `AUTH_TOKEN`: the projected service account token (audience `istio-ca`) sent to the CA and xDS.
+    pub auth_token: PathBuf,
+    /// `CLUSTER_ID`: sent as the `clusterid` header.
+    pub cluster_id: String,
+    /// `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`: who this ztunnel is, for its xDS node id.
+    pub instance_ip: String,
+    /// `POD_NAME`.
+    pub pod_name: String,
+    /// `POD_NAMESPACE`.
+    pub pod_namespace: String,
     /// `TRUST_DOMAIN`.
     pub trust_domain: String,
-    /// `AMBIT_LOCAL_CA_CERT` / `AMBIT_LOCAL_CA_KEY`: the local file CA.
+    /// `AMBIT_LOCAL_CA_CERT` / `AMBIT_LOCAL_CA_KEY`: the local file CA (for running without a control plane;
+    /// the node then holds the CA key). Unset: certificates come from `CA_ADDRESS`.
     pub local_ca: Option<(PathBuf, PathBuf)>,
     /// `SECRET_TTL`: lifetime of workload certificates.
     pub secret_ttl: Duration,
@@ -165,11 +188,33 @@ impl Config {
                     .ok_or_else(|| bad("ZTUNNEL_WORKER_THREADS", &v, "not a positive count or percentage"))?
             }
         };
+        const ISTIOD: &str = "https://istiod.istio-system.svc:15012";
+        const ROOT: &str = "./var/run/secrets/istio/root-cert.pem";
+        let nonempty = |k: &str| get(k).filter(|s| !s.trim().is_empty());
+        let local_xds_path = get("LOCAL_XDS_PATH").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let xds_address = match get("XDS_ADDRESS") {
+            Some(a) if a.trim().is_empty() => None,
+            Some(a) => Some(a),
+            None if local_xds_path.is_none() => Some(ISTIOD.to_string()),
+            None => None,
+        };
         let c = Config {
             inpod_uds: PathBuf::from(get("INPOD_UDS").unwrap_or_else(|| "/var/run/ztunnel/ztunnel.sock".into())),
             node_name: get("NODE_NAME").unwrap_or_default(),
-            local_xds_path: get("LOCAL_XDS_PATH").filter(|s| !s.is_empty()).map(PathBuf::from),
-            xds_address: get("XDS_ADDRESS").filter(|s| !s.is_empty()),
+            local_xds_path,
+            xds_address,
+            xds_root_ca: PathBuf::from(nonempty("XDS_ROOT_CA").unwrap_or_else(|| ROOT.into())),
+            alt_xds_hostname: nonempty("ALT_XDS_HOSTNAME"),
+            ca_address: nonempty("CA_ADDRESS").unwrap_or_else(|| ISTIOD.into()),
+            ca_root_ca: PathBuf::from(nonempty("CA_ROOT_CA").unwrap_or_else(|| ROOT.into())),
+            alt_ca_hostname: nonempty("ALT_CA_HOSTNAME"),
+            auth_token: PathBuf::from(
+                nonempty("AUTH_TOKEN").unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into()),
+            ),
+            cluster_id: nonempty("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            instance_ip: nonempty("INSTANCE_IP").unwrap_or_else(|| "1.1.1.1".into()),
+            pod_name: get("POD_NAME").unwrap_or_default(),
+            pod_namespace: get("POD_NAMESPACE").unwrap_or_default(),
             trust_domain: get("TRUST_DOMAIN").filter(|s| !s.is_empty()).unwrap_or_else(|| "cluster.local".into()),
             local_ca,
             secret_ttl: duration("SECRET_TTL", Duration::from_secs(24 * 3600))?,
@@ -202,19 +247,22 @@ impl Config {
         if !(16_384..=16_777_215).contains(&c.h2_frame_size) {
             return Err(bad("HTTP2_FRAME_SIZE", &c.h2_frame_size.to_string(), "must be between 16384 and 16777215"));
         }
-        if c.local_xds_path.is_none() && c.xds_address.is_some() {
+        if let (Some(p), Some(a)) = (&c.local_xds_path, &c.xds_address) {
             return Err(bad(
                 "XDS_ADDRESS",
-                c.xds_address.as_deref().unwrap_or_default(),
-                "this ztunnel reads workloads from LOCAL_XDS_PATH only; set LOCAL_XDS_PATH (and XDS_ADDRESS=\"\")",
+                a,
+                &format!("workloads come from one source: LOCAL_XDS_PATH={} or XDS_ADDRESS, not both", p.display()),
             ));
         }
-        if c.local_ca.is_none() {
-            return Err(bad(
-                "AMBIT_LOCAL_CA_CERT",
-                "",
-                "no certificate authority configured: set AMBIT_LOCAL_CA_CERT and AMBIT_LOCAL_CA_KEY",
-            ));
+        if c.local_xds_path.is_none() && c.xds_address.is_none() {
+            return Err(bad("XDS_ADDRESS", "", "no source of workloads: set XDS_ADDRESS or LOCAL_XDS_PATH"));
+        }
+        for (var, a) in [("XDS_ADDRESS", c.xds_address.as_deref()), ("CA_ADDRESS", Some(c.ca_address.as_str()))] {
+            if let Some(a) = a
+                && !a.starts_with("https://")
+            {
+                return Err(bad(var, a, "must be an https:// URL (the control plane is always reached over TLS)"));
+            }
         }
         Ok(c)
     }
@@ -270,12 +318,29 @@ mod tests {
         assert_eq!(cfg(&[("INPOD_PORT_REUSE", "maybe")]).unwrap_err().var, "INPOD_PORT_REUSE");
         assert_eq!(cfg(&[("ZTUNNEL_WORKER_THREADS", "0")]).unwrap_err().var, "ZTUNNEL_WORKER_THREADS");
         assert_eq!(cfg(&[("HTTP2_FRAME_SIZE", "10")]).unwrap_err().var, "HTTP2_FRAME_SIZE");
-        assert_eq!(cfg(&[("XDS_ADDRESS", "https://istiod:15012")]).unwrap_err().var, "XDS_ADDRESS");
+        assert_eq!(
+            cfg(&[("XDS_ADDRESS", "https://istiod:15012"), ("LOCAL_XDS_PATH", "/w.yaml")]).unwrap_err().var,
+            "XDS_ADDRESS"
+        );
+        assert_eq!(cfg(&[("XDS_ADDRESS", "")]).unwrap_err().var, "XDS_ADDRESS");
+        assert_eq!(cfg(&[("CA_ADDRESS", "istiod:15012")]).unwrap_err().var, "CA_ADDRESS");
         assert_eq!(
             cfg(&[("ZTUNNEL_WORKER_THREADS", "50%")]).unwrap().worker_threads,
             1.max(std::thread::available_parallelism().unwrap().get().div_ceil(2))
         );
-        let e = Config::from_vars(|_| None).unwrap_err();
-        assert!(e.reason.contains("certificate authority"));
+    }
+
+    #[test]
+    fn istiod_by_default() {
+        // Istio's defaults: istiod for both workloads and certificates, Istio's mounted token and root.
+        let c = Config::from_vars(|_| None).unwrap();
+        assert_eq!(c.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+        assert_eq!(c.ca_address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(c.ca_root_ca, PathBuf::from("./var/run/secrets/istio/root-cert.pem"));
+        assert_eq!(c.auth_token, PathBuf::from("./var/run/secrets/tokens/istio-token"));
+        assert_eq!(c.cluster_id, "Kubernetes");
+        assert!(c.local_ca.is_none() && c.local_xds_path.is_none());
+        // A local file turns xDS off unless it is asked for explicitly.
+        assert_eq!(cfg(&[("LOCAL_XDS_PATH", "/w.yaml")]).unwrap().xds_address, None);
     }
 }

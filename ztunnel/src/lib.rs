@@ -8,8 +8,10 @@
 
 pub mod admin;
 pub mod authz;
+pub mod ca;
 pub mod certs;
 pub mod config;
+pub mod controlplane;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
@@ -20,3 +22,4 @@ pub mod spin;
 pub mod state;
 pub mod tls;
 pub mod workers;
+pub mod xds;

@@ -13,6 +13,7 @@ use tracing_subscriber::reload;
 use ztunnel::admin::{self, AdminState, Endpoint, LogControl};
 use ztunnel::certs::{CaSource, CertStore, LocalCa};
 use ztunnel::config::Config;
+use ztunnel::controlplane::{Connection, IstioCa, Target};
 use ztunnel::inpod::{self, Inpod};
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::ProxyCtx;
@@ -64,27 +65,87 @@ fn main() {
     }
 }
 
+/// Re-reads the mesh's root file every few seconds and puts a changed one in force (root rotation: the
+/// kubelet updates the mounted ConfigMap in place). An unreadable or broken file keeps the roots in force.
+async fn watch_roots(path: std::path::PathBuf, mut seen: Vec<u8>, roots: Arc<TrustRoots>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let Ok(pem) = std::fs::read(&path) else { continue };
+        if pem == seen {
+            continue;
+        }
+        let outcome = match roots.replace_pem(&pem) {
+            Ok(n) => {
+                info!(file = %path.display(), roots = n, "the mesh's trust roots changed; new ones in force");
+                "ok"
+            }
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "the root file changed but is unusable; keeping the roots in force");
+                "invalid"
+            }
+        };
+        metrics.trust_root_reloads.get_or_create(&ztunnel::metrics::OutcomeLabels { outcome: outcome.into() }).inc();
+        seen = pem;
+    }
+}
+
 async fn run(cfg: Config, log: Arc<Filter>) -> anyhow::Result<()> {
-    let (cert, key) = cfg.local_ca.clone().expect("checked by Config");
-    let ca = LocalCa::load(&cert, &key, cfg.secret_ttl).context("loading the local CA")?;
-    let roots = Arc::new(
-        TrustRoots::new(&[ca.ca_cert()], &cfg.trust_domain)
-            .map_err(|e| anyhow::anyhow!("CA certificate {}: {e}", cert.display()))?,
-    );
-    let certs = CertStore::new(CaSource::Local(ca));
+    let metrics = Metrics::new();
+    let token = Some(cfg.auth_token.clone());
+    let (ca, roots, root_file) = match &cfg.local_ca {
+        Some((cert, key)) => {
+            let ca = LocalCa::load(cert, key, cfg.secret_ttl).context("loading the local CA")?;
+            let roots = TrustRoots::new(&[ca.ca_cert()], &cfg.trust_domain)
+                .map_err(|e| anyhow::anyhow!("CA certificate {}: {e}", cert.display()))?;
+            (CaSource::Local(ca), roots, None)
+        }
+        None => {
+            let path = &cfg.ca_root_ca;
+            let pem = std::fs::read(path)
+                .with_context(|| format!("CA_ROOT_CA {}: cannot read the mesh's root", path.display()))?;
+            let roots = TrustRoots::from_pem(&pem, &cfg.trust_domain)
+                .map_err(|e| anyhow::anyhow!("CA_ROOT_CA {}: {e}", path.display()))?;
+            let target = Target {
+                address: cfg.ca_address.clone(),
+                root_ca: path.clone(),
+                alt_hostname: cfg.alt_ca_hostname.clone(),
+                token: token.clone(),
+                cluster_id: cfg.cluster_id.clone(),
+            };
+            (CaSource::Istio(IstioCa::new(target, cfg.secret_ttl)), roots, Some((path.clone(), pem)))
+        }
+    };
+    let roots = Arc::new(roots);
+    let certs = CertStore::new(ca, roots.clone(), metrics.clone());
+    info!(source = %certs.source(), "workload certificates come from this CA");
 
     let state = State::new();
+    let mut xds_status = None;
     if let Some(path) = &cfg.local_xds_path {
         // A missing or broken file at start leaves ztunnel unready until a good version appears.
         let _ = state.load_file(path);
         state::watch(state.clone(), path.clone());
+    } else if let Some(address) = &cfg.xds_address {
+        let conn = Connection::new(Target {
+            address: address.clone(),
+            root_ca: cfg.xds_root_ca.clone(),
+            alt_hostname: cfg.alt_xds_hostname.clone(),
+            token: token.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+        });
+        let node =
+            ztunnel::xds::node(&cfg.instance_ip, &cfg.pod_name, &cfg.pod_namespace, &cfg.node_name, &cfg.cluster_id);
+        let status = Arc::new(std::sync::Mutex::new(ztunnel::xds::XdsStatus::default()));
+        tokio::spawn(ztunnel::xds::run(conn, node, state.clone(), metrics.clone(), status.clone()));
+        xds_status = Some(status);
     }
-    let metrics = Metrics::new();
     let workers = Workers::start(cfg.worker_threads, cfg.busy_poll).context("starting the worker threads")?;
     let ctx = Arc::new(ProxyCtx { cfg: cfg.clone(), state, certs: certs.clone(), roots, metrics, workers });
     let inpod = Inpod::new(ctx.clone());
     let quit = Arc::new(Notify::new());
-    let admin_state = Arc::new(AdminState { ctx: ctx.clone(), inpod: inpod.clone(), log, quit: quit.clone() });
+    let admin_state =
+        Arc::new(AdminState { ctx: ctx.clone(), inpod: inpod.clone(), log, quit: quit.clone(), xds: xds_status });
     admin::serve(cfg.admin_addr, Endpoint::Admin, admin_state.clone())
         .await
         .with_context(|| format!("admin on {}", cfg.admin_addr))?;
@@ -95,14 +156,24 @@ async fn run(cfg: Config, log: Arc<Filter>) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("readiness on {}", cfg.readiness_addr))?;
     tokio::spawn(inpod::run(cfg.inpod_uds.clone(), inpod.clone(), ctx.clone()));
+    // Renewals and retries are due at their own times (half-life, backoff): look every second.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            certs.refresh_due().await;
+        }
+    });
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
-            certs.refresh_due().await;
             let _ = ztunnel::spin::release_memory();
         }
     });
+    if let Some((path, pem)) = root_file {
+        tokio::spawn(watch_roots(path, pem, ctx.roots.clone(), ctx.metrics.clone()));
+    }
     info!(node = %cfg.node_name, zds = %cfg.inpod_uds.display(), workers = cfg.worker_threads, "ztunnel started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

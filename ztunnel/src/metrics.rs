@@ -115,6 +115,27 @@ pub struct SourceLabels {
     pub source_workload: String,
 }
 
+/// A label set with an outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, or what went wrong.
+    pub outcome: String,
+}
+
+/// A label set with a reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonOnlyLabels {
+    /// Why.
+    pub reason: String,
+}
+
+/// A label set naming an xDS type URL.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// The type URL.
+    pub url: String,
+}
+
 /// All of ztunnel's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -151,6 +172,21 @@ pub struct Metrics {
     /// `ztunnel_inbound_plaintext_from_mesh_total{source_workload_namespace,source_workload}`: plaintext
     /// connections from workloads that speak HBONE (they could, and should, have used it).
     pub plaintext_from_mesh: Family<SourceLabels, Counter>,
+    /// `ztunnel_certificate_requests_total{outcome}`: certificate requests to the CA (`ok`, `unavailable`,
+    /// `rejected`: the answer failed ztunnel's checks, `error`).
+    pub cert_requests: Family<OutcomeLabels, Counter>,
+    /// `ztunnel_trust_root_reloads_total{outcome}`: reloads of the root file after it changed.
+    pub trust_root_reloads: Family<OutcomeLabels, Counter>,
+    /// `ztunnel_xds_connected`: whether the xDS stream is up.
+    pub xds_connected: Gauge,
+    /// `istio_xds_connection_terminations_total{reason}`: xDS streams that ended.
+    pub xds_terminations: Family<ReasonOnlyLabels, Counter>,
+    /// `istio_xds_message_total{url}`: xDS responses received, by type.
+    pub xds_messages: Family<TypeLabels, Counter>,
+    /// `ztunnel_xds_nacks_total{url}`: xDS responses refused, by type.
+    pub xds_nacks: Family<TypeLabels, Counter>,
+    /// `ztunnel_xds_resources{url}`: resources in force, by type.
+    pub xds_resources: Family<TypeLabels, Gauge>,
 }
 
 impl Metrics {
@@ -249,6 +285,28 @@ impl Metrics {
                 "Plaintext inbound connections from workloads that speak HBONE",
                 Family::default(),
             ),
+            cert_requests: reg(
+                &mut r,
+                "ztunnel_certificate_requests",
+                "Certificate requests to the CA, by outcome",
+                Family::default(),
+            ),
+            trust_root_reloads: reg(
+                &mut r,
+                "ztunnel_trust_root_reloads",
+                "Reloads of the trust root file after it changed, by outcome",
+                Family::default(),
+            ),
+            xds_connected: reg(&mut r, "ztunnel_xds_connected", "Whether the xDS stream is up", Gauge::default()),
+            xds_terminations: reg(
+                &mut r,
+                "istio_xds_connection_terminations",
+                "xDS streams that ended, by reason",
+                Family::default(),
+            ),
+            xds_messages: reg(&mut r, "istio_xds_message", "xDS responses received, by type", Family::default()),
+            xds_nacks: reg(&mut r, "ztunnel_xds_nacks", "xDS responses refused (NACK), by type", Family::default()),
+            xds_resources: reg(&mut r, "ztunnel_xds_resources", "xDS resources in force, by type", Family::default()),
             registry: r,
         })
     }
@@ -477,6 +535,14 @@ mod tests {
         m.plaintext_from_mesh
             .get_or_create(&SourceLabels { source_workload_namespace: "b".into(), source_workload: "w".into() })
             .inc();
+        let ok = OutcomeLabels { outcome: "ok".into() };
+        m.cert_requests.get_or_create(&ok).inc();
+        m.trust_root_reloads.get_or_create(&ok).inc();
+        m.xds_terminations.get_or_create(&ReasonOnlyLabels { reason: "closed".into() }).inc();
+        let url = TypeLabels { url: "type.googleapis.com/istio.workload.Address".into() };
+        m.xds_messages.get_or_create(&url).inc();
+        m.xds_nacks.get_or_create(&url).inc();
+        m.xds_resources.get_or_create(&url).set(1);
         let text = m.encode();
         for name in [
             "istio_tcp_connections_opened_total",
@@ -495,6 +561,13 @@ mod tests {
             "ztunnel_certificate_expiry_seconds",
             "ztunnel_policy_denials_total",
             "ztunnel_inbound_plaintext_from_mesh_total",
+            "ztunnel_certificate_requests_total",
+            "ztunnel_trust_root_reloads_total",
+            "ztunnel_xds_connected",
+            "istio_xds_connection_terminations_total",
+            "istio_xds_message_total",
+            "ztunnel_xds_nacks_total",
+            "ztunnel_xds_resources",
         ] {
             let family = name.strip_suffix("_total").unwrap_or(name);
             assert!(text.contains(&format!("# TYPE {family} ")), "{family} is not registered:\n{text}");

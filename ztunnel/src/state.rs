@@ -1,6 +1,7 @@
-//! What ztunnel knows about the mesh: workloads, services and authorization policies, from the local file in
-//! Istio ztunnel's format, reloaded when it changes. A file that does not parse or does not hold together
-//! leaves the last good state in force; the error is logged and shown in `/config_dump`.
+//! What ztunnel knows about the mesh: workloads, services and authorization policies, from istiod's delta xDS
+//! ([`crate::xds`]) or, without a control plane, from the local file in Istio ztunnel's format, reloaded when it
+//! changes. A file that does not parse or does not hold together, like a refused xDS push, leaves the last
+//! good state in force; the error is logged and shown in `/config_dump`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -300,7 +301,15 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the indexes.
     pub fn new(c: LocalConfig) -> Snapshot {
-        let workloads: Vec<Arc<Workload>> = c.workloads.into_iter().map(Arc::new).collect();
+        Snapshot::from_parts(
+            c.workloads.into_iter().map(Arc::new).collect(),
+            c.services.into_iter().map(Arc::new).collect(),
+            c.policies,
+        )
+    }
+
+    /// Builds the indexes over shared resources (xDS: unchanged resources are not copied).
+    pub fn from_parts(workloads: Vec<Arc<Workload>>, services: Vec<Arc<Service>>, policies: Vec<Policy>) -> Snapshot {
         let mut by_ip = HashMap::new();
         let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
         for w in &workloads {
@@ -311,10 +320,9 @@ impl Snapshot {
                 endpoints.entry(svc.clone()).or_default().push(Endpoint { workload: w.clone(), ports: ports.clone() });
             }
         }
-        let services: Vec<Arc<Service>> = c.services.into_iter().map(Arc::new).collect();
         let by_vip = services.iter().flat_map(|s| s.vips.iter().map(move |v| (v.address, s.clone()))).collect();
         // Checked by `LocalConfig::parse`; a set that fails here came from a test's `State::set`.
-        let policies = PolicySet::new(c.policies).unwrap_or_else(|e| {
+        let policies = PolicySet::new(policies).unwrap_or_else(|e| {
             warn!(error = %e, "ignoring invalid policies");
             PolicySet::default()
         });
@@ -398,8 +406,8 @@ impl Snapshot {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadStatus {
-    /// The file.
-    pub source: Option<PathBuf>,
+    /// Where it comes from: `file <path>` or `xds <address>`.
+    pub source: Option<String>,
     /// Number of successful loads.
     pub generation: u64,
     /// When the last good load happened (Unix seconds).
@@ -437,7 +445,7 @@ impl State {
             .map_err(|e| format!("reading {}: {e}", path.display()))
             .and_then(|t| LocalConfig::parse(&t).map_err(|e| format!("{}: {e}", path.display())));
         let mut status = self.status.write().unwrap();
-        status.source = Some(path.to_path_buf());
+        status.source = Some(format!("file {}", path.display()));
         match result {
             Ok(c) => {
                 let (workloads, services, policies) = (c.workloads.len(), c.services.len(), c.policies.len());
@@ -457,6 +465,32 @@ impl State {
                 Err(e)
             }
         }
+    }
+
+    /// Puts resources from the control plane in force.
+    pub fn apply(
+        &self,
+        source: &str,
+        workloads: Vec<Arc<Workload>>,
+        services: Vec<Arc<Service>>,
+        policies: Vec<Policy>,
+    ) {
+        *self.current.write().unwrap() = Arc::new(Snapshot::from_parts(workloads, services, policies));
+        let mut status = self.status.write().unwrap();
+        status.source = Some(source.to_string());
+        status.generation += 1;
+        status.loaded_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        status.last_error = None;
+    }
+
+    /// Records a refused update; the state in force stays.
+    pub fn refuse(&self, error: String) {
+        self.status.write().unwrap().last_error = Some(error);
+    }
+
+    /// Clears the last error (an update was accepted with nothing to change).
+    pub fn clear_error(&self) {
+        self.status.write().unwrap().last_error = None;
     }
 
     /// Replaces the state directly (tests).

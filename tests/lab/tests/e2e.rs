@@ -263,7 +263,7 @@ fn garbage_zds_is_nacked_and_pods_stay_served() {
 
 #[test]
 fn untrusted_client_certificates_are_refused_and_counted() {
-    use ztunnel::certs::{CaSource, CertStore, LocalCa};
+    use ztunnel::certs::{CertStore, LocalCa};
     use ztunnel::identity::Identity;
 
     let lab = lab();
@@ -272,7 +272,7 @@ fn untrusted_client_certificates_are_refused_and_counted() {
     let mesh = common::MeshClient::of(&lab);
     let (rogue_cert, rogue_key) = lab::ca::make_ca("Rogue CA", common::TRUST_DOMAIN).unwrap();
     let rogue_ca = LocalCa::from_pem(&rogue_cert, &rogue_key, Duration::from_secs(3600)).unwrap();
-    let rogue = CertStore::new(CaSource::Local(rogue_ca));
+    let rogue = CertStore::local(rogue_ca, common::TRUST_DOMAIN);
     let target = SocketAddr::new(server.ip, 15008);
     let node = &lab.nodes[0].netns;
 

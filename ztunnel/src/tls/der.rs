@@ -1,6 +1,7 @@
 //! A minimal, bounds-checked DER reader for the few certificate fields ztunnel needs beyond what webpki
-//! exposes: the URI SANs (SPIFFE IDs), the validity period, and a CA's subject and key identifier (to issue
-//! leaves whose issuer name matches the CA byte for byte). Hostile input yields `None`, never a panic.
+//! exposes: the URI SANs (SPIFFE IDs), the validity period, a CA's subject and key identifier (to issue
+//! leaves whose issuer name matches the CA byte for byte), and the parts of a PKCS#10 certificate request a CA
+//! checks before signing it. Hostile input yields `None`, never a panic.
 
 /// One TLV.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +195,88 @@ pub fn not_before(cert_der: &[u8]) -> Option<i64> {
     parse_time(children(t.validity.body).next()?)
 }
 
+/// What a CA needs from a PKCS#10 certificate signing request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsrParts {
+    /// The signed part (CertificationRequestInfo), as encoded: what the signature covers.
+    pub info: Vec<u8>,
+    /// The public key bits (the content of SubjectPublicKeyInfo's BIT STRING).
+    pub public_key: Vec<u8>,
+    /// The OID of the public key's curve (named-curve parameter), for EC keys.
+    pub key_curve: Option<Vec<u64>>,
+    /// The signature algorithm's OID.
+    pub signature_algorithm: Vec<u64>,
+    /// The signature bits.
+    pub signature: Vec<u8>,
+    /// The URI subject alternative names the request asks for.
+    pub uri_sans: Vec<String>,
+    /// How many subject alternative names of other kinds (DNS, IP, e-mail, …) it asks for.
+    pub other_sans: usize,
+}
+
+const OID_EXTENSION_REQUEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e];
+
+/// The parts of a DER certificate signing request, or `None` if it is not one.
+pub fn csr(der: &[u8]) -> Option<CsrParts> {
+    let (req, rest) = read(der)?;
+    if req.tag != SEQUENCE || !rest.is_empty() {
+        return None;
+    }
+    let mut top = children(req.body);
+    let info = top.next().filter(|t| t.tag == SEQUENCE)?;
+    let sig_alg = top.next().filter(|t| t.tag == SEQUENCE)?;
+    let sig = top.next().filter(|t| t.tag == 0x03)?;
+    let mut f = children(info.body);
+    let _version = f.next().filter(|t| t.tag == 0x02)?;
+    let _subject = f.next().filter(|t| t.tag == SEQUENCE)?;
+    let spki = f.next().filter(|t| t.tag == SEQUENCE)?;
+    let attributes = f.next().filter(|t| t.tag == 0xa0);
+    let mut k = children(spki.body);
+    let key_alg = k.next().filter(|t| t.tag == SEQUENCE)?;
+    let key_curve = children(key_alg.body).nth(1).filter(|t| t.tag == 0x06).and_then(|t| oid_arcs(t.body));
+    let bits = |t: Tlv<'_>| -> Option<Vec<u8>> {
+        let (unused, b) = t.body.split_first()?;
+        (*unused == 0).then(|| b.to_vec())
+    };
+    let public_key = bits(k.next().filter(|t| t.tag == 0x03)?)?;
+    let (mut uri_sans, mut other_sans) = (Vec::new(), 0);
+    for attr in attributes.map(|a| children(a.body).collect::<Vec<_>>()).unwrap_or_default() {
+        let mut a = children(attr.body);
+        if a.next().filter(|t| t.tag == 0x06)?.body != OID_EXTENSION_REQUEST {
+            continue;
+        }
+        for exts in children(a.next()?.body) {
+            for ext in children(exts.body) {
+                let mut e = children(ext.body);
+                let oid = e.next().filter(|t| t.tag == 0x06)?;
+                let mut v = e.next()?;
+                if v.tag == 0x01 {
+                    v = e.next()?;
+                }
+                if oid.body != OID_SAN || v.tag != 0x04 {
+                    continue;
+                }
+                let (names, _) = read(v.body)?;
+                for n in children(names.body) {
+                    match (n.tag, std::str::from_utf8(n.body)) {
+                        (0x86, Ok(s)) => uri_sans.push(s.to_string()),
+                        _ => other_sans += 1,
+                    }
+                }
+            }
+        }
+    }
+    Some(CsrParts {
+        info: info.raw.to_vec(),
+        public_key,
+        key_curve,
+        signature_algorithm: oid_arcs(children(sig_alg.body).next().filter(|t| t.tag == 0x06)?.body)?,
+        signature: bits(sig)?,
+        uri_sans,
+        other_sans,
+    })
+}
+
 fn parse_time(t: Tlv<'_>) -> Option<i64> {
     let s = std::str::from_utf8(t.body).ok()?;
     let s = s.strip_suffix('Z')?;
@@ -294,6 +377,33 @@ mod tests {
             }
         }
         assert!(uri_sans(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_empty());
+    }
+
+    #[test]
+    fn reads_a_certificate_request() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![
+            rcgen::SanType::URI(rcgen::string::Ia5String::try_from("spiffe://td/ns/a/sa/b").unwrap()),
+            rcgen::SanType::DnsName("x.example".try_into().unwrap()),
+        ];
+        let der = p.serialize_request(&key).unwrap().der().to_vec();
+        let c = csr(&der).unwrap();
+        assert_eq!(c.uri_sans, ["spiffe://td/ns/a/sa/b"]);
+        assert_eq!(c.other_sans, 1);
+        assert_eq!(c.public_key, key.public_key_raw());
+        assert_eq!(c.key_curve, Some(vec![1, 2, 840, 10045, 3, 1, 7])); // P-256
+        assert_eq!(c.signature_algorithm, vec![1, 2, 840, 10045, 4, 3, 2]); // ecdsa-with-SHA256
+        for n in 0..der.len() {
+            assert!(csr(&der[..n]).is_none() || n == der.len());
+        }
+        for i in 0..der.len() {
+            let mut d = der.clone();
+            d[i] ^= 0xff;
+            let _ = csr(&d);
+        }
+        assert!(csr(b"").is_none());
+        assert!(csr(&make_cert(&["spiffe://td/ns/a/sa/b"])).is_none(), "a certificate is not a request");
     }
 
     #[test]

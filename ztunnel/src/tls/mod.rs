@@ -33,22 +33,55 @@ pub fn provider() -> Arc<CryptoProvider> {
     })
 }
 
-/// The mesh's roots of trust and trust domain.
+/// The mesh's roots of trust and trust domain. The roots can be replaced while ztunnel runs (root rotation:
+/// the root file changed); handshakes and certificate checks use the set in force when they start.
 #[derive(Debug)]
 pub struct TrustRoots {
-    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    anchors: std::sync::RwLock<Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>>,
     /// The mesh's trust domain.
     pub trust_domain: String,
 }
 
+fn anchors_of(roots: &[CertificateDer<'_>]) -> Result<Vec<rustls::pki_types::TrustAnchor<'static>>, webpki::Error> {
+    if roots.is_empty() {
+        return Err(webpki::Error::UnknownIssuer);
+    }
+    roots.iter().map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned())).collect()
+}
+
 impl TrustRoots {
-    /// Roots from DER certificates.
+    /// Roots from DER certificates (at least one).
     pub fn new(roots: &[CertificateDer<'_>], trust_domain: &str) -> Result<TrustRoots, webpki::Error> {
-        let anchors = roots
-            .iter()
-            .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TrustRoots { anchors, trust_domain: trust_domain.to_string() })
+        Ok(TrustRoots {
+            anchors: std::sync::RwLock::new(Arc::new(anchors_of(roots)?)),
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// Roots from a PEM bundle (Istio's `root-cert.pem`).
+    pub fn from_pem(pem: &[u8], trust_domain: &str) -> Result<TrustRoots, String> {
+        TrustRoots::new(&pem_bundle(pem)?, trust_domain).map_err(|e| format!("not usable as trust roots: {e}"))
+    }
+
+    /// Replaces the roots with those of a PEM bundle; on error the old ones stay.
+    pub fn replace_pem(&self, pem: &[u8]) -> Result<usize, String> {
+        let anchors = anchors_of(&pem_bundle(pem)?).map_err(|e| format!("not usable as trust roots: {e}"))?;
+        let n = anchors.len();
+        *self.anchors.write().unwrap() = Arc::new(anchors);
+        Ok(n)
+    }
+
+    /// Verifies a workload certificate chain (usable for both client and server auth) at `now`, and returns
+    /// the SPIFFE identity of its leaf.
+    pub fn verify_workload_chain(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: std::time::SystemTime,
+    ) -> Result<Identity, rustls::Error> {
+        let now = UnixTime::since_unix_epoch(now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default());
+        self.verify(leaf, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.verify(leaf, intermediates, now, webpki::KeyUsage::server_auth())
     }
 
     /// Verifies a chain for `usage` and returns the SPIFFE identity of its leaf.
@@ -60,11 +93,24 @@ impl TrustRoots {
         usage: webpki::KeyUsage,
     ) -> Result<Identity, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        cert.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &self.anchors, intermediates, now, usage, None, None)
+        let anchors = self.anchors.read().unwrap().clone();
+        cert.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &anchors, intermediates, now, usage, None, None)
             .map_err(pki_error)?;
         identity_of(end_entity)
             .ok_or_else(|| rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
     }
+}
+
+/// The certificates of a PEM bundle; an error if it has none or a block is not a certificate.
+pub fn pem_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(certs)
 }
 
 /// The SPIFFE identity in a certificate's URI SANs.

@@ -13,7 +13,7 @@ use lab::{Lab, Netns};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use ztunnel::certs::{CaSource, CertStore, LocalCa};
+use ztunnel::certs::{CertStore, LocalCa};
 use ztunnel::identity::Identity;
 use ztunnel::tls::{TrustRoots, client_config};
 
@@ -34,7 +34,7 @@ impl MeshClient {
             || LocalCa::load(&lab.dir.join("ca-cert.pem"), &lab.dir.join("ca-key.pem"), Duration::from_secs(3600));
         let ca = load().expect("the lab's CA");
         let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], TRUST_DOMAIN).expect("the lab's CA as a root"));
-        MeshClient { certs: CertStore::new(CaSource::Local(load().expect("the lab's CA"))), ca, roots }
+        MeshClient { certs: CertStore::local(load().expect("the lab's CA"), TRUST_DOMAIN), ca, roots }
     }
 
     /// A workload certificate for `namespace`/`service_account`.
