@@ -172,6 +172,17 @@ impl Signer<'_> {
     /// Checks a CSR and signs it for `lifetime` (starting a minute ago, for clock skew). Returns the identity
     /// it is for and the chain, PEM, leaf first and the CA's chain after it.
     pub fn sign_request(&self, csr_pem: &str, lifetime: Duration) -> Result<(Identity, Vec<String>), SignError> {
+        let now = SystemTime::now();
+        self.sign_request_between(csr_pem, now - Duration::from_secs(60), now + lifetime)
+    }
+
+    /// [`Signer::sign_request`] with an explicit validity period (tools and tests).
+    pub fn sign_request_between(
+        &self,
+        csr_pem: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(Identity, Vec<String>), SignError> {
         let csr_der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|_| SignError::NotACsr)?;
         let parts = der::csr(csr_der.as_ref()).ok_or(SignError::NotACsr)?;
@@ -185,15 +196,8 @@ impl Signer<'_> {
             ([one], 0) => one.parse().map_err(|_| SignError::Sans(format!("{one:?}, not a SPIFFE workload ID")))?,
             (uris, other) => return Err(SignError::Sans(format!("{} URI and {other} other SANs", uris.len()))),
         };
-        let now = SystemTime::now();
-        let pem = issue_for_key(
-            self.issuer,
-            &RequestedKey(parts.public_key),
-            &id,
-            now - Duration::from_secs(60),
-            now + lifetime,
-        )
-        .map_err(|e| SignError::Signing(e.to_string()))?;
+        let pem = issue_for_key(self.issuer, &RequestedKey(parts.public_key), &id, not_before, not_after)
+            .map_err(|e| SignError::Signing(e.to_string()))?;
         let mut chain = vec![pem];
         chain.extend(self.ca_chain.iter().map(|c| pem_of(c)));
         Ok((id, chain))

@@ -1,21 +1,45 @@
-//! The lab's mesh CA: a root certificate and key on disk that every ztunnel's local file CA signs with.
+//! The lab's mesh CA: a root certificate and key on disk. The lab's control plane signs with it (and its own
+//! serving certificate is signed by it, as istiod's is); in the local-file mode every ztunnel's local CA does.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
-/// Creates a fresh root CA (ECDSA P-256, 10 years) and writes its certificate and key (mode 0600).
-pub fn write_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
-    let (cert, key) = make_ca("Ambit lab root CA", crate::lab::TRUST_DOMAIN)?;
-    std::fs::write(cert_path, cert)?;
-    std::fs::write(key_path, key)?;
+/// Creates a fresh root CA (ECDSA P-256, 10 years) and writes its certificate and key (mode 0600), and a
+/// serving certificate for the control plane (`serving`: certificate and key paths) signed by it, for the
+/// control plane's IP and istiod's name.
+pub fn write_ca(cert_path: &Path, key_path: &Path, serving: Option<(&Path, &Path)>) -> anyhow::Result<()> {
+    let (params, key) = ca_params("Ambit lab root CA", crate::lab::TRUST_DOMAIN)?;
+    let cert = params.self_signed(&key)?;
+    std::fs::write(cert_path, cert.pem())?;
+    std::fs::write(key_path, key.serialize_pem())?;
     std::fs::set_permissions(key_path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some((serving_cert, serving_key)) = serving {
+        use crate::controlplane::{CP_HOSTNAME, CP_IP};
+        let issuer = rcgen::Issuer::new(params, key);
+        let skey = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut p = CertificateParams::default();
+        p.subject_alt_names =
+            vec![rcgen::SanType::IpAddress(CP_IP.into()), rcgen::SanType::DnsName(CP_HOSTNAME.try_into()?)];
+        p.distinguished_name.push(DnType::CommonName, "lab control plane");
+        let now = std::time::SystemTime::now();
+        p.not_before = (now - std::time::Duration::from_secs(3600)).into();
+        p.not_after = (now + std::time::Duration::from_secs(30 * 86400)).into();
+        std::fs::write(serving_cert, p.signed_by(&skey, &issuer)?.pem())?;
+        std::fs::write(serving_key, skey.serialize_pem())?;
+        std::fs::set_permissions(serving_key, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(())
 }
 
 /// A root CA's certificate and key, PEM.
 pub fn make_ca(common_name: &str, org: &str) -> anyhow::Result<(String, String)> {
+    let (params, key) = ca_params(common_name, org)?;
+    Ok((params.self_signed(&key)?.pem(), key.serialize_pem()))
+}
+
+fn ca_params(common_name: &str, org: &str) -> anyhow::Result<(CertificateParams, KeyPair)> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -27,6 +51,5 @@ pub fn make_ca(common_name: &str, org: &str) -> anyhow::Result<(String, String)>
     let now = std::time::SystemTime::now();
     params.not_before = (now - std::time::Duration::from_secs(3600)).into();
     params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 24 * 3600)).into();
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    Ok((params, key))
 }

@@ -5,7 +5,10 @@
 //! - a netns per node runs the real `ambit-agent` and `ztunnel` processes and the CNI chain;
 //! - a netns per pod, created as a runtime creates one (`/var/run/netns/…`), gets its interface and IP from
 //!   Debian's `bridge` + `host-local` plugins with `ambit-cni` chained after them, run by [`CniRunner`];
-//! - the lab plays istiod: it writes the workload file every ztunnel reads, and the CA they share.
+//! - the lab plays istiod: a control plane process ([`crate::controlplane`]) in its own netns on the fabric
+//!   serves istiod's CA and delta xDS from the mesh file the lab writes, and alone holds the mesh's root key;
+//!   with `control_plane: false` every ztunnel reads that file itself and signs with a local copy of the CA
+//!   (the mode without a control plane).
 //!
 //! Everything is named with a unique id, lives under one temp directory, and is removed on drop.
 
@@ -56,6 +59,9 @@ pub struct LabConfig {
     pub runtime: bool,
     /// Dual stack: nodes and pods get IPv6 addresses too (fd00:30::N on the fabric, fd00:244:N::/64 pods).
     pub dual_stack: bool,
+    /// ztunnels get certificates and workloads from the lab's control plane (istiod's protocols); off, each
+    /// reads the mesh file and holds the CA key itself (`LOCAL_XDS_PATH` and the local file CA).
+    pub control_plane: bool,
 }
 
 impl Default for LabConfig {
@@ -70,6 +76,7 @@ impl Default for LabConfig {
             kubernetes: false,
             runtime: false,
             dual_stack: false,
+            control_plane: true,
         }
     }
 }
@@ -321,6 +328,8 @@ pub struct Lab {
     workloads: Mutex<BTreeMap<String, Published>>,
     mesh: Mutex<MeshConfig>,
     service_accounts: Mutex<BTreeMap<(String, String), String>>,
+    known_pods: Mutex<Vec<crate::controlplane::KnownPod>>,
+    control_plane: Option<crate::controlplane::ControlPlane>,
     kube: Option<crate::kube::KubeApi>,
     keep: bool,
 }
@@ -342,6 +351,8 @@ impl Lab {
             workloads: Mutex::new(BTreeMap::new()),
             mesh: Mutex::default(),
             service_accounts: Mutex::new(BTreeMap::new()),
+            known_pods: Mutex::new(Vec::new()),
+            control_plane: None,
             kube: None,
             keep: false,
         };
@@ -364,8 +375,21 @@ impl Lab {
             );
         }
 
-        crate::ca::write_ca(&dir.join("ca-cert.pem"), &dir.join("ca-key.pem"))?;
+        let (cp_cert, cp_key) = (dir.join("cp/serving-cert.pem"), dir.join("cp/serving-key.pem"));
+        std::fs::create_dir_all(dir.join("cp"))?;
+        crate::ca::write_ca(&dir.join("ca-cert.pem"), &dir.join("ca-key.pem"), Some((&cp_cert, &cp_key)))?;
         lab.write_workloads()?;
+        if config.control_plane {
+            let cp = crate::controlplane::ControlPlane::start(
+                &format!("ambit-{id}-cp"),
+                lab.fabric(),
+                &dir.join("cp"),
+                &lab.workloads_path(),
+                (dir.join("ca-cert.pem"), dir.join("ca-key.pem")),
+                (cp_cert, cp_key),
+            )?;
+            lab.control_plane = Some(cp);
+        }
 
         for i in 0..config.nodes {
             let node = lab.make_node(i)?;
@@ -467,6 +491,12 @@ impl Lab {
                 }
             ]
         });
+        // The node's ztunnel token (a projected service account token in a cluster), known to the control plane.
+        let token = format!("{}{}{}", unique_id(), unique_id(), unique_id());
+        std::fs::write(dir.join("istio-token"), &token)?;
+        if let Some(cp) = &self.control_plane {
+            cp.add_token(&token, &name)?;
+        }
         // The primary CNI's config, as the primary CNI writes it: the agent's installer chains ambit-cni.
         write_atomic(&dir.join("net.d/10-lab.conflist"), serde_json::to_string_pretty(&conflist)?.as_bytes())?;
         Ok(Node {
@@ -554,16 +584,35 @@ impl Lab {
     /// The environment ztunnel gets on node `i`.
     pub fn ztunnel_env(&self, i: usize) -> Vec<(String, String)> {
         let node = &self.nodes[i];
+        let root = self.dir.join("ca-cert.pem").display().to_string();
+        let kv = |k: &str, v: String| (k.to_string(), v);
         let mut env = vec![
-            ("INPOD_UDS".to_string(), node.zds_socket().display().to_string()),
-            ("NODE_NAME".to_string(), node.name.clone()),
-            ("LOCAL_XDS_PATH".to_string(), self.workloads_path().display().to_string()),
-            ("XDS_ADDRESS".to_string(), String::new()),
-            ("TRUST_DOMAIN".to_string(), TRUST_DOMAIN.to_string()),
-            ("AMBIT_LOCAL_CA_CERT".to_string(), self.dir.join("ca-cert.pem").display().to_string()),
-            ("AMBIT_LOCAL_CA_KEY".to_string(), self.dir.join("ca-key.pem").display().to_string()),
-            ("RUST_LOG".to_string(), self.config.log_level.clone()),
+            kv("INPOD_UDS", node.zds_socket().display().to_string()),
+            kv("NODE_NAME", node.name.clone()),
+            kv("TRUST_DOMAIN", TRUST_DOMAIN.to_string()),
+            kv("RUST_LOG", self.config.log_level.clone()),
         ];
+        if self.config.control_plane {
+            // As Istio's DaemonSet sets them: istiod for both, the mounted root and projected token.
+            let istiod = format!("https://{}:{}", crate::controlplane::CP_IP, crate::controlplane::CP_PORT);
+            env.extend([
+                kv("CA_ADDRESS", istiod.clone()),
+                kv("XDS_ADDRESS", istiod),
+                kv("CA_ROOT_CA", root.clone()),
+                kv("XDS_ROOT_CA", root),
+                kv("AUTH_TOKEN", node.dir.join("istio-token").display().to_string()),
+                kv("POD_NAME", format!("ztunnel-{}", node.name)),
+                kv("POD_NAMESPACE", "istio-system".into()),
+                kv("INSTANCE_IP", node.ip.to_string()),
+            ]);
+        } else {
+            env.extend([
+                kv("LOCAL_XDS_PATH", self.workloads_path().display().to_string()),
+                kv("XDS_ADDRESS", String::new()),
+                kv("AMBIT_LOCAL_CA_CERT", root),
+                kv("AMBIT_LOCAL_CA_KEY", self.dir.join("ca-key.pem").display().to_string()),
+            ]);
+        }
         env.extend(self.config.ztunnel_env.iter().cloned());
         env
     }
@@ -617,7 +666,8 @@ impl Lab {
         self.dir.join("workloads.yaml")
     }
 
-    fn write_workloads(&self) -> anyhow::Result<()> {
+    /// Writes the mesh file; returns the version the control plane serves it under.
+    fn write_workloads(&self) -> anyhow::Result<String> {
         let w = self.workloads.lock().unwrap();
         let mesh = self.mesh.lock().unwrap();
         let workloads: Vec<Value> = w
@@ -633,7 +683,9 @@ impl Lab {
             })
             .collect();
         let doc = json!({"workloads": workloads, "services": mesh.services, "policies": mesh.policies});
-        write_atomic(&self.workloads_path(), serde_yaml_ng::to_string(&doc)?.as_bytes())
+        let text = serde_yaml_ng::to_string(&doc)?;
+        write_atomic(&self.workloads_path(), text.as_bytes())?;
+        Ok(crate::controlplane::mesh_version(text.as_bytes()))
     }
 
     /// Rewrites the local file after `change` and waits until every running ztunnel has loaded it.
@@ -647,7 +699,10 @@ impl Lab {
         let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
         let before: Vec<Option<u64>> = self.nodes.iter().map(|n| n.ztunnel.as_ref().and(generation(n))).collect();
         change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
-        self.write_workloads()?;
+        let version = self.write_workloads()?;
+        if self.config.control_plane {
+            return self.wait_pushed(&version, &before);
+        }
         for (n, before) in self.nodes.iter().zip(before) {
             let Some(before) = before else { continue };
             let refused =
@@ -662,6 +717,67 @@ impl Lab {
             if let Some(e) = refused {
                 anyhow::bail!("{}'s ztunnel refused the config: {e}", n.name);
             }
+        }
+        Ok(())
+    }
+
+    /// Waits until every ztunnel that was serving (`before`) has ACKed both xDS types at `version` of the
+    /// mesh file; fails with the NACK's error if one refused it.
+    fn wait_pushed(&self, version: &str, before: &[Option<u64>]) -> anyhow::Result<()> {
+        use ambit_proto::control_plane::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+        for (n, before) in self.nodes.iter().zip(before) {
+            if before.is_none() || n.ztunnel.is_none() {
+                continue;
+            }
+            let refused = wait_for(
+                &format!("{}'s ztunnel to take version {version} over xDS", n.name),
+                Duration::from_secs(10),
+                || {
+                    let dump = n.config_dump().ok()?;
+                    let types = &dump["xds"]["types"];
+                    for t in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
+                        let nack = &types[t]["lastNack"];
+                        if nack["systemVersion"] == version {
+                            return Some(Some(nack["error"].to_string()));
+                        }
+                    }
+                    [ADDRESS_TYPE, AUTHORIZATION_TYPE]
+                        .iter()
+                        .all(|t| types[*t]["systemVersion"] == version)
+                        .then_some(None)
+                },
+            )
+            .with_context(|| self.control_plane.as_ref().map(|c| tail(&c.log(), 30)).unwrap_or_default())?;
+            if let Some(e) = refused {
+                anyhow::bail!("{}'s ztunnel refused the xDS push: {e}", n.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// The lab's control plane (unless started with `control_plane: false`).
+    pub fn control_plane(&self) -> &crate::controlplane::ControlPlane {
+        self.control_plane.as_ref().expect("the lab was started with control_plane: true")
+    }
+
+    /// The control plane, to stop and restart it.
+    pub fn control_plane_mut(&mut self) -> &mut crate::controlplane::ControlPlane {
+        self.control_plane.as_mut().expect("the lab was started with control_plane: true")
+    }
+
+    /// Tells the control plane that a pod of `namespace`/`sa` runs on node `node`, so its ztunnel may ask for
+    /// that identity (istiod learns it from the API server before the pod's sandbox starts).
+    fn know_pod(&self, node: usize, namespace: &str, sa: &str) -> anyhow::Result<()> {
+        let Some(cp) = &self.control_plane else { return Ok(()) };
+        let mut known = self.known_pods.lock().unwrap();
+        let p = crate::controlplane::KnownPod {
+            node: self.nodes[node].name.clone(),
+            namespace: namespace.into(),
+            service_account: sa.into(),
+        };
+        if !known.contains(&p) {
+            known.push(p);
+            cp.set_known_pods(&known)?;
         }
         Ok(())
     }
@@ -751,6 +867,7 @@ impl Lab {
         // operator would in its config.
         self.service_accounts.lock().unwrap().insert((namespace.to_string(), name.to_string()), sa.to_string());
         self.write_agent_config(node).map_err(PodError::Setup)?;
+        self.know_pod(node, namespace, sa).map_err(PodError::Setup)?;
         let n = &self.nodes[node];
         let uid = format!("{}-{}", unique_id(), unique_id());
         let container_id = format!("{}{}{}", unique_id(), unique_id(), unique_id());
@@ -826,6 +943,7 @@ impl Lab {
     pub fn add_k8s_pod(&self, node: usize, namespace: &str, name: &str, spec: PodSpec) -> Result<Pod, PodError> {
         let n = &self.nodes[node];
         let sa = spec.service_account.clone().unwrap_or_else(|| "default".into());
+        self.know_pod(node, namespace, &sa).map_err(PodError::Setup)?;
         let labels: serde_json::Map<String, Value> = spec.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
         let annotations: serde_json::Map<String, Value> =
             spec.annotations.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
@@ -954,6 +1072,7 @@ impl Lab {
             node: self.nodes[node].name.clone(),
             hbone,
         };
+        self.know_pod(node, namespace, sa)?;
         self.rewrite(|w, _| {
             w.insert(uid.to_string(), p);
         })
@@ -1037,6 +1156,9 @@ impl Lab {
     /// Logs of every daemon, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
+        if let Some(cp) = &self.control_plane {
+            s.push_str(&format!("----- control plane -----\n{}\n", tail(&cp.log(), 40)));
+        }
         for n in &self.nodes {
             for (what, p) in [("agent", &n.agent), ("ztunnel", &n.ztunnel)] {
                 if let Some(p) = p {
@@ -1106,6 +1228,7 @@ impl Drop for Lab {
             }
         }
         self.nodes.clear();
+        self.control_plane.take();
         self.kube.take();
         self.fabric.take();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -1143,7 +1266,7 @@ pub fn remove_lab(id: &str, dir: &Path) -> Vec<String> {
         {
             // Only a process that is still one of ours (pids get reused).
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = ["ambit-agent", "ztunnel", "tcpdump", "iperf3"]
+            let ours = ["ambit-agent", "ztunnel", "tcpdump", "iperf3", "control-plane"]
                 .iter()
                 .any(|n| cmd.windows(n.len()).any(|w| w == n.as_bytes()));
             if ours {

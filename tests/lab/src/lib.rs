@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod ca;
 pub mod cni;
+pub mod controlplane;
 pub mod demo;
 pub mod kube;
 pub mod lab;

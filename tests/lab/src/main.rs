@@ -59,6 +59,30 @@ enum Cmd {
         #[arg(long, default_value_t = 250)]
         spin_us: u64,
     },
+    /// The lab's control plane (internal): istiod's CA and delta xDS on one TLS port; prints `ready`.
+    #[command(hide = true)]
+    ControlPlane {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        mesh: std::path::PathBuf,
+        #[arg(long)]
+        pods: Option<std::path::PathBuf>,
+        #[arg(long)]
+        ca_cert: std::path::PathBuf,
+        #[arg(long)]
+        ca_key: std::path::PathBuf,
+        #[arg(long)]
+        serving_cert: std::path::PathBuf,
+        #[arg(long)]
+        serving_key: std::path::PathBuf,
+        #[arg(long)]
+        tokens: std::path::PathBuf,
+        #[arg(long)]
+        faults: std::path::PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
         /// Also remove labs left running with `demo --keep`.
@@ -71,6 +95,37 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
+        Cmd::ControlPlane {
+            listen,
+            mesh,
+            pods,
+            ca_cert,
+            ca_key,
+            serving_cert,
+            serving_key,
+            tokens,
+            faults,
+            trust_domain,
+        } => {
+            let settings = lab::controlplane::Settings {
+                listen,
+                mesh,
+                pods,
+                ca: (ca_cert, ca_key),
+                serving: (serving_cert, serving_key),
+                tokens,
+                faults,
+                trust_domain,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            match rt.block_on(lab::controlplane::run(settings)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("control plane: {e:#}");
+                    1
+                }
+            }
+        }
         Cmd::Bench { json, only, pods, secs, rounds, ztunnel, ztunnel_env, phases, keep } => {
             let env = ztunnel_env
                 .iter()

@@ -1,0 +1,738 @@
+//! The lab's control plane: a stand-in for istiod that speaks istiod's real protocols on one TLS port, as
+//! istiod does on 15012 — the certificate service (`istio.v1.auth.IstioCertificateService/CreateCertificate`)
+//! and delta ADS (`envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources`) for
+//! `istio.workload.Address` and `istio.security.Authorization`.
+//!
+//! It runs as its own process (`lab control-plane`) in its own netns on the lab's fabric, and is the only
+//! holder of the mesh's root key. What it serves comes from the mesh file the lab writes (Istio ztunnel's
+//! local-file format, so the same file also drives the local-file mode); every change is pushed to every
+//! stream as a delta, with both types answered and `system_version_info` set to [`mesh_version`] of the file,
+//! so the lab can wait for a change to be in force everywhere.
+//!
+//! It authenticates callers as istiod does: a bearer token per node (istiod would check it with a
+//! TokenReview), and it signs a pod's identity for a node only if a pod with that identity is known to run on
+//! that node (istiod's node authorizer), from the pods file the lab writes before it runs the CNI chain, as
+//! the API server knows a pod before the kubelet starts it.
+//!
+//! For the tests of bad input it can misbehave on demand: the fault file names one CA fault (answers for
+//! another identity, expired or unrelated chains, garbage, hanging, refusing) and one-shot xDS pushes
+//! (undecodable resources, unknown types, bad addresses, removing everything, a huge push).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime};
+
+use ambit_proto::control_plane::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use ambit_proto::control_plane::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use ambit_proto::control_plane::istio::ca::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use ambit_proto::control_plane::istio::ca::{IstioCertificateRequest, IstioCertificateResponse};
+use ambit_proto::control_plane::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use anyhow::Context;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+use ztunnel::certs::LocalCa;
+use ztunnel::identity::Identity;
+use ztunnel::state::LocalConfig;
+use ztunnel::xds::convert;
+
+/// The control plane's address on the fabric.
+pub const CP_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(172, 30, 0, 251);
+/// istiod's port for the CA and xDS.
+pub const CP_PORT: u16 = 15012;
+/// The name its serving certificate carries (istiod's), beside its IP.
+pub const CP_HOSTNAME: &str = "istiod.istio-system.svc";
+
+/// The version a mesh file is served under: FNV-1a of its bytes, in hex.
+pub fn mesh_version(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A pod the control plane knows runs on a node (what istiod learns from the API server).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownPod {
+    /// Node name.
+    pub node: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+}
+
+/// Misbehaviour on demand (the fault file, JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Faults {
+    /// How the CA answers: `wrong-identity`, `expired`, `unrelated`, `garbage`, `hang`, `refuse`; none: well.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// A one-shot xDS push, sent once to every stream when this changes: `garbage`, `unknown-type`,
+    /// `bad-address`, `remove-all`, `huge:<N>` (N extra workloads), together with a `:<id>` suffix to repeat.
+    #[serde(default)]
+    pub xds_push: Option<String>,
+}
+
+/// What the control plane is started with (`lab control-plane`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The mesh file.
+    pub mesh: PathBuf,
+    /// The pods file (JSON list of [`KnownPod`]); none: any identity in the trust domain is signed.
+    pub pods: Option<PathBuf>,
+    /// Root certificate and key.
+    pub ca: (PathBuf, PathBuf),
+    /// Serving certificate and key.
+    pub serving: (PathBuf, PathBuf),
+    /// Token file: `<token> <node>` per line.
+    pub tokens: PathBuf,
+    /// The fault file.
+    pub faults: PathBuf,
+    /// Trust domain.
+    pub trust_domain: String,
+}
+
+/// One type's resources: name → (version, encoded `Any`).
+type Resources = BTreeMap<String, (String, prost_types::Any)>;
+
+/// What is served, one snapshot per version of the mesh file.
+#[derive(Debug, Default)]
+struct Mesh {
+    version: String,
+    types: BTreeMap<&'static str, Resources>,
+}
+
+fn any(type_url: &str, msg: &impl Message) -> (String, prost_types::Any) {
+    let value = msg.encode_to_vec();
+    (mesh_version(&value), prost_types::Any { type_url: type_url.to_string(), value })
+}
+
+impl Mesh {
+    fn from_config(version: String, c: &LocalConfig) -> Mesh {
+        let mut addresses = Resources::new();
+        for w in &c.workloads {
+            addresses.insert(w.uid.clone(), any(ADDRESS_TYPE, &convert::workload_to_proto(w)));
+        }
+        for s in &c.services {
+            addresses.insert(s.key(), any(ADDRESS_TYPE, &convert::service_to_proto(s)));
+        }
+        let policies =
+            c.policies.iter().map(|p| (p.key(), any(AUTHORIZATION_TYPE, &convert::policy_to_proto(p)))).collect();
+        Mesh { version, types: [(ADDRESS_TYPE, addresses), (AUTHORIZATION_TYPE, policies)].into() }
+    }
+}
+
+struct Shared {
+    settings: Settings,
+    mesh: watch::Receiver<Arc<Mesh>>,
+    push: watch::Receiver<Option<String>>,
+    ca: LocalCa,
+    nonce: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn faults(&self) -> Faults {
+        std::fs::read(&self.settings.faults).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn nonce(&self) -> String {
+        self.nonce.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string()
+    }
+
+    /// The node a request's bearer token belongs to.
+    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
+        let tokens = std::fs::read_to_string(&self.settings.tokens).unwrap_or_default();
+        tokens
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(t, _)| *t == token)
+            .map(|(_, node)| node.trim().to_string())
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+}
+
+#[derive(Clone)]
+struct Ca(Arc<Shared>);
+
+#[tonic::async_trait]
+impl IstioCertificateService for Ca {
+    async fn create_certificate(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let s = &self.0;
+        let node = s.caller(&req)?;
+        let req = req.into_inner();
+        let impersonated = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::permission_denied("a node proxy must name the identity it asks for"))?;
+        let id: Identity =
+            impersonated.parse().map_err(|e| Status::invalid_argument(format!("ImpersonatedIdentity: {e}")))?;
+        if id.trust_domain != s.settings.trust_domain {
+            return Err(Status::permission_denied(format!("{id} is not in trust domain {}", s.settings.trust_domain)));
+        }
+        if let Some(pods) = &s.settings.pods {
+            let known: Vec<KnownPod> =
+                std::fs::read(pods).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            if !known
+                .iter()
+                .any(|p| p.node == node && p.namespace == id.namespace && p.service_account == id.service_account)
+            {
+                return Err(Status::permission_denied(format!("no pod of {id} runs on {node}")));
+            }
+        }
+        let ttl = Duration::from_secs(req.validity_duration.clamp(60, 7 * 86400) as u64);
+        let (signed_for, chain) =
+            s.ca.signer().sign_request(&req.csr, ttl).map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+        if signed_for != id {
+            return Err(Status::invalid_argument(format!("the CSR is for {signed_for}, not {id}")));
+        }
+        let chain = match s.faults().ca.as_deref() {
+            None => chain,
+            Some(fault) => misbehave(fault, &s.ca, &req.csr, &id, chain).await?,
+        };
+        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+    }
+}
+
+/// A CA answer gone wrong on purpose.
+async fn misbehave(
+    fault: &str,
+    ca: &LocalCa,
+    csr: &str,
+    id: &Identity,
+    good: Vec<String>,
+) -> Result<Vec<String>, Status> {
+    let other = Identity::new(&id.trust_domain, &id.namespace, "someone-else");
+    match fault {
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(good)
+        }
+        "refuse" => Err(Status::unavailable("the CA is down (lab fault)")),
+        "garbage" => {
+            Ok(vec!["-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n".into()])
+        }
+        "wrong-identity" => {
+            // A valid certificate of the same CA, for another identity.
+            let now = SystemTime::now();
+            let wrong = ca
+                .sign_valid(&other, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(wrong.certified.cert.iter().map(ztunnel::ca::pem_of).chain(good.last().cloned()).collect())
+        }
+        "expired" => {
+            // The requester's key and identity, but valid only in the past.
+            let now = SystemTime::now();
+            let old = ca
+                .signer()
+                .sign_request_between(csr, now - Duration::from_secs(7200), now - Duration::from_secs(3600))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(old.1)
+        }
+        "unrelated" => {
+            let (cert, key) =
+                crate::ca::make_ca("Unrelated CA", &id.trust_domain).map_err(|e| Status::internal(e.to_string()))?;
+            let rogue = LocalCa::from_pem(&cert, &key, Duration::from_secs(3600))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(rogue
+                .signer()
+                .sign_request(csr, Duration::from_secs(3600))
+                .map_err(|e| Status::internal(e.to_string()))?
+                .1)
+        }
+        other => Err(Status::internal(format!("unknown lab fault {other:?}"))),
+    }
+}
+
+#[derive(Clone)]
+struct Ads(Arc<Shared>);
+
+type ResponseStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+type SotwStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = SotwStream;
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SotwStream>, Status> {
+        Err(Status::unimplemented("ztunnel uses delta xDS (DeltaAggregatedResources)"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let node = self.0.caller(&req)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(serve_stream(self.0.clone(), node, req.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// What one stream has been sent, per type: name → version.
+type Sent = BTreeMap<&'static str, HashMap<String, String>>;
+
+fn delta(
+    shared: &Shared,
+    mesh: &Mesh,
+    type_url: &'static str,
+    sent: &mut HashMap<String, String>,
+) -> DeltaDiscoveryResponse {
+    let current = &mesh.types[type_url];
+    let mut resources = Vec::new();
+    for (name, (version, body)) in current {
+        if sent.get(name) != Some(version) {
+            resources.push(Resource {
+                name: name.clone(),
+                version: version.clone(),
+                resource: Some(body.clone()),
+                ..Default::default()
+            });
+            sent.insert(name.clone(), version.clone());
+        }
+    }
+    let removed: Vec<String> = sent.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+    for n in &removed {
+        sent.remove(n);
+    }
+    DeltaDiscoveryResponse {
+        system_version_info: mesh.version.clone(),
+        resources,
+        type_url: type_url.to_string(),
+        nonce: shared.nonce(),
+        removed_resources: removed,
+    }
+}
+
+/// A response that is wrong on purpose.
+fn fault_push(shared: &Shared, mesh: &Mesh, fault: &str, sent: &Sent) -> Option<DeltaDiscoveryResponse> {
+    let fault = fault.split(':').collect::<Vec<_>>();
+    let mut r = DeltaDiscoveryResponse {
+        system_version_info: format!("fault-{}", shared.nonce()),
+        type_url: ADDRESS_TYPE.to_string(),
+        nonce: shared.nonce(),
+        ..Default::default()
+    };
+    let resource = |name: &str, type_url: &str, value: Vec<u8>| Resource {
+        name: name.into(),
+        version: "fault".into(),
+        resource: Some(prost_types::Any { type_url: type_url.into(), value }),
+        ..Default::default()
+    };
+    match fault[0] {
+        "garbage" => r.resources.push(resource("garbage", ADDRESS_TYPE, vec![0xff; 7])),
+        "unknown-type" => {
+            r.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+            r.resources.push(resource("c", &r.type_url.clone(), vec![]));
+        }
+        "bad-address" => {
+            let w = ambit_proto::control_plane::istio::workload::Workload {
+                uid: "Kubernetes//Pod/bad/bad".into(),
+                name: "bad".into(),
+                namespace: "bad".into(),
+                addresses: vec![vec![10, 0, 0]],
+                ..Default::default()
+            };
+            let a = ambit_proto::control_plane::istio::workload::Address {
+                r#type: Some(ambit_proto::control_plane::istio::workload::address::Type::Workload(w)),
+            };
+            r.resources.push(resource("Kubernetes//Pod/bad/bad", ADDRESS_TYPE, a.encode_to_vec()));
+        }
+        "remove-all" => r.removed_resources = sent[ADDRESS_TYPE].keys().cloned().collect(),
+        "huge" => {
+            let n: u32 = fault.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
+            for i in 0..n {
+                let w = ambit_proto::control_plane::istio::workload::Workload {
+                    uid: format!("Kubernetes//Pod/huge/w{i}"),
+                    name: format!("w{i}"),
+                    namespace: "huge".into(),
+                    addresses: vec![vec![10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]],
+                    tunnel_protocol: 1,
+                    ..Default::default()
+                };
+                let a = ambit_proto::control_plane::istio::workload::Address {
+                    r#type: Some(ambit_proto::control_plane::istio::workload::address::Type::Workload(w)),
+                };
+                r.resources.push(resource(&format!("Kubernetes//Pod/huge/w{i}"), ADDRESS_TYPE, a.encode_to_vec()));
+            }
+        }
+        _ => return None,
+    }
+    let _ = mesh;
+    Some(r)
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    node: String,
+    mut requests: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let mut mesh_rx = shared.mesh.clone();
+    let mut push_rx = shared.push.clone();
+    push_rx.mark_unchanged();
+    let mut sent: Sent = BTreeMap::new();
+    eprintln!("xds: stream from {node}");
+    loop {
+        tokio::select! {
+            req = requests.message() => {
+                let req = match req {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => { eprintln!("xds: stream from {node} failed: {e}"); break; }
+                };
+                let Some(type_url) = [ADDRESS_TYPE, AUTHORIZATION_TYPE].into_iter().find(|t| *t == req.type_url) else {
+                    eprintln!("xds: {node} asked for unknown type {}", req.type_url);
+                    continue;
+                };
+                if let Some(e) = &req.error_detail {
+                    eprintln!("xds: {node} NACKed {type_url} nonce {}: {}", req.response_nonce, e.message);
+                    continue;
+                }
+                if !req.response_nonce.is_empty() {
+                    continue; // an ACK
+                }
+                // A subscription: what the client holds (reconnect) is not sent again unless it changed.
+                let held = req.initial_resource_versions.clone().into_iter().collect();
+                let s = sent.entry(type_url).or_insert(held);
+                let mesh = mesh_rx.borrow().clone();
+                let resp = delta(&shared, &mesh, type_url, s);
+                if tx.send(Ok(resp)).await.is_err() { break; }
+            }
+            changed = mesh_rx.changed() => {
+                if changed.is_err() { break; }
+                let mesh = mesh_rx.borrow_and_update().clone();
+                for (type_url, s) in sent.iter_mut() {
+                    let resp = delta(&shared, &mesh, type_url, s);
+                    if tx.send(Ok(resp)).await.is_err() { return; }
+                }
+            }
+            changed = push_rx.changed() => {
+                if changed.is_err() { break; }
+                let fault = push_rx.borrow_and_update().clone();
+                let mesh = mesh_rx.borrow().clone();
+                if let Some(f) = fault
+                    && sent.contains_key(ADDRESS_TYPE)
+                    && let Some(resp) = fault_push(&shared, &mesh, &f, &sent)
+                {
+                    eprintln!("xds: pushing fault {f:?} to {node}");
+                    if f == "remove-all" || f.starts_with("remove-all:") {
+                        sent.insert(ADDRESS_TYPE, HashMap::new());
+                    }
+                    if tx.send(Ok(resp)).await.is_err() { return; }
+                }
+            }
+        }
+    }
+    eprintln!("xds: stream from {node} ended");
+}
+
+/// Routes the two services of the one port by gRPC path.
+#[derive(Clone)]
+struct Routes {
+    ca: IstioCertificateServiceServer<Ca>,
+    ads: AggregatedDiscoveryServiceServer<Ads>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Routes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path().starts_with("/istio.v1.auth.IstioCertificateService/") {
+            Box::pin(self.ca.call(req))
+        } else {
+            Box::pin(self.ads.call(req))
+        }
+    }
+}
+
+fn read_mesh(path: &Path) -> Result<(String, LocalConfig), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8".to_string())?;
+    let c = LocalConfig::parse(&text)?;
+    Ok((mesh_version(&bytes), c))
+}
+
+/// Serves until killed.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let (cert, key) = &settings.ca;
+    let ca = LocalCa::load(cert, key, Duration::from_secs(86400)).context("loading the mesh root")?;
+    let initial = match read_mesh(&settings.mesh) {
+        Ok((v, c)) => Mesh::from_config(v, &c),
+        Err(e) => {
+            eprintln!("mesh file: {e}; serving nothing until it is fixed");
+            Mesh::from_config(String::new(), &LocalConfig::default())
+        }
+    };
+    let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
+    let (push_tx, push_rx) = watch::channel(None);
+    let shared = Arc::new(Shared { settings: settings.clone(), mesh: mesh_rx, push: push_rx, ca, nonce: 1.into() });
+    // Follow the mesh file and the fault file.
+    let watched = settings.clone();
+    tokio::spawn(async move {
+        let mut last_version = mesh_tx.borrow().version.clone();
+        let mut last_push: Option<String> = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match read_mesh(&watched.mesh) {
+                Ok((v, c)) if v != last_version => {
+                    eprintln!(
+                        "mesh: version {v}: {} workloads, {} services, {} policies",
+                        c.workloads.len(),
+                        c.services.len(),
+                        c.policies.len()
+                    );
+                    last_version = v.clone();
+                    let _ = mesh_tx.send(Arc::new(Mesh::from_config(v, &c)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let v = std::fs::read(&watched.mesh).map(|b| mesh_version(&b)).unwrap_or_default();
+                    if v != last_version {
+                        eprintln!("mesh file refused, keeping the last good one: {e}");
+                        last_version = v;
+                    }
+                }
+            }
+            let f: Faults =
+                std::fs::read(&watched.faults).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            if f.xds_push != last_push {
+                last_push = f.xds_push.clone();
+                let _ = push_tx.send(f.xds_push);
+            }
+        }
+    });
+    let routes = Routes {
+        ca: IstioCertificateServiceServer::new(Ca(shared.clone())),
+        ads: AggregatedDiscoveryServiceServer::new(Ads(shared)).max_encoding_message_size(64 * 1024 * 1024),
+    };
+    let identity =
+        tonic::transport::Identity::from_pem(std::fs::read(&settings.serving.0)?, std::fs::read(&settings.serving.1)?);
+    eprintln!("control plane on {} (CA and delta xDS)", settings.listen);
+    println!("ready");
+    tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+        .serve(settings.listen, routes)
+        .await
+        .context("serving")?;
+    Ok(())
+}
+
+/// The running control plane of a lab: its netns on the fabric and its process.
+pub struct ControlPlane {
+    netns: crate::netns::Netns,
+    proc: Option<crate::proc::Proc>,
+    /// Its files: tokens, known pods, faults, log.
+    pub dir: PathBuf,
+    settings: Settings,
+}
+
+impl ControlPlane {
+    /// Starts the control plane in a new netns `name` attached to the fabric bridge `br0` of `fabric`, serving
+    /// `mesh` with the root in `ca` (certificate, key) and its serving certificate `serving`.
+    pub fn start(
+        name: &str,
+        fabric: &crate::netns::Netns,
+        dir: &Path,
+        mesh: &Path,
+        ca: (PathBuf, PathBuf),
+        serving: (PathBuf, PathBuf),
+    ) -> anyhow::Result<ControlPlane> {
+        std::fs::create_dir_all(dir)?;
+        let netns = crate::netns::Netns::create(name)?;
+        fabric.ip(&["link", "add", "cp0", "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        fabric.ip(&["link", "set", "cp0", "master", "br0", "up"])?;
+        netns.ip(&["addr", "add", &format!("{CP_IP}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["link", "set", "lo", "up"])?;
+        for f in ["tokens", "pods.json", "faults.json"] {
+            std::fs::write(
+                dir.join(f),
+                if f.ends_with(".json") { if f == "pods.json" { "[]" } else { "{}" } } else { "" },
+            )?;
+        }
+        let settings = Settings {
+            listen: SocketAddr::from((CP_IP, CP_PORT)),
+            mesh: mesh.to_path_buf(),
+            pods: Some(dir.join("pods.json")),
+            ca,
+            serving,
+            tokens: dir.join("tokens"),
+            faults: dir.join("faults.json"),
+            trust_domain: crate::lab::TRUST_DOMAIN.to_string(),
+        };
+        let mut cp = ControlPlane { netns, proc: None, dir: dir.to_path_buf(), settings };
+        cp.restart()?;
+        Ok(cp)
+    }
+
+    /// Starts (or restarts) the process and waits until it listens.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let s = &self.settings;
+        let mut cmd = self.netns.command(crate::util::binary("lab"));
+        cmd.arg("control-plane")
+            .arg("--listen")
+            .arg(s.listen.to_string())
+            .arg("--mesh")
+            .arg(&s.mesh)
+            .arg("--ca-cert")
+            .arg(&s.ca.0)
+            .arg("--ca-key")
+            .arg(&s.ca.1)
+            .arg("--serving-cert")
+            .arg(&s.serving.0)
+            .arg("--serving-key")
+            .arg(&s.serving.1)
+            .arg("--tokens")
+            .arg(&s.tokens)
+            .arg("--faults")
+            .arg(&s.faults)
+            .arg("--trust-domain")
+            .arg(&s.trust_domain);
+        if let Some(p) = &s.pods {
+            cmd.arg("--pods").arg(p);
+        }
+        let proc = crate::proc::Proc::spawn("control-plane", cmd, &self.dir.join("control-plane.log"))?;
+        crate::util::wait_for("the control plane to listen", Duration::from_secs(10), || {
+            proc.log().contains("ready").then_some(())
+        })
+        .with_context(|| proc.log())?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the process (the control plane becomes unreachable).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(3));
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.proc
+            .as_ref()
+            .map(|p| p.log())
+            .unwrap_or_else(|| std::fs::read_to_string(self.dir.join("control-plane.log")).unwrap_or_default())
+    }
+
+    /// Lets `node`'s ztunnel in with `token`.
+    pub fn add_token(&self, token: &str, node: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&self.settings.tokens)?;
+        writeln!(f, "{token} {node}")?;
+        Ok(())
+    }
+
+    /// Tells the CA which pods run where (what istiod learns from the API server).
+    pub fn set_known_pods(&self, pods: &[KnownPod]) -> anyhow::Result<()> {
+        crate::cni::write_atomic(&self.dir.join("pods.json"), &serde_json::to_vec(pods)?)
+    }
+
+    /// Sets the faults (an empty [`Faults`] clears them).
+    pub fn set_faults(&self, f: &Faults) -> anyhow::Result<()> {
+        crate::cni::write_atomic(&self.dir.join("faults.json"), &serde_json::to_vec(f)?)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_follow_content() {
+        assert_eq!(mesh_version(b""), "cbf29ce484222325");
+        assert_ne!(mesh_version(b"a"), mesh_version(b"b"));
+    }
+
+    #[test]
+    fn deltas_send_only_what_changed_and_name_what_went() {
+        let c1 = LocalConfig::parse(
+            "workloads:\n- {uid: a, name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {uid: b, name: b, namespace: n, workloadIps: [10.0.0.2]}\n",
+        )
+        .unwrap();
+        let c2 = LocalConfig::parse(
+            "workloads:\n- {uid: a, name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {uid: c, name: c, namespace: n, workloadIps: [10.0.0.3]}\n",
+        )
+        .unwrap();
+        let (m1, m2) = (Mesh::from_config("1".into(), &c1), Mesh::from_config("2".into(), &c2));
+        let (_tx, mesh) = watch::channel(Arc::new(Mesh::default()));
+        let (_ptx, push) = watch::channel(None);
+        let (cert, key) = crate::ca::make_ca("t", "cluster.local").unwrap();
+        let shared = Shared {
+            settings: Settings {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                mesh: "/nonexistent".into(),
+                pods: None,
+                ca: ("/x".into(), "/y".into()),
+                serving: ("/x".into(), "/y".into()),
+                tokens: "/nonexistent".into(),
+                faults: "/nonexistent".into(),
+                trust_domain: "cluster.local".into(),
+            },
+            mesh,
+            push,
+            ca: LocalCa::from_pem(&cert, &key, Duration::from_secs(60)).unwrap(),
+            nonce: 1.into(),
+        };
+        let mut sent = HashMap::new();
+        let r = delta(&shared, &m1, ADDRESS_TYPE, &mut sent);
+        assert_eq!(r.resources.len(), 2);
+        let r = delta(&shared, &m2, ADDRESS_TYPE, &mut sent);
+        assert_eq!(r.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(r.removed_resources, ["b"]);
+        assert_eq!(r.system_version_info, "2");
+        // Nothing changed: an empty answer that still carries the version.
+        let r = delta(&shared, &m2, ADDRESS_TYPE, &mut sent);
+        assert!(r.resources.is_empty() && r.removed_resources.is_empty());
+        assert_ne!(r.nonce, "");
+    }
+}
