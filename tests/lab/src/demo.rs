@@ -63,6 +63,14 @@ pub fn start(out: &mut dyn Write) -> anyhow::Result<Lab> {
             lab.nodes.iter().map(|n| format!("{} ({})", n.name, n.ip)).collect::<Vec<_>>().join(", ")
         ),
     );
+    say(
+        out,
+        format!(
+            "  control plane (istiod's CA and delta xDS, the only holder of the mesh root key) on {}:{}",
+            crate::controlplane::CP_IP,
+            crate::controlplane::CP_PORT
+        ),
+    );
     Ok(lab)
 }
 
@@ -156,6 +164,12 @@ pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> Vec<Check> 
         }),
     );
     check(out, &mut checks, "the access logs show both SPIFFE identities", access_logged(lab, &client, &server));
+    check(
+        out,
+        &mut checks,
+        "each pod's certificate comes from the control plane's CA; no node holds the CA key",
+        certificates_from_ca(lab, &[&client, &server]),
+    );
 
     say(out, "• outsider (legacy, not enrolled, node1) → server");
     check(
@@ -193,6 +207,37 @@ fn access_logged(lab: &Lab, client: &Pod, server: &Pod) -> anyhow::Result<String
     want(1, "inbound")?;
     let line = out.split("connection complete").nth(1).unwrap_or_default().trim().to_string();
     Ok(format!("both ztunnels logged {src} → {dst}; node1: {line}"))
+}
+
+/// Where the pods' certificates came from, per their ztunnels' `/config_dump`, and that no ztunnel was given
+/// the CA's key.
+fn certificates_from_ca(lab: &Lab, pods: &[&Pod]) -> anyhow::Result<String> {
+    let mut seen = Vec::new();
+    for p in pods {
+        let node = &lab.nodes[p.node];
+        let dump = node.config_dump()?;
+        let id = p.identity();
+        let cert = dump["certificates"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["identity"] == id.as_str()))
+            .with_context(|| format!("{}'s ztunnel has no certificate for {id}", node.name))?;
+        anyhow::ensure!(cert["state"] == "Available", "{id} on {}: {cert}", node.name);
+        let source = cert["source"].as_str().unwrap_or_default();
+        anyhow::ensure!(source.starts_with("istio CA https://"), "{id} came from {source:?}, not the control plane");
+        seen.push(format!("{id} on {}: {source}, expires in {} s", node.name, cert["expiresInSeconds"]));
+    }
+    for n in &lab.nodes {
+        let z = n.ztunnel.as_ref().context("no ztunnel")?;
+        let env = std::fs::read(format!("/proc/{}/environ", z.pid()))?;
+        let key = lab.dir.join("ca-key.pem");
+        anyhow::ensure!(
+            !env.windows(18).any(|w| w == b"AMBIT_LOCAL_CA_KEY")
+                && !env.windows(key.as_os_str().len()).any(|w| w == key.as_os_str().as_encoded_bytes()),
+            "{}'s ztunnel was given the CA key",
+            n.name
+        );
+    }
+    Ok(format!("{}; no ztunnel's environment names the CA key", seen.join("; ")))
 }
 
 fn outsider_uncaptured(

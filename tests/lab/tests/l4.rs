@@ -1,5 +1,6 @@
 //! End to end at L4: services (VIPs and load balancing across nodes), passthrough, authorization policy on
-//! HBONE and plaintext (STRICT refusing plaintext), a broken local file, and the admin endpoints. Needs root.
+//! HBONE and plaintext (STRICT refusing plaintext), a broken local file (the mode without a control plane),
+//! and the admin endpoints. Needs root.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -191,9 +192,12 @@ fn plaintext_a_mesh_client_could_have_sent_over_hbone_is_reported() {
     assert_eq!(log.matches("plaintext from a workload that speaks HBONE").count(), 1, "logged once: {log}");
 }
 
+/// The mode without a control plane: every ztunnel reads the local file itself.
 #[test]
 fn a_broken_local_file_keeps_the_last_good_config_and_says_why() {
-    let lab = lab();
+    let lab =
+        Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], control_plane: false, ..Default::default() })
+            .expect("lab starts");
     let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
     let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
     let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
