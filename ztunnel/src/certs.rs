@@ -68,12 +68,26 @@ pub struct WorkloadCert {
     pub not_before: i64,
     /// Validity end, Unix seconds.
     pub not_after: i64,
+    /// When ztunnel received it, Unix seconds.
+    pub received_at: i64,
 }
 
 impl WorkloadCert {
-    /// When it should be renewed: half-way through its life (Istio's rule).
+    fn new(identity: &Identity, a: Accepted) -> WorkloadCert {
+        WorkloadCert {
+            identity: identity.clone(),
+            certified: a.certified,
+            not_before: a.not_before,
+            not_after: a.not_after,
+            received_at: now_secs(),
+        }
+    }
+
+    /// When it should be renewed: half-way through its life (Istio's rule), counted from when it was
+    /// received if the CA backdated it (CAs backdate for clock skew; that time was never usable).
     pub fn refresh_at(&self) -> i64 {
-        self.not_before + (self.not_after - self.not_before) / 2
+        let start = self.not_before.max(self.received_at);
+        start + (self.not_after - start) / 2
     }
 }
 
@@ -202,6 +216,7 @@ impl LocalCa {
             certified: Arc::new(CertifiedKey::new(chain, key)),
             not_before,
             not_after,
+            received_at: now_secs(),
         })
     }
 }
@@ -402,23 +417,11 @@ impl CertStore {
         let mut entries = self.entries.lock().unwrap();
         // The identity was dropped (its last pod left) while the CA answered: keep nothing.
         let Some(e) = entries.get_mut(id).filter(|e| Arc::ptr_eq(&e.issuing, lock)) else {
-            return result.map(|a| {
-                Arc::new(WorkloadCert {
-                    identity: id.clone(),
-                    certified: a.certified,
-                    not_before: a.not_before,
-                    not_after: a.not_after,
-                })
-            });
+            return result.map(|a| Arc::new(WorkloadCert::new(id, a)));
         };
         match result {
             Ok(a) => {
-                let c = Arc::new(WorkloadCert {
-                    identity: id.clone(),
-                    certified: a.certified,
-                    not_before: a.not_before,
-                    not_after: a.not_after,
-                });
+                let c = Arc::new(WorkloadCert::new(id, a));
                 info!(identity = %id, source = %self.ca.describe(), expires = c.not_after, "workload certificate issued");
                 e.cert = Some(c.clone());
                 e.issued_at = now;
@@ -559,11 +562,16 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn renews_past_half_life_and_keeps_serving() {
         let (cert, key) = test_ca("cluster.local");
-        // Valid from a minute ago for ten seconds: already past half-life, so every fetch renews.
-        let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(10)).unwrap();
+        // Two seconds of life from when it arrives (the CA backdates notBefore a minute: that does not
+        // count), so it is due a second later.
+        let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(2)).unwrap();
         let store = CertStore::local(ca, "cluster.local");
         let id = Identity::new("cluster.local", "ns", "sa");
         let first = store.fetch(&id).await.unwrap();
+        assert!(first.refresh_at() > first.not_before + 30, "the backdated minute does not count");
+        store.refresh_due().await;
+        assert!(Arc::ptr_eq(&first, &store.current(&id).unwrap()), "not due yet");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         assert!(first.refresh_at() <= now_secs());
         store.refresh_due().await;
         let second = store.current(&id).unwrap();

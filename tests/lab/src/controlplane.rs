@@ -84,7 +84,7 @@ pub struct Faults {
     #[serde(default)]
     pub ca: Option<String>,
     /// A one-shot xDS push, sent once to every stream when this changes: `garbage`, `unknown-type`,
-    /// `bad-address`, `remove-all`, `huge:<N>` (N extra workloads), together with a `:<id>` suffix to repeat.
+    /// `bad-address`, `remove-all`, `huge:<N>` (N extra workloads).
     #[serde(default)]
     pub xds_push: Option<String>,
 }
@@ -211,7 +211,7 @@ impl IstioCertificateService for Ca {
                 return Err(Status::permission_denied(format!("no pod of {id} runs on {node}")));
             }
         }
-        let ttl = Duration::from_secs(req.validity_duration.clamp(60, 7 * 86400) as u64);
+        let ttl = Duration::from_secs(req.validity_duration.clamp(5, 7 * 86400) as u64);
         let (signed_for, chain) =
             s.ca.signer().sign_request(&req.csr, ttl).map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
         if signed_for != id {
@@ -340,7 +340,7 @@ fn delta(
 }
 
 /// A response that is wrong on purpose.
-fn fault_push(shared: &Shared, mesh: &Mesh, fault: &str, sent: &Sent) -> Option<DeltaDiscoveryResponse> {
+fn fault_push(shared: &Shared, fault: &str, sent: &mut Sent) -> Option<DeltaDiscoveryResponse> {
     let fault = fault.split(':').collect::<Vec<_>>();
     let mut r = DeltaDiscoveryResponse {
         system_version_info: format!("fault-{}", shared.nonce()),
@@ -373,7 +373,7 @@ fn fault_push(shared: &Shared, mesh: &Mesh, fault: &str, sent: &Sent) -> Option<
             };
             r.resources.push(resource("Kubernetes//Pod/bad/bad", ADDRESS_TYPE, a.encode_to_vec()));
         }
-        "remove-all" => r.removed_resources = sent[ADDRESS_TYPE].keys().cloned().collect(),
+        "remove-all" => r.removed_resources = sent.insert(ADDRESS_TYPE, HashMap::new())?.into_keys().collect(),
         "huge" => {
             let n: u32 = fault.get(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
             for i in 0..n {
@@ -388,12 +388,14 @@ fn fault_push(shared: &Shared, mesh: &Mesh, fault: &str, sent: &Sent) -> Option<
                 let a = ambit_proto::control_plane::istio::workload::Address {
                     r#type: Some(ambit_proto::control_plane::istio::workload::address::Type::Workload(w)),
                 };
-                r.resources.push(resource(&format!("Kubernetes//Pod/huge/w{i}"), ADDRESS_TYPE, a.encode_to_vec()));
+                let name = format!("Kubernetes//Pod/huge/w{i}");
+                r.resources.push(resource(&name, ADDRESS_TYPE, a.encode_to_vec()));
+                // Sent like any resource: the next real change removes them.
+                sent.entry(ADDRESS_TYPE).or_default().insert(name, "fault".into());
             }
         }
         _ => return None,
     }
-    let _ = mesh;
     Some(r)
 }
 
@@ -445,15 +447,11 @@ async fn serve_stream(
             changed = push_rx.changed() => {
                 if changed.is_err() { break; }
                 let fault = push_rx.borrow_and_update().clone();
-                let mesh = mesh_rx.borrow().clone();
                 if let Some(f) = fault
                     && sent.contains_key(ADDRESS_TYPE)
-                    && let Some(resp) = fault_push(&shared, &mesh, &f, &sent)
+                    && let Some(resp) = fault_push(&shared, &f, &mut sent)
                 {
                     eprintln!("xds: pushing fault {f:?} to {node}");
-                    if f == "remove-all" || f.starts_with("remove-all:") {
-                        sent.insert(ADDRESS_TYPE, HashMap::new());
-                    }
                     if tx.send(Ok(resp)).await.is_err() { return; }
                 }
             }
@@ -634,9 +632,12 @@ impl ControlPlane {
         if let Some(p) = &s.pods {
             cmd.arg("--pods").arg(p);
         }
-        let proc = crate::proc::Proc::spawn("control-plane", cmd, &self.dir.join("control-plane.log"))?;
+        let log = self.dir.join("control-plane.log");
+        // The log is appended to across restarts: only this process's lines count.
+        let from = std::fs::metadata(&log).map(|m| m.len() as usize).unwrap_or(0);
+        let proc = crate::proc::Proc::spawn("control-plane", cmd, &log)?;
         crate::util::wait_for("the control plane to listen", Duration::from_secs(10), || {
-            proc.log().contains("ready").then_some(())
+            proc.log().get(from..).is_some_and(|l| l.contains("ready")).then_some(())
         })
         .with_context(|| proc.log())?;
         self.proc = Some(proc);
