@@ -367,7 +367,16 @@ fn the_deploy_manifests_are_accepted_by_the_api_server() {
         .iter()
         .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
         .collect();
-    ztunnel::config::Config::from_vars(|k| env.get(k).cloned()).unwrap();
+    let zc = ztunnel::config::Config::from_vars(|k| env.get(k).cloned()).unwrap();
+    // ztunnel runs on istiod: certificates from its CA with a projected token, no CA key on any node.
+    assert!(zc.local_ca.is_none() && zc.local_xds_path.is_none(), "{env:?}");
+    assert_eq!(zc.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
+    let volumes = &zt.1["spec"]["template"]["spec"]["volumes"];
+    assert!(volumes.to_string().contains("\"audience\":\"istio-ca\""), "no projected istio-ca token: {volumes}");
+    assert!(volumes.to_string().contains("istio-ca-root-cert"), "{volumes}");
+    for (f, v) in &docs {
+        assert!(v["kind"] != "Secret" && !v.to_string().contains("ca-key"), "{} hands out a CA key", f.display());
+    }
 
     let created = lab
         .kube()
