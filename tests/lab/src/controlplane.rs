@@ -409,6 +409,8 @@ async fn serve_stream(
     let mut push_rx = shared.push.clone();
     push_rx.mark_unchanged();
     let mut sent: Sent = BTreeMap::new();
+    // Pushes awaiting their ACK: nonce -> (sent at, resources, version).
+    let mut in_flight: HashMap<String, (std::time::Instant, usize, String)> = HashMap::new();
     eprintln!("xds: stream from {node}");
     loop {
         tokio::select! {
@@ -427,13 +429,18 @@ async fn serve_stream(
                     continue;
                 }
                 if !req.response_nonce.is_empty() {
-                    continue; // an ACK
+                    // An ACK: the push is in force on that node (ztunnel ACKs after applying it).
+                    if let Some((sent_at, resources, version)) = in_flight.remove(&req.response_nonce) {
+                        record_push(&shared, &node, type_url, resources, &version, sent_at.elapsed());
+                    }
+                    continue;
                 }
                 // A subscription: what the client holds (reconnect) is not sent again unless it changed.
                 let held = req.initial_resource_versions.clone().into_iter().collect();
                 let s = sent.entry(type_url).or_insert(held);
                 let mesh = mesh_rx.borrow().clone();
                 let resp = delta(&shared, &mesh, type_url, s);
+                in_flight.insert(resp.nonce.clone(), (std::time::Instant::now(), resp.resources.len() + resp.removed_resources.len(), resp.system_version_info.clone()));
                 if tx.send(Ok(resp)).await.is_err() { break; }
             }
             changed = mesh_rx.changed() => {
@@ -441,6 +448,7 @@ async fn serve_stream(
                 let mesh = mesh_rx.borrow_and_update().clone();
                 for (type_url, s) in sent.iter_mut() {
                     let resp = delta(&shared, &mesh, type_url, s);
+                    in_flight.insert(resp.nonce.clone(), (std::time::Instant::now(), resp.resources.len() + resp.removed_resources.len(), resp.system_version_info.clone()));
                     if tx.send(Ok(resp)).await.is_err() { return; }
                 }
             }
@@ -458,6 +466,47 @@ async fn serve_stream(
         }
     }
     eprintln!("xds: stream from {node} ended");
+}
+
+/// One push and the time until its ACK, a line of `pushes.jsonl` beside the faults file (for `lab bench`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRecord {
+    /// The node whose ztunnel ACKed.
+    pub node: String,
+    /// Type URL.
+    pub type_url: String,
+    /// Resources added, changed or removed.
+    pub resources: usize,
+    /// `system_version_info`.
+    pub version: String,
+    /// From sending the push to receiving its ACK, in ms.
+    pub ms: f64,
+}
+
+fn record_push(shared: &Shared, node: &str, type_url: &str, resources: usize, version: &str, took: Duration) {
+    use std::io::Write;
+    let r = PushRecord {
+        node: node.into(),
+        type_url: type_url.into(),
+        resources,
+        version: version.into(),
+        ms: took.as_secs_f64() * 1000.0,
+    };
+    let path = shared.settings.faults.with_file_name("pushes.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+        && let Ok(line) = serde_json::to_string(&r)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// The pushes ACKed so far (see [`PushRecord`]).
+pub fn push_records(dir: &Path) -> Vec<PushRecord> {
+    std::fs::read_to_string(dir.join("pushes.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Routes the two services of the one port by gRPC path.

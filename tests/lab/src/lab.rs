@@ -833,8 +833,11 @@ impl Lab {
 
     /// Writes node `i`'s agent config: the enrolled namespaces and the service accounts of the pods it knows.
     fn write_agent_config(&self, i: usize) -> anyhow::Result<()> {
+        self.write_agent_config_with(i, &self.service_accounts.lock().unwrap())
+    }
+
+    fn write_agent_config_with(&self, i: usize, accounts: &BTreeMap<(String, String), String>) -> anyhow::Result<()> {
         let n = &self.nodes[i];
-        let accounts = self.service_accounts.lock().unwrap();
         let pods: Vec<Value> = accounts
             .iter()
             .map(|((ns, name), sa)| json!({"namespace": ns, "name": name, "serviceAccount": sa}))
@@ -863,10 +866,22 @@ impl Lab {
 
     /// [`Lab::add_pod`] with a service account.
     pub fn add_pod_as(&self, node: usize, namespace: &str, name: &str, sa: &str) -> Result<Pod, PodError> {
+        let pod = self.create_pod(node, namespace, name, sa)?;
+        self.publish(&pod).map_err(PodError::Setup)?;
+        Ok(pod)
+    }
+
+    /// Creates a pod as a runtime does (netns, CNI chain) without publishing it as a workload: istiod has not
+    /// pushed it yet. Safe to call from several threads at once.
+    pub fn create_pod(&self, node: usize, namespace: &str, name: &str, sa: &str) -> Result<Pod, PodError> {
         // Standalone mode has no pod spec to read the service account from: the lab tells the agent, as an
         // operator would in its config.
-        self.service_accounts.lock().unwrap().insert((namespace.to_string(), name.to_string()), sa.to_string());
-        self.write_agent_config(node).map_err(PodError::Setup)?;
+        {
+            // Held while the config is written, so concurrent pods never write an older list over a newer one.
+            let mut accounts = self.service_accounts.lock().unwrap();
+            accounts.insert((namespace.to_string(), name.to_string()), sa.to_string());
+            self.write_agent_config_with(node, &accounts).map_err(PodError::Setup)?;
+        }
         self.know_pod(node, namespace, sa).map_err(PodError::Setup)?;
         let n = &self.nodes[node];
         let uid = format!("{}-{}", unique_id(), unique_id());
@@ -905,7 +920,6 @@ impl Lab {
             timings,
             sandbox: None,
         };
-        self.publish(&pod).map_err(PodError::Setup)?;
         Ok(pod)
     }
 

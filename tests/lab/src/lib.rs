@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod bench_cp;
 pub mod ca;
 pub mod cni;
 pub mod controlplane;

@@ -24,9 +24,18 @@ enum Cmd {
         /// Print one JSON object instead of the readable report.
         #[arg(long)]
         json: bool,
-        /// Only one part: `mesh` or `cni`.
+        /// Only one part: `mesh`, `cni` or `xds` (the control plane: pushes and certificates).
         #[arg(long)]
         only: Option<String>,
+        /// Workloads in the xDS part's mesh.
+        #[arg(long, default_value_t = 10_000)]
+        xds_workloads: usize,
+        /// Policies in the xDS part's mesh.
+        #[arg(long, default_value_t = 1_000)]
+        xds_policies: usize,
+        /// Changes pushed in the xDS part.
+        #[arg(long, default_value_t = 100)]
+        xds_changes: usize,
         /// Pods of each kind for the CNI figures.
         #[arg(long, default_value_t = 100)]
         pods: usize,
@@ -126,14 +135,29 @@ fn main() {
                 }
             }
         }
-        Cmd::Bench { json, only, pods, secs, rounds, ztunnel, ztunnel_env, phases, keep } => {
+        Cmd::Bench {
+            json,
+            only,
+            xds_workloads,
+            xds_policies,
+            xds_changes,
+            pods,
+            secs,
+            rounds,
+            ztunnel,
+            ztunnel_env,
+            phases,
+            keep,
+        } => {
             let env = ztunnel_env
                 .iter()
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             let opts = lab::bench::MeshOpts { secs, rounds, ztunnel, ztunnel_env: env, phases, ..Default::default() };
-            bench(json, only.as_deref(), pods, opts, keep)
+            let xds =
+                lab::bench_cp::XdsOpts { workloads: xds_workloads, policies: xds_policies, changes: xds_changes, pods };
+            bench(json, only.as_deref(), pods, opts, xds, keep)
         }
         Cmd::Relay { routes, spin_us } => match lab::relay::run(&routes, std::time::Duration::from_micros(spin_us)) {
             Ok(()) => 0,
@@ -153,7 +177,14 @@ fn main() {
     std::process::exit(code);
 }
 
-fn bench(json: bool, only: Option<&str>, pods: usize, opts: lab::bench::MeshOpts, keep: bool) -> i32 {
+fn bench(
+    json: bool,
+    only: Option<&str>,
+    pods: usize,
+    opts: lab::bench::MeshOpts,
+    xds: lab::bench_cp::XdsOpts,
+    keep: bool,
+) -> i32 {
     lab::require_root();
     lab::lab::clean_stale(false);
     if keep {
@@ -224,6 +255,44 @@ fn bench(json: bool, only: Option<&str>, pods: usize, opts: lab::bench::MeshOpts
             }
             Err(e) => {
                 eprintln!("CNI bench failed: {e:#}");
+                return 1;
+            }
+        }
+    }
+    if only.is_none_or(|o| o == "xds") {
+        progress(&format!(
+            "control plane: {} workloads and {} policies over delta xDS, {} changes, {} pods' certificates at once…",
+            xds.workloads, xds.policies, xds.changes, xds.pods
+        ));
+        match lab::bench_cp::xds(&xds, &mut progress) {
+            Ok(v) => {
+                let (x, c) = (&v["xds"], &v["certificates"]);
+                progress(&format!(
+                    "  push to in force (control plane sends → slower ztunnel ACKs after applying): initial {} ms; one change p50 {} ms, p99 {} ms; from the file written: p50 {} ms, p99 {} ms",
+                    x["initial_push_ms"],
+                    x["push_to_in_force_ms"]["p50"],
+                    x["push_to_in_force_ms"]["p99"],
+                    x["write_to_in_force_ms"]["p50"],
+                    x["write_to_in_force_ms"]["p99"]
+                ));
+                progress(&format!(
+                    "  ztunnel RSS: {} MiB before, {} MiB with the mesh",
+                    x["ztunnel_rss_mib"]["before"], x["ztunnel_rss_mib"]["after"]
+                ));
+                progress(&format!(
+                    "  certificates: CNI ADD start → certificate issued p50 {} ms, p99 {} ms, max {} ms ({} pods; ambit-cni ADD p50 {} ms)",
+                    c["add_to_certificate_ms"]["p50"],
+                    c["add_to_certificate_ms"]["p99"],
+                    c["add_to_certificate_ms"]["max"],
+                    c["pods"],
+                    c["ambit_cni_add_ms"]["p50"]
+                ));
+                if let Some(m) = v.as_object() {
+                    out.extend(m.clone());
+                }
+            }
+            Err(e) => {
+                eprintln!("control-plane bench failed: {e:#}");
                 return 1;
             }
         }

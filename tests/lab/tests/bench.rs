@@ -1,8 +1,10 @@
 //! `lab bench`'s mesh part, shrunk to seconds: it runs, takes turns between mesh, direct (capture off and on
 //! again through ambit-cni) and the floor (bare relays over the mesh's three TCP connections), and prints every
-//! figure under its stable key. Needs root.
+//! figure under its stable key; and its control-plane part (xDS pushes and certificates), shrunk likewise.
+//! Needs root.
 
 use lab::bench::{MeshOpts, mesh};
+use lab::bench_cp::{XdsOpts, xds};
 
 #[test]
 fn mesh_bench_reports_every_figure_under_its_stable_key() {
@@ -43,4 +45,23 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     // The floor's relays are processes of their own, measured like the ztunnels.
     assert!(num("floor.relay_cpu_s_per_gib") > 0.0 && num("floor.relay_cpu_connection_us") > 0.0, "{v:#}");
     assert!(num("floor.mesh_of_floor.throughput_1") > 0.0 && num("floor.mesh_of_floor.connect_rate") > 0.0);
+}
+
+/// The control-plane part, shrunk: a small mesh, a few changes, a few pods' certificates.
+#[test]
+fn xds_bench_reports_every_figure_under_its_stable_key() {
+    let o = XdsOpts { workloads: 300, policies: 30, changes: 6, pods: 6 };
+    let v = xds(&o, &mut |_| {}).unwrap();
+    let num = |path: &str| -> f64 {
+        path.split('.').fold(&v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
+    };
+    assert!(num("xds.initial_push_ms") > 0.0 && num("xds.initial_write_to_in_force_ms") >= num("xds.initial_push_ms"));
+    for f in ["push_to_in_force_ms", "write_to_in_force_ms"] {
+        assert!(num(&format!("xds.{f}.p50")) > 0.0 && num(&format!("xds.{f}.p99")) >= num(&format!("xds.{f}.p50")));
+        assert_eq!(num(&format!("xds.{f}.n")), 6.0, "{v:#}");
+    }
+    assert_eq!(v["xds"]["ztunnel_rss_mib"]["after"].as_array().map(|a| a.len()), Some(2), "{v:#}");
+    assert_eq!(num("certificates.pods"), 6.0);
+    assert_eq!(num("certificates.add_to_certificate_ms.n"), 6.0, "every pod got its certificate: {v:#}");
+    assert!(num("certificates.add_to_certificate_ms.p99") >= num("certificates.add_to_certificate_ms.p50"));
 }
