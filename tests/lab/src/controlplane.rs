@@ -534,19 +534,17 @@ impl tower::Service<http::Request<tonic::body::Body>> for Routes {
     }
 }
 
-fn read_mesh(path: &Path) -> Result<(String, LocalConfig), String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8".to_string())?;
-    let c = LocalConfig::parse(&text)?;
-    Ok((mesh_version(&bytes), c))
+fn parse_mesh(bytes: &[u8]) -> Result<LocalConfig, String> {
+    LocalConfig::parse(std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?)
 }
 
 /// Serves until killed.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (cert, key) = &settings.ca;
     let ca = LocalCa::load(cert, key, Duration::from_secs(86400)).context("loading the mesh root")?;
-    let initial = match read_mesh(&settings.mesh) {
-        Ok((v, c)) => Mesh::from_config(v, &c),
+    let bytes = std::fs::read(&settings.mesh).unwrap_or_default();
+    let initial = match parse_mesh(&bytes) {
+        Ok(c) => Mesh::from_config(mesh_version(&bytes), &c),
         Err(e) => {
             eprintln!("mesh file: {e}; serving nothing until it is fixed");
             Mesh::from_config(String::new(), &LocalConfig::default())
@@ -562,25 +560,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let mut last_push: Option<String> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            match read_mesh(&watched.mesh) {
-                Ok((v, c)) if v != last_version => {
-                    eprintln!(
-                        "mesh: version {v}: {} workloads, {} services, {} policies",
-                        c.workloads.len(),
-                        c.services.len(),
-                        c.policies.len()
-                    );
-                    last_version = v.clone();
-                    let _ = mesh_tx.send(Arc::new(Mesh::from_config(v, &c)));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let v = std::fs::read(&watched.mesh).map(|b| mesh_version(&b)).unwrap_or_default();
-                    if v != last_version {
-                        eprintln!("mesh file refused, keeping the last good one: {e}");
-                        last_version = v;
+            // Parsed only when its bytes changed: a big mesh file takes a while to parse.
+            let bytes = std::fs::read(&watched.mesh).unwrap_or_default();
+            let v = mesh_version(&bytes);
+            if v != last_version {
+                match parse_mesh(&bytes) {
+                    Ok(c) => {
+                        eprintln!(
+                            "mesh: version {v}: {} workloads, {} services, {} policies",
+                            c.workloads.len(),
+                            c.services.len(),
+                            c.policies.len()
+                        );
+                        let _ = mesh_tx.send(Arc::new(Mesh::from_config(v.clone(), &c)));
                     }
+                    Err(e) => eprintln!("mesh file refused, keeping the last good one: {e}"),
                 }
+                last_version = v;
             }
             let f: Faults =
                 std::fs::read(&watched.faults).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
