@@ -519,7 +519,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl IntoIt
 }
 
 /// A uniform number in [0, 1) for jitter.
-fn jitter() -> f64 {
+pub(crate) fn jitter() -> f64 {
     let mut b = [0u8; 8];
     let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut b);
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64

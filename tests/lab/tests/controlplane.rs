@@ -24,6 +24,15 @@ fn lab_with(env: &[(&str, &str)]) -> Lab {
     .expect("lab starts")
 }
 
+/// An enrolled client on node1 and an enrolled echo server on node2, and the server's address.
+fn mesh_pair(lab: &Lab) -> (Pod, Pod, EchoServer, SocketAddr) {
+    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
+    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
+    let to = SocketAddr::new(server.ip, APP_PORT);
+    let echo = EchoServer::start(&server.netns, to).unwrap();
+    (client, server, echo, to)
+}
+
 fn reaches(from: &Pod, to: SocketAddr) -> bool {
     EchoClient::connect(&from.netns, to, T).and_then(|mut c| c.round_trip(b"ping")).is_ok()
 }
@@ -44,10 +53,7 @@ fn cert_of(lab: &Lab, node: usize, id: &str) -> Option<serde_json::Value> {
 #[test]
 fn every_wrong_ca_answer_is_refused_counted_and_never_served() {
     let lab = lab_with(&[]);
-    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
-    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let to = SocketAddr::new(server.ip, APP_PORT);
+    let (client, _server, _echo, to) = mesh_pair(&lab);
     assert!(reaches(&client, to), "{}", lab.logs());
     // A long-lived connection of working pods, open through every fault.
     let mut open = EchoClient::connect(&client.netns, to, T).unwrap();
@@ -94,10 +100,7 @@ fn every_wrong_ca_answer_is_refused_counted_and_never_served() {
 #[test]
 fn bad_xds_pushes_are_nacked_and_the_last_good_state_stays() {
     let lab = lab_with(&[]);
-    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
-    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let to = SocketAddr::new(server.ip, APP_PORT);
+    let (client, _server, _echo, to) = mesh_pair(&lab);
     assert!(reaches(&client, to));
     let nacks =
         |url: &str| metric(&lab.nodes[0].metrics().unwrap(), "ztunnel_xds_nacks_total", &[&format!("url=\"{url}\"")]);
@@ -157,10 +160,7 @@ fn bad_xds_pushes_are_nacked_and_the_last_good_state_stays() {
 #[test]
 fn a_missing_token_is_a_clear_error_and_nothing_working_is_lost() {
     let lab = lab_with(&[]);
-    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
-    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let to = SocketAddr::new(server.ip, APP_PORT);
+    let (client, _server, _echo, to) = mesh_pair(&lab);
     assert!(reaches(&client, to));
     let token = lab.nodes[0].dir.join("istio-token");
     let saved = std::fs::read(&token).unwrap();
@@ -221,10 +221,7 @@ fn the_ca_refuses_identities_of_pods_on_other_nodes() {
 #[test]
 fn the_mesh_root_rotates_in_place_and_a_broken_root_file_changes_nothing() {
     let lab = lab_with(&[]);
-    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
-    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let to = SocketAddr::new(server.ip, APP_PORT);
+    let (client, _server, _echo, to) = mesh_pair(&lab);
     let reloads = |outcome: &str| {
         metric(
             &lab.nodes[0].metrics().unwrap(),
@@ -252,10 +249,7 @@ fn the_mesh_root_rotates_in_place_and_a_broken_root_file_changes_nothing() {
 fn a_ca_outage_longer_than_half_a_certificate_life_loses_nothing() {
     // Ten-second certificates: due for renewal after five; the CA is away for eight.
     let mut lab = lab_with(&[("SECRET_TTL", "10s")]);
-    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
-    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
-    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
-    let to = SocketAddr::new(server.ip, APP_PORT);
+    let (client, _server, _echo, to) = mesh_pair(&lab);
     assert!(reaches(&client, to));
     let first = cert_of(&lab, 0, &client.identity()).unwrap();
     let mut open = EchoClient::connect(&client.netns, to, T).unwrap();

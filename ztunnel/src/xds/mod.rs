@@ -101,7 +101,7 @@ pub async fn run(
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(100);
         }
-        let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
+        let wait = backoff.mul_f64(0.75 + 0.5 * crate::certs::jitter());
         warn!(address = %conn.address(), error = %reason, retry_in = ?wait, "xDS stream ended; the last good state stays in force");
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -116,12 +116,6 @@ fn termination_kind(reason: &str) -> String {
     } else {
         "error".into()
     }
-}
-
-fn jitter() -> f64 {
-    let mut b = [0u8; 8];
-    let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 async fn stream(
