@@ -18,7 +18,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::bench::percentile;
-use crate::controlplane::{PushRecord, mesh_version, push_records};
+use crate::controlplane::{PushRecord, mesh_version, push_records_end, push_records_since};
 use crate::lab::{Lab, LabConfig};
 
 /// Options of the control-plane benchmark.
@@ -80,12 +80,12 @@ fn mesh_file(o: &XdsOpts, revision: usize, policy_port: u16) -> String {
 }
 
 /// Waits until both nodes ACKed `version` of `type_url` and returns the slower push-to-ACK time.
-fn acked(lab: &Lab, version: &str, type_url: &str, timeout: Duration) -> anyhow::Result<f64> {
+fn acked(lab: &Lab, version: &str, type_url: &str, since: u64, timeout: Duration) -> anyhow::Result<f64> {
     let nodes = lab.nodes.len();
     crate::util::wait_for(&format!("both ztunnels to ACK version {version}"), timeout, || {
-        let recs: Vec<PushRecord> = push_records(&lab.control_plane().dir)
+        let recs: Vec<PushRecord> = push_records_since(&lab.control_plane().dir, since)
             .into_iter()
-            .filter(|r| r.version == version && r.type_url == type_url && r.resources > 0)
+            .filter(|r| r.version == version && r.type_url == type_url && r.resources > 0 && r.nack.is_none())
             .collect();
         let by_node: BTreeMap<&str, f64> = recs.iter().map(|r| (r.node.as_str(), r.ms)).collect();
         (by_node.len() == nodes).then(|| by_node.values().copied().fold(0.0, f64::max))
@@ -194,11 +194,12 @@ pub fn xds(o: &XdsOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Value>
 
     progress(&format!("  pushing {} workloads and {} policies…", o.workloads, o.policies));
     let text = mesh_file(o, 0, 9000);
+    let since = push_records_end(&lab.control_plane().dir);
     let t = Instant::now();
     crate::cni::write_atomic(&lab.workloads_path(), text.as_bytes())?;
     let v = mesh_version(text.as_bytes());
-    let initial = acked(&lab, &v, ADDRESS_TYPE, Duration::from_secs(120))?;
-    acked(&lab, &v, AUTHORIZATION_TYPE, Duration::from_secs(120))?;
+    let initial = acked(&lab, &v, ADDRESS_TYPE, since, Duration::from_secs(120))?;
+    acked(&lab, &v, AUTHORIZATION_TYPE, since, Duration::from_secs(120))?;
     let initial_total = t.elapsed().as_secs_f64() * 1000.0;
     std::thread::sleep(Duration::from_millis(500));
     let rss_after = rss(&lab)?;
@@ -211,9 +212,10 @@ pub fn xds(o: &XdsOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Value>
         } else {
             (mesh_file(o, c - 1, 10_000 + c as u16), AUTHORIZATION_TYPE)
         };
+        let since = push_records_end(&lab.control_plane().dir);
         let t = Instant::now();
         crate::cni::write_atomic(&lab.workloads_path(), text.as_bytes())?;
-        push.push(acked(&lab, &mesh_version(text.as_bytes()), type_url, Duration::from_secs(60))?);
+        push.push(acked(&lab, &mesh_version(text.as_bytes()), type_url, since, Duration::from_secs(60))?);
         end_to_end.push(t.elapsed().as_secs_f64() * 1000.0);
     }
 

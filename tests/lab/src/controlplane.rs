@@ -424,14 +424,14 @@ async fn serve_stream(
                     eprintln!("xds: {node} asked for unknown type {}", req.type_url);
                     continue;
                 };
-                if let Some(e) = &req.error_detail {
-                    eprintln!("xds: {node} NACKed {type_url} nonce {}: {}", req.response_nonce, e.message);
-                    continue;
-                }
                 if !req.response_nonce.is_empty() {
-                    // An ACK: the push is in force on that node (ztunnel ACKs after applying it).
+                    // An ACK (the push is in force on that node: a ztunnel ACKs after applying it) or a NACK.
+                    let nack = req.error_detail.as_ref().map(|e| e.message.clone());
+                    if let Some(e) = &nack {
+                        eprintln!("xds: {node} NACKed {type_url} nonce {}: {e}", req.response_nonce);
+                    }
                     if let Some((sent_at, resources, version)) = in_flight.remove(&req.response_nonce) {
-                        record_push(&shared, &node, type_url, resources, &version, sent_at.elapsed());
+                        record_push(&shared, &node, type_url, resources, &version, sent_at.elapsed(), nack);
                     }
                     continue;
                 }
@@ -468,7 +468,8 @@ async fn serve_stream(
     eprintln!("xds: stream from {node} ended");
 }
 
-/// One push and the time until its ACK, a line of `pushes.jsonl` beside the faults file (for `lab bench`).
+/// One push and the time until its ACK or NACK, a line of `pushes.jsonl` beside the faults file: what the lab
+/// waits on after a change (it works with any ztunnel, Istio's too) and what `lab bench` measures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PushRecord {
     /// The node whose ztunnel ACKed.
@@ -481,9 +482,20 @@ pub struct PushRecord {
     pub version: String,
     /// From sending the push to receiving its ACK, in ms.
     pub ms: f64,
+    /// The NACK's error, when the ztunnel refused it.
+    #[serde(default)]
+    pub nack: Option<String>,
 }
 
-fn record_push(shared: &Shared, node: &str, type_url: &str, resources: usize, version: &str, took: Duration) {
+fn record_push(
+    shared: &Shared,
+    node: &str,
+    type_url: &str,
+    resources: usize,
+    version: &str,
+    took: Duration,
+    nack: Option<String>,
+) {
     use std::io::Write;
     let r = PushRecord {
         node: node.into(),
@@ -491,6 +503,7 @@ fn record_push(shared: &Shared, node: &str, type_url: &str, resources: usize, ve
         resources,
         version: version.into(),
         ms: took.as_secs_f64() * 1000.0,
+        nack,
     };
     let path = shared.settings.faults.with_file_name("pushes.jsonl");
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
@@ -500,13 +513,22 @@ fn record_push(shared: &Shared, node: &str, type_url: &str, resources: usize, ve
     }
 }
 
-/// The pushes ACKed so far (see [`PushRecord`]).
+/// The pushes answered so far (see [`PushRecord`]).
 pub fn push_records(dir: &Path) -> Vec<PushRecord> {
-    std::fs::read_to_string(dir.join("pushes.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    push_records_since(dir, 0)
+}
+
+/// Where the record of the next push to be answered will start: [`push_records_since`] that offset returns
+/// only what is answered from now on (a version can come back: a file changed and changed back).
+pub fn push_records_end(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("pushes.jsonl")).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The pushes answered after `offset` (from [`push_records_end`]).
+pub fn push_records_since(dir: &Path, offset: u64) -> Vec<PushRecord> {
+    let all = std::fs::read(dir.join("pushes.jsonl")).unwrap_or_default();
+    let from = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+    String::from_utf8_lossy(&all[from..]).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// Routes the two services of the one port by gRPC path.

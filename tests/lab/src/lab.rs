@@ -696,13 +696,22 @@ impl Lab {
     /// Rewrites the local file after `change` to the workloads and the rest, and waits until every running
     /// ztunnel has loaded it.
     fn rewrite(&self, change: impl FnOnce(&mut BTreeMap<String, Published>, &mut MeshConfig)) -> anyhow::Result<()> {
+        if self.config.control_plane {
+            // Every ztunnel that is ready now must take the change.
+            let ready: Vec<bool> = self
+                .nodes
+                .iter()
+                .map(|n| n.ztunnel.is_some() && matches!(n.ztunnel_get(READY_PORT, "/healthz/ready"), Ok((200, _))))
+                .collect();
+            let since = crate::controlplane::push_records_end(&self.control_plane().dir);
+            change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
+            let version = self.write_workloads()?;
+            return self.wait_pushed(&version, &ready, since);
+        }
         let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
         let before: Vec<Option<u64>> = self.nodes.iter().map(|n| n.ztunnel.as_ref().and(generation(n))).collect();
         change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
-        let version = self.write_workloads()?;
-        if self.config.control_plane {
-            return self.wait_pushed(&version, &before);
-        }
+        self.write_workloads()?;
         for (n, before) in self.nodes.iter().zip(before) {
             let Some(before) = before else { continue };
             let refused =
@@ -721,33 +730,26 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until every ztunnel that was serving (`before`) has ACKed both xDS types at `version` of the
-    /// mesh file; fails with the NACK's error if one refused it.
-    fn wait_pushed(&self, version: &str, before: &[Option<u64>]) -> anyhow::Result<()> {
+    /// Waits until the ztunnel of every node in `nodes` has ACKed both xDS types at `version` of the mesh file
+    /// in a push answered after `since` (see [`crate::controlplane::push_records_end`]), as the control plane saw it (any ztunnel ACKs only once a push is in force); fails with the NACK's
+    /// error if one refused it.
+    fn wait_pushed(&self, version: &str, nodes: &[bool], since: u64) -> anyhow::Result<()> {
         use ambit_proto::control_plane::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
-        for (n, before) in self.nodes.iter().zip(before) {
-            if before.is_none() || n.ztunnel.is_none() {
-                continue;
-            }
+        let cp = self.control_plane();
+        for (n, _) in self.nodes.iter().zip(nodes).filter(|(_, wait)| **wait) {
             let refused = wait_for(
                 &format!("{}'s ztunnel to take version {version} over xDS", n.name),
                 Duration::from_secs(10),
                 || {
-                    let dump = n.config_dump().ok()?;
-                    let types = &dump["xds"]["types"];
-                    for t in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
-                        let nack = &types[t]["lastNack"];
-                        if nack["systemVersion"] == version {
-                            return Some(Some(nack["error"].to_string()));
-                        }
+                    let records = crate::controlplane::push_records_since(&cp.dir, since);
+                    let mine = || records.iter().filter(|r| r.node == n.name && r.version == version);
+                    if let Some(e) = mine().find_map(|r| r.nack.clone()) {
+                        return Some(Some(e));
                     }
-                    [ADDRESS_TYPE, AUTHORIZATION_TYPE]
-                        .iter()
-                        .all(|t| types[*t]["systemVersion"] == version)
-                        .then_some(None)
+                    [ADDRESS_TYPE, AUTHORIZATION_TYPE].iter().all(|t| mine().any(|r| r.type_url == *t)).then_some(None)
                 },
             )
-            .with_context(|| self.control_plane.as_ref().map(|c| tail(&c.log(), 30)).unwrap_or_default())?;
+            .with_context(|| tail(&cp.log(), 30))?;
             if let Some(e) = refused {
                 anyhow::bail!("{}'s ztunnel refused the xDS push: {e}", n.name);
             }
