@@ -662,3 +662,135 @@ mod tests {
         assert!("x/8".parse::<Cidr>().is_err());
     }
 }
+
+/// Property test: evaluation against a reference model written separately from it (one match field per
+/// policy, so the model can say plainly when each matches). `AMBIT_PROPTEST_CASES` raises the case count.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What one generated policy's only match looks at.
+    #[derive(Debug, Clone, Copy)]
+    enum Field {
+        Port(u16),
+        NotPort(u16),
+        SourceNamespace(&'static str),
+        Authenticated,
+        Unauthenticated,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Spec {
+        scope: Scope,
+        namespace: &'static str,
+        action: Action,
+        dry_run: bool,
+        field: Field,
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        let scope = prop_oneof![Just(Scope::Global), Just(Scope::Namespace), Just(Scope::WorkloadSelector)];
+        let field = prop_oneof![
+            prop_oneof![Just(80u16), Just(22)].prop_map(Field::Port),
+            prop_oneof![Just(80u16), Just(22)].prop_map(Field::NotPort),
+            prop_oneof![Just("a"), Just("b")].prop_map(Field::SourceNamespace),
+            Just(Field::Authenticated),
+            Just(Field::Unauthenticated),
+        ];
+        (scope, prop_oneof![Just("app"), Just("other")], any::<bool>(), any::<bool>(), field).prop_map(
+            |(scope, namespace, deny, dry_run, field)| Spec {
+                scope,
+                namespace,
+                action: if deny { Action::Deny } else { Action::Allow },
+                dry_run,
+                field,
+            },
+        )
+    }
+
+    fn policy(i: usize, s: &Spec) -> Policy {
+        let mut m = Match::default();
+        match s.field {
+            Field::Port(p) => m.destination_ports = vec![p],
+            Field::NotPort(p) => m.not_destination_ports = vec![p],
+            Field::SourceNamespace(n) => m.namespaces = vec![StringMatch::Exact(n.into())],
+            Field::Authenticated => m.principals = vec![StringMatch::Presence],
+            Field::Unauthenticated => m.not_principals = vec![StringMatch::Presence],
+        }
+        Policy {
+            name: format!("p{i}"),
+            namespace: s.namespace.into(),
+            scope: s.scope,
+            action: s.action,
+            rules: vec![vec![vec![m]]],
+            dry_run: s.dry_run,
+        }
+    }
+
+    /// The model: which policies apply and match, and Istio's rule for combining them.
+    fn model(specs: &[Spec], selected: &[String], port: u16, src_ns: Option<&str>) -> Result<(), Vec<String>> {
+        let applies = |i: usize, s: &Spec| match s.scope {
+            Scope::Global => true,
+            Scope::Namespace => s.namespace == "app",
+            Scope::WorkloadSelector => selected.contains(&format!("{}/p{i}", s.namespace)),
+        };
+        let matches = |s: &Spec| match s.field {
+            Field::Port(p) => port == p,
+            Field::NotPort(p) => port != p,
+            Field::SourceNamespace(n) => src_ns == Some(n),
+            Field::Authenticated => src_ns.is_some(),
+            Field::Unauthenticated => src_ns.is_none(),
+        };
+        let live: Vec<(usize, &Spec)> =
+            specs.iter().enumerate().filter(|(i, s)| !s.dry_run && applies(*i, s)).collect();
+        let denying: Vec<String> = live
+            .iter()
+            .filter(|(_, s)| s.action == Action::Deny && matches(s))
+            .map(|(i, s)| format!("{}/p{i}", s.namespace))
+            .collect();
+        if !denying.is_empty() {
+            return Err(denying);
+        }
+        let allows: Vec<&&Spec> = live.iter().map(|(_, s)| s).filter(|s| s.action == Action::Allow).collect();
+        if !allows.is_empty() && !allows.iter().any(|s| matches(s)) {
+            return Err(Vec::new());
+        }
+        Ok(())
+    }
+
+    fn cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn evaluation_agrees_with_the_model(
+            specs in proptest::collection::vec(spec(), 0..8),
+            select in proptest::collection::vec(any::<bool>(), 8),
+            port in prop_oneof![Just(80u16), Just(22), Just(443)],
+            src in prop_oneof![Just(None), Just(Some("a")), Just(Some("b"))],
+        ) {
+            let policies: Vec<Policy> = specs.iter().enumerate().map(|(i, s)| policy(i, s)).collect();
+            let selected: Vec<String> =
+                policies.iter().zip(&select).filter(|(_, s)| **s).map(|(p, _)| p.key()).collect();
+            let set = PolicySet::new(policies).unwrap();
+            let conn = Conn {
+                src: "10.0.0.1:40000".parse().unwrap(),
+                dst: SocketAddr::new("10.0.1.1".parse().unwrap(), port),
+                src_identity: src.map(|ns| Identity::new("cluster.local", ns, "sa")),
+            };
+            let got = set.check(Target { namespace: "app", selected_by: &selected }, &conn).result;
+            match (model(&specs, &selected, port, src), got) {
+                (Ok(()), Ok(())) => {}
+                (Err(denying), Err(Denial::Denied { policy })) if !denying.is_empty() => {
+                    prop_assert!(denying.contains(&policy), "{} is not one of {:?}", policy, denying);
+                }
+                (Err(denying), Err(Denial::NotAllowed)) if denying.is_empty() => {}
+                (want, got) => prop_assert!(false, "model {:?}, evaluation {:?}", want, got),
+            }
+        }
+    }
+}

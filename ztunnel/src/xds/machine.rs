@@ -414,3 +414,155 @@ mod tests {
         assert_eq!(m.status()[ADDRESS_TYPE].resources, 10_000);
     }
 }
+
+/// Property tests: the machine against a plain model, over random sequences of good and bad responses.
+/// `AMBIT_PROPTEST_CASES` raises the number of cases (a nightly run); failures proptest finds are kept as
+/// regression files beside this one.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::xds::convert::workload_to_proto;
+    use ambit_proto::control_plane::discovery::Resource;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// One response the server might send.
+    #[derive(Debug, Clone)]
+    enum Push {
+        /// Add or replace workload `n` with address 10.0.0.`ip`.
+        Upsert(u8, u8),
+        /// Remove workload `n`.
+        Remove(u8),
+        /// Add workload `n`, together with an undecodable resource: NACKed whole.
+        UpsertWithGarbage(u8, u8),
+        /// Random bytes as a resource.
+        Bytes(Vec<u8>),
+        /// A type nobody subscribed to.
+        UnknownType,
+    }
+
+    fn push() -> impl Strategy<Value = Push> {
+        prop_oneof![
+            (0u8..8, any::<u8>()).prop_map(|(n, ip)| Push::Upsert(n, ip)),
+            (0u8..8).prop_map(Push::Remove),
+            (0u8..8, any::<u8>()).prop_map(|(n, ip)| Push::UpsertWithGarbage(n, ip)),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(Push::Bytes),
+            Just(Push::UnknownType),
+        ]
+    }
+
+    fn cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    fn workload(n: u8, ip: u8) -> Workload {
+        Workload {
+            uid: format!("w{n}"),
+            name: format!("w{n}"),
+            namespace: "ns".into(),
+            service_account: String::new(),
+            trust_domain: String::new(),
+            workload_ips: vec![std::net::IpAddr::from([10, 0, 0, ip])],
+            protocol: crate::state::Protocol::HBONE,
+            node: String::new(),
+            network: String::new(),
+            workload_name: String::new(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            cluster_id: String::new(),
+            status: crate::state::HealthStatus::Healthy,
+            services: Default::default(),
+            authorization_policies: Vec::new(),
+        }
+    }
+
+    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
+        Resource {
+            name: name.into(),
+            version: "v".into(),
+            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
+            ..Default::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn the_machine_follows_the_model(pushes in proptest::collection::vec(push(), 1..40)) {
+            let mut m = Machine::new(Node::default());
+            let mut model: BTreeMap<String, std::net::IpAddr> = BTreeMap::new();
+            for (i, p) in pushes.into_iter().enumerate() {
+                let nonce = i.to_string();
+                let mut resp = DeltaDiscoveryResponse { type_url: ADDRESS_TYPE.into(), nonce: nonce.clone(), ..Default::default() };
+                let mut accepted = None;
+                match &p {
+                    Push::Upsert(n, ip) => {
+                        let w = workload(*n, *ip);
+                        resp.resources.push(resource(&w.uid, ADDRESS_TYPE, workload_to_proto(&w).encode_to_vec()));
+                        accepted = Some((w.uid.clone(), Some(w.workload_ips[0])));
+                    }
+                    Push::Remove(n) => {
+                        resp.removed_resources.push(format!("w{n}"));
+                        accepted = Some((format!("w{n}"), None));
+                    }
+                    Push::UpsertWithGarbage(n, ip) => {
+                        let w = workload(*n, *ip);
+                        resp.resources.push(resource(&w.uid, ADDRESS_TYPE, workload_to_proto(&w).encode_to_vec()));
+                        resp.resources.push(resource("bad", ADDRESS_TYPE, vec![0xff, 0xff, 0xff]));
+                    }
+                    Push::Bytes(b) => {
+                        resp.resources.push(resource("random", ADDRESS_TYPE, b.clone()));
+                    }
+                    Push::UnknownType => resp.type_url = "type.googleapis.com/unknown".into(),
+                }
+                let o = m.handle(resp, i as u64);
+                // Exactly one answer, to this response.
+                prop_assert_eq!(&o.reply.response_nonce, &nonce);
+                match accepted {
+                    Some((uid, ip)) => {
+                        prop_assert!(o.reply.error_detail.is_none(), "{:?} was NACKed: {:?}", p, o.error);
+                        match ip {
+                            Some(ip) => { model.insert(uid, ip); }
+                            None => { model.remove(&uid); }
+                        }
+                    }
+                    // Random bytes may happen to decode to a valid resource (named `random`): then it is taken,
+                    // like any other, and touches nothing else.
+                    None if matches!(p, Push::Bytes(_)) => {}
+                    None => prop_assert!(o.reply.error_detail.is_some(), "{:?} was ACKed", p),
+                }
+                let held: BTreeMap<String, std::net::IpAddr> = m
+                    .resources()
+                    .workloads
+                    .iter()
+                    .filter(|w| w.uid != "random")
+                    .map(|w| (w.uid.clone(), w.workload_ips[0]))
+                    .collect();
+                prop_assert_eq!(held, model.clone());
+            }
+        }
+
+        #[test]
+        fn any_bytes_as_a_resource_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256), policy in any::<bool>()) {
+            let type_url = if policy { AUTHORIZATION_TYPE } else { ADDRESS_TYPE };
+            let mut m = Machine::new(Node::default());
+            let resp = DeltaDiscoveryResponse {
+                type_url: type_url.into(),
+                nonce: "n".into(),
+                resources: vec![resource("r", type_url, bytes)],
+                ..Default::default()
+            };
+            let o = m.handle(resp, 0);
+            prop_assert_eq!(o.reply.response_nonce, "n");
+        }
+
+        #[test]
+        fn any_bytes_as_a_certificate_request_or_certificate_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::tls::der::csr(&bytes);
+            let _ = crate::tls::der::uri_sans(&bytes);
+            let _ = crate::tls::der::not_after(&bytes);
+            let _ = crate::tls::der::public_key(&bytes);
+        }
+    }
+}
