@@ -104,7 +104,7 @@ fn dispatch(env: &CniEnv, conf: &NetConf, client: &dyn AgentClient, log: &mut Lo
                 log.log(Level::Debug, "excluded namespace or agent pod: passing through");
                 return Ok(out);
             }
-            let req = request(env, cni_api::Command::Add, result::addresses(conf.prev_result.as_ref()));
+            let req = request(env, cni_api::Command::Add, result::pod_addresses(conf.prev_result.as_ref())?);
             match ask(client, conf, &req)? {
                 Outcome::Enrolled => log.log(Level::Info, "enrolled: traffic captured, ztunnel serving"),
                 _ => log.log(Level::Debug, "not enrolled"),
@@ -136,7 +136,7 @@ fn dispatch(env: &CniEnv, conf: &NetConf, client: &dyn AgentClient, log: &mut Lo
             if conf.bypasses(&pod.namespace, &pod.name) {
                 return Ok(ok_empty);
             }
-            let req = request(env, cni_api::Command::Check, result::addresses(conf.prev_result.as_ref()));
+            let req = request(env, cni_api::Command::Check, result::pod_addresses(conf.prev_result.as_ref())?);
             ask(client, conf, &req)?;
             Ok(ok_empty)
         }

@@ -162,3 +162,91 @@ fn gc_forwards_valid_attachments() {
     let bad = conf(json!({"cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"ifname": "eth0"}]}));
     assert_eq!(error_json(&run(vars("GC", ""), &bad, &agent))["code"], code::INVALID_CONFIG);
 }
+
+#[test]
+fn add_refuses_a_prev_result_it_cannot_read_without_asking_the_agent() {
+    let agent = FakeAgent::answering(|_| Ok(Response::ok(Outcome::Enrolled)));
+    let bad = json!({"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.300/24"}]}});
+    let e = error_json(&run(vars("ADD", POD), &conf(bad.clone()), &agent));
+    assert_eq!(e["code"], code::INVALID_CONFIG);
+    assert!(e["msg"].as_str().unwrap().contains("ips[0].address"), "{e}");
+    assert!(agent.seen.borrow().is_empty(), "the agent was asked about addresses nobody checked");
+    // DEL still succeeds with it: removal never depends on the previous result.
+    let out = run(vars("DEL", POD), &conf(bad), &agent);
+    assert_eq!(out.exit_code, 0, "{}", out.stdout);
+}
+
+/// Property tests: whatever arrives on stdin, in the environment or as a previous result, the plugin answers
+/// with a result or a CNI error, never a panic; and a previous result it accepts yields only real CIDRs.
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    /// JSON values of a few levels, with the shapes a result has.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[0-9a-f:./+-]{0,24}".prop_map(Value::String),
+            prop_oneof![Just("10.1.0.5/24"), Just("fd00::5/64"), Just("10.1.0.1"), Just("eth0")]
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("ips"),
+                        Just("address"),
+                        Just("gateway"),
+                        Just("interface"),
+                        Just("interfaces"),
+                        Just("name")
+                    ]
+                    .prop_map(str::to_string),
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn any_previous_result_is_read_or_refused(prev in json_value()) {
+            match result::pod_addresses(Some(&prev)) {
+                Ok(addrs) => for a in addrs {
+                    let (ip, len) = a.split_once('/').expect("a prefix");
+                    let ip: std::net::IpAddr = ip.parse().expect("an address");
+                    let max: u8 = if ip.is_ipv4() { 32 } else { 128 };
+                    prop_assert!(len.parse::<u8>().unwrap() <= max);
+                },
+                Err(e) => prop_assert_eq!(e.code, code::INVALID_CONFIG),
+            }
+        }
+
+        #[test]
+        fn any_stdin_and_cni_args_get_an_answer(stdin in proptest::collection::vec(any::<u8>(), 0..200), args in ".{0,80}") {
+            let agent = FakeAgent::answering(|_| Ok(Response::ok(Outcome::Enrolled)));
+            for command in ["ADD", "DEL", "CHECK", "VERSION"] {
+                let out = run(vars(command, &args), &stdin, &agent);
+                prop_assert!(out.exit_code == 0 || serde_json::from_str::<Value>(&out.stdout).is_ok_and(|v| v["code"].is_u64()));
+            }
+        }
+
+        #[test]
+        fn any_prev_result_in_a_real_config_gets_an_answer(prev in json_value()) {
+            let agent = FakeAgent::answering(|_| Ok(Response::ok(Outcome::Enrolled)));
+            let out = run(vars("ADD", POD), &conf(json!({"prevResult": prev})), &agent);
+            prop_assert!(out.exit_code == 0 || serde_json::from_str::<Value>(&out.stdout).is_ok_and(|v| v["code"].is_u64()));
+        }
+    }
+}
