@@ -220,3 +220,132 @@ mod tests {
         assert!(matches!(s.handle(add("", 1), &mut d), Answer::Nack(_)));
     }
 }
+
+/// Property test: random request sequences across reconnects against a reference model; the driver never
+/// starts a pod twice or stops one it did not start, and what runs is what the model says.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Reconnect,
+        Add(u8, u64, bool),
+        Keep(u8),
+        Del(u8),
+        SnapshotSent,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Reconnect),
+            4 => (0u8..4, 1u64..3, proptest::bool::weighted(0.15)).prop_map(|(u, i, f)| Op::Add(u, i, f)),
+            2 => (0u8..4).prop_map(Op::Keep),
+            2 => (0u8..4).prop_map(Op::Del),
+            2 => Just(Op::SnapshotSent),
+        ]
+    }
+
+    struct Ns(u64);
+    impl NetnsId for Ns {
+        fn inode(&self) -> u64 {
+            self.0
+        }
+    }
+
+    /// A driver that checks it is used sensibly.
+    #[derive(Default)]
+    struct Strict {
+        running: BTreeSet<String>,
+        fail_next: bool,
+        misuse: Vec<String>,
+    }
+    impl Driver<Ns> for Strict {
+        fn start(&mut self, uid: &str, _: WorkloadInfo, _: Ns) -> Result<(), String> {
+            if std::mem::take(&mut self.fail_next) {
+                return Err("refused".into());
+            }
+            if !self.running.insert(uid.to_string()) {
+                self.misuse.push(format!("started {uid} twice"));
+            }
+            Ok(())
+        }
+        fn stop(&mut self, uid: &str) {
+            if !self.running.remove(uid) {
+                self.misuse.push(format!("stopped {uid}, which was not running"));
+            }
+        }
+    }
+
+    fn cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn the_state_manager_follows_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let (mut s, mut d) = (StateManager::default(), Strict::default());
+            // The model.
+            let (mut running, mut seen, mut done): (BTreeMap<String, u64>, BTreeSet<String>, bool) = Default::default();
+            s.connection_opened();
+            for op in ops {
+                let (answer, want) = match op.clone() {
+                    Op::Reconnect => {
+                        s.connection_opened();
+                        seen.clear();
+                        done = false;
+                        continue;
+                    }
+                    Op::Add(u, inode, fail) => {
+                        let uid = format!("p{u}");
+                        if !done {
+                            seen.insert(uid.clone());
+                        }
+                        let want = if running.get(&uid) == Some(&inode) {
+                            Answer::Ack
+                        } else if fail {
+                            running.remove(&uid);
+                            Answer::Nack(String::new())
+                        } else {
+                            running.insert(uid.clone(), inode);
+                            Answer::Ack
+                        };
+                        d.fail_next = fail;
+                        let req = Request::Add { uid, info: WorkloadInfo::default(), netns: Ns(inode), return_listeners: false };
+                        let a = s.handle(req, &mut d);
+                        d.fail_next = false;
+                        (a, want)
+                    }
+                    Op::Keep(u) => {
+                        let want = if done { Answer::ProtocolError(String::new()) } else { seen.insert(format!("p{u}")); Answer::Ack };
+                        (s.handle(Request::Keep { uid: format!("p{u}") }, &mut d), want)
+                    }
+                    Op::Del(u) => {
+                        seen.remove(&format!("p{u}"));
+                        running.remove(&format!("p{u}"));
+                        (s.handle(Request::Del { uid: format!("p{u}") }, &mut d), Answer::Ack)
+                    }
+                    Op::SnapshotSent => {
+                        let want = if done {
+                            Answer::ProtocolError(String::new())
+                        } else {
+                            done = true;
+                            running.retain(|u, _| seen.contains(u));
+                            Answer::Ack
+                        };
+                        (s.handle(Request::SnapshotSent, &mut d), want)
+                    }
+                };
+                let kind = |a: &Answer| std::mem::discriminant(a);
+                prop_assert_eq!(kind(&answer), kind(&want), "{:?}: got {:?}", op, answer);
+                prop_assert!(d.misuse.is_empty(), "{:?}", d.misuse);
+                prop_assert_eq!(s.running(), running.keys().cloned().collect::<Vec<_>>());
+                prop_assert_eq!(d.running.iter().cloned().collect::<Vec<_>>(), s.running());
+            }
+        }
+    }
+}
