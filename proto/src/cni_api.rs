@@ -192,3 +192,45 @@ mod tests {
         assert!(empty.into_result().is_err());
     }
 }
+
+/// Property tests: requests survive the wire unchanged; any bytes are decoded or refused, never a panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            Just(Command::Add),
+            Just(Command::Del),
+            Just(Command::Check),
+            Just(Command::Status),
+            Just(Command::Gc)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn requests_round_trip(
+            command in command(), container_id in ".{0,40}", netns in proptest::option::of(".{0,40}"),
+            namespace in ".{0,20}", name in ".{0,20}", uid in ".{0,20}", ips in proptest::collection::vec(".{0,20}", 0..4),
+        ) {
+            let r = Request {
+                version: API_VERSION, command, container_id, netns, ifname: "eth0".into(),
+                pod: PodRef { namespace, name, uid }, ips, valid_attachments: Vec::new(),
+            };
+            let back: Request = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+            prop_assert_eq!(back, r);
+        }
+
+        #[test]
+        fn any_bytes_are_decoded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = serde_json::from_slice::<Request>(&bytes);
+            let _ = serde_json::from_slice::<Response>(&bytes);
+        }
+    }
+}

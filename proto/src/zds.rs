@@ -189,3 +189,35 @@ mod tests {
         }
     }
 }
+
+/// Property tests: any packet is decoded or refused, never a panic; requests survive the wire unchanged.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_packet_is_decoded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode::<WorkloadRequest>(&bytes);
+            let _ = decode::<WorkloadResponse>(&bytes);
+            let _ = decode::<ZdsHello>(&bytes);
+        }
+
+        #[test]
+        fn requests_round_trip(uid in ".{0,40}", name in ".{0,20}", namespace in ".{0,20}", sa in ".{0,20}", which in 0u8..4) {
+            let info = WorkloadInfo { name, namespace, service_account: sa };
+            let r = match which {
+                0 => WorkloadRequest::add(uid, info, Vec::new()),
+                1 => WorkloadRequest::del(uid),
+                2 => WorkloadRequest::keep(uid),
+                _ => WorkloadRequest::snapshot_sent(),
+            };
+            prop_assert_eq!(decode::<WorkloadRequest>(&encode(&r)).unwrap(), r);
+        }
+    }
+}

@@ -105,3 +105,48 @@ mod tests {
         }
     }
 }
+
+/// Property test: whatever a peer puts in its request line, validation answers, and what it lets through is
+/// a CONNECT to the address the connection arrived on, on an allowed, non-zero port.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    fn authority() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            (
+                prop_oneof![
+                    Just("10.0.0.2"),
+                    Just("10.0.0.3"),
+                    Just("[::ffff:10.0.0.2]"),
+                    Just("[fd00::2]"),
+                    Just("localhost")
+                ],
+                any::<u16>()
+            )
+                .prop_map(|(h, p)| format!("{h}:{p}")),
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| format!("{}:{p}", std::net::Ipv4Addr::from(ip))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn only_a_connect_to_this_address_passes(method in prop_oneof![Just(Method::CONNECT), Just(Method::GET), Just(Method::POST)], auth in authority()) {
+            let local: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+            let Ok(uri) = auth.parse::<Uri>() else { return Ok(()) };
+            if let Ok(target) = validate(&method, &uri, local) {
+                prop_assert_eq!(method, Method::CONNECT);
+                prop_assert_eq!(target.ip(), local.ip());
+                prop_assert!(target.port() != 0 && !FORBIDDEN_PORTS.contains(&target.port()));
+            }
+        }
+    }
+}

@@ -666,3 +666,26 @@ services:
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Property test: any text as the local file is loaded or refused with a reason, never a panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_text_is_loaded_or_refused(text in prop_oneof![
+            ".{0,200}",
+            "(workloads|services|policies|namespace|workloadIps|vips|ports|rules|[-:{}\\[\\], \n]|10\\.0\\.0\\.1|fd00::1|80|HBONE){0,60}",
+        ]) {
+            if let Ok(c) = LocalConfig::parse(&text) {
+                let _ = Snapshot::new(c);
+            }
+        }
+    }
+}

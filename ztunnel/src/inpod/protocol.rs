@@ -119,3 +119,30 @@ mod tests {
         assert!(decode(&[], vec![], &h).unwrap_err().contains("without a payload"));
     }
 }
+
+/// Property test: any packet, with no fd, the netns fd, or a file that is not a netns, is decoded or refused
+/// with a reason, never a panic, and never accepted as an Add without a netns.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+        ))]
+
+        #[test]
+        fn any_packet_with_any_fd_is_decoded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200), fd in 0u8..3) {
+            let host = super::super::netns::host_netns().unwrap();
+            let fds = match fd {
+                0 => vec![],
+                1 => vec![OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap())],
+                _ => vec![OwnedFd::from(std::fs::File::open("/dev/null").unwrap())],
+            };
+            if let Ok(Request::Add { .. }) = decode(&bytes, fds, &host) {
+                prop_assert_eq!(fd, 1, "an Add was accepted without a netns");
+            }
+        }
+    }
+}
