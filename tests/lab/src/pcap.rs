@@ -28,6 +28,10 @@ pub struct Segment {
     pub sport: u16,
     /// Destination port.
     pub dport: u16,
+    /// TCP sequence number of the first payload byte.
+    pub seq: u32,
+    /// SYN flag (the first payload byte of the flow is `seq + 1`).
+    pub syn: bool,
     /// TCP payload.
     pub payload: Vec<u8>,
 }
@@ -122,6 +126,8 @@ fn parse_ethernet(f: &[u8]) -> Option<Segment> {
         dst,
         sport: u16::from_be_bytes([l4[0], l4[1]]),
         dport: u16::from_be_bytes([l4[2], l4[3]]),
+        seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+        syn: l4[13] & 0x02 != 0,
         payload: l4.get(doff..)?.to_vec(),
     })
 }
@@ -138,4 +144,167 @@ pub fn contains(segments: &[Segment], needle: &[u8]) -> bool {
 /// Whether some segment to `port` starts with a TLS handshake record (content type 22, version 3.x).
 pub fn has_tls_to(segments: &[Segment], port: u16) -> bool {
     segments.iter().any(|s| s.dport == port && s.payload.len() > 5 && s.payload[0] == 0x16 && s.payload[1] == 0x03)
+}
+
+/// A TCP flow: (source address, source port, destination address, destination port).
+pub type Flow = (IpAddr, u16, IpAddr, u16);
+
+/// What [`only_tls`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsProof {
+    /// Flows to or from the HBONE port that carried data.
+    pub flows: usize,
+    /// Whole TLS records read across them.
+    pub records: usize,
+    /// Of which application data.
+    pub application_data: usize,
+}
+
+/// The byte stream of each flow, rebuilt from the segments by sequence number (retransmissions are read
+/// once); a flow with a hole in it is an error, since what was in the hole was not checked.
+pub fn streams(segments: &[Segment]) -> Result<std::collections::BTreeMap<Flow, Vec<u8>>, String> {
+    let mut by_flow: std::collections::BTreeMap<Flow, (Option<u32>, Vec<(u32, &[u8])>)> = Default::default();
+    for s in segments {
+        let e = by_flow.entry((s.src, s.sport, s.dst, s.dport)).or_default();
+        if s.syn {
+            e.0 = Some(s.seq.wrapping_add(1));
+        }
+        if !s.payload.is_empty() {
+            e.1.push((s.seq, &s.payload));
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (flow, (start, mut parts)) in by_flow {
+        if parts.is_empty() {
+            continue;
+        }
+        // Without the SYN (the capture started mid-flow), the lowest sequence number seen starts the stream.
+        let base = start.unwrap_or_else(|| {
+            let first = parts[0].0;
+            parts.iter().map(|(seq, _)| seq.wrapping_sub(first)).min().map(|d| first.wrapping_add(d)).unwrap_or(first)
+        });
+        parts.sort_by_key(|(seq, _)| seq.wrapping_sub(base));
+        let mut bytes: Vec<u8> = Vec::new();
+        for (seq, data) in parts {
+            let at = seq.wrapping_sub(base) as usize;
+            if at > bytes.len() {
+                return Err(format!(
+                    "{flow:?}: {} bytes missing at offset {} (packets lost)",
+                    at - bytes.len(),
+                    bytes.len()
+                ));
+            }
+            let new = (at + data.len()).saturating_sub(bytes.len());
+            bytes.extend_from_slice(&data[data.len() - new..]);
+        }
+        out.insert(flow, bytes);
+    }
+    Ok(out)
+}
+
+/// Proves that the only payload in a capture is TLS to and from `port` (HBONE's 15008): every flow that
+/// carries data has `port` at one end, and its byte stream is a sequence of well-formed TLS records (content
+/// type handshake, change-cipher-spec, alert or application data; version 3.x; at most 2^14 + 256 bytes),
+/// starting with a handshake record, with no plaintext handshake record after application data has begun
+/// (TLS 1.3 encrypts everything after the hellos). A record cut off by the end of the capture is allowed at
+/// the very end of a stream. Anything else is an error that names the flow and the offset.
+pub fn only_tls(segments: &[Segment], port: u16) -> Result<TlsProof, String> {
+    let mut proof = TlsProof::default();
+    for (flow, bytes) in streams(segments)? {
+        let (_, sport, _, dport) = flow;
+        if sport != port && dport != port {
+            return Err(format!("{flow:?}: {} bytes of payload that are not HBONE (port {port})", bytes.len()));
+        }
+        proof.flows += 1;
+        let mut off = 0;
+        let mut in_data = false;
+        while off < bytes.len() {
+            let Some(h) = bytes.get(off..off + 5) else { break }; // cut off by the end of the capture
+            let (kind, major, len) = (h[0], h[1], usize::from(u16::from_be_bytes([h[3], h[4]])));
+            let at = |what: &str| format!("{flow:?} at offset {off}: {what}");
+            if !matches!(kind, 20..=23) || major != 3 || h[2] > 4 || len > (1 << 14) + 256 {
+                return Err(at(&format!("not a TLS record header: {:02x?}", h)));
+            }
+            if off == 0 && kind != 22 {
+                return Err(at("the stream does not start with a TLS handshake"));
+            }
+            if kind == 22 && in_data {
+                return Err(at("a plaintext handshake record after application data"));
+            }
+            in_data |= kind == 23;
+            if off + 5 + len > bytes.len() {
+                break; // cut off by the end of the capture
+            }
+            proof.records += 1;
+            proof.application_data += usize::from(kind == 23);
+            off += 5 + len;
+        }
+    }
+    Ok(proof)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(sport: u16, dport: u16, seq: u32, payload: &[u8]) -> Segment {
+        Segment {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            sport,
+            dport,
+            seq,
+            syn: false,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn record(kind: u8, len: usize) -> Vec<u8> {
+        let mut r = vec![kind, 3, 3, (len >> 8) as u8, len as u8];
+        r.extend(std::iter::repeat_n(0xaa, len));
+        r
+    }
+
+    fn tls_stream() -> Vec<u8> {
+        [record(22, 200), record(20, 1), record(23, 50), record(23, 3000)].concat()
+    }
+
+    #[test]
+    fn a_tls_stream_in_pieces_out_of_order_and_retransmitted_is_proved() {
+        let s = tls_stream();
+        let mut syn = seg(40000, 15008, 999, b"");
+        syn.syn = true;
+        let segs = vec![
+            syn,
+            seg(40000, 15008, 1000 + 100, &s[100..]),
+            seg(40000, 15008, 1000, &s[..150]),
+            seg(40000, 15008, 1000, &s[..100]),
+        ];
+        let p = only_tls(&segs, 15008).unwrap();
+        assert_eq!(p, TlsProof { flows: 1, records: 4, application_data: 2 });
+    }
+
+    #[test]
+    fn the_checker_fails_on_anything_else() {
+        let s = tls_stream();
+        // Plaintext on another port.
+        assert!(only_tls(&[seg(40000, 8080, 0, b"hello")], 15008).unwrap_err().contains("not HBONE"));
+        // Plaintext to the HBONE port.
+        assert!(
+            only_tls(&[seg(40000, 15008, 0, b"GET / HTTP/1.1\r\n")], 15008).unwrap_err().contains("not a TLS record")
+        );
+        // A plaintext payload slipped in after the records.
+        let mut bad = s.clone();
+        bad.extend_from_slice(b"secret payload");
+        assert!(only_tls(&[seg(40000, 15008, 0, &bad)], 15008).unwrap_err().contains("not a TLS record"));
+        // Application data first; a handshake after application data.
+        assert!(only_tls(&[seg(40000, 15008, 0, &record(23, 10))], 15008).unwrap_err().contains("does not start"));
+        let late = [record(22, 10), record(23, 10), record(22, 10)].concat();
+        assert!(only_tls(&[seg(40000, 15008, 0, &late)], 15008).unwrap_err().contains("after application data"));
+        // A hole: what was in it cannot be vouched for.
+        let holes = [seg(40000, 15008, 0, &s[..10]), seg(40000, 15008, 20, &s[20..])];
+        assert!(only_tls(&holes, 15008).unwrap_err().contains("missing"));
+        // A record cut off by the end of the capture is fine.
+        assert!(only_tls(&[seg(40000, 15008, 0, &s[..s.len() - 7])], 15008).is_ok());
+    }
 }
