@@ -163,7 +163,9 @@ pub struct TlsProof {
 /// The byte stream of each flow, rebuilt from the segments by sequence number (retransmissions are read
 /// once); a flow with a hole in it is an error, since what was in the hole was not checked.
 pub fn streams(segments: &[Segment]) -> Result<std::collections::BTreeMap<Flow, Vec<u8>>, String> {
-    let mut by_flow: std::collections::BTreeMap<Flow, (Option<u32>, Vec<(u32, &[u8])>)> = Default::default();
+    // Per flow: where its stream starts (after the SYN, if seen), and its payloads by sequence number.
+    type Parts<'a> = (Option<u32>, Vec<(u32, &'a [u8])>);
+    let mut by_flow: std::collections::BTreeMap<Flow, Parts<'_>> = Default::default();
     for s in segments {
         let e = by_flow.entry((s.src, s.sport, s.dst, s.dport)).or_default();
         if s.syn {
