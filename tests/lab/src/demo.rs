@@ -110,8 +110,19 @@ fn check(out: &mut dyn Write, checks: &mut Vec<Check>, name: &'static str, r: an
     checks.push(Check { name, ok, detail });
 }
 
-/// Runs every check of the demo; consumes the client pod (the last check deletes it).
-pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> Vec<Check> {
+/// The demo's pods that are still there after its checks (the client is deleted by the last one).
+pub struct Remaining {
+    /// Enrolled, on node2, with its echo server.
+    pub server: Pod,
+    /// Not enrolled, on node1.
+    pub outsider: Pod,
+    /// The echo server in `server`.
+    pub echo: EchoServer,
+}
+
+/// Runs every check of the demo; consumes the client pod (the last check deletes it) and returns the others,
+/// for `lab demo --keep` to leave running.
+pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> (Vec<Check>, Remaining) {
     let DemoPods { client, server, outsider, echo } = pods;
     let mut checks = Vec::new();
     let timeout = Duration::from_secs(5);
@@ -185,10 +196,7 @@ pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> Vec<Check> 
 
     say(out, "• deleting the client pod (CNI DEL)");
     check(out, &mut checks, "deleting a pod removes its rules and its ztunnel state", delete_cleans_up(lab, client));
-    drop(echo);
-    drop(server);
-    drop(outsider);
-    checks
+    (checks, Remaining { server, outsider, echo })
 }
 
 fn access_logged(lab: &Lab, client: &Pod, server: &Pod) -> anyhow::Result<String> {

@@ -327,7 +327,7 @@ fn demo(keep: bool) -> i32 {
         }
     };
     let (server_ns, outsider_ns) = (pods.server.netns.name().to_string(), pods.outsider.netns.name().to_string());
-    let checks = lab::demo::run_checks(&lab, pods, &mut out);
+    let (checks, remaining) = lab::demo::run_checks(&lab, pods, &mut out);
     let ok = lab::demo::summary(&checks, &mut out);
     if !ok {
         eprintln!("\ndaemon logs:\n{}", lab.logs());
@@ -338,8 +338,10 @@ fn demo(keep: bool) -> i32 {
         println!("  enter a pod:      ip netns exec {server_ns} bash   (or {outsider_ns})");
         println!("  its rules:        ip netns exec {server_ns} nft list ruleset");
         println!("  ztunnel state:    ip netns exec {} curl -s localhost:15000/config_dump", lab.nodes[1].netns.name());
-        println!("  logs:             {}/node*/{{agent,ztunnel,cni}}.log", lab.dir.display());
+        println!("  logs:             {}/node*/{{agent,ztunnel,cni}}.log, {0}/cp/control-plane.log", lab.dir.display());
         println!("  tear it down:     lab clean --all");
+        // Nothing of it is dropped: the pods' netns and the daemons stay until `lab clean --all`.
+        std::mem::forget(remaining);
         std::mem::forget(lab);
     }
     if ok { 0 } else { 1 }

@@ -23,7 +23,7 @@ fn demo_checks_all_pass() {
     let lab = lab();
     let mut out = Vec::new();
     let pods = demo::pods(&lab, &mut out).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
-    let checks = demo::run_checks(&lab, pods, &mut out);
+    let (checks, _remaining) = demo::run_checks(&lab, pods, &mut out);
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
     assert_eq!(checks.len(), 7);
     assert!(failed.is_empty(), "failed checks: {failed:#?}\n{}\n{}", String::from_utf8_lossy(&out), lab.logs());
