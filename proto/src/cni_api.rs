@@ -210,9 +210,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn requests_round_trip(

@@ -13,3 +13,12 @@ pub mod control_plane;
 #[cfg(feature = "transport")]
 pub mod seqpacket;
 pub mod zds;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Cases per property test: 256, or `AMBIT_PROPTEST_CASES` (a nightly run's long mode).
+    pub fn proptest_cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+}

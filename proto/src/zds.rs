@@ -197,9 +197,7 @@ mod props {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn any_packet_is_decoded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {

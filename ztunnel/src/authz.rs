@@ -759,12 +759,8 @@ mod props {
         Ok(())
     }
 
-    fn cases() -> u32 {
-        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn evaluation_agrees_with_the_model(

@@ -113,10 +113,6 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> u32 {
-        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-    }
-
     fn authority() -> impl Strategy<Value = String> {
         prop_oneof![
             ".{0,40}",
@@ -136,7 +132,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn only_a_connect_to_this_address_passes(method in prop_oneof![Just(Method::CONNECT), Just(Method::GET), Just(Method::POST)], auth in authority()) {

@@ -23,3 +23,12 @@ pub mod state;
 pub mod tls;
 pub mod workers;
 pub mod xds;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Cases per property test: 256, or `AMBIT_PROPTEST_CASES` (a nightly run's long mode).
+    pub fn proptest_cases() -> u32 {
+        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+}

@@ -128,9 +128,7 @@ mod props {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(
-            std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-        ))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn any_packet_with_any_fd_is_decoded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200), fd in 0u8..3) {

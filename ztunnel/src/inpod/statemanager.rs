@@ -279,12 +279,8 @@ mod props {
         }
     }
 
-    fn cases() -> u32 {
-        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn the_state_manager_follows_the_model(ops in proptest::collection::vec(op(), 1..60)) {

@@ -451,10 +451,6 @@ mod props {
         ]
     }
 
-    fn cases() -> u32 {
-        std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-    }
-
     fn workload(n: u8, ip: u8) -> Workload {
         Workload {
             uid: format!("w{n}"),
@@ -486,7 +482,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::proptest_cases()))]
 
         #[test]
         fn the_machine_follows_the_model(pushes in proptest::collection::vec(push(), 1..40)) {
