@@ -148,9 +148,14 @@ struct Shared {
     nonce: std::sync::atomic::AtomicU64,
 }
 
+/// The faults in force: the fault file, or none when it is missing or unreadable.
+fn read_faults(path: &Path) -> Faults {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
 impl Shared {
     fn faults(&self) -> Faults {
-        std::fs::read(&self.settings.faults).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        read_faults(&self.settings.faults)
     }
 
     fn nonce(&self) -> String {
@@ -411,6 +416,11 @@ async fn serve_stream(
     let mut sent: Sent = BTreeMap::new();
     // Pushes awaiting their ACK: nonce -> (sent at, resources, version).
     let mut in_flight: HashMap<String, (std::time::Instant, usize, String)> = HashMap::new();
+    // Remembers a push until its answer comes back.
+    let sending = |resp: &DeltaDiscoveryResponse| {
+        let size = resp.resources.len() + resp.removed_resources.len();
+        (resp.nonce.clone(), (std::time::Instant::now(), size, resp.system_version_info.clone()))
+    };
     eprintln!("xds: stream from {node}");
     loop {
         tokio::select! {
@@ -440,7 +450,8 @@ async fn serve_stream(
                 let s = sent.entry(type_url).or_insert(held);
                 let mesh = mesh_rx.borrow().clone();
                 let resp = delta(&shared, &mesh, type_url, s);
-                in_flight.insert(resp.nonce.clone(), (std::time::Instant::now(), resp.resources.len() + resp.removed_resources.len(), resp.system_version_info.clone()));
+                let (nonce, pending) = sending(&resp);
+                in_flight.insert(nonce, pending);
                 if tx.send(Ok(resp)).await.is_err() { break; }
             }
             changed = mesh_rx.changed() => {
@@ -448,7 +459,8 @@ async fn serve_stream(
                 let mesh = mesh_rx.borrow_and_update().clone();
                 for (type_url, s) in sent.iter_mut() {
                     let resp = delta(&shared, &mesh, type_url, s);
-                    in_flight.insert(resp.nonce.clone(), (std::time::Instant::now(), resp.resources.len() + resp.removed_resources.len(), resp.system_version_info.clone()));
+                    let (nonce, pending) = sending(&resp);
+                    in_flight.insert(nonce, pending);
                     if tx.send(Ok(resp)).await.is_err() { return; }
                 }
             }
@@ -600,8 +612,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 last_version = v;
             }
-            let f: Faults =
-                std::fs::read(&watched.faults).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            let f = read_faults(&watched.faults);
             if f.xds_push != last_push {
                 last_push = f.xds_push.clone();
                 let _ = push_tx.send(f.xds_push);
@@ -651,11 +662,8 @@ impl ControlPlane {
         netns.ip(&["addr", "add", &format!("{CP_IP}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["link", "set", "lo", "up"])?;
-        for f in ["tokens", "pods.json", "faults.json"] {
-            std::fs::write(
-                dir.join(f),
-                if f.ends_with(".json") { if f == "pods.json" { "[]" } else { "{}" } } else { "" },
-            )?;
+        for (file, empty) in [("tokens", ""), ("pods.json", "[]"), ("faults.json", "{}")] {
+            std::fs::write(dir.join(file), empty)?;
         }
         let settings = Settings {
             listen: SocketAddr::from((CP_IP, CP_PORT)),
