@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -797,6 +797,58 @@ impl Agent {
         Ok(())
     }
 
+    /// Drops every pod whose netns is gone although no DEL came: its path no longer names the netns the agent
+    /// holds (unmounted, removed, or now another netns), as when a runtime crashed or was cleaned up by hand. The
+    /// agent's own handle keeps such a netns alive, so without this its record, ztunnel's proxy and the netns
+    /// itself would stay until a restart. Returns how many it dropped.
+    pub async fn sweep_vanished(&self) -> usize {
+        let candidates: Vec<(String, PathBuf, Option<u64>)> = {
+            let st = self.state.lock().await;
+            st.pods
+                .values()
+                .map(|p| (p.record.uid.clone(), p.record.netns_path.clone(), p.netns.as_ref().map(PodNetns::inode)))
+                .collect()
+        };
+        let mut dropped = 0;
+        for (uid, path, held) in candidates {
+            if !netns_vanished(&path, held) {
+                continue;
+            }
+            let _guard = self.lock_pod(&uid).await;
+            // Under the pod's lock: an ADD that re-enrolled the pod meanwhile wins.
+            let still = {
+                let st = self.state.lock().await;
+                st.pods
+                    .get(&uid)
+                    .is_some_and(|p| p.record.netns_path == path && p.netns.as_ref().map(PodNetns::inode) == held)
+            };
+            if !still || !netns_vanished(&path, held) {
+                continue;
+            }
+            info!(uid = %uid, netns = %path.display(), "the pod's netns is gone without a CNI DEL; dropping the pod");
+            match self.remove_pod(&uid, false).await {
+                Ok(()) => {
+                    dropped += 1;
+                    self.metrics.pods_swept.inc();
+                }
+                Err(e) => warn!(uid = %uid, error = %e.message, "dropping a pod whose netns is gone failed"),
+            }
+        }
+        dropped
+    }
+
+    /// Runs [`Agent::sweep_vanished`] every `sweepIntervalMs` until the process exits.
+    pub async fn sweep_forever(self: Arc<Self>) {
+        let every = Duration::from_millis(self.config.sweep_interval_ms);
+        if every.is_zero() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            self.sweep_vanished().await;
+        }
+    }
+
     /// The enrolled pods' records, for status reporting.
     pub async fn pods(&self) -> Vec<PodRecord> {
         let st = self.state.lock().await;
@@ -973,5 +1025,15 @@ pub async fn uninstall(config: &Config) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("uninstall finished with errors:\n  {}", errors.join("\n  "))
+    }
+}
+
+/// Whether the netns at `path` is no longer the one the agent holds (inode `held`; `None`: the agent holds
+/// none, and then only a missing path counts). A netns it cannot inspect for another reason is kept.
+fn netns_vanished(path: &Path, held: Option<u64>) -> bool {
+    match PodNetns::open(path) {
+        Ok(ns) => held.is_some_and(|h| h != ns.inode()),
+        Err(NetnsError::Gone(_)) => true,
+        Err(_) => false,
     }
 }

@@ -26,6 +26,9 @@ pub struct Config {
     /// How long to wait for ztunnel's answer to one ZDS message, in milliseconds.
     #[serde(default = "default_zds_timeout_ms")]
     pub zds_timeout_ms: u64,
+    /// How often to look for pods whose netns vanished without a CNI DEL, in milliseconds (0: never).
+    #[serde(default = "default_sweep_interval_ms")]
+    pub sweep_interval_ms: u64,
     /// `standalone` (enrolment from this file) or `kubernetes` (labels, through the API).
     #[serde(default)]
     pub mode: Mode,
@@ -120,6 +123,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_zds_timeout_ms() -> u64 {
     5000
+}
+fn default_sweep_interval_ms() -> u64 {
+    10_000
 }
 
 impl Default for Config {

@@ -101,6 +101,7 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().await.len(), "ambit-agent ready");
     tokio::spawn(agent.clone().serve_zds(zds));
     tokio::spawn(agent.clone().serve_cni(cni));
+    tokio::spawn(agent.clone().sweep_forever());
     ambit_agent::health::serve(health_addr, agent.clone())
         .await
         .with_context(|| format!("health endpoint on {health_addr}"))?;

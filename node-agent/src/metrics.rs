@@ -42,6 +42,8 @@ pub struct Metrics {
     pub installer_ready: Gauge,
     /// `ambit_agent_installer_repairs_total`: times the chained config had to be rewritten.
     pub installer_repairs: Counter,
+    /// `ambit_agent_pods_swept_total`: pods dropped because their netns vanished without a DEL.
+    pub pods_swept: Counter,
 }
 
 impl Metrics {
@@ -56,6 +58,7 @@ impl Metrics {
             ztunnels: Gauge::default(),
             installer_ready: Gauge::default(),
             installer_repairs: Counter::default(),
+            pods_swept: Counter::default(),
         };
         let mut r = Registry::default();
         r.register("ambit_agent_pods_enrolled", "Pods enrolled on this node", m.pods_enrolled.clone());
@@ -76,6 +79,11 @@ impl Metrics {
             "ambit_agent_installer_repairs",
             "Rewrites of the CNI config after something removed Ambit's entry",
             m.installer_repairs.clone(),
+        );
+        r.register(
+            "ambit_agent_pods_swept",
+            "Pods dropped because their netns vanished without a CNI DEL",
+            m.pods_swept.clone(),
         );
         Arc::new(Metrics { registry: r, ..m })
     }

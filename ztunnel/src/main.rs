@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::Notify;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::reload;
@@ -55,6 +55,7 @@ fn main() {
             std::process::exit(1);
         }
     };
+    raise_fd_limit();
     // Freed buffers stay while traffic flows; each worker returns them when its traffic pauses.
     ztunnel::spin::tune_allocator();
     // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.
@@ -62,6 +63,22 @@ fn main() {
     if let Err(e) = rt.block_on(run(cfg, log)) {
         error!("{e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (as Istio's ztunnel does): each proxied connection
+/// holds one or two fds, so a soft limit of 1024 would cap a node at a few hundred connections. At the limit,
+/// accepting waits (the connection stays in the listener's backlog) and a connection that cannot be opened
+/// upstream is answered with an error; nothing crashes.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(limit = soft, error = %e, "cannot raise the open files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open files limit"),
+        Err(e) => warn!(error = %e, "cannot read the open files limit"),
     }
 }
 

@@ -638,6 +638,41 @@ impl Lab {
         }
     }
 
+    /// Kills node `i`'s agent outright (SIGKILL: no shutdown).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.nodes[i].agent.take() {
+            a.kill();
+        }
+    }
+
+    /// The primary CNI rewrites its conflist (as it does when it restarts), dropping the chained ambit-cni;
+    /// returns once node `i`'s agent has chained it again, with how long that took.
+    pub fn primary_cni_rewrites_conflist(&self, i: usize) -> anyhow::Result<Duration> {
+        let n = &self.nodes[i];
+        let mut list = n.cni.load_conflist()?;
+        if let Some(plugins) = list["plugins"].as_array_mut() {
+            plugins.retain(|p| p["type"] != "ambit-cni");
+        }
+        let t = Instant::now();
+        write_atomic(&n.dir.join("net.d/10-lab.conflist"), serde_json::to_string_pretty(&list)?.as_bytes())?;
+        wait_for(&format!("{}'s agent to chain ambit-cni again", n.name), Duration::from_secs(10), || {
+            let chained = n.cni.load_conflist().ok()?["plugins"].as_array()?.iter().any(|p| p["type"] == "ambit-cni");
+            chained.then_some(())
+        })?;
+        Ok(t.elapsed())
+    }
+
+    /// Breaks the mesh file the control plane serves (it no longer parses) for `d`, then writes it whole again;
+    /// nothing else can publish meanwhile. The control plane must keep serving its last good version.
+    pub fn break_mesh_file_for(&self, d: Duration) -> anyhow::Result<()> {
+        {
+            let _held = self.workloads.lock().unwrap();
+            write_atomic(&self.workloads_path(), b"workloads: [this is not {a mesh file\n")?;
+            std::thread::sleep(d);
+        }
+        self.write_workloads().map(|_| ())
+    }
+
     /// Starts another ztunnel on node `i` beside the running one (an upgrade's surge), its control ports moved
     /// by `port_offset` so both can run in the node's netns. The caller owns the process.
     pub fn spawn_extra_ztunnel(&self, i: usize, port_offset: u16, log_name: &str) -> anyhow::Result<Proc> {
@@ -849,6 +884,8 @@ impl Lab {
             "cniSocket": n.dir.join("run/cni.sock"),
             "zdsSocket": n.dir.join("run/ztunnel.sock"),
             "stateDir": n.dir.join("state"),
+            // Tests wait for the sweep of pods deleted without a DEL; a node would keep the default.
+            "sweepIntervalMs": 1000,
             "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces, "pods": pods},
             "mode": if self.config.kubernetes { "kubernetes" } else { "standalone" },
             "kubernetes": {"kubeconfig": self.kube.as_ref().map(|k| k.kubeconfig.clone())},
@@ -876,6 +913,19 @@ impl Lab {
     /// Creates a pod as a runtime does (netns, CNI chain) without publishing it as a workload: istiod has not
     /// pushed it yet. Safe to call from several threads at once.
     pub fn create_pod(&self, node: usize, namespace: &str, name: &str, sa: &str) -> Result<Pod, PodError> {
+        self.create_pod_with(node, namespace, name, sa, |_| {})
+    }
+
+    /// [`Lab::create_pod`], calling `before_cni` with the pod's fresh netns just before the CNI ADD (e.g. to
+    /// remove the netns while the ADD runs).
+    pub fn create_pod_with(
+        &self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        before_cni: impl FnOnce(&Netns),
+    ) -> Result<Pod, PodError> {
         // Standalone mode has no pod spec to read the service account from: the lab tells the agent, as an
         // operator would in its config.
         {
@@ -899,6 +949,7 @@ impl Lab {
             ifname: "eth0".into(),
             args: cni_args(namespace, name, &uid),
         };
+        before_cni(&netns);
         let (result, timings) = match n.cni.add(&n.netns, &att) {
             Ok(r) => r,
             Err(e) => {
@@ -1096,7 +1147,23 @@ impl Lab {
 
     /// Publishes a pod as an HBONE (`true`) or plain TCP workload, as istiod would after its enrolment changed.
     pub fn publish_as(&self, pod: &Pod, hbone: bool) -> anyhow::Result<()> {
-        let p = Published {
+        let p = self.published(pod, hbone);
+        self.rewrite(|w, _| {
+            w.insert(pod.uid.clone(), p);
+        })
+    }
+
+    /// Publishes many pods in one change (one push), as [`Lab::publish`] does one.
+    pub fn publish_all(&self, pods: &[&Pod]) -> anyhow::Result<()> {
+        let entries: Vec<(String, Published)> = pods
+            .iter()
+            .map(|p| (p.uid.clone(), self.published(p, self.config.enrolled_namespaces.contains(&p.namespace))))
+            .collect();
+        self.rewrite(|w, _| w.extend(entries))
+    }
+
+    fn published(&self, pod: &Pod, hbone: bool) -> Published {
+        Published {
             uid: workload_uid(pod),
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
@@ -1105,10 +1172,7 @@ impl Lab {
             ip6: pod.ip6,
             node: self.nodes[pod.node].name.clone(),
             hbone,
-        };
-        self.rewrite(|w, _| {
-            w.insert(pod.uid.clone(), p);
-        })
+        }
     }
 
     /// Runs CNI DEL for the pod (reverse order, cached result) without deleting its netns.
@@ -1282,7 +1346,7 @@ pub fn remove_lab(id: &str, dir: &Path) -> Vec<String> {
         {
             // Only a process that is still one of ours (pids get reused).
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let ours = ["ambit-agent", "ztunnel", "tcpdump", "iperf3", "control-plane"]
+            let ours = ["ambit-agent", "ztunnel", "tcpdump", "iperf3", "control-plane", "echo"]
                 .iter()
                 .any(|n| cmd.windows(n.len()).any(|w| w == n.as_bytes()));
             if ours {

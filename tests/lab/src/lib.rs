@@ -14,12 +14,14 @@ pub mod demo;
 pub mod kube;
 pub mod lab;
 pub mod load;
+pub mod loadgen;
 pub mod net;
 pub mod netns;
 pub mod pcap;
 pub mod proc;
 pub mod relay;
 pub mod runtime;
+pub mod soak;
 pub mod util;
 
 pub use lab::{Lab, LabConfig, Node, Pod, PodError};

@@ -58,6 +58,50 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Churn, traffic and a fault every minute for a while, then check that nothing was lost or leaked and
+    /// that only TLS crossed the node link. Exits non-zero if any promise broke.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Seconds between faults.
+        #[arg(long, default_value_t = 60)]
+        fault_every: u64,
+        /// Churned pods alive at once on each node, at most.
+        #[arg(long, default_value_t = 12)]
+        pods: usize,
+        /// Seed of the run's random choices (to replay one).
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+        /// Print the observations as JSON after the report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Many concurrent connections through one node's ztunnel from many enrolled pods (half idle, half moving
+    /// data), then all closed: every byte checked, none refused or reset, ztunnel's fds and memory back.
+    Load {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Enrolled client pods on node1.
+        #[arg(long, default_value_t = 200)]
+        pods: usize,
+        /// Server pods on node2.
+        #[arg(long, default_value_t = 4)]
+        servers: usize,
+        /// Seconds the connections stay open once all are.
+        #[arg(long, default_value_t = 20.0)]
+        hold: f64,
+        /// Print the report as JSON too.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The load's echo server (internal): echoes every connection on LISTEN; prints `ready`.
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     /// The bench's floor relay (internal): serve ROUTEs (LISTEN=TO) in the current netns; prints `ready`.
     #[command(hide = true)]
     Relay {
@@ -163,6 +207,33 @@ fn main() {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("relay: {e:#}");
+                1
+            }
+        },
+        Cmd::Soak { minutes, fault_every, pods, seed, json } => {
+            let opts = lab::soak::SoakOpts {
+                duration: std::time::Duration::from_secs_f64(minutes * 60.0),
+                fault_every: std::time::Duration::from_secs(fault_every.max(10)),
+                pods_per_node: pods.max(1),
+                seed,
+                ..Default::default()
+            };
+            soak(&opts, json)
+        }
+        Cmd::Load { connections, pods, servers, hold, json } => {
+            let opts = lab::loadgen::LoadOpts {
+                connections: connections.max(1),
+                pods: pods.max(1),
+                servers: servers.max(1),
+                hold: std::time::Duration::from_secs_f64(hold.max(0.0)),
+                ..Default::default()
+            };
+            load(&opts, json)
+        }
+        Cmd::Echo { listen } => match lab::loadgen::serve_echo(listen) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("echo: {e:#}");
                 1
             }
         },
@@ -345,6 +416,46 @@ fn demo(keep: bool) -> i32 {
         std::mem::forget(lab);
     }
     if ok { 0 } else { 1 }
+}
+
+fn load(opts: &lab::loadgen::LoadOpts, json: bool) -> i32 {
+    lab::require_root();
+    lab::lab::clean_stale(false);
+    let mut out = std::io::stdout();
+    match lab::loadgen::run(opts, &mut out) {
+        Ok(report) => {
+            let broken = lab::loadgen::verdict(&report);
+            lab::loadgen::print(&report, &broken, &mut out);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            }
+            i32::from(!broken.is_empty())
+        }
+        Err(e) => {
+            eprintln!("load failed to run: {e:#}");
+            1
+        }
+    }
+}
+
+fn soak(opts: &lab::soak::SoakOpts, json: bool) -> i32 {
+    lab::require_root();
+    lab::lab::clean_stale(false);
+    let mut out = std::io::stdout();
+    match lab::soak::run(opts, &mut out) {
+        Ok(mut obs) => {
+            let broken = lab::soak::verdict(&mut obs);
+            lab::soak::report(&obs, &broken, &mut out);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&obs).unwrap_or_default());
+            }
+            i32::from(!broken.is_empty())
+        }
+        Err(e) => {
+            eprintln!("soak failed to run: {e:#}");
+            1
+        }
+    }
 }
 
 /// Blocks SIGINT and SIGTERM in this thread and every thread started after it, so one thread can wait for them.

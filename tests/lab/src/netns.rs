@@ -137,6 +137,10 @@ impl Netns {
             return Ok(());
         }
         if let Some(inner) = self.inner.take() {
+            // Already removed from under it (a test removing a pod's netns as a crashed runtime would).
+            if !self.path().exists() {
+                return Ok(());
+            }
             inner.remove().with_context(|| format!("removing netns {}", self.name))?;
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! Packet captures on lab links (tcpdump) and a reader for what they caught.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,9 +40,15 @@ pub struct Segment {
 impl Capture {
     /// Starts capturing TCP on `iface` inside `ns` into `file`; returns once tcpdump is listening.
     pub fn start(ns: &Netns, iface: &str, file: &Path) -> anyhow::Result<Capture> {
+        Self::start_filtered(ns, iface, file, "tcp")
+    }
+
+    /// Starts capturing what `filter` (a pcap filter expression) selects on `iface` inside `ns` into `file`.
+    pub fn start_filtered(ns: &Netns, iface: &str, file: &Path, filter: &str) -> anyhow::Result<Capture> {
         let log = file.with_extension("log");
         let mut cmd = ns.command("tcpdump");
-        cmd.args(["-i", iface, "-U", "--immediate-mode", "-s", "0", "-n", "-w"]).arg(file).arg("tcp");
+        // A larger kernel buffer (KiB): a dropped packet would be a hole in a stream, which fails the proof.
+        cmd.args(["-i", iface, "-U", "--immediate-mode", "-B", "16384", "-s", "0", "-n", "-w"]).arg(file).arg(filter);
         let proc = Proc::spawn("tcpdump", cmd, &log)?;
         wait_for("tcpdump to start listening", Duration::from_secs(10), || {
             proc.log().contains("listening on").then_some(())
@@ -51,17 +58,33 @@ impl Capture {
     }
 
     /// Stops the capture and returns the TCP segments it caught.
-    pub fn finish(mut self) -> anyhow::Result<Vec<Segment>> {
+    pub fn finish(self) -> anyhow::Result<Vec<Segment>> {
+        self.finish_all().map(|(segments, _)| segments)
+    }
+
+    /// Stops the capture and returns the TCP segments it caught, and a count of every other kind of packet
+    /// (by protocol and addresses, e.g. `udp 10.244.1.2 → 10.244.2.3`).
+    pub fn finish_all(mut self) -> anyhow::Result<(Vec<Segment>, BTreeMap<String, u64>)> {
         // Give in-flight packets a moment to be written, then let tcpdump flush and exit.
         std::thread::sleep(Duration::from_millis(200));
         self.proc.signal(Signal::SIGINT)?;
         self.proc.wait_timeout(Duration::from_secs(5));
-        read_pcap(&self.file)
+        let dropped = self.proc.log();
+        if let Some(line) = dropped.lines().find(|l| l.contains("dropped by kernel")) {
+            let n: u64 = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            anyhow::ensure!(n == 0, "tcpdump lost packets ({line}): the capture cannot vouch for them");
+        }
+        read_pcap_all(&self.file)
     }
 }
 
 /// Parses a classic pcap file (Ethernet link type) into TCP segments.
 pub fn read_pcap(path: &Path) -> anyhow::Result<Vec<Segment>> {
+    read_pcap_all(path).map(|(segments, _)| segments)
+}
+
+/// Parses a classic pcap file (Ethernet link type) into TCP segments, and counts every other packet by kind.
+pub fn read_pcap_all(path: &Path) -> anyhow::Result<(Vec<Segment>, BTreeMap<String, u64>)> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     anyhow::ensure!(data.len() >= 24, "{} is not a pcap file", path.display());
     let magic = u32::from_le_bytes(data[0..4].try_into()?);
@@ -76,20 +99,42 @@ pub fn read_pcap(path: &Path) -> anyhow::Result<Vec<Segment>> {
     let linktype = u32_at(&data[20..24]);
     anyhow::ensure!(linktype == 1, "{}: link type {linktype} is not Ethernet", path.display());
     let mut out = Vec::new();
+    let mut others = BTreeMap::new();
     let mut off = 24;
     while off + 16 <= data.len() {
         let caplen = u32_at(&data[off + 8..off + 12]) as usize;
         let start = off + 16;
         let end = (start + caplen).min(data.len());
-        if let Some(s) = parse_ethernet(&data[start..end]) {
-            out.push(s);
+        match parse_ethernet(&data[start..end]) {
+            Packet::Tcp(s) => out.push(s),
+            Packet::Other(kind) => *others.entry(kind).or_default() += 1,
         }
         off = start + caplen;
     }
-    Ok(out)
+    Ok((out, others))
 }
 
-fn parse_ethernet(f: &[u8]) -> Option<Segment> {
+enum Packet {
+    Tcp(Segment),
+    /// Anything else, described.
+    Other(String),
+}
+
+fn parse_ethernet(f: &[u8]) -> Packet {
+    parse_frame(f).unwrap_or_else(|| Packet::Other("malformed or truncated frame".into()))
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        p => format!("ip protocol {p}"),
+    }
+}
+
+fn parse_frame(f: &[u8]) -> Option<Packet> {
     if f.len() < 14 {
         return None;
     }
@@ -98,30 +143,39 @@ fn parse_ethernet(f: &[u8]) -> Option<Segment> {
     let (src, dst, l4) = match ethertype {
         0x0800 => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
-            if ip.len() < ihl || ip[9] != 6 {
+            if ip.len() < ihl.max(20) {
                 return None;
             }
-            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
             let s: [u8; 4] = ip[12..16].try_into().ok()?;
             let d: [u8; 4] = ip[16..20].try_into().ok()?;
-            (IpAddr::from(s), IpAddr::from(d), &ip[ihl..total])
+            let (src, dst) = (IpAddr::from(s), IpAddr::from(d));
+            if ip[9] != 6 {
+                return Some(Packet::Other(format!("{} {src} → {dst}", protocol_name(ip[9]))));
+            }
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+            (src, dst, ip.get(ihl..total)?)
         }
         0x86dd => {
-            if ip.len() < 40 || ip[6] != 6 {
+            if ip.len() < 40 {
                 return None;
             }
             let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
             let s: [u8; 16] = ip[8..24].try_into().ok()?;
             let d: [u8; 16] = ip[24..40].try_into().ok()?;
-            (IpAddr::from(s), IpAddr::from(d), &ip[40..(40 + plen).min(ip.len())])
+            let (src, dst) = (IpAddr::from(s), IpAddr::from(d));
+            if ip[6] != 6 {
+                return Some(Packet::Other(format!("{} {src} → {dst}", protocol_name(ip[6]))));
+            }
+            (src, dst, &ip[40..(40 + plen).min(ip.len())])
         }
-        _ => return None,
+        0x0806 => return Some(Packet::Other("arp".into())),
+        t => return Some(Packet::Other(format!("ethertype {t:#06x}"))),
     };
     if l4.len() < 20 {
         return None;
     }
     let doff = usize::from(l4[12] >> 4) * 4;
-    Some(Segment {
+    Some(Packet::Tcp(Segment {
         src,
         dst,
         sport: u16::from_be_bytes([l4[0], l4[1]]),
@@ -129,7 +183,7 @@ fn parse_ethernet(f: &[u8]) -> Option<Segment> {
         seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
         syn: l4[13] & 0x02 != 0,
         payload: l4.get(doff..)?.to_vec(),
-    })
+    }))
 }
 
 /// Whether `needle` occurs in any segment's payload (or across the concatenated payloads of one direction).
@@ -150,7 +204,7 @@ pub fn has_tls_to(segments: &[Segment], port: u16) -> bool {
 pub type Flow = (IpAddr, u16, IpAddr, u16);
 
 /// What [`only_tls`] found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TlsProof {
     /// Flows to or from the HBONE port that carried data.
     pub flows: usize,

@@ -208,6 +208,44 @@ fn a_vanished_netns_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
+fn a_pod_whose_netns_vanished_without_del_is_swept() {
+    // A runtime that crashed removes the netns and never sends DEL: the agent's handle would keep the netns,
+    // its record and ztunnel's proxy alive forever.
+    let lab = lab();
+    let pod = lab.add_pod(0, MESH_NS, "orphan").unwrap();
+    let kept = lab.add_pod(0, MESH_NS, "kept").unwrap();
+    let inode = std::fs::metadata(pod.netns.path()).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    pod.netns.delete().unwrap();
+    let n = &lab.nodes[0];
+    wait_for("the agent to sweep the orphan", Duration::from_secs(10), || {
+        let (_, m) = lab.agent_get(0, "/metrics").ok()?;
+        (lab::util::metric(&m, "ambit_agent_pods_swept_total", &[]) == 1.0).then_some(())
+    })
+    .unwrap();
+    wait_for("ztunnel to drop the orphan", Duration::from_secs(5), || {
+        let dump = n.config_dump().ok()?;
+        let pods = dump["inpod"]["pods"].as_array()?.clone();
+        (pods.len() == 1 && pods[0]["uid"] == kept.uid.as_str()).then_some(())
+    })
+    .unwrap();
+    let records: Vec<_> = std::fs::read_dir(n.dir.join("state")).unwrap().flatten().collect();
+    assert_eq!(records.len(), 1, "only the living pod keeps a record");
+    // Nothing holds the netns any more: no process of the lab has it open.
+    wait_for("the orphan's netns to be freed", Duration::from_secs(5), || {
+        let held =
+            std::fs::read_dir("/proc").ok()?.flatten().any(|p| {
+                std::fs::read_dir(p.path().join("fd")).into_iter().flatten().flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == format!("net:[{inode}]"))
+                })
+            });
+        (!held).then_some(())
+    })
+    .unwrap();
+    // The living pod is untouched.
+    assert!(kept.nft_ruleset().unwrap().contains("table inet ambit"));
+}
+
+#[test]
 fn garbage_zds_is_nacked_and_pods_stay_served() {
     use ambit_proto::seqpacket::SeqPacketListener;
     use ambit_proto::zds::{self, WorkloadRequest, WorkloadResponse, ZdsHello};

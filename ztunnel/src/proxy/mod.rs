@@ -286,8 +286,9 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
         }
     });
     let sweeper = Arc::downgrade(&pod);
+    let every = pod.pool.sweep_every();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             match sweeper.upgrade() {

@@ -169,6 +169,12 @@ impl Pool {
         }
     }
 
+    /// How often [`Pool::sweep`] should run: often enough that a connection idle past the timeout closes within
+    /// half a timeout more, at most every 30 s.
+    pub fn sweep_every(&self) -> Duration {
+        (self.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
     /// Drops closed connections and those idle past the timeout. Returns how many remain.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
