@@ -56,6 +56,7 @@ fn main() {
         }
     };
     raise_fd_limit();
+    ztunnel::socket::reserve_spare_fd();
     // Freed buffers stay while traffic flows; each worker returns them when its traffic pauses.
     ztunnel::spin::tune_allocator();
     // The main thread runs the control plane (ZDS, admin, configuration); pods are served by the workers.

@@ -187,6 +187,16 @@ pub struct Metrics {
     pub xds_nacks: Family<TypeLabels, Counter>,
     /// `ztunnel_xds_resources{url}`: resources in force, by type.
     pub xds_resources: Family<TypeLabels, Gauge>,
+    /// `ztunnel_connections_shed_total{port}`: connections accepted only to be reset at once because ztunnel
+    /// had no file descriptor left for them (see `socket::shed_one`).
+    pub connections_shed: Family<PortLabels, Counter>,
+}
+
+/// A listener's port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    /// 15001, 15006 or 15008.
+    pub port: u16,
 }
 
 impl Metrics {
@@ -307,6 +317,12 @@ impl Metrics {
             xds_messages: reg(&mut r, "istio_xds_message", "xDS responses received, by type", Family::default()),
             xds_nacks: reg(&mut r, "ztunnel_xds_nacks", "xDS responses refused (NACK), by type", Family::default()),
             xds_resources: reg(&mut r, "ztunnel_xds_resources", "xDS resources in force, by type", Family::default()),
+            connections_shed: reg(
+                &mut r,
+                "ztunnel_connections_shed",
+                "Connections reset at once because ztunnel had no file descriptor left",
+                Family::default(),
+            ),
             registry: r,
         })
     }

@@ -131,6 +131,39 @@ pub fn bind_in_pod(
     Ok(s.into())
 }
 
+/// One descriptor held in reserve for [`shed_one`].
+static SPARE_FD: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Sets aside the descriptor [`shed_one`] needs. Call once at start.
+pub fn reserve_spare_fd() {
+    *SPARE_FD.lock().unwrap_or_else(|p| p.into_inner()) = std::fs::File::open("/dev/null").ok();
+}
+
+/// Whether an accept error means the process (or system) is out of file descriptors.
+pub fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// At the open-files limit, answers one waiting connection instead of leaving it in the backlog until its
+/// client gives up: the reserved descriptor is freed, the connection accepted and reset at once (the client
+/// sees "connection reset" immediately, an overload answer), and the reserve taken again. Returns whether a
+/// connection was shed. Best effort: another thread may take the freed descriptor first.
+pub async fn shed_one(listener: &tokio::net::TcpListener) -> bool {
+    let spare = SPARE_FD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(spare) = spare else { return false };
+    drop(spare);
+    let shed = match tokio::time::timeout(Duration::from_millis(10), listener.accept()).await {
+        Ok(Ok((s, _))) => {
+            // Linger 0: close sends RST, so the client learns at once and no TIME_WAIT is left.
+            let _ = SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            true
+        }
+        _ => false,
+    };
+    reserve_spare_fd();
+    shed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

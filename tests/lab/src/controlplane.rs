@@ -656,16 +656,39 @@ impl ControlPlane {
         serving: (PathBuf, PathBuf),
     ) -> anyhow::Result<ControlPlane> {
         std::fs::create_dir_all(dir)?;
+        for (file, empty) in [("tokens", ""), ("pods.json", "[]"), ("faults.json", "{}")] {
+            std::fs::write(dir.join(file), empty)?;
+        }
         let netns = crate::netns::Netns::create(name)?;
         fabric.ip(&["link", "add", "cp0", "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
         fabric.ip(&["link", "set", "cp0", "master", "br0", "up"])?;
         netns.ip(&["addr", "add", &format!("{CP_IP}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["link", "set", "lo", "up"])?;
-        for (file, empty) in [("tokens", ""), ("pods.json", "[]"), ("faults.json", "{}")] {
-            std::fs::write(dir.join(file), empty)?;
-        }
-        let settings = Settings {
+        let mut cp = ControlPlane {
+            netns,
+            proc: None,
+            dir: dir.to_path_buf(),
+            settings: Self::settings(dir, mesh, ca, serving),
+        };
+        cp.restart()?;
+        Ok(cp)
+    }
+
+    /// The control plane of a lab another process started (`lab pod`): its files, not its process.
+    pub fn attach(
+        name: &str,
+        dir: &Path,
+        mesh: &Path,
+        ca: (PathBuf, PathBuf),
+        serving: (PathBuf, PathBuf),
+    ) -> anyhow::Result<ControlPlane> {
+        let netns = crate::netns::Netns::open(name)?;
+        Ok(ControlPlane { netns, proc: None, dir: dir.to_path_buf(), settings: Self::settings(dir, mesh, ca, serving) })
+    }
+
+    fn settings(dir: &Path, mesh: &Path, ca: (PathBuf, PathBuf), serving: (PathBuf, PathBuf)) -> Settings {
+        Settings {
             listen: SocketAddr::from((CP_IP, CP_PORT)),
             mesh: mesh.to_path_buf(),
             pods: Some(dir.join("pods.json")),
@@ -674,10 +697,7 @@ impl ControlPlane {
             tokens: dir.join("tokens"),
             faults: dir.join("faults.json"),
             trust_domain: crate::lab::TRUST_DOMAIN.to_string(),
-        };
-        let mut cp = ControlPlane { netns, proc: None, dir: dir.to_path_buf(), settings };
-        cp.restart()?;
-        Ok(cp)
+        }
     }
 
     /// Starts (or restarts) the process and waits until it listens.

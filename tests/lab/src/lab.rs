@@ -267,7 +267,7 @@ fn cni_args(namespace: &str, name: &str, uid: &str) -> String {
 }
 
 /// A workload entry the lab publishes (Istio ztunnel local-file format).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Published {
     uid: String,
     name: String,
@@ -281,7 +281,7 @@ struct Published {
 
 /// What the lab publishes besides workloads, as istiod would: services, policies, and per-workload service
 /// memberships and policy selections (by pod UID).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct MeshConfig {
     services: Vec<Value>,
     policies: Vec<Value>,
@@ -396,6 +396,14 @@ impl Lab {
             lab.nodes.push(node);
             lab.write_agent_config(i)?;
         }
+        let saved = json!({
+            "nodes": config.nodes,
+            "enrolledNamespaces": config.enrolled_namespaces,
+            "controlPlane": config.control_plane,
+            "dualStack": config.dual_stack,
+            "kubernetes": config.kubernetes,
+        });
+        std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&saved)?)?;
         for i in 0..config.nodes {
             let peer_routes: Vec<(String, Ipv4Addr)> =
                 lab.nodes.iter().filter(|n| n.index != i).map(|n| (n.pod_cidr.clone(), n.ip)).collect();
@@ -720,6 +728,9 @@ impl Lab {
         let doc = json!({"workloads": workloads, "services": mesh.services, "policies": mesh.policies});
         let text = serde_yaml_ng::to_string(&doc)?;
         write_atomic(&self.workloads_path(), text.as_bytes())?;
+        // What `lab pod` needs to change the mesh of a running lab later, from another process.
+        let state = json!({"workloads": *w, "mesh": *mesh});
+        write_atomic(&self.dir.join("published.json"), serde_json::to_string(&state)?.as_bytes())?;
         Ok(crate::controlplane::mesh_version(text.as_bytes()))
     }
 
@@ -736,7 +747,7 @@ impl Lab {
             let ready: Vec<bool> = self
                 .nodes
                 .iter()
-                .map(|n| n.ztunnel.is_some() && matches!(n.ztunnel_get(READY_PORT, "/healthz/ready"), Ok((200, _))))
+                .map(|n| matches!(n.ztunnel_get(READY_PORT, "/healthz/ready"), Ok((200, _))))
                 .collect();
             let since = crate::controlplane::push_records_end(&self.control_plane().dir);
             change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
@@ -959,6 +970,13 @@ impl Lab {
             }
         };
         let (ip, ip6) = result_ips(&result).map_err(PodError::Setup)?;
+        // As a runtime keeps its sandboxes' state: `lab pod del` finds the pod (and its cached result) here.
+        let record = json!({
+            "namespace": namespace, "name": name, "uid": uid, "serviceAccount": sa, "node": node,
+            "containerId": container_id, "result": result,
+        });
+        let _ = std::fs::create_dir_all(self.dir.join("pods"));
+        let _ = std::fs::write(self.pod_record(namespace, name), record.to_string());
         let pod = Pod {
             namespace: namespace.into(),
             name: name.into(),
@@ -1216,10 +1234,155 @@ impl Lab {
     /// Removes a pod as a runtime does: CNI DEL, then the netns; and unpublishes it.
     pub fn delete_pod(&self, pod: Pod) -> anyhow::Result<()> {
         self.cni_del(&pod)?;
+        let _ = std::fs::remove_file(self.pod_record(&pod.namespace, &pod.name));
         self.workloads.lock().unwrap().remove(&pod.uid);
         self.write_workloads()?;
         self.wait_workload_visible(&workload_uid(&pod), false)?;
         pod.netns.delete()
+    }
+
+    fn pod_record(&self, namespace: &str, name: &str) -> PathBuf {
+        self.dir.join("pods").join(format!("{namespace}_{name}.json"))
+    }
+
+    /// Attaches to a lab left running (`lab demo --keep`) by its id, or to the only one when `id` is `None`, to
+    /// add and remove pods from another process. Nothing of it is stopped or removed when the returned value is
+    /// dropped; its daemons are not this process's to restart.
+    pub fn attach(id: Option<&str>) -> anyhow::Result<Lab> {
+        let kept: Vec<(String, PathBuf)> = std::fs::read_dir(std::env::temp_dir())?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let lab_id = name.strip_prefix("ambit-lab-")?.to_string();
+                (e.path().join("kept").exists() && e.path().join("lab.json").exists()).then(|| (lab_id, e.path()))
+            })
+            .filter(|(lab_id, _)| id.is_none_or(|id| id == lab_id))
+            .collect();
+        let (id, dir) = match kept.as_slice() {
+            [one] => one.clone(),
+            [] => anyhow::bail!(
+                "no lab left running{} (start one with `lab demo --keep`)",
+                id.map(|i| format!(" with id {i}")).unwrap_or_default()
+            ),
+            many => anyhow::bail!(
+                "{} labs are running ({}): say which with --lab",
+                many.len(),
+                many.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let saved: Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
+        anyhow::ensure!(saved["kubernetes"] != true, "lab {id} runs the Kubernetes tier: create pods through its API");
+        let config = LabConfig {
+            nodes: saved["nodes"].as_u64().context("lab.json: nodes")? as usize,
+            enrolled_namespaces: serde_json::from_value(saved["enrolledNamespaces"].clone())?,
+            control_plane: saved["controlPlane"].as_bool().unwrap_or(true),
+            dual_stack: saved["dualStack"].as_bool().unwrap_or(false),
+            ..Default::default()
+        };
+        let published: Value = std::fs::read(dir.join("published.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let workloads: BTreeMap<String, Published> =
+            serde_json::from_value(published["workloads"].clone()).unwrap_or_default();
+        let mesh: MeshConfig = serde_json::from_value(published["mesh"].clone()).unwrap_or_default();
+        let mut lab = Lab {
+            id: id.clone(),
+            dir: dir.clone(),
+            config: config.clone(),
+            nodes: Vec::new(),
+            fabric: Some(Netns::open(&format!("ambit-{id}-fabric"))?),
+            workloads: Mutex::new(workloads),
+            mesh: Mutex::new(mesh),
+            service_accounts: Mutex::new(BTreeMap::new()),
+            known_pods: Mutex::new(Vec::new()),
+            control_plane: None,
+            kube: None,
+            keep: true,
+        };
+        if config.control_plane {
+            lab.control_plane = Some(crate::controlplane::ControlPlane::attach(
+                &format!("ambit-{id}-cp"),
+                &dir.join("cp"),
+                &lab.workloads_path(),
+                (dir.join("ca-cert.pem"), dir.join("ca-key.pem")),
+                (dir.join("cp/serving-cert.pem"), dir.join("cp/serving-key.pem")),
+            )?);
+            let known = std::fs::read(dir.join("cp/pods.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            *lab.known_pods.lock().unwrap() = known.unwrap_or_default();
+        }
+        let mut accounts = BTreeMap::new();
+        for i in 0..config.nodes {
+            let name = format!("node{}", i + 1);
+            let ndir = dir.join(&name);
+            let agent: Value = serde_yaml_ng::from_slice(&std::fs::read(ndir.join("agent.yaml"))?)?;
+            for p in agent["standalone"]["pods"].as_array().into_iter().flatten() {
+                if let (Some(ns), Some(n), Some(sa)) =
+                    (p["namespace"].as_str(), p["name"].as_str(), p["serviceAccount"].as_str())
+                {
+                    accounts.insert((ns.to_string(), n.to_string()), sa.to_string());
+                }
+            }
+            let v6 = config.dual_stack.then(|| {
+                (format!("fd00:30::{}", i + 1).parse().expect("an IPv6 address"), format!("fd00:244:{}::/64", i + 1))
+            });
+            lab.nodes.push(Node {
+                index: i,
+                netns: Netns::open(&format!("ambit-{id}-{name}"))?,
+                ip: Ipv4Addr::new(172, 30, 0, (i + 1) as u8),
+                pod_cidr: format!("10.244.{}.0/24", i + 1),
+                v6,
+                cni: CniRunner { bin_dir: ndir.join("cni-bin"), conf_dir: ndir.join("net.d") },
+                dir: ndir,
+                name,
+                agent: None,
+                ztunnel: None,
+                containerd: None,
+            });
+        }
+        *lab.service_accounts.lock().unwrap() = accounts;
+        Ok(lab)
+    }
+
+    /// A pod this lab created (by any process), from the record kept for it: its netns is owned by the returned
+    /// value, so [`Lab::delete_pod`] removes it.
+    pub fn find_pod(&self, namespace: &str, name: &str) -> anyhow::Result<Pod> {
+        let path = self.pod_record(namespace, name);
+        let r: Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("no pod {namespace}/{name} in lab {}", self.id))?,
+        )?;
+        let netns = Netns::adopt(&format!("ambit-{}-{namespace}-{name}", self.id))?;
+        let (ip, ip6) = result_ips(&r["result"])?;
+        Ok(Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: r["uid"].as_str().context("uid")?.into(),
+            service_account: r["serviceAccount"].as_str().unwrap_or("default").into(),
+            node: r["node"].as_u64().context("node")? as usize,
+            netns,
+            ip,
+            ip6,
+            container_id: r["containerId"].as_str().context("containerId")?.into(),
+            result: r["result"].clone(),
+            timings: Timings::default(),
+            sandbox: None,
+        })
+    }
+
+    /// The pods this lab created that are still there, as `namespace/name`.
+    pub fn pod_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let f = e.file_name().to_string_lossy().into_owned();
+                let (ns, name) = f.strip_suffix(".json")?.split_once('_')?;
+                Some(format!("{ns}/{name}"))
+            })
+            .collect();
+        v.sort();
+        v
     }
 
     /// The fabric netns.
@@ -1231,6 +1394,12 @@ impl Lab {
     pub fn keep(&mut self) {
         self.keep = true;
         let _ = std::fs::write(self.dir.join("kept"), b"");
+    }
+
+    /// Undoes [`Lab::keep`]: the lab is removed on drop again.
+    pub fn unkeep(&mut self) {
+        self.keep = false;
+        let _ = std::fs::remove_file(self.dir.join("kept"));
     }
 
     /// Logs of every daemon, for failure messages.

@@ -77,6 +77,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Add, remove or list pods on a lab left running (`lab demo --keep`), as a runtime would.
+    Pod {
+        #[command(subcommand)]
+        action: PodAction,
+        /// The lab's id (needed only when several are running).
+        #[arg(long, global = true)]
+        lab: Option<String>,
+    },
     /// Many concurrent connections through one node's ztunnel from many enrolled pods (half idle, half moving
     /// data), then all closed: every byte checked, none refused or reset, ztunnel's fds and memory back.
     Load {
@@ -142,6 +150,28 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PodAction {
+    /// Create a pod (a netns and the node's CNI chain) and publish it to the mesh.
+    Add {
+        /// NAMESPACE/NAME (pods in an enrolled namespace, `mesh` in the demo, are captured).
+        pod: String,
+        /// The node, 1-based.
+        #[arg(long, default_value_t = 1)]
+        node: usize,
+        /// Its service account.
+        #[arg(long, default_value = "default")]
+        service_account: String,
+    },
+    /// Delete a pod as a runtime does: CNI DEL, then its netns; and unpublish it.
+    Del {
+        /// NAMESPACE/NAME.
+        pod: String,
+    },
+    /// List the lab's pods.
+    List,
 }
 
 fn main() {
@@ -220,6 +250,7 @@ fn main() {
             };
             soak(&opts, json)
         }
+        Cmd::Pod { action, lab } => pod(action, lab.as_deref()),
         Cmd::Load { connections, pods, servers, hold, json } => {
             let opts = lab::loadgen::LoadOpts {
                 connections: connections.max(1),
@@ -409,6 +440,7 @@ fn demo(keep: bool) -> i32 {
         println!("  enter a pod:      ip netns exec {server_ns} bash   (or {outsider_ns})");
         println!("  its rules:        ip netns exec {server_ns} nft list ruleset");
         println!("  ztunnel state:    ip netns exec {} curl -s localhost:15000/config_dump", lab.nodes[1].netns.name());
+        println!("  add a pod:        lab pod add mesh/NAME --node 1   (lab pod list, lab pod del mesh/NAME)");
         println!("  logs:             {}/node*/{{agent,ztunnel,cni}}.log, {0}/cp/control-plane.log", lab.dir.display());
         println!("  tear it down:     lab clean --all");
         // Nothing of it is dropped: the pods' netns and the daemons stay until `lab clean --all`.
@@ -416,6 +448,65 @@ fn demo(keep: bool) -> i32 {
         std::mem::forget(lab);
     }
     if ok { 0 } else { 1 }
+}
+
+fn pod(action: PodAction, id: Option<&str>) -> i32 {
+    lab::require_root();
+    let run = || -> anyhow::Result<()> {
+        let lab = lab::Lab::attach(id)?;
+        let split = |p: &str| -> anyhow::Result<(String, String)> {
+            let (ns, name) = p.split_once('/').ok_or_else(|| anyhow::anyhow!("{p}: expected NAMESPACE/NAME"))?;
+            anyhow::ensure!(
+                !ns.is_empty() && !name.is_empty() && !name.contains('/') && !ns.contains('_'),
+                "{p}: expected NAMESPACE/NAME"
+            );
+            Ok((ns.to_string(), name.to_string()))
+        };
+        match action {
+            PodAction::Add { pod, node, service_account } => {
+                let (ns, name) = split(&pod)?;
+                anyhow::ensure!(
+                    (1..=lab.nodes.len()).contains(&node),
+                    "--node must be between 1 and {}",
+                    lab.nodes.len()
+                );
+                anyhow::ensure!(!lab.pod_names().contains(&pod), "lab {} already has a pod {pod}", lab.id);
+                let p = lab.add_pod_as(node - 1, &ns, &name, &service_account).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let captured = lab.config.enrolled_namespaces.contains(&ns);
+                println!(
+                    "{} on node{node}: {} ({})",
+                    p.full_name(),
+                    p.ip,
+                    if captured { "enrolled: captured by Ambit" } else { "not enrolled" }
+                );
+                println!("  enter it:  ip netns exec {} bash", p.netns.name());
+                // The pod lives on after this command, until `lab pod del` or `lab clean --all`.
+                std::mem::forget(p);
+            }
+            PodAction::Del { pod } => {
+                let (ns, name) = split(&pod)?;
+                let p = lab.find_pod(&ns, &name)?;
+                lab.delete_pod(p)?;
+                println!("{pod} deleted");
+            }
+            PodAction::List => {
+                for name in lab.pod_names() {
+                    let (ns, n) = split(&name)?;
+                    let p = lab.find_pod(&ns, &n)?;
+                    println!("{name:<30} node{} {:<15} {}", p.node + 1, p.ip, p.netns.name());
+                    std::mem::forget(p);
+                }
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lab pod: {e:#}");
+            1
+        }
+    }
 }
 
 fn load(opts: &lab::loadgen::LoadOpts, json: bool) -> i32 {

@@ -44,6 +44,13 @@ impl Netns {
         Ok(Netns { name: name.to_string(), inner: Some(inner), owned: false })
     }
 
+    /// Opens an existing netns by name and owns it: it is deleted on drop (a pod another process created).
+    pub fn adopt(name: &str) -> anyhow::Result<Netns> {
+        let mut ns = Self::open(name)?;
+        ns.owned = true;
+        Ok(ns)
+    }
+
     /// Its name under `/var/run/netns`.
     pub fn name(&self) -> &str {
         &self.name

@@ -208,6 +208,57 @@ fn a_vanished_netns_is_a_clear_error_and_leaves_nothing() {
 }
 
 #[test]
+fn lab_pod_adds_and_deletes_pods_on_a_running_lab() {
+    let mut lab = lab();
+    lab.keep(); // as `lab demo --keep` leaves it
+    let cli = |args: &[&str]| {
+        let out = Command::new(lab::util::binary("lab")).args(args).args(["--lab", &lab.id]).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = cli(&["pod", "add", "mesh/extra", "--node", "2", "--service-account", "extra"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("enrolled: captured"), "{text}");
+    let extra = lab::Netns::open(&format!("ambit-{}-mesh-extra", lab.id)).unwrap();
+    assert!(extra.exec("nft", &["list", "ruleset"]).unwrap().contains("table inet ambit"));
+    wait_for("node2's ztunnel to serve it", Duration::from_secs(5), || {
+        let pods = lab.nodes[1].config_dump().ok()?["inpod"]["pods"].as_array()?.clone();
+        pods.iter().any(|p| p["name"] == "mesh/extra").then_some(())
+    })
+    .unwrap();
+    // Published: a pod of this process reaches it over HBONE.
+    let client = lab.add_pod(0, MESH_NS, "client").unwrap();
+    let ip: std::net::IpAddr = text.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let echo = EchoServer::start(&extra, SocketAddr::new(ip, APP_PORT)).unwrap();
+    let mut c = EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap();
+    c.round_trip(b"hello extra").unwrap();
+    drop((c, echo, extra));
+    let (ok, text) = cli(&["pod", "list"]);
+    assert!(ok && text.contains("mesh/extra") && text.contains("mesh/client"), "{text}");
+    // Bad input: a clear error, nothing changed.
+    for bad in [
+        &["pod", "add", "mesh/extra"][..],
+        &["pod", "add", "no-slash"],
+        &["pod", "del", "mesh/nope"],
+        &["pod", "add", "mesh/x", "--node", "9"],
+    ] {
+        let (ok, text) = cli(bad);
+        assert!(!ok && text.starts_with("lab pod: "), "{bad:?}: {text}");
+    }
+    let (ok, text) = cli(&["pod", "del", "mesh/extra"]);
+    assert!(ok, "{text}");
+    assert!(!std::path::Path::new(&format!("/var/run/netns/ambit-{}-mesh-extra", lab.id)).exists());
+    wait_for("node2's ztunnel to drop it", Duration::from_secs(5), || {
+        let pods = lab.nodes[1].config_dump().ok()?["inpod"]["pods"].as_array()?.clone();
+        pods.is_empty().then_some(())
+    })
+    .unwrap();
+    lab.unkeep();
+}
+
+#[test]
 fn a_pod_whose_netns_vanished_without_del_is_swept() {
     // A runtime that crashed removes the netns and never sends DEL: the agent's handle would keep the netns,
     // its record and ztunnel's proxy alive forever.

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::inpod::netns::InpodNetns;
 use crate::inpod::protocol::PodResources;
-use crate::metrics::{DenialLabels, Metrics};
+use crate::metrics::{DenialLabels, Metrics, PortLabels};
 use crate::socket;
 use crate::state::{Snapshot, State, Workload};
 use crate::tls::{self, TrustRoots};
@@ -327,8 +327,18 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
+                Err(e) if socket::out_of_fds(&e) => {
+                    // Answer the waiting connection (reset) rather than leave it to time out; then give the
+                    // connections that hold the descriptors a moment to finish.
+                    if socket::shed_one(&listener).await {
+                        pod.ctx.metrics.connections_shed.get_or_create(&PortLabels { port }).inc();
+                    }
+                    debug!(pod = %pod.name(), port, error = %e, "out of file descriptors: a connection was shed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
                 Err(e) => {
-                    // Out of fds or similar: back off instead of spinning.
+                    // Back off instead of spinning.
                     warn!(pod = %pod.name(), port, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
