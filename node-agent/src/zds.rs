@@ -273,4 +273,131 @@ mod tests {
         zt.send(&zds::encode(&ZdsHello { version: 7, ambit: None }), &[]).await.unwrap();
         assert!(read_hello(&agent, Duration::from_secs(1)).await.is_err());
     }
+
+    /// How the fake ztunnel answers one request.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Answer {
+        Ack,
+        Nack,
+        /// Bytes that are no ZDS message.
+        Garbage,
+        /// An ack carrying a descriptor nobody asked for.
+        AckWithFd,
+        /// Closes the connection instead of answering.
+        Close,
+        /// Never answers (until the agent gives up).
+        Silent,
+    }
+
+    /// What the agent must report for each job, given the answers: answered jobs get their answer, and once an
+    /// answer ends the connection every later job fails the same way. The fake ztunnel closes after its list.
+    fn model(answers: &[Answer], jobs: usize) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut dead: Option<&'static str> = None;
+        for i in 0..jobs {
+            if let Some(d) = dead {
+                out.push(d);
+                continue;
+            }
+            let o = match answers.get(i).copied().unwrap_or(Answer::Close) {
+                Answer::Ack => "ok",
+                Answer::Nack => "nack",
+                Answer::Garbage | Answer::AckWithFd | Answer::Close => "disconnected",
+                Answer::Silent => "timeout",
+            };
+            if matches!(o, "disconnected" | "timeout") {
+                dead = Some(o);
+            }
+            out.push(o);
+        }
+        out
+    }
+
+    fn kind(o: &Outcome) -> &'static str {
+        match o {
+            Ok(_) => "ok",
+            Err(ZdsError::Nack(_)) => "nack",
+            Err(ZdsError::Timeout(_)) => "timeout",
+            Err(ZdsError::Disconnected(_)) => "disconnected",
+            Err(ZdsError::NoZtunnel) => "no ztunnel",
+        }
+    }
+
+    async fn scripted_ztunnel(sock: SeqPacket, answers: Vec<Answer>) {
+        let mut buf = vec![0u8; 4096];
+        let spare = std::fs::File::open("/dev/null").unwrap();
+        for a in answers {
+            match sock.recv(&mut buf).await {
+                Ok((n, _)) if n > 0 => {}
+                _ => return,
+            }
+            let sent = match a {
+                Answer::Ack => sock.send(&zds::encode(&WorkloadResponse::ack()), &[]).await,
+                Answer::Nack => sock.send(&zds::encode(&WorkloadResponse::nack("no")), &[]).await,
+                Answer::Garbage => sock.send(&[0xff, 0xff, 0x01], &[]).await,
+                Answer::AckWithFd => sock.send(&zds::encode(&WorkloadResponse::ack()), &[spare.as_fd()]).await,
+                Answer::Close => return,
+                Answer::Silent => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    return;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn answer() -> impl proptest::strategy::Strategy<Value = Answer> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => Just(Answer::Ack),
+            3 => Just(Answer::Nack),
+            1 => Just(Answer::Garbage),
+            1 => Just(Answer::AckWithFd),
+            1 => Just(Answer::Close),
+            1 => Just(Answer::Silent),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("AMBIT_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+            ..Default::default()
+        })]
+        /// The agent's side of a ZDS connection against any sequence of ztunnel behaviours: every request gets
+        /// exactly one outcome, in order, the one its answer calls for; the first answer that ends the
+        /// connection fails every request behind it the same way; nothing waits forever.
+        #[test]
+        fn every_request_gets_exactly_its_outcome(
+            answers in proptest::collection::vec(answer(), 0..8),
+            jobs in 0usize..10,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let got: Vec<&'static str> = rt.block_on(async {
+                let (agent, zt) = SeqPacket::pair().unwrap();
+                let peer = tokio::spawn(scripted_ztunnel(zt, answers.clone()));
+                let (handle, rx) = ConnHandle::new(1, 0, false);
+                let mut replies = Vec::new();
+                for i in 0..jobs {
+                    let (j, r) = Job::awaited(WorkloadRequest::del(format!("pod-{i}")), vec![]);
+                    handle.enqueue(j);
+                    replies.push(r);
+                }
+                // No more jobs: the queue ends once drained (or the connection ends first).
+                drop(handle);
+                let server = tokio::spawn(serve_queue(agent, rx, Duration::from_millis(40)));
+                let mut got = Vec::new();
+                for r in replies {
+                    let o = tokio::time::timeout(Duration::from_secs(5), r).await.expect("an outcome in time");
+                    got.push(kind(&o.expect("exactly one outcome")));
+                }
+                let reason = tokio::time::timeout(Duration::from_secs(5), server).await.expect("the queue ends").unwrap();
+                assert!(matches!(reason, ZdsError::Disconnected(_) | ZdsError::Timeout(_)), "{reason:?}");
+                peer.abort();
+                got
+            });
+            proptest::prop_assert_eq!(got, model(&answers, jobs));
+        }
+    }
 }
