@@ -8,6 +8,8 @@
 //! Modules that touch the kernel are [`netns`], [`rules::apply`], [`rules::routing`] and [`listeners`]; the
 //! rest is bookkeeping that is tested without root.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod cniserver;
 pub mod config;

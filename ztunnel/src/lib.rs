@@ -6,6 +6,8 @@
 //! ([`hbone`]) and connects to the app with the client's IP. Workloads come from Istio's local file format
 //! ([`state`]); metrics are Istio's ([`metrics`]); control endpoints are in [`admin`].
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod authz;
 pub mod ca;
@@ -20,6 +22,7 @@ pub mod proxy;
 pub mod socket;
 pub mod spin;
 pub mod state;
+mod sys;
 pub mod tls;
 pub mod workers;
 pub mod xds;

@@ -80,17 +80,7 @@ pub async fn connect_from_pod(
         // Pick the source port at connect time, per destination (IP_BIND_ADDRESS_NO_PORT), not at bind time
         // across every destination: a busy client IP would otherwise run out of ports, and each bind would
         // search past all of that IP's connections.
-        let no_port: libc::c_int = 1;
-        // SAFETY: a plain int option on a socket we own; the kernel copies the value.
-        let _ = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&no_port as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true);
         if ok.is_ok() && s.bind(&SocketAddr::new(src, 0).into()).is_err() {
             tracing::debug!(%src, "cannot bind the original source; connecting without it");
         }

@@ -152,10 +152,10 @@ pub async fn watch_pauses(s: &'static Spinner) {
 
 /// glibc's default for giving back the free top of the heap.
 #[cfg(target_env = "gnu")]
-const TRIM_DEFAULT: libc::c_int = 128 << 10;
+const TRIM_DEFAULT: i32 = 128 << 10;
 /// While traffic flows: the free top of a worker's heap stays (see [`tune_allocator`]).
 #[cfg(target_env = "gnu")]
-const TRIM_BURST: libc::c_int = 64 << 20;
+const TRIM_BURST: i32 = 64 << 20;
 /// Whether [`tune_allocator`] ran.
 static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -167,11 +167,7 @@ static TUNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 /// thread starts.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_BURST);
-    }
+    crate::sys::set_malloc_thresholds(4 << 20, TRIM_BURST);
     TUNED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
@@ -190,21 +186,18 @@ pub fn release_memory() -> Option<Duration> {
         }
     }
     LAST.set(Some(Instant::now()));
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt sets parameters; malloc and free pair on a block nobody else sees; malloc_trim only
-    // walks and releases the allocator's free memory.
-    unsafe {
-        if TUNED.load(std::sync::atomic::Ordering::Relaxed) {
-            // malloc_trim releases free blocks inside every heap but shrinks only the main arena's top; a
-            // worker's arena gives back its top when a large block (64 KiB or more) is freed and the top
-            // exceeds the trim threshold. So: lower the threshold for a moment and free such a block here,
-            // in this thread's arena. (Another thread freeing meanwhile merely trims its own arena early.)
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_DEFAULT);
-            let p = libc::malloc(std::hint::black_box(64 << 10));
-            libc::free(std::hint::black_box(p));
-            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_BURST);
-        }
-        libc::malloc_trim(0);
+    if TUNED.load(std::sync::atomic::Ordering::Relaxed) {
+        // malloc_trim releases free blocks inside every heap but shrinks only the main arena's top; a worker's
+        // arena gives back its top when a large block (64 KiB or more) is freed and the top exceeds the trim
+        // threshold. So: lower the threshold for a moment and free such a block here, in this thread's arena.
+        // (Another thread freeing meanwhile merely trims its own arena early.)
+        #[cfg(target_env = "gnu")]
+        crate::sys::set_trim_threshold(TRIM_DEFAULT);
+        crate::sys::trim_heap(64 << 10);
+        #[cfg(target_env = "gnu")]
+        crate::sys::set_trim_threshold(TRIM_BURST);
+    } else {
+        crate::sys::trim_heap(0);
     }
     None
 }

@@ -74,12 +74,10 @@ async fn read_bursts(tcp: &TcpStream, count: &mut u64, sink: &mut impl Sink) -> 
         loop {
             buf.reserve(size);
             let room = buf.capacity() - buf.len();
-            match read_once(tcp, buf.spare_capacity_mut())? {
+            match read_once(tcp, &mut buf)? {
                 None => break,
                 Some(0) => return Ok(()),
                 Some(n) => {
-                    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
-                    unsafe { buf.set_len(buf.len() + n) };
                     *count += n as u64;
                     if n == room && size < MAX_BUF {
                         size *= 2;
@@ -100,11 +98,11 @@ async fn read_bursts(tcp: &TcpStream, count: &mut u64, sink: &mut impl Sink) -> 
 /// is cleared right away; the next arrival raises a new edge-triggered event. Otherwise every burst would
 /// end with one more read, only to learn `WouldBlock` — a system call per message in request/response
 /// traffic.
-fn read_once(tcp: &TcpStream, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<Option<usize>> {
-    let room = buf.len();
+fn read_once(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    let room = buf.capacity() - buf.len();
     let mut read = 0;
     let r = tcp.try_io(tokio::io::Interest::READABLE, || {
-        read = SockRef::from(tcp).recv(buf)?;
+        read = crate::sys::recv_spare(&SockRef::from(tcp), buf)?;
         if read > 0 && read < room {
             // Not an error: tells tokio the socket is empty now.
             return Err(io::ErrorKind::WouldBlock.into());

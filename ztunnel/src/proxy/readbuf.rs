@@ -51,20 +51,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
             // Reused while the socket keeps having data; never zeroed (the read fills what is used).
             let mut buf = this.buf.take().unwrap_or_else(|| Vec::with_capacity(CAPACITY));
             buf.clear();
-            let mut rb = ReadBuf::uninit(buf.spare_capacity_mut());
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            match crate::sys::poll_read_spare(Pin::new(&mut this.inner), cx, &mut buf) {
                 // The socket ran dry: the burst is over, and so is the buffer.
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Ok(()));
-                    }
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(_)) => {
                     // Bytes arrived for this worker (it keeps polling while they do).
                     crate::spin::activity();
-                    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
-                    unsafe { buf.set_len(n) };
                     this.buf = Some(buf);
                     this.pos = 0;
                 }
