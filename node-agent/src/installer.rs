@@ -343,36 +343,19 @@ pub fn watch(
 ) -> WatchHandle {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let thread = std::thread::Builder::new()
         .name("cni-installer".into())
         .spawn(move || {
-            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
-            let flags = AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE
-                | AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_MOVED_FROM;
-            let mut watching = false;
+            let _ = std::fs::create_dir_all(&installer.config.cni_bin_dir);
+            let mut watch =
+                ambit_proto::host::DirWatch::new(&[&installer.config.cni_conf_dir, &installer.config.cni_bin_dir]);
             let mut limiter = RepairLimiter::default();
             let mut installed_once = false;
             let mut last_poll = Instant::now() - Duration::from_secs(60);
             while !stopped.load(std::sync::atomic::Ordering::Acquire) {
-                if let (Some(i), false) = (&inotify, watching) {
-                    let _ = std::fs::create_dir_all(&installer.config.cni_bin_dir);
-                    watching = i.add_watch(&installer.config.cni_conf_dir, flags).is_ok()
-                        && i.add_watch(&installer.config.cni_bin_dir, flags).is_ok();
-                }
                 let mut changed = last_poll.elapsed() >= Duration::from_secs(if installed_once { 10 } else { 1 });
-                if let Some(i) = &inotify {
-                    while let Ok(events) = i.read_events() {
-                        if events.is_empty() {
-                            break;
-                        }
-                        // Only other writers' changes matter: ours are temp files renamed into place.
-                        changed |= events.iter().any(|e| e.name.as_ref().is_none_or(|n| !n.to_string_lossy().starts_with('.')));
-                    }
-                }
+                // Only other writers' changes matter: ours are temp files renamed into place.
+                changed |= watch.changed(|n| n.is_none_or(|n| !n.to_string_lossy().starts_with('.')));
                 if changed {
                     last_poll = Instant::now();
                     match installer.install() {

@@ -4,11 +4,10 @@
 //! ZDS listener-handoff extension). Because the sockets outlive any ztunnel process, a connection that arrives
 //! while ztunnel restarts waits in the accept queue instead of being refused.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use ambit_proto::host::{ListenerOptions, inpod_listener};
 use ambit_proto::zds::INPOD_PORTS;
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::rules::ZTUNNEL_MARK;
 
@@ -25,28 +24,21 @@ impl PodListeners {
     /// Creates and binds the listeners in the calling thread's netns (call it on a netns worker thread).
     /// Dual-stack pods get `[::]` sockets that also accept IPv4; IPv4-only pods get `0.0.0.0`.
     pub fn bind_here(ipv6: bool) -> std::io::Result<PodListeners> {
-        let mut sockets = Vec::with_capacity(INPOD_PORTS.len());
-        for port in INPOD_PORTS {
-            let (domain, addr) = if ipv6 {
-                (Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
-            } else {
-                (Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            };
-            let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
-            if ipv6 {
-                s.set_only_v6(false)?;
-            }
-            s.set_reuse_address(true)?;
-            // Lets a ztunnel that binds its own listeners (Istio's) start beside an old one during an upgrade;
-            // the agent never keeps a copy nobody accepts from (it closes them before handing a pod to such a
-            // ztunnel), so connections are never split onto a dead socket.
-            s.set_reuse_port(true)?;
-            s.set_mark(ZTUNNEL_MARK)?;
-            s.set_tcp_nodelay(true)?;
-            s.bind(&addr.into()).map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-            s.listen(BACKLOG)?;
-            sockets.push((port, OwnedFd::from(s)));
-        }
+        // SO_REUSEPORT lets a ztunnel that binds its own listeners (Istio's) start beside an old one during an
+        // upgrade; the agent never keeps a copy nobody accepts from (it closes them before handing a pod to
+        // such a ztunnel), so connections are never split onto a dead socket.
+        let opts = ListenerOptions {
+            ipv6,
+            reuse_port: true,
+            mark: ZTUNNEL_MARK,
+            nodelay: true,
+            nonblocking: false,
+            backlog: BACKLOG,
+        };
+        let sockets = INPOD_PORTS
+            .iter()
+            .map(|&port| Ok((port, OwnedFd::from(inpod_listener(port, opts)?))))
+            .collect::<std::io::Result<_>>()?;
         Ok(PodListeners { sockets })
     }
 

@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use ambit_proto::host::{NetnsCheck, check_netns};
 use nix::sched::CloneFlags;
-use nix::sys::statfs::{NSFS_MAGIC, PROC_SUPER_MAGIC, fstatfs};
 
 /// Why a netns could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -60,18 +60,13 @@ impl PodNetns {
             netns_rs::Error::OpenNsError(_, io) => NetnsError::Io { path: path.to_path_buf(), source: io },
             other => NetnsError::Io { path: path.to_path_buf(), source: std::io::Error::other(other.to_string()) },
         })?;
-        let fs = fstatfs(ns.file()).map_err(|e| NetnsError::Io { path: path.to_path_buf(), source: e.into() })?;
         // A netns file lives on nsfs; an unmounted bind-mount target left behind after the netns died is an empty
         // regular file on the parent filesystem, which is what "gone" looks like after a runtime cleaned up.
-        let ty = fs.filesystem_type();
-        if ty != NSFS_MAGIC && ty != PROC_SUPER_MAGIC {
-            return Err(if ns.file().metadata().map(|m| m.len() == 0 && m.is_file()).unwrap_or(false) {
-                NetnsError::Gone(path.to_path_buf())
-            } else {
-                NetnsError::NotANetns(path.to_path_buf())
-            });
-        }
-        let inode = ns.file().metadata().map_err(|e| NetnsError::Io { path: path.to_path_buf(), source: e })?.ino();
+        let inode = match check_netns(ns.file()).map_err(|e| NetnsError::Io { path: path.to_path_buf(), source: e })? {
+            NetnsCheck::Netns(inode) => inode,
+            NetnsCheck::Stale => return Err(NetnsError::Gone(path.to_path_buf())),
+            NetnsCheck::NotANetns => return Err(NetnsError::NotANetns(path.to_path_buf())),
+        };
         Ok(PodNetns { ns, inode })
     }
 

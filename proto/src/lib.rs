@@ -2,6 +2,8 @@
 //!
 //! - [`zds`]: the node agent → ztunnel protocol, wire-compatible with Istio's `istio.workload.zds`.
 //! - [`seqpacket`] (feature `transport`): the unix `SOCK_SEQPACKET` transport ZDS runs on, with fd passing.
+//! - [`host`] (feature `transport`): what the agent and ztunnel both do on the host: in-pod listeners,
+//!   checking a netns descriptor, watching a directory.
 //! - [`control_plane`] (feature `grpc`): Istio's CA service and delta xDS, with the workload and authorization
 //!   resources ztunnel takes from istiod.
 //! - [`cni_api`]: Ambit's own versioned JSON API between the CNI plugin and the node agent.
@@ -10,6 +12,8 @@
 pub mod cni_api;
 #[cfg(feature = "grpc")]
 pub mod control_plane;
+#[cfg(feature = "transport")]
+pub mod host;
 #[cfg(feature = "transport")]
 pub mod seqpacket;
 pub mod zds;

@@ -7,7 +7,7 @@ use http::{Method, StatusCode, Uri};
 use crate::socket::canonical;
 
 /// Ports an HBONE request may never target: ztunnel's own in-pod listeners (a loop or a bypass).
-pub const FORBIDDEN_PORTS: [u16; 3] = [15001, 15006, 15008];
+pub const FORBIDDEN_PORTS: [u16; 3] = ambit_proto::zds::INPOD_PORTS;
 
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

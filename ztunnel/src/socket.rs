@@ -101,23 +101,9 @@ pub fn bind_in_pod(
     reuse_port: bool,
     mark: u32,
 ) -> std::io::Result<std::net::TcpListener> {
-    let addr: SocketAddr = if ipv6 {
-        (std::net::Ipv6Addr::UNSPECIFIED, port).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, port).into()
-    };
-    let s = netns.run(|| -> std::io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
-        if ipv6 {
-            s.set_only_v6(false)?;
-        }
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(reuse_port)?;
-        s.set_mark(mark)?;
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        Ok(s)
-    })??;
+    let opts =
+        ambit_proto::host::ListenerOptions { ipv6, reuse_port, mark, nodelay: false, nonblocking: true, backlog: 1024 };
+    let s = netns.run(|| ambit_proto::host::inpod_listener(port, opts))??;
     Ok(s.into())
 }
 

@@ -503,32 +503,20 @@ impl State {
 /// Reloads `path` into `state` whenever it changes: inotify on its directory (editors and config writers
 /// replace files by rename), with a slow poll as a safety net.
 pub fn watch(state: Arc<State>, path: PathBuf) {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     std::thread::Builder::new()
         .name("config-watch".into())
         .spawn(move || {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
             let name = path.file_name().map(|n| n.to_os_string());
-            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).ok();
-            if let Some(i) = &inotify {
-                let flags = AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE;
-                if let Err(e) = i.add_watch(&dir, flags) {
-                    warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; polling instead");
-                }
+            let mut watch = ambit_proto::host::DirWatch::new(&[&dir]);
+            if !watch.watching() {
+                warn!(dir = %dir.display(), "cannot watch the config directory; polling instead");
             }
             let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
             let mut last = mtime(&path);
             loop {
                 std::thread::sleep(Duration::from_millis(50));
-                let mut changed = false;
-                if let Some(i) = &inotify {
-                    while let Ok(events) = i.read_events() {
-                        if events.is_empty() {
-                            break;
-                        }
-                        changed |= events.iter().any(|e| e.name.as_ref() == name.as_ref());
-                    }
-                }
+                let mut changed = watch.changed(|n| n == name.as_deref());
                 let now = mtime(&path);
                 if now != last {
                     changed = true;

@@ -167,8 +167,8 @@ pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> (Vec<Check>
                 !pcap::contains(&segs, marker.as_bytes()),
                 "the payload appeared in clear text on the node link"
             );
-            anyhow::ensure!(pcap::has_tls_to(&segs, 15008), "no TLS handshake to port 15008 was seen");
-            let proof = pcap::only_tls(&segs, 15008).map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(pcap::has_tls_to(&segs, ambit_proto::zds::INBOUND_HBONE_PORT), "no TLS handshake to port 15008 was seen");
+            let proof = pcap::only_tls(&segs, ambit_proto::zds::INBOUND_HBONE_PORT).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(format!(
                 "{} segments captured on node1 eth0: every byte of payload is in {} TLS records ({} of application data) on {} HBONE flows, handshake first; payload absent",
                 segs.len(),

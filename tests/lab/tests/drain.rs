@@ -53,7 +53,7 @@ fn sigterm_under_load_sends_goaway_and_resets_nothing_before_the_deadline() {
 
     // A raw HBONE connection to the server's ztunnel, with one open stream, to watch for GOAWAY.
     let mesh = common::MeshClient::of(&lab);
-    let sock = common::tcp_from(&lab.nodes[0].netns, SocketAddr::new(server.ip, 15008));
+    let sock = common::tcp_from(&lab.nodes[0].netns, SocketAddr::new(server.ip, ambit_proto::zds::INBOUND_HBONE_PORT));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ip = server.ip;
     let (send, mut body_out, mut body) = rt.block_on(async move {

@@ -362,7 +362,7 @@ fn untrusted_client_certificates_are_refused_and_counted() {
     let (rogue_cert, rogue_key) = lab::ca::make_ca("Rogue CA", common::TRUST_DOMAIN).unwrap();
     let rogue_ca = LocalCa::from_pem(&rogue_cert, &rogue_key, Duration::from_secs(3600)).unwrap();
     let rogue = CertStore::local(rogue_ca, common::TRUST_DOMAIN);
-    let target = SocketAddr::new(server.ip, 15008);
+    let target = SocketAddr::new(server.ip, ambit_proto::zds::INBOUND_HBONE_PORT);
     let node = &lab.nodes[0].netns;
 
     let attempt = |store: Arc<CertStore>, id: Identity| -> bool {

@@ -22,7 +22,7 @@ fn hostile_requests_get_the_right_status_and_never_stall_the_connection() {
     let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
     let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
     let mesh = common::MeshClient::of(&lab);
-    let hbone = SocketAddr::new(server.ip, 15008);
+    let hbone = SocketAddr::new(server.ip, ambit_proto::zds::INBOUND_HBONE_PORT);
     let node = &lab.nodes[0].netns;
     let (silent, garbage, sock) =
         (common::tcp_from(node, hbone), common::tcp_from(node, hbone), common::tcp_from(node, hbone));
@@ -142,7 +142,7 @@ fn certificates_out_of_validity_or_for_the_wrong_identity_are_refused() {
     let common::MeshClient { ca, roots, .. } = common::MeshClient::of(&lab);
     let me = common::identity(MESH_NS, "client");
     let server_id = common::identity(MESH_NS, "server");
-    let hbone = SocketAddr::new(server.ip, 15008);
+    let hbone = SocketAddr::new(server.ip, ambit_proto::zds::INBOUND_HBONE_PORT);
     let ns = &lab.nodes[0].netns;
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);

@@ -5,11 +5,9 @@
 //! switches straight back: nothing else runs in between, no task is polled, no await happens.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use nix::sched::CloneFlags;
-use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
 
 /// A pod's netns, held open for as long as ztunnel serves the pod.
 #[derive(Debug)]
@@ -38,12 +36,10 @@ pub fn host_netns() -> std::io::Result<Arc<OwnedFd>> {
 impl InpodNetns {
     /// Takes ownership of a netns fd received over ZDS, after checking that it is one.
     pub fn new(host: Arc<OwnedFd>, fd: OwnedFd) -> Result<InpodNetns, NetnsError> {
-        let fs = fstatfs(&fd).map_err(|e| NetnsError::Io(e.into()))?;
-        if fs.filesystem_type() != NSFS_MAGIC {
-            return Err(NetnsError::NotANetns);
+        match ambit_proto::host::check_netns(&fd)? {
+            ambit_proto::host::NetnsCheck::Netns(inode) => Ok(InpodNetns { fd, inode, host }),
+            _ => Err(NetnsError::NotANetns),
         }
-        let inode = std::fs::File::from(fd.try_clone()?).metadata()?.ino();
-        Ok(InpodNetns { fd, inode, host })
     }
 
     /// The namespace's inode (its identity).
