@@ -8,24 +8,31 @@
 
 #![deny(unsafe_code)]
 
-pub mod admin;
-pub mod authz;
+// The binary's entry point, and what the lab drives directly (the CA client, certificates, configuration,
+// identities, workload state, TLS, xDS). Everything else is internal, so unused code shows.
+pub mod app;
 pub mod ca;
 pub mod certs;
 pub mod config;
 pub mod controlplane;
-pub mod hbone;
 pub mod identity;
-pub mod inpod;
-pub mod metrics;
-pub mod proxy;
-pub mod socket;
-pub mod spin;
 pub mod state;
-mod sys;
 pub mod tls;
-pub mod workers;
 pub mod xds;
+
+pub(crate) mod admin;
+pub(crate) mod authz;
+pub(crate) mod hbone;
+pub(crate) mod inpod;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod socket;
+pub(crate) mod spin;
+mod sys;
+pub(crate) mod workers;
+
+pub use admin::LogControl;
+pub use metrics::Metrics;
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -45,16 +45,6 @@ impl Workers {
     pub fn pick(&self) -> Handle {
         self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()].clone()
     }
-
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Whether there are none (never, once started).
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
 }
 
 #[cfg(test)]

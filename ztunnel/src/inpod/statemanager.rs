@@ -83,6 +83,7 @@ impl StateManager {
     }
 
     /// The UIDs of the pods being served.
+    #[cfg(test)]
     pub fn running(&self) -> Vec<String> {
         let mut v: Vec<String> = self.running.keys().cloned().collect();
         v.sort();

@@ -73,6 +73,7 @@ impl Drain {
     }
 
     /// The phase now.
+    #[cfg(test)]
     pub fn phase(&self) -> Phase {
         *self.tx.borrow()
     }

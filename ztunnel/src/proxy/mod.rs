@@ -260,12 +260,7 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
         uid: uid.to_string(),
         identity: identity.clone(),
         tls_server: Arc::new(tls::server_config(ctx.certs.clone(), identity.clone(), ctx.roots.clone())),
-        pool: Pool::new(
-            connector(ctx.clone(), netns.clone()),
-            ctx.cfg.pool_max_streams,
-            ctx.cfg.pool_idle_timeout,
-            ctx.metrics.clone(),
-        ),
+        pool: Pool::new(connector(ctx.clone(), netns.clone()), ctx.cfg.pool_max_streams, ctx.cfg.pool_idle_timeout),
         netns,
         drain: Drain::new(),
         listeners: bound.iter().map(|(p, _, h)| (*p, *h)).collect(),

@@ -84,7 +84,6 @@ pub struct Pool {
     max_streams: u32,
     idle_timeout: Duration,
     next_id: AtomicU64,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -95,7 +94,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// An empty pool.
-    pub fn new(connector: Connector, max_streams: u32, idle_timeout: Duration, metrics: Arc<Metrics>) -> Pool {
+    pub fn new(connector: Connector, max_streams: u32, idle_timeout: Duration) -> Pool {
         Pool {
             conns: Mutex::default(),
             connecting: Mutex::default(),
@@ -103,18 +102,12 @@ impl Pool {
             max_streams,
             idle_timeout,
             next_id: AtomicU64::new(1),
-            metrics,
         }
     }
 
     /// Open connections.
     pub fn len(&self) -> usize {
         self.conns.lock().unwrap().values().map(Vec::len).sum()
-    }
-
-    /// Whether the pool has no connection.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn take_slot(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamSlot)> {
@@ -193,11 +186,6 @@ impl Pool {
     /// Closes every connection (dropping the last handle sends GOAWAY).
     pub fn clear(&self) {
         self.conns.lock().unwrap().clear();
-    }
-
-    /// The metrics the pool reports to.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 }
 

@@ -32,6 +32,7 @@ impl<T> BurstReader<T> {
     }
 
     /// Bytes of buffer held now (0 or [`CAPACITY`]).
+    #[cfg(test)]
     pub fn buffer_size(&self) -> usize {
         self.buf.as_ref().map_or(0, Vec::capacity)
     }
