@@ -379,6 +379,11 @@ impl CertStore {
         self.ca.describe()
     }
 
+    /// A TLS server certificate source that is always `id`'s current certificate here.
+    pub fn resolver(store: &Arc<CertStore>, id: Identity) -> Arc<dyn rustls::server::ResolvesServerCert> {
+        Arc::new(CurrentCert(store.clone(), id))
+    }
+
     /// The cached certificate of `id`, even if due for renewal (still valid).
     pub fn current(&self, id: &Identity) -> Option<Arc<WorkloadCert>> {
         self.entries.lock().unwrap().get(id)?.valid(now_secs())
@@ -525,6 +530,16 @@ pub(crate) fn jitter() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A server certificate that is always the current one of an identity (renewals take effect at once).
+#[derive(Debug)]
+struct CurrentCert(Arc<CertStore>, Identity);
+
+impl rustls::server::ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.current(&self.1).map(|c| c.certified.clone())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -598,7 +613,7 @@ pub(crate) mod tests {
         let client_cert = store.fetch(&client_id).await.unwrap();
 
         let handshake = |expected: Vec<Identity>, ccert: Arc<CertifiedKey>| {
-            let sc = Arc::new(server_config(store.clone(), server_id.clone(), roots.clone()));
+            let sc = Arc::new(server_config(CertStore::resolver(&store, server_id.clone()), roots.clone()));
             let cc = Arc::new(client_config(ccert, expected, roots.clone()));
             async move {
                 let (a, b) = tokio::io::duplex(64 * 1024);

@@ -3,10 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{SockRef, Socket};
 use tokio::net::{TcpSocket, TcpStream};
-
-use crate::inpod::netns::InpodNetns;
 
 /// How long a connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,13 +52,21 @@ pub fn keepalive(
     SockRef::from(tcp).set_tcp_keepalive(&ka)
 }
 
+/// Where a pod's sockets are made: inside the pod's network namespace. The proxy asks for them; `inpod`
+/// answers, over the netns descriptor the node agent handed over.
+pub trait PodSockets: Send + Sync + std::fmt::Debug {
+    /// A new non-blocking TCP socket in the pod's netns.
+    fn tcp(&self, ipv6: bool) -> std::io::Result<Socket>;
+    /// A listener on `port` in the pod's netns.
+    fn listener(&self, port: u16, opts: ambit_proto::host::ListenerOptions) -> std::io::Result<Socket>;
+}
+
 /// A new TCP socket in the pod's netns, marked so the pod's rules let it through, with Nagle off. It gets no
 /// keepalive: most of these connections go to the pod's own app, in the same netns, where a peer that dies
 /// has its socket closed by the kernel and probes would find nothing (callers whose peer is remote add
 /// [`keepalive`]).
-pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
-    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-    let s = netns.run(|| Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP)))??;
+pub fn pod_socket(netns: &dyn PodSockets, ipv6: bool, mark: u32) -> std::io::Result<Socket> {
+    let s = netns.tcp(ipv6)?;
     s.set_mark(mark)?;
     s.set_tcp_nodelay(true)?;
     Ok(s)
@@ -69,7 +75,7 @@ pub fn pod_socket(netns: &InpodNetns, ipv6: bool, mark: u32) -> std::io::Result<
 /// Connects from inside the pod's netns to `dst`. With `spoof_src`, the connection carries that source IP
 /// (IP_TRANSPARENT), so the app sees the original client; if the kernel refuses, it goes without.
 pub async fn connect_from_pod(
-    netns: &InpodNetns,
+    netns: &dyn PodSockets,
     dst: SocketAddr,
     spoof_src: Option<IpAddr>,
     mark: u32,
@@ -95,7 +101,7 @@ pub async fn connect_from_pod(
 
 /// Binds a listener inside the pod's netns (when the agent did not hand one over).
 pub fn bind_in_pod(
-    netns: &InpodNetns,
+    netns: &dyn PodSockets,
     port: u16,
     ipv6: bool,
     reuse_port: bool,
@@ -103,7 +109,7 @@ pub fn bind_in_pod(
 ) -> std::io::Result<std::net::TcpListener> {
     let opts =
         ambit_proto::host::ListenerOptions { ipv6, reuse_port, mark, nodelay: false, nonblocking: true, backlog: 1024 };
-    let s = netns.run(|| ambit_proto::host::inpod_listener(port, opts))??;
+    let s = netns.listener(port, opts)?;
     Ok(s.into())
 }
 
@@ -164,7 +170,8 @@ mod tests {
     #[tokio::test]
     async fn connections_from_the_pod_have_nodelay_and_no_keepalive() {
         let own = std::fs::File::open("/proc/self/ns/net").unwrap();
-        let netns = InpodNetns::new(crate::inpod::netns::host_netns().unwrap(), own.into()).unwrap();
+        let netns =
+            crate::inpod::netns::InpodNetns::new(crate::inpod::netns::host_netns().unwrap(), own.into()).unwrap();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = connect_from_pod(&netns, l.local_addr().unwrap(), None, 0).await.unwrap();
         let s = SockRef::from(&c);

@@ -34,7 +34,7 @@ pub struct Pods {
 
 impl Driver<PodResources> for Pods {
     fn start(&mut self, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<(), String> {
-        let pod = proxy::start_pod(&self.ctx, uid, info, res)?;
+        let pod = proxy::start_pod(&self.ctx, uid, info, std::sync::Arc::new(res.netns), res.listeners)?;
         self.pods.insert(uid.to_string(), pod);
         Ok(())
     }

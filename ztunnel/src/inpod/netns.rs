@@ -59,3 +59,15 @@ impl InpodNetns {
         Ok(out)
     }
 }
+
+impl crate::socket::PodSockets for InpodNetns {
+    fn tcp(&self, ipv6: bool) -> std::io::Result<socket2::Socket> {
+        let domain = if ipv6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+        let ty = socket2::Type::STREAM.nonblocking().cloexec();
+        self.run(|| socket2::Socket::new(domain, ty, Some(socket2::Protocol::TCP)))?
+    }
+
+    fn listener(&self, port: u16, opts: ambit_proto::host::ListenerOptions) -> std::io::Result<socket2::Socket> {
+        self.run(|| ambit_proto::host::inpod_listener(port, opts))?
+    }
+}

@@ -197,7 +197,7 @@ async fn stream(
         return;
     }
     let app =
-        match Box::pin(socket::connect_from_pod(&pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await {
+        match Box::pin(socket::connect_from_pod(&*pod.netns, target, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await {
             Ok(a) => a,
             Err(e) => {
                 reject(&pod, "upstream_unavailable");

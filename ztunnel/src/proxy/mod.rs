@@ -27,8 +27,6 @@ use crate::authz::{Conn, Denial, Target};
 use crate::certs::CertStore;
 use crate::config::Config;
 use crate::identity::Identity;
-use crate::inpod::netns::InpodNetns;
-use crate::inpod::protocol::PodResources;
 use crate::metrics::{DenialLabels, Metrics, PortLabels};
 use crate::socket;
 use crate::state::{Snapshot, State, Workload};
@@ -95,7 +93,7 @@ pub struct PodCtx {
     /// Its identity.
     pub identity: Identity,
     /// Its netns.
-    pub netns: Arc<InpodNetns>,
+    pub netns: Arc<dyn socket::PodSockets>,
     /// Its HBONE client pool.
     pub pool: Pool,
     /// Its drain.
@@ -174,7 +172,7 @@ fn identity_for(cfg: &Config, info: &WorkloadInfo) -> Identity {
     Identity::new(&cfg.trust_domain, &info.namespace, sa)
 }
 
-fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
+fn connector(ctx: Arc<ProxyCtx>, netns: Arc<dyn socket::PodSockets>) -> pool::Connector {
     Arc::new(move |key: PoolKey| {
         let ctx = ctx.clone();
         let netns = netns.clone();
@@ -183,7 +181,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
                 PoolError::Connect(format!("{what} {} ({:?}): {e}", key.addr, key.dst))
             };
             let cert = ctx.certs.fetch(&key.src).await.map_err(|e| err("certificate for", &e))?;
-            let tcp = socket::connect_from_pod(&netns, key.addr, None, ctx.cfg.packet_mark)
+            let tcp = socket::connect_from_pod(&*netns, key.addr, None, ctx.cfg.packet_mark)
                 .await
                 .map_err(|e| err("connecting to", &e))?;
             ctx.keepalive(&tcp);
@@ -220,7 +218,7 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<InpodNetns>) -> pool::Connector {
 
 fn take_or_bind(
     ctx: &ProxyCtx,
-    netns: &InpodNetns,
+    netns: &dyn socket::PodSockets,
     handed: &mut Vec<(u16, std::net::TcpListener)>,
     port: u16,
 ) -> std::io::Result<(TcpListener, bool)> {
@@ -238,20 +236,25 @@ fn take_or_bind(
     Ok((TcpListener::from_std(l)?, false))
 }
 
-/// Starts serving a pod: takes (or binds) its listeners and spawns their accept loops.
-pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<Arc<PodCtx>, String> {
-    let PodResources { netns, mut listeners } = res;
+/// Starts serving a pod whose sockets `netns` makes: takes the `listeners` handed over (or binds its own) and
+/// spawns their accept loops.
+pub fn start_pod(
+    ctx: &Arc<ProxyCtx>,
+    uid: &str,
+    info: WorkloadInfo,
+    netns: Arc<dyn socket::PodSockets>,
+    mut listeners: Vec<(u16, std::net::TcpListener)>,
+) -> Result<Arc<PodCtx>, String> {
     // Everything of the pod lives on one worker: its sockets register with that worker's reactor, its tasks
     // are spawned there.
     let worker = ctx.workers.pick();
     let _on_worker = worker.enter();
     let identity = identity_for(&ctx.cfg, &info);
-    let netns = Arc::new(netns);
     let mut bound = Vec::new();
     let mut listener_fds = Vec::new();
     for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT] {
         let (l, handed) =
-            take_or_bind(ctx, &netns, &mut listeners, port).map_err(|e| format!("listener {port}: {e}"))?;
+            take_or_bind(ctx, &*netns, &mut listeners, port).map_err(|e| format!("listener {port}: {e}"))?;
         let copy = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().map_err(|e| format!("listener {port}: {e}"))?;
         listener_fds.push((port, copy));
         bound.push((port, l, handed));
@@ -259,7 +262,7 @@ pub fn start_pod(ctx: &Arc<ProxyCtx>, uid: &str, info: WorkloadInfo, res: PodRes
     let pod = Arc::new(PodCtx {
         uid: uid.to_string(),
         identity: identity.clone(),
-        tls_server: Arc::new(tls::server_config(ctx.certs.clone(), identity.clone(), ctx.roots.clone())),
+        tls_server: Arc::new(tls::server_config(CertStore::resolver(&ctx.certs, identity.clone()), ctx.roots.clone())),
         pool: Pool::new(connector(ctx.clone(), netns.clone()), ctx.cfg.pool_max_streams, ctx.cfg.pool_idle_timeout),
         netns,
         drain: Drain::new(),

@@ -277,7 +277,7 @@ async fn hbone(
 
 async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, src: Peer, dst_peer: Peer) {
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
-    let upstream = match Box::pin(socket::connect_from_pod(&pod.netns, dst, None, pod.ctx.cfg.packet_mark)).await {
+    let upstream = match Box::pin(socket::connect_from_pod(&*pod.netns, dst, None, pod.ctx.cfg.packet_mark)).await {
         Ok(u) => u,
         Err(e) => {
             rec.close(0, 0, Some(&e.to_string()), Some("UF"));

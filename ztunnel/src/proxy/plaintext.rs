@@ -49,7 +49,7 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
         rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
         return;
     }
-    let app = match Box::pin(socket::connect_from_pod(&pod.netns, dst, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await
+    let app = match Box::pin(socket::connect_from_pod(&*pod.netns, dst, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await
     {
         Ok(a) => a,
         Err(e) => {

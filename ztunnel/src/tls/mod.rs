@@ -229,27 +229,17 @@ impl ServerCertVerifier for ServerVerifier {
     handshake_signatures!();
 }
 
-/// A server certificate that is always the current one of an identity (renewals take effect at once).
-#[derive(Debug)]
-pub struct CurrentCert(pub Arc<crate::certs::CertStore>, pub Identity);
-
-impl rustls::server::ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.current(&self.1).map(|c| c.certified.clone())
-    }
-}
-
-/// The HBONE server config for a pod whose identity is `id`.
+/// The HBONE server config for a pod, whose certificate `cert` resolves at each handshake (so renewals take
+/// effect at once; see `certs::CertStore::resolver`).
 pub fn server_config(
-    store: Arc<crate::certs::CertStore>,
-    id: Identity,
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
     roots: Arc<TrustRoots>,
 ) -> rustls::ServerConfig {
     let mut c = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3 with these suites is consistent")
         .with_client_cert_verifier(ClientVerifier::new(roots))
-        .with_cert_resolver(Arc::new(CurrentCert(store, id)));
+        .with_cert_resolver(cert);
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     c.send_tls13_tickets = 0;
