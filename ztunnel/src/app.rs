@@ -26,7 +26,7 @@ pub fn prepare_process() {
     raise_fd_limit();
     crate::socket::reserve_spare_fd();
     // Freed buffers stay while traffic flows; each worker returns them when its traffic pauses.
-    crate::spin::tune_allocator();
+    crate::heap::tune_allocator();
 }
 
 /// Raises the soft limit on open files to the hard one (as Istio's ztunnel does): each proxied connection
@@ -150,7 +150,7 @@ pub async fn run(cfg: Config, log: Arc<dyn LogControl>) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
-            let _ = crate::spin::release_memory();
+            let _ = crate::heap::release_memory();
         }
     });
     if let Some((path, pem)) = root_file {

@@ -22,12 +22,13 @@ pub mod xds;
 
 pub(crate) mod admin;
 pub(crate) mod authz;
+pub(crate) mod busy_poll;
 pub(crate) mod hbone;
+pub(crate) mod heap;
 pub(crate) mod inpod;
 pub(crate) mod metrics;
 pub(crate) mod proxy;
 pub(crate) mod socket;
-pub(crate) mod spin;
 mod sys;
 pub(crate) mod workers;
 

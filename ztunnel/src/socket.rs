@@ -95,7 +95,7 @@ pub async fn connect_from_pod(
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {dst} timed out")))??;
-    crate::spin::activity();
+    crate::busy_poll::activity();
     Ok(tcp)
 }
 

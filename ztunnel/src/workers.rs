@@ -1,7 +1,7 @@
 //! The proxy's worker threads, each an independent single-threaded event loop (the model of Envoy's workers):
 //! every pod is served by one worker, chosen round robin when the pod arrives, and all of that pod's
 //! listeners, connections and HBONE pool live there. A connection never hops threads, so handing bytes
-//! between its tasks costs no cross-thread wakeup, and each worker can busy-poll ([`crate::spin`]) while its
+//! between its tasks costs no cross-thread wakeup, and each worker can busy-poll ([`crate::busy_poll`]) while its
 //! pods have traffic. Control work (ZDS, admin, configuration) runs on the main thread.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,17 +23,17 @@ impl Workers {
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(crate::spin::on_idle)
+                .on_thread_park(crate::busy_poll::on_idle)
                 .build()?;
             handles.push(rt.handle().clone());
             std::thread::Builder::new().name(format!("ztunnel-worker-{i}")).spawn(move || {
-                let s = crate::spin::install(spin);
+                let s = crate::busy_poll::install(spin);
                 rt.block_on(async {
                     // Whether the worker polls is the park hook's decision: without busy polling nothing
                     // ever wakes this task.
-                    tokio::spawn(crate::spin::poller(s));
+                    tokio::spawn(crate::busy_poll::poller(s));
                     // Even without busy polling: a burst's memory goes back when the traffic pauses.
-                    tokio::spawn(crate::spin::watch_pauses(s));
+                    tokio::spawn(crate::busy_poll::watch_pauses(s));
                     std::future::pending::<()>().await
                 })
             })?;
@@ -50,7 +50,7 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spin::{POLLED_AFTER, YIELDS};
+    use crate::busy_poll::{POLLED_AFTER, YIELDS};
 
     /// A packet that arrives while a worker busy-polls is handled by the first poll that sees it: the task it
     /// wakes runs before the worker offers its CPU to another thread.
@@ -62,7 +62,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         workers.pick().spawn(async move {
             let b = tokio::net::UnixStream::from_std(b).unwrap();
-            crate::spin::activity();
+            crate::busy_poll::activity();
             let mut late = 0;
             let mut buf = [0u8; 64];
             // Packets, not wakeups: on a busy machine two may arrive before one wakeup.
@@ -71,7 +71,7 @@ mod tests {
                 b.readable().await.unwrap();
                 // Yields since the driver poll that woke this task (the poller ran right after it).
                 late += YIELDS.get() - POLLED_AFTER.get();
-                crate::spin::activity();
+                crate::busy_poll::activity();
                 while let Ok(n @ 1..) = b.try_read(&mut buf) {
                     got += n;
                 }
@@ -100,7 +100,7 @@ mod tests {
                 // A lull: the worker polls, offering its CPU between polls.
                 tokio::time::sleep(Duration::from_micros(200)).await;
                 let (a, b) = tokio::net::UnixStream::pair().unwrap();
-                crate::spin::activity();
+                crate::busy_poll::activity();
                 let before = YIELDS.get();
                 a.try_write(b"x").unwrap();
                 b.readable().await.unwrap();

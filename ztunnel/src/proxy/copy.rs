@@ -69,7 +69,7 @@ async fn read_bursts(tcp: &TcpStream, count: &mut u64, sink: &mut impl Sink) -> 
     let mut size = MIN_BUF;
     loop {
         tcp.readable().await?;
-        crate::spin::activity();
+        crate::busy_poll::activity();
         let mut buf = BytesMut::new();
         loop {
             buf.reserve(size);
@@ -149,7 +149,7 @@ pub async fn tcp_h2(tcp: &TcpStream, mut send: SendStream<Bytes>, mut recv: Recv
     };
     let down = async {
         while let Some(chunk) = recv.data().await {
-            crate::spin::activity();
+            crate::busy_poll::activity();
             let chunk = chunk.map_err(h2_io)?;
             let n = chunk.len();
             write_all(tcp, &chunk).await?;

@@ -344,7 +344,7 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
             },
             _ = drain.draining() => break,
         };
-        crate::spin::activity();
+        crate::busy_poll::activity();
         let pod = pod.clone();
         tokio::spawn(async move {
             let active = pod.drain.track();

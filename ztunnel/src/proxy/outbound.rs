@@ -204,7 +204,7 @@ async fn answer(
                 match tcp.try_read(&mut chunk[..room]) {
                     Ok(0) => watch = false,
                     Ok(n) => {
-                        crate::spin::activity();
+                        crate::busy_poll::activity();
                         early.extend_from_slice(&chunk[..n]);
                         watch = early.len() < EARLY_MAX;
                         if let Err(e) = send.send_data(Bytes::copy_from_slice(&chunk[..n]), false) {

@@ -45,7 +45,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
             // Nothing buffered. A caller asking for at least a buffer's worth reads directly.
             if out.remaining() >= CAPACITY {
                 let r = ready!(Pin::new(&mut this.inner).poll_read(cx, out));
-                crate::spin::activity();
+                crate::busy_poll::activity();
                 this.buf = None;
                 return Poll::Ready(r);
             }
@@ -59,7 +59,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BurstReader<T> {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
                 Poll::Ready(Ok(_)) => {
                     // Bytes arrived for this worker (it keeps polling while they do).
-                    crate::spin::activity();
+                    crate::busy_poll::activity();
                     this.buf = Some(buf);
                     this.pos = 0;
                 }
