@@ -10,42 +10,14 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{HANDSHAKE_TIMEOUT, PodCtx, copy};
+use super::{PodCtx, copy};
 use crate::authz::Conn;
 use crate::hbone;
+use crate::hbone::HANDSHAKE_TIMEOUT;
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer, ReasonLabels};
 use crate::socket;
 use crate::tls;
-
-/// Most concurrent streams a client may open on one HBONE connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 200;
-/// Largest request header block accepted.
-pub const MAX_HEADER_LIST: u32 = 64 * 1024;
-
-/// A short reason for a failed handshake, for metrics.
-pub fn tls_reason(e: &std::io::Error) -> &'static str {
-    use rustls::CertificateError as C;
-    let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return if e.kind() == std::io::ErrorKind::UnexpectedEof { "eof" } else { "io" };
-    };
-    match r {
-        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "unknown_ca",
-        rustls::Error::InvalidCertificate(C::Expired) | rustls::Error::InvalidCertificate(C::ExpiredContext { .. }) => {
-            "expired"
-        }
-        rustls::Error::InvalidCertificate(C::NotValidYet)
-        | rustls::Error::InvalidCertificate(C::NotValidYetContext { .. }) => "not_yet_valid",
-        rustls::Error::InvalidCertificate(C::ApplicationVerificationFailure) => "identity",
-        rustls::Error::InvalidCertificate(C::BadSignature) => "bad_signature",
-        rustls::Error::InvalidCertificate(_) => "bad_certificate",
-        rustls::Error::NoCertificatesPresented => "no_client_certificate",
-        rustls::Error::AlertReceived(_) => "alert_received",
-        rustls::Error::NoApplicationProtocol => "no_alpn",
-        rustls::Error::PeerIncompatible(_) => "incompatible",
-        _ => "other",
-    }
-}
 
 /// Counts a refused HBONE request; `true` the first time for this reason (see [`Metrics::tls_failure`]).
 fn reject(pod: &PodCtx, reason: &str) -> bool {
@@ -83,10 +55,10 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         return;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
-    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::tls_io(tcp))).await {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(hbone::tls_io(tcp))).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            let reason = tls_reason(&e);
+            let reason = hbone::tls_reason(&e);
             let first = pod.ctx.metrics.tls_failure("inbound", reason);
             log_once!(first, pod = %pod.name(), %peer, reason, error = %e, "TLS handshake refused");
             return;
@@ -102,18 +74,9 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         log_once!(first, pod = %pod.name(), %peer, "client certificate without a workload identity");
         return;
     };
-    tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
+    tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_WRITE_BUFFER));
     let c = &pod.ctx.cfg;
-    let mut conn = match h2::server::Builder::new()
-        .initial_window_size(c.h2_stream_window)
-        .initial_connection_window_size(c.h2_connection_window)
-        .max_frame_size(c.h2_frame_size)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_send_buffer_size(4 * 1024 * 1024)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
+    let mut conn = match hbone::server::handshake(tls, c).await {
         Ok(c) => c,
         Err(e) => {
             debug!(pod = %pod.name(), %peer, error = %e, "HTTP/2 handshake failed");
@@ -122,7 +85,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
     };
     let mut drain = pod.drain.watch();
     let mut goaway = false;
-    let ping = super::pool::keepalive(conn.ping_pong(), c.h2_ping_interval, c.h2_ping_timeout);
+    let ping = hbone::keepalive(conn.ping_pong(), c.h2_ping_interval, c.h2_ping_timeout);
     tokio::pin!(ping);
     loop {
         tokio::select! {
@@ -171,7 +134,7 @@ async fn stream(
     local: SocketAddr,
     client_id: Identity,
 ) {
-    let target = match hbone::validate(req.method(), req.uri(), local) {
+    let target = match hbone::server::validate(req.method(), req.uri(), local) {
         Ok(t) => t,
         Err(rej) => {
             let first = reject(&pod, rej.reason());

@@ -11,21 +11,19 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
-pub mod readbuf;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, WorkloadInfo};
-use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::authz::{Conn, Denial, Target};
 use crate::certs::CertStore;
 use crate::config::Config;
+use crate::hbone;
 use crate::identity::Identity;
 use crate::metrics::{DenialLabels, Metrics, PortLabels};
 use crate::socket;
@@ -33,9 +31,6 @@ use crate::state::{Snapshot, State, Workload};
 use crate::tls::{self, TrustRoots};
 use drain::Drain;
 use pool::{Pool, PoolError, PoolKey};
-
-/// How long a TLS handshake may take before the connection is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every pod proxy shares.
 pub struct ProxyCtx {
@@ -72,17 +67,6 @@ impl ProxyCtx {
         }
     }
 }
-
-/// The transport under an HBONE connection's TLS: reads through a buffer that exists only while bytes flow
-/// ([`readbuf`]).
-pub fn tls_io(tcp: TcpStream) -> readbuf::BurstReader<TcpStream> {
-    readbuf::BurstReader::new(tcp)
-}
-
-/// Encrypted bytes rustls may hold for an HBONE connection before its writes must wait for the socket.
-/// rustls's default (64 KiB) cuts each of our data frames (up to 256 KiB plus a 9-byte header) into five
-/// writes, the last of them a lone 9-byte TLS record and TCP packet; this takes a whole frame in one `writev`.
-pub const TLS_WRITE_BUFFER: usize = 512 * 1024;
 
 /// One served pod.
 pub struct PodCtx {
@@ -185,32 +169,9 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<dyn socket::PodSockets>) -> pool::Co
                 .await
                 .map_err(|e| err("connecting to", &e))?;
             ctx.keepalive(&tcp);
-            let cfg = Arc::new(tls::client_config(cert.certified.clone(), key.dst.clone(), ctx.roots.clone()));
-            let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
-            let mut tls = tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                tokio_rustls::TlsConnector::from(cfg).connect(name, tls_io(tcp)),
-            )
-            .await
-            .map_err(|_| err("TLS handshake with", &"timed out"))?
-            .map_err(|e| {
-                let _ = ctx.metrics.tls_failure("outbound", inbound::tls_reason(&e));
-                err("TLS handshake with", &e)
-            })?;
-            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
-            let (send, conn) = h2::client::Builder::new()
-                .initial_window_size(ctx.cfg.h2_stream_window)
-                .initial_connection_window_size(ctx.cfg.h2_connection_window)
-                .max_frame_size(ctx.cfg.h2_frame_size)
-                .max_header_list_size(16 * 1024)
-                .max_send_buffer_size(4 * 1024 * 1024)
-                .enable_push(false)
-                .handshake::<_, Bytes>(tls)
+            let (send, closed) = hbone::client::connect(tcp, &cert.certified, &key, &ctx.roots, &ctx.cfg, &ctx.metrics)
                 .await
-                .map_err(|e| err("HTTP/2 handshake with", &e))?;
-            let closed = Arc::new(AtomicBool::new(false));
-            let ping = (ctx.cfg.h2_ping_interval, ctx.cfg.h2_ping_timeout);
-            pool::drive(conn, closed.clone(), ctx.metrics.clone(), ping);
+                .map_err(|(what, e)| err(what, &e))?;
             Ok((send, closed))
         })
     })

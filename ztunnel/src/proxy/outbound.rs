@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -77,39 +77,6 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// A W3C `traceparent` starting a new trace. Trace and span ids must be unique, not secret, so they come
-/// from a per-thread generator seeded once from the system's CSPRNG: no system call and no allocation but the
-/// header's own per connection.
-fn traceparent() -> String {
-    use std::fmt::Write;
-    thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
-            let mut seed = [0u8; 8];
-            let _ = rustls::crypto::ring::default_provider().secure_random.fill(&mut seed);
-            u64::from_le_bytes(seed)
-        });
-    }
-    // splitmix64: every output of a 2^64 cycle, well mixed.
-    let next = || {
-        STATE.with(|s| {
-            let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-            s.set(x);
-            let z = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        })
-    };
-    // All-zero ids are invalid; splitmix64 yields zero once per cycle, so a redraw is all it takes.
-    let nonzero = || std::iter::repeat_with(next).find(|v| *v != 0).unwrap_or(1);
-    let mut out = String::with_capacity(55);
-    let _ = write!(out, "00-{:016x}{:016x}-{:016x}-01", next(), nonzero(), nonzero());
-    out
-}
-
-fn forwarded_for(peer: SocketAddr) -> String {
-    format!("for=\"{peer}\"")
-}
-
 /// Most of what the client sends before the peer answers that is forwarded at once (and kept, for a retry).
 const EARLY_MAX: usize = 16 * 1024;
 
@@ -151,14 +118,7 @@ async fn open_stream(
             }
             Err(e) => return Err(OpenError::Upstream(e.to_string())),
         };
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(dst.to_string())
-            .header("forwarded", forwarded_for(peer))
-            .header("traceparent", traceparent())
-            .header("baggage", format!("k8s.namespace.name={},k8s.pod.name={}", pod.info.namespace, pod.info.name))
-            .body(())
-            .expect("valid CONNECT request");
+        let req = crate::hbone::client::connect_request(dst, peer, &pod.info.namespace, &pod.info.name);
         let sent = match send_req.send_request(req, false) {
             Ok((resp, mut send)) => answer(resp, &mut send, tcp, early).await.map(|r| r.map(|r| (r, send))),
             Err(e) => Ok(Err(e)),
@@ -292,21 +252,9 @@ async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: So
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{Method, Request};
     use std::time::Duration;
 
-    #[test]
-    fn traceparent_is_w3c_shaped_and_new_each_time() {
-        let (a, b) = (traceparent(), traceparent());
-        assert_ne!(a, b);
-        for t in [a, b] {
-            let parts: Vec<&str> = t.split('-').collect();
-            assert_eq!(parts.len(), 4, "{t}");
-            assert_eq!((parts[0], parts[3]), ("00", "01"), "{t}");
-            assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{t}");
-            assert!(t.bytes().all(|c| c == b'-' || c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{t}");
-            assert!(parts[1].bytes().any(|c| c != b'0') && parts[2].bytes().any(|c| c != b'0'), "{t}");
-        }
-    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A peer that answers a CONNECT only once it has `wait_for` bytes of the stream; returns what it got.

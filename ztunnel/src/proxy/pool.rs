@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::identity::Identity;
-use crate::metrics::Metrics;
 
 /// What a pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -189,46 +188,10 @@ impl Pool {
     }
 }
 
-/// Sends an HTTP/2 PING every `interval`; returns (with why) when one goes unanswered for `timeout`. When the
-/// connection is going away anyway (a PING cannot be sent), it never returns and lets the connection end.
-pub async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) -> String {
-    let Some(mut ping) = ping else { return std::future::pending().await };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return std::future::pending().await,
-            Err(_) => return format!("no answer to an HTTP/2 PING within {timeout:?}"),
-        }
-    }
-}
-
-/// Runs the HTTP/2 connection task (with PING keepalive) and marks the connection closed when it ends.
-pub fn drive<T>(
-    mut conn: h2::client::Connection<T, Bytes>,
-    closed: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    ping: (Duration, Duration),
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    metrics.pool_connections.inc();
-    let pinger = conn.ping_pong();
-    tokio::spawn(async move {
-        tokio::select! {
-            r = &mut conn => if let Err(e) = r && !e.is_go_away() {
-                warn!(error = %e, "pooled HBONE connection failed");
-            },
-            why = keepalive(pinger, ping.0, ping.1) => warn!("pooled HBONE connection dropped: {why}"),
-        }
-        closed.store(true, Ordering::Release);
-        metrics.pool_connections.dec();
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
 
     /// A peer that answers PINGs (a real h2 server) keeps the connection; one that went silent loses it.
     #[tokio::test]
@@ -242,7 +205,7 @@ mod tests {
         });
         let (_send, conn) = h2::client::handshake(a).await.unwrap();
         let alive = Arc::new(AtomicBool::new(false));
-        drive(conn, alive.clone(), Metrics::new(), ping);
+        crate::hbone::client::drive(conn, alive.clone(), Metrics::new(), ping);
         // Silent peer: reads everything, answers nothing.
         let (a, mut b) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
@@ -251,7 +214,7 @@ mod tests {
         });
         let (_send2, conn) = h2::client::handshake(a).await.unwrap();
         let dead = Arc::new(AtomicBool::new(false));
-        drive(conn, dead.clone(), Metrics::new(), ping);
+        crate::hbone::client::drive(conn, dead.clone(), Metrics::new(), ping);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(dead.load(Ordering::Acquire), "a silent peer's connection is dropped");
         assert!(!alive.load(Ordering::Acquire), "an answering peer's connection stays");

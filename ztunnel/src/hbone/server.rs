@@ -1,10 +1,34 @@
-//! HBONE request validation (pure): what an inbound CONNECT must look like before ztunnel opens anything.
+//! HBONE's server side: the HTTP/2 server on an accepted mTLS connection, and the validation (pure) of what an
+//! inbound CONNECT must look like before ztunnel opens anything.
 
 use std::net::SocketAddr;
 
+use bytes::Bytes;
 use http::{Method, StatusCode, Uri};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::socket::canonical;
+
+/// Most concurrent streams a client may open on one HBONE connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Largest request header block accepted.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// The HTTP/2 server handshake on an established mTLS connection, with ztunnel's windows and limits.
+pub async fn handshake<T: AsyncRead + AsyncWrite + Unpin>(
+    tls: T,
+    cfg: &crate::config::Config,
+) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
+    h2::server::Builder::new()
+        .initial_window_size(cfg.h2_stream_window)
+        .initial_connection_window_size(cfg.h2_connection_window)
+        .max_frame_size(cfg.h2_frame_size)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_send_buffer_size(4 * 1024 * 1024)
+        .handshake::<_, Bytes>(tls)
+        .await
+}
 
 /// Ports an HBONE request may never target: ztunnel's own in-pod listeners (a loop or a bypass).
 pub const FORBIDDEN_PORTS: [u16; 3] = ambit_proto::zds::INPOD_PORTS;
