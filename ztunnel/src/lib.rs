@@ -3,8 +3,8 @@
 //! [`app`] runs the process. The node agent hands it each enrolled pod over ZDS (`inpod`); it serves each pod
 //! from inside the pod's own netns (`proxy`, which asks for the pod's sockets through
 //! `socket::PodSockets`, implemented by `inpod`): outbound TCP goes over HBONE — HTTP/2 CONNECT inside
-//! mutual TLS with SPIFFE identities ([`tls`]; certificates from the CA, [`certs`], [`ca`], [`controlplane`])
-//! — to the destination pod's ztunnel on 15008, which validates it (`hbone`) and connects to the app with the
+//! mutual TLS with SPIFFE identities (`hbone`, client and server sides; [`tls`]; certificates from the CA, [`certs`], [`ca`], [`controlplane`])
+//! — to the destination pod's ztunnel on 15008, which validates it and connects to the app with the
 //! client's IP. Workloads, services and policies come from istiod's delta xDS ([`xds`]) or Istio's local
 //! file, into [`state`]; metrics are Istio's (`metrics`); control endpoints are in `admin`. Workers busy-poll
 //! while traffic flows (`busy_poll`) and give memory back when it pauses (`heap`); the only `unsafe` code is

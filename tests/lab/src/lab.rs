@@ -329,6 +329,7 @@ pub struct Lab {
     mesh: Mutex<MeshConfig>,
     service_accounts: Mutex<BTreeMap<(String, String), String>>,
     known_pods: Mutex<Vec<crate::controlplane::KnownPod>>,
+    publishing: Mutex<()>,
     control_plane: Option<crate::controlplane::ControlPlane>,
     kube: Option<crate::kube::KubeApi>,
     keep: bool,
@@ -352,6 +353,7 @@ impl Lab {
             mesh: Mutex::default(),
             service_accounts: Mutex::new(BTreeMap::new()),
             known_pods: Mutex::new(Vec::new()),
+            publishing: Mutex::new(()),
             control_plane: None,
             kube: None,
             keep: false,
@@ -673,6 +675,7 @@ impl Lab {
     /// Breaks the mesh file the control plane serves (it no longer parses) for `d`, then writes it whole again;
     /// nothing else can publish meanwhile. The control plane must keep serving its last good version.
     pub fn break_mesh_file_for(&self, d: Duration) -> anyhow::Result<()> {
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         {
             let _held = self.workloads.lock().unwrap();
             write_atomic(&self.workloads_path(), b"workloads: [this is not {a mesh file\n")?;
@@ -742,6 +745,10 @@ impl Lab {
     /// Rewrites the local file after `change` to the workloads and the rest, and waits until every running
     /// ztunnel has loaded it.
     fn rewrite(&self, change: impl FnOnce(&mut BTreeMap<String, Published>, &mut MeshConfig)) -> anyhow::Result<()> {
+        // One change at a time, from the write to every ztunnel taking it: the control plane serves only the
+        // file's latest version, so a change overtaken by another before it was pushed would be waited for
+        // in vain.
+        let _one_at_a_time = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         if self.config.control_plane {
             // Every ztunnel that is ready now must take the change.
             let ready: Vec<bool> = self
@@ -750,8 +757,12 @@ impl Lab {
                 .map(|n| matches!(n.ztunnel_get(READY_PORT, "/healthz/ready"), Ok((200, _))))
                 .collect();
             let since = crate::controlplane::push_records_end(&self.control_plane().dir);
+            let before = std::fs::read(self.workloads_path()).map(|b| crate::controlplane::mesh_version(&b));
             change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
             let version = self.write_workloads()?;
+            if before.is_ok_and(|b| b == version) {
+                return Ok(()); // nothing changed: nothing will be pushed
+            }
             return self.wait_pushed(&version, &ready, since);
         }
         let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
@@ -856,8 +867,9 @@ impl Lab {
 
     /// Removes a pod from the local file (its address becomes unknown to the mesh) without deleting it.
     pub fn unpublish(&self, pod: &Pod) -> anyhow::Result<()> {
-        self.workloads.lock().unwrap().remove(&pod.uid);
-        self.write_workloads()?;
+        self.rewrite(|w, _| {
+            w.remove(&pod.uid);
+        })?;
         self.wait_workload_visible(&workload_uid(pod), false)
     }
 
@@ -1235,9 +1247,7 @@ impl Lab {
     pub fn delete_pod(&self, pod: Pod) -> anyhow::Result<()> {
         self.cni_del(&pod)?;
         let _ = std::fs::remove_file(self.pod_record(&pod.namespace, &pod.name));
-        self.workloads.lock().unwrap().remove(&pod.uid);
-        self.write_workloads()?;
-        self.wait_workload_visible(&workload_uid(&pod), false)?;
+        self.unpublish(&pod)?;
         pod.netns.delete()
     }
 
@@ -1296,6 +1306,7 @@ impl Lab {
             mesh: Mutex::new(mesh),
             service_accounts: Mutex::new(BTreeMap::new()),
             known_pods: Mutex::new(Vec::new()),
+            publishing: Mutex::new(()),
             control_plane: None,
             kube: None,
             keep: true,

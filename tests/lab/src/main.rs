@@ -510,40 +510,48 @@ fn pod(action: PodAction, id: Option<&str>) -> i32 {
 }
 
 fn load(opts: &lab::loadgen::LoadOpts, json: bool) -> i32 {
-    lab::require_root();
-    lab::lab::clean_stale(false);
-    let mut out = std::io::stdout();
-    match lab::loadgen::run(opts, &mut out) {
-        Ok(report) => {
-            let broken = lab::loadgen::verdict(&report);
-            lab::loadgen::print(&report, &broken, &mut out);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            }
-            i32::from(!broken.is_empty())
-        }
-        Err(e) => {
-            eprintln!("load failed to run: {e:#}");
-            1
-        }
-    }
+    checked_run(
+        "load",
+        json,
+        |out| lab::loadgen::run(opts, out),
+        |r| lab::loadgen::verdict(r),
+        |r, broken, out| lab::loadgen::print(r, broken, out),
+    )
 }
 
 fn soak(opts: &lab::soak::SoakOpts, json: bool) -> i32 {
+    checked_run(
+        "soak",
+        json,
+        |out| lab::soak::run(opts, out),
+        lab::soak::verdict,
+        |o, broken, out| lab::soak::report(o, broken, out),
+    )
+}
+
+/// Runs a lab tool that observes and then judges (`lab load`, `lab soak`): prints its report (and the
+/// observations as JSON if asked); exits 0 only when no promise broke.
+fn checked_run<T: serde::Serialize>(
+    what: &str,
+    json: bool,
+    run: impl FnOnce(&mut dyn std::io::Write) -> anyhow::Result<T>,
+    judge: impl FnOnce(&mut T) -> Vec<String>,
+    report: impl FnOnce(&T, &[String], &mut dyn std::io::Write),
+) -> i32 {
     lab::require_root();
     lab::lab::clean_stale(false);
     let mut out = std::io::stdout();
-    match lab::soak::run(opts, &mut out) {
-        Ok(mut obs) => {
-            let broken = lab::soak::verdict(&mut obs);
-            lab::soak::report(&obs, &broken, &mut out);
+    match run(&mut out) {
+        Ok(mut observed) => {
+            let broken = judge(&mut observed);
+            report(&observed, &broken, &mut out);
             if json {
-                println!("{}", serde_json::to_string_pretty(&obs).unwrap_or_default());
+                println!("{}", serde_json::to_string_pretty(&observed).unwrap_or_default());
             }
             i32::from(!broken.is_empty())
         }
         Err(e) => {
-            eprintln!("soak failed to run: {e:#}");
+            eprintln!("{what} failed to run: {e:#}");
             1
         }
     }

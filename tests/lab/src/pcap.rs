@@ -48,7 +48,7 @@ impl Capture {
         let log = file.with_extension("log");
         let mut cmd = ns.command("tcpdump");
         // A larger kernel buffer (KiB): a dropped packet would be a hole in a stream, which fails the proof.
-        cmd.args(["-i", iface, "-U", "--immediate-mode", "-B", "16384", "-s", "0", "-n", "-w"]).arg(file).arg(filter);
+        cmd.args(["-i", iface, "-U", "--immediate-mode", "-B", "131072", "-s", "0", "-n", "-w"]).arg(file).arg(filter);
         let proc = Proc::spawn("tcpdump", cmd, &log)?;
         wait_for("tcpdump to start listening", Duration::from_secs(10), || {
             proc.log().contains("listening on").then_some(())

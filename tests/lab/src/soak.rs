@@ -467,6 +467,18 @@ pub fn run(opts: &SoakOpts, progress: &mut dyn std::io::Write) -> anyhow::Result
         }
     }
     drop(echoes);
+    // A failed run keeps the daemons' logs (the lab's directory goes with the lab).
+    if !verdict(&mut obs.clone()).is_empty() {
+        let keep = std::env::temp_dir().join(format!("ambit-soak-logs-{}", lab.id));
+        let _ = std::fs::create_dir_all(&keep);
+        for n in &lab.nodes {
+            for f in ["agent.log", "ztunnel.log", "ztunnel-surge.log", "cni.log"] {
+                let _ = std::fs::copy(n.dir.join(f), keep.join(format!("{}-{f}", n.name)));
+            }
+        }
+        let _ = std::fs::copy(lab.dir.join("cp/control-plane.log"), keep.join("control-plane.log"));
+        say(progress, format!("the daemons' logs are kept in {}", keep.display()));
+    }
     Ok(obs)
 }
 
