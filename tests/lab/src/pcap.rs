@@ -214,46 +214,69 @@ pub struct TlsProof {
     pub application_data: usize,
 }
 
-/// The byte stream of each flow, rebuilt from the segments by sequence number (retransmissions are read
-/// once); a flow with a hole in it is an error, since what was in the hole was not checked.
-pub fn streams(segments: &[Segment]) -> Result<std::collections::BTreeMap<Flow, Vec<u8>>, String> {
-    // Per flow: where its stream starts (after the SYN, if seen), and its payloads by sequence number.
-    type Parts<'a> = (Option<u32>, Vec<(u32, &'a [u8])>);
-    let mut by_flow: std::collections::BTreeMap<Flow, Parts<'_>> = Default::default();
+/// The byte stream of each connection (a 4-tuple, split where a new SYN reuses it), rebuilt from the segments
+/// by sequence number (retransmissions are read once); a connection with a hole in it is an error, since
+/// what was in the hole was not checked.
+pub fn streams(segments: &[Segment]) -> Result<Vec<(Flow, Vec<u8>)>, String> {
+    // One connection's parts: where its stream starts (after the SYN, if seen), and its payloads by
+    // sequence number.
+    #[derive(Default)]
+    struct Conn<'a> {
+        start: Option<u32>,
+        parts: Vec<(u32, &'a [u8])>,
+    }
+    // A 4-tuple is reused when a new connection takes the port of one that has closed (long captures see
+    // this): a SYN with another initial sequence number starts a new connection on the same tuple, and
+    // what follows belongs to it. A retransmitted SYN (the same number) does not.
+    let mut by_flow: std::collections::BTreeMap<Flow, Vec<Conn<'_>>> = Default::default();
     for s in segments {
-        let e = by_flow.entry((s.src, s.sport, s.dst, s.dport)).or_default();
+        let conns = by_flow.entry((s.src, s.sport, s.dst, s.dport)).or_default();
         if s.syn {
-            e.0 = Some(s.seq.wrapping_add(1));
+            let start = s.seq.wrapping_add(1);
+            match conns.last_mut() {
+                Some(c) if c.start == Some(start) => {}
+                Some(c) if c.start.is_none() && c.parts.is_empty() => c.start = Some(start),
+                _ => conns.push(Conn { start: Some(start), parts: Vec::new() }),
+            }
+        } else if conns.is_empty() {
+            conns.push(Conn::default());
         }
         if !s.payload.is_empty() {
-            e.1.push((s.seq, &s.payload));
+            conns.last_mut().expect("pushed above").parts.push((s.seq, &s.payload));
         }
     }
-    let mut out = std::collections::BTreeMap::new();
-    for (flow, (start, mut parts)) in by_flow {
-        if parts.is_empty() {
-            continue;
-        }
-        // Without the SYN (the capture started mid-flow), the lowest sequence number seen starts the stream.
-        let base = start.unwrap_or_else(|| {
-            let first = parts[0].0;
-            parts.iter().map(|(seq, _)| seq.wrapping_sub(first)).min().map(|d| first.wrapping_add(d)).unwrap_or(first)
-        });
-        parts.sort_by_key(|(seq, _)| seq.wrapping_sub(base));
-        let mut bytes: Vec<u8> = Vec::new();
-        for (seq, data) in parts {
-            let at = seq.wrapping_sub(base) as usize;
-            if at > bytes.len() {
-                return Err(format!(
-                    "{flow:?}: {} bytes missing at offset {} (packets lost)",
-                    at - bytes.len(),
-                    bytes.len()
-                ));
+    let mut out = Vec::new();
+    for (flow, conns) in by_flow {
+        for Conn { start, mut parts } in conns {
+            if parts.is_empty() {
+                continue;
             }
-            let new = (at + data.len()).saturating_sub(bytes.len());
-            bytes.extend_from_slice(&data[data.len() - new..]);
+            // Without the SYN (the capture started mid-flow), the lowest sequence number seen starts the stream.
+            let base = start.unwrap_or_else(|| {
+                let first = parts[0].0;
+                parts
+                    .iter()
+                    .map(|(seq, _)| seq.wrapping_sub(first))
+                    .min()
+                    .map(|d| first.wrapping_add(d))
+                    .unwrap_or(first)
+            });
+            parts.sort_by_key(|(seq, _)| seq.wrapping_sub(base));
+            let mut bytes: Vec<u8> = Vec::new();
+            for (seq, data) in parts {
+                let at = seq.wrapping_sub(base) as usize;
+                if at > bytes.len() {
+                    return Err(format!(
+                        "{flow:?}: {} bytes missing at offset {} (packets lost)",
+                        at - bytes.len(),
+                        bytes.len()
+                    ));
+                }
+                let new = (at + data.len()).saturating_sub(bytes.len());
+                bytes.extend_from_slice(&data[data.len() - new..]);
+            }
+            out.push((flow, bytes));
         }
-        out.insert(flow, bytes);
     }
     Ok(out)
 }
@@ -362,5 +385,26 @@ mod tests {
         assert!(only_tls(&holes, 15008).unwrap_err().contains("missing"));
         // A record cut off by the end of the capture is fine.
         assert!(only_tls(&[seg(40000, 15008, 0, &s[..s.len() - 7])], 15008).is_ok());
+    }
+
+    #[test]
+    fn a_reused_four_tuple_is_two_streams() {
+        // Two connections on the same 4-tuple, one after the other, with unrelated initial sequence numbers.
+        // Read as one stream they would show a hole; each is a whole TLS stream.
+        let s = tls_stream();
+        let syn = |seq| Segment { syn: true, ..seg(40000, 15008, seq, b"") };
+        let segs = vec![
+            syn(999),
+            seg(40000, 15008, 1000, &s),
+            syn(7_000_000),
+            syn(7_000_000), // retransmitted: the same connection
+            seg(40000, 15008, 7_000_001, &s[..100]),
+            seg(40000, 15008, 7_000_101, &s[100..]),
+        ];
+        let p = only_tls(&segs, 15008).unwrap();
+        assert_eq!(p, TlsProof { flows: 2, records: 8, application_data: 4 });
+        // A hole inside the second connection is still found.
+        let holes = vec![syn(999), seg(40000, 15008, 1000, &s), syn(5), seg(40000, 15008, 16, &s[10..])];
+        assert!(only_tls(&holes, 15008).unwrap_err().contains("missing"));
     }
 }
