@@ -1,75 +1,141 @@
-//! The agent's core: enrolling and removing pods, and keeping every connected ztunnel in step.
+//! The agent's shell around the enrolment machine (`crate::enrolment`): it opens netns, runs rules and
+//! listeners inside them, talks ZDS, writes records and answers the plugin and the controller, feeding each
+//! result back to the machine as an event.
 //!
-//! All bookkeeping (the pods and the ztunnel connections) sits behind one lock, held only to update the maps
-//! and queue ZDS requests, never while waiting for ztunnel or the kernel. Queuing a pod's `Add` and registering
-//! a new ztunnel (after queuing its snapshot) both happen under that lock, so every ztunnel learns about every
-//! pod exactly in order.
+//! The machine and the descriptors it names (netns handles, listeners, ztunnel queues) sit behind one lock,
+//! held for one step: the event, then the commands that need no waiting (queuing ZDS messages, duplicating
+//! fds). Waiting work (a netns thread, ztunnel's answer, a record on disk) runs after the lock is released, and
+//! its result is the next event. Queuing a pod's Add and registering a new ztunnel after its snapshot are steps
+//! of the same lock, so every ztunnel learns about every pod exactly in order. Work on one pod is serialised by
+//! a per-pod lock ([`Agent::lock_pod`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ambit_proto::cni_api::{self, Command, ErrorCode, Outcome, Request, Response};
+use ambit_proto::cni_api::{self, Command as CniCommand, Outcome, Request, Response};
 use ambit_proto::seqpacket::{SeqPacket, SeqPacketListener};
 use ambit_proto::zds::{WorkloadInfo, WorkloadRequest};
 use anyhow::Context;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::enrol::{Decision, StandalonePolicy};
+use crate::enrolment::{Attach, Command, Conn, ConnId, Event, Inode, Msg, Node, Purpose};
+use crate::error::EnrolError;
 use crate::listeners::PodListeners;
 use crate::metrics::{BackendLabels, Metrics, RequestLabels};
 use crate::netns::{NetnsError, PodNetns};
-use crate::pods::{Pod, PodRecord, StateStore};
+use crate::pods::{PodRecord, StateStore};
 use crate::rules::host::ProbeSet;
-use crate::rules::{Backend, InpodConfig, routing};
+use crate::rules::{self, Backend, InpodConfig, RuleError};
 use crate::zds::{self, ConnHandle, Job, ZdsError};
 
 /// How long ztunnel has to say hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An error answered to the plugin.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct AgentError {
-    code: ErrorCode,
-    message: String,
+/// A pod's descriptor, by UID and netns inode.
+type Key = (String, Inode);
+
+/// The machine and the descriptors it names.
+struct Core {
+    node: Node,
+    netns: HashMap<Key, PodNetns>,
+    listeners: HashMap<Key, PodListeners>,
+    conns: HashMap<ConnId, ConnHandle>,
+    next_conn: ConnId,
 }
 
-impl AgentError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        AgentError { code, message: message.into() }
+/// A descriptor handed to the machine with an event (kept only if the machine names it afterwards).
+enum Offer {
+    Netns(String, PodNetns),
+    Listeners(String, Inode, PodListeners),
+}
+
+/// A command that waits, carried out after the lock is released.
+enum Deferred {
+    ProbeAdd {
+        uid: String,
+        ips: Vec<IpAddr>,
+    },
+    ProbeRemove {
+        uid: String,
+        ips: Vec<IpAddr>,
+    },
+    ApplyRules {
+        uid: String,
+        path: PathBuf,
+        file: std::io::Result<std::fs::File>,
+        inode: Inode,
+        cfg: InpodConfig,
+        bind: bool,
+    },
+    RemoveRules {
+        uid: String,
+        path: PathBuf,
+        file: std::io::Result<std::fs::File>,
+        cfg: InpodConfig,
+    },
+    Await {
+        uid: String,
+        pod: String,
+        inode: Inode,
+        rx: oneshot::Receiver<zds::Outcome>,
+    },
+    AwaitAll {
+        uid: String,
+        replies: Vec<(ConnId, oneshot::Receiver<zds::Outcome>)>,
+    },
+    Save(PodRecord),
+    Drop(String),
+    Reply(Result<Outcome, EnrolError>),
+}
+
+fn workload_info(r: &PodRecord) -> WorkloadInfo {
+    WorkloadInfo { name: r.name.clone(), namespace: r.namespace.clone(), service_account: r.service_account.clone() }
+}
+
+impl Core {
+    fn dup_fds(&self, uid: &str, netns: Inode, attach: Attach) -> std::io::Result<Vec<OwnedFd>> {
+        let key = (uid.to_string(), netns);
+        let ns = self.netns.get(&key).ok_or_else(|| std::io::Error::other("the pod's netns is not held"))?;
+        let mut fds = vec![ns.fd().try_clone_to_owned()?];
+        if let Attach::Pass { netns: at } = attach {
+            let l = self
+                .listeners
+                .get(&(uid.to_string(), at))
+                .ok_or_else(|| std::io::Error::other("the pod's listeners are not held"))?;
+            for fd in l.fds() {
+                fds.push(fd.try_clone_to_owned()?);
+            }
+        }
+        Ok(fds)
     }
-}
 
-impl From<NetnsError> for AgentError {
-    fn from(e: NetnsError) -> Self {
-        let code = match e {
-            NetnsError::Gone(_) | NetnsError::NotANetns(_) => ErrorCode::InvalidNetns,
-            _ => ErrorCode::Internal,
+    fn request(&self, uid: &str, netns: Inode, attach: Attach) -> std::io::Result<(WorkloadRequest, Vec<OwnedFd>)> {
+        let pod = self.node.pod(uid).ok_or_else(|| std::io::Error::other("the pod is not held"))?;
+        let info = workload_info(&pod.record);
+        let fds = self.dup_fds(uid, netns, attach)?;
+        let req = match attach {
+            Attach::Pass { netns: at } => {
+                let ports = self.listeners.get(&(uid.to_string(), at)).map(PodListeners::ports).unwrap_or_default();
+                WorkloadRequest::add(uid.to_string(), info, ports)
+            }
+            Attach::AskBack => WorkloadRequest::add_returning_listeners(uid.to_string(), info),
+            Attach::Own => WorkloadRequest::add(uid.to_string(), info, Vec::new()),
         };
-        AgentError::new(code, e.to_string())
-    }
-}
-
-#[derive(Default)]
-struct State {
-    pods: HashMap<String, Pod>,
-    conns: Vec<ConnHandle>,
-    next_conn: u64,
-}
-
-impl State {
-    fn newest(&self) -> Option<&ConnHandle> {
-        self.conns.iter().max_by_key(|c| c.id)
+        Ok((req, fds))
     }
 
-    fn by_container(&self, container_id: &str) -> Option<String> {
-        self.pods.values().find(|p| p.record.container_id == container_id).map(|p| p.record.uid.clone())
+    fn file_of(&self, uid: &str, netns: Inode) -> (PathBuf, std::io::Result<std::fs::File>) {
+        match self.netns.get(&(uid.to_string(), netns)) {
+            Some(ns) => (ns.path().to_path_buf(), ns.file()),
+            None => (PathBuf::new(), Err(std::io::Error::other("the pod's netns is not held"))),
+        }
     }
 }
 
@@ -125,10 +191,16 @@ impl Drop for PodGuard<'_> {
     }
 }
 
+/// How long the parts of an enrolment took, for its log line.
+#[derive(Default)]
+struct Times {
+    netns: Duration,
+    ztunnel: Duration,
+}
+
 /// The node agent.
 pub struct Agent {
     config: Config,
-    stopping: std::sync::atomic::AtomicBool,
     kube: std::sync::OnceLock<Arc<crate::k8s::Kube>>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
@@ -137,58 +209,11 @@ pub struct Agent {
     probes: Option<Arc<ProbeSet>>,
     policy: std::sync::Mutex<PolicySource>,
     store: StateStore,
-    host_netns_inode: u64,
-    state: Mutex<State>,
+    core: std::sync::Mutex<Core>,
 }
 
-fn workload_info(r: &PodRecord) -> WorkloadInfo {
-    WorkloadInfo { name: r.name.clone(), namespace: r.namespace.clone(), service_account: r.service_account.clone() }
-}
-
-/// Where a pod's listeners come from in an enrolment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ListenerPlan {
-    /// A netns nobody serves yet: the agent binds them.
-    Bind,
-    /// The netns the agent already holds (or holds the pod without it): what the agent holds, else ztunnel's.
-    Held,
-}
-
-/// Puts back the entry an enrolment replaced (or removes the failed one when there was none), moving any
-/// listeners of the failed attempt back if the entry had none for the same netns.
-fn restore(st: &mut State, uid: &str, previous: Option<Pod>) {
-    let failed = st.pods.remove(uid);
-    if let Some(mut prev) = previous {
-        if let Some(f) = failed {
-            let same = prev.netns.as_ref().map(PodNetns::inode) == f.netns.as_ref().map(PodNetns::inode);
-            if prev.listeners.is_none() && (same || prev.netns.is_none()) {
-                prev.listeners = f.listeners;
-            }
-        }
-        st.pods.insert(uid.to_string(), prev);
-    }
-}
-
-/// The ZDS request for a pod, with owned copies of the fds that travel with it, for a ztunnel that does or does
-/// not take listeners. `None` when the agent has no netns for the pod (it can only ask ztunnel to keep it).
-///
-/// A pod the agent re-adopted after a restart has no listener copies: a ztunnel that takes listeners is asked to
-/// send back the ones it serves the pod from, so the agent again holds them across the next ztunnel restart.
-fn add_job_parts(pod: &Pod, handoff: bool) -> std::io::Result<Option<(WorkloadRequest, Vec<OwnedFd>)>> {
-    let Some(netns) = &pod.netns else { return Ok(None) };
-    let mut fds = vec![netns.fd().try_clone_to_owned()?];
-    let (uid, info) = (pod.record.uid.clone(), workload_info(&pod.record));
-    let req = match (&pod.listeners, handoff) {
-        (Some(l), true) => {
-            for fd in l.fds() {
-                fds.push(fd.try_clone_to_owned()?);
-            }
-            WorkloadRequest::add(uid, info, l.ports())
-        }
-        (None, true) => WorkloadRequest::add_returning_listeners(uid, info),
-        (_, false) => WorkloadRequest::add(uid, info, Vec::new()),
-    };
-    Ok(Some((req, fds)))
+fn pod_uid(req: &Request) -> String {
+    if req.pod.uid.is_empty() { format!("container-{}", req.container_id) } else { req.pod.uid.clone() }
 }
 
 impl Agent {
@@ -197,7 +222,13 @@ impl Agent {
     pub fn new(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Arc<Agent>> {
         let store = StateStore::new(&config.state_dir)?;
         let host_netns_inode = crate::netns::host_inode()?;
-        let mut state = State::default();
+        let mut core = Core {
+            node: Node::new(host_netns_inode, config.zds_socket.clone()),
+            netns: HashMap::new(),
+            listeners: HashMap::new(),
+            conns: HashMap::new(),
+            next_conn: 0,
+        };
         let (records, bad) = store.load_all();
         for b in bad {
             warn!(record = %b, "ignoring an unreadable pod record");
@@ -214,14 +245,16 @@ impl Agent {
             match opened {
                 Ok(ns) => {
                     info!(pod = %format!("{}/{}", r.namespace, r.name), uid = %r.uid, "re-adopted pod from a previous run (its listeners stay with ztunnel)");
-                    state.pods.insert(r.uid.clone(), Pod { record: r, netns: Some(ns), listeners: None });
+                    let inode = ns.inode();
+                    core.netns.insert((r.uid.clone(), inode), ns);
+                    core.node.handle(Event::Restored { record: r, netns: Some(inode) });
                 }
                 // In Kubernetes mode the API, not a path, says whether the pod still exists: keep it (ztunnel
                 // gets Keep and goes on serving it) until the controller finds its netns again through /proc or
                 // learns that it is gone.
                 Err(e) if config.mode == crate::config::Mode::Kubernetes => {
                     info!(uid = %r.uid, error = %e, "re-adopted pod without its netns; the controller will look for it");
-                    state.pods.insert(r.uid.clone(), Pod { record: r, netns: None, listeners: None });
+                    core.node.handle(Event::Restored { record: r, netns: None });
                 }
                 Err(e) => {
                     info!(uid = %r.uid, error = %e, "dropping the record of a pod whose netns is gone");
@@ -238,7 +271,7 @@ impl Agent {
         let backend = config.backend();
         let probes = if config.host_probe_snat {
             let members: Vec<(String, Vec<IpAddr>)> =
-                state.pods.values().map(|p| (p.record.uid.clone(), p.record.ips.clone())).collect();
+                core.node.pods().map(|p| (p.record.uid.clone(), p.record.ips.clone())).collect();
             let set = ProbeSet::install(backend, &members).context("installing the node's probe rules")?;
             Some(Arc::new(set))
         } else {
@@ -246,12 +279,11 @@ impl Agent {
         };
         info!(%backend, probe_snat = probes.is_some(), "rule backend ready");
         let metrics = Metrics::new();
-        metrics.pods_enrolled.set(state.pods.len() as i64);
+        metrics.pods_enrolled.set(core.node.pod_count() as i64);
         let install_state =
             std::sync::Mutex::new(if config.install.enabled { Err("not installed yet".to_string()) } else { Ok(()) });
         Ok(Arc::new(Agent {
             config,
-            stopping: std::sync::atomic::AtomicBool::new(false),
             kube: std::sync::OnceLock::new(),
             locks: std::sync::Mutex::new(HashMap::new()),
             metrics,
@@ -260,39 +292,305 @@ impl Agent {
             probes,
             policy,
             store,
-            host_netns_inode,
-            state: Mutex::new(state),
+            core: std::sync::Mutex::new(core),
         }))
     }
 
+    /// One step of the machine under the lock: the event, with the descriptor offered beside it, then the
+    /// commands that need no waiting. Returns the waiting ones, in order.
+    fn step(self: &Arc<Self>, ev: Event, offer: Option<Offer>) -> Vec<Deferred> {
+        let mut core = self.core.lock().unwrap();
+        match offer {
+            None => {}
+            Some(Offer::Netns(uid, ns)) => {
+                core.netns.entry((uid, ns.inode())).or_insert(ns);
+            }
+            Some(Offer::Listeners(uid, inode, l)) => {
+                core.listeners.entry((uid, inode)).or_insert(l);
+            }
+        }
+        let cmds = core.node.handle(ev);
+        self.execute(&mut core, cmds)
+    }
+
+    fn execute(self: &Arc<Self>, core: &mut Core, cmds: Vec<Command>) -> Vec<Deferred> {
+        let mut queue: VecDeque<Command> = cmds.into();
+        let mut deferred = Vec::new();
+        while let Some(cmd) = queue.pop_front() {
+            match cmd {
+                Command::ProbeAdd { uid, ips } => deferred.push(Deferred::ProbeAdd { uid, ips }),
+                Command::ProbeRemove { uid, ips } => deferred.push(Deferred::ProbeRemove { uid, ips }),
+                Command::ApplyRules { uid, netns, cfg, bind } => {
+                    let (path, file) = core.file_of(&uid, netns);
+                    deferred.push(Deferred::ApplyRules { uid, path, file, inode: netns, cfg, bind });
+                }
+                Command::RemoveRules { uid, netns, cfg } => {
+                    let (path, file) = core.file_of(&uid, netns);
+                    deferred.push(Deferred::RemoveRules { uid, path, file, cfg });
+                }
+                Command::Send { conn, msg, purpose } => {
+                    let handle = core.conns.get(&conn).cloned();
+                    let failed = self.send(core, handle, msg, purpose, &mut deferred);
+                    if let Some(ev) = failed {
+                        queue.extend(core.node.handle(ev));
+                    }
+                }
+                Command::Broadcast { conns, msg } => {
+                    let Msg::Del { uid } = msg else { continue };
+                    let mut replies = Vec::new();
+                    for id in conns {
+                        if let Some(h) = core.conns.get(&id) {
+                            let (job, rx) = Job::awaited(WorkloadRequest::del(uid.clone()), Vec::new());
+                            h.enqueue(job);
+                            replies.push((id, rx));
+                        }
+                    }
+                    deferred.push(Deferred::AwaitAll { uid, replies });
+                }
+                Command::SaveRecord(r) => deferred.push(Deferred::Save(r)),
+                Command::DropRecord(uid) => deferred.push(Deferred::Drop(uid)),
+                Command::Reply(r) => deferred.push(Deferred::Reply(r)),
+            }
+        }
+        // Close what the machine no longer names.
+        let Core { node, netns, listeners, conns, .. } = core;
+        netns.retain(|(uid, inode), _| node.holds_netns(uid, *inode));
+        listeners.retain(|(uid, inode), _| node.holds_listeners(uid, *inode));
+        conns.retain(|id, _| node.conns().iter().any(|c| c.id == *id));
+        self.metrics.pods_enrolled.set(node.pod_count() as i64);
+        self.metrics.ztunnels.set(node.conns().len() as i64);
+        deferred
+    }
+
+    /// Queues one ZDS message. A message that cannot be sent and that an enrolment waits for becomes the
+    /// event returned; a snapshot entry whose fds cannot be duplicated becomes Keep.
+    fn send(
+        self: &Arc<Self>,
+        core: &Core,
+        handle: Option<ConnHandle>,
+        msg: Msg,
+        purpose: Option<Purpose>,
+        deferred: &mut Vec<Deferred>,
+    ) -> Option<Event> {
+        let pod_of = |uid: &str| {
+            core.node.pod(uid).map(|p| format!("{}/{}", p.record.namespace, p.record.name)).unwrap_or_default()
+        };
+        let Some(handle) = handle else {
+            let Msg::Add { uid, .. } = msg else { return None };
+            let source = ZdsError::Disconnected("connection closed".into());
+            return (purpose == Some(Purpose::Enrol)).then(|| Event::Answered {
+                result: Err(EnrolError::Handoff { pod: pod_of(&uid), source }),
+                uid,
+                purpose: Purpose::Enrol,
+            });
+        };
+        match msg {
+            Msg::Add { uid, netns, attach } => match (core.request(&uid, netns, attach), purpose) {
+                (Ok((req, fds)), Some(Purpose::Enrol)) => {
+                    let (job, rx) = Job::awaited(req, fds);
+                    handle.enqueue(job);
+                    deferred.push(Deferred::Await { pod: pod_of(&uid), uid, inode: netns, rx });
+                }
+                (Ok((req, fds)), Some(Purpose::Snapshot { .. })) => {
+                    let (job, rx) = Job::awaited(req, fds);
+                    handle.enqueue(job);
+                    self.spawn_snapshot_answer(uid, netns, rx);
+                }
+                (Ok((req, fds)), None) => handle.enqueue(Job::fire(req, fds)),
+                (Err(source), Some(Purpose::Enrol)) => {
+                    let result = Err(EnrolError::Fds { pod: pod_of(&uid), source });
+                    return Some(Event::Answered { uid, purpose: Purpose::Enrol, result });
+                }
+                (Err(e), _) => {
+                    warn!(uid = %uid, error = %e, "cannot duplicate the pod's fds; asking ztunnel to keep it");
+                    handle.enqueue(Job::fire(WorkloadRequest::keep(uid), Vec::new()));
+                }
+            },
+            Msg::Keep { uid } => handle.enqueue(Job::fire(WorkloadRequest::keep(uid), Vec::new())),
+            Msg::Del { uid } => handle.enqueue(Job::fire(WorkloadRequest::del(uid), Vec::new())),
+            Msg::SnapshotSent => handle.enqueue(Job::fire(WorkloadRequest::snapshot_sent(), Vec::new())),
+        }
+        None
+    }
+
+    /// Offers the listeners a ztunnel sends back for a snapshot entry to the machine, which keeps them if it
+    /// still has none for that netns.
+    fn spawn_snapshot_answer(self: &Arc<Self>, uid: String, netns: Inode, rx: oneshot::Receiver<zds::Outcome>) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let returned = match rx.await {
+                Ok(Ok(r)) => r,
+                Ok(Err(ZdsError::Nack(e))) => {
+                    return warn!(uid = %uid, error = %e, "ztunnel refused the pod in its snapshot; it does not serve it");
+                }
+                _ => return,
+            };
+            if returned.is_empty() {
+                return;
+            }
+            let offer = Offer::Listeners(uid.clone(), netns, PodListeners::from_returned(returned));
+            let ev = Event::Answered { uid: uid.clone(), purpose: Purpose::Snapshot { netns }, result: Ok(true) };
+            agent.step(ev, Some(offer));
+            if agent.core.lock().unwrap().listeners.contains_key(&(uid.clone(), netns)) {
+                info!(uid = %uid, "holding the pod's listeners again, sent back by ztunnel");
+            }
+        });
+    }
+
+    /// Runs one flow: the event, then each waiting command in turn, each result fed back as the next event,
+    /// until the machine answers.
+    async fn drive(self: &Arc<Self>, first: Event, offer: Option<Offer>) -> (Result<Outcome, EnrolError>, Times) {
+        let mut work: VecDeque<Deferred> = self.step(first, offer).into();
+        let mut probe: Option<tokio::task::JoinHandle<()>> = None;
+        let mut times = Times::default();
+        while let Some(d) = work.pop_front() {
+            let (next, offer) = match d {
+                Deferred::ProbeAdd { uid, ips } => {
+                    if let Some(p) = self.probes.clone() {
+                        probe = Some(tokio::task::spawn_blocking(move || p.add(&uid, &ips)));
+                    }
+                    (None, None)
+                }
+                Deferred::ProbeRemove { uid, ips } => {
+                    if let Some(h) = probe.take() {
+                        let _ = h.await;
+                    }
+                    self.probe_remove(uid, ips).await;
+                    (None, None)
+                }
+                Deferred::ApplyRules { uid, path, file, inode, cfg, bind } => {
+                    let started = Instant::now();
+                    let (result, offer) = self.apply_rules(&uid, path, file, cfg, bind).await;
+                    times.netns = started.elapsed();
+                    let offer = offer.map(|l| Offer::Listeners(uid.clone(), inode, l));
+                    (Some(Event::RulesApplied { uid, result }), offer)
+                }
+                Deferred::RemoveRules { uid, path, file, cfg } => {
+                    let backend = self.backend;
+                    let res = match file {
+                        Ok(f) => crate::netns::run_in(path, f, move || rules::remove_pod(backend, cfg)).await,
+                        Err(source) => Err(NetnsError::Io { path, source }),
+                    };
+                    match res {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            self.rule_error();
+                            warn!(uid = %uid, error = %e, "removing the pod's rules failed")
+                        }
+                        Err(e) => debug!(uid = %uid, error = %e, "pod netns not enterable; rules went with it"),
+                    }
+                    (None, None)
+                }
+                Deferred::Await { uid, pod, inode, rx } => {
+                    let started = Instant::now();
+                    let limit = self.zds_timeout() * 2;
+                    let outcome = match tokio::time::timeout(limit, rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(ZdsError::Disconnected("request dropped".into())),
+                        Err(_) => Err(ZdsError::Timeout(limit)),
+                    };
+                    times.ztunnel = started.elapsed();
+                    let (result, offer) = match outcome {
+                        Ok(returned) if !returned.is_empty() => (
+                            Ok(true),
+                            Some(Offer::Listeners(uid.clone(), inode, PodListeners::from_returned(returned))),
+                        ),
+                        Ok(_) => (Ok(false), None),
+                        Err(source) => (Err(EnrolError::Handoff { pod, source }), None),
+                    };
+                    (Some(Event::Answered { uid, purpose: Purpose::Enrol, result }), offer)
+                }
+                Deferred::AwaitAll { uid, replies } => {
+                    for (id, rx) in replies {
+                        match tokio::time::timeout(self.zds_timeout() * 2, rx).await {
+                            Ok(Ok(Ok(_))) => {}
+                            Ok(Ok(Err(e))) => {
+                                warn!(uid = %uid, conn = id, error = %e, "ztunnel did not confirm the removal")
+                            }
+                            _ => warn!(uid = %uid, conn = id, "ztunnel did not confirm the removal in time"),
+                        }
+                    }
+                    (None, None)
+                }
+                Deferred::Save(r) => {
+                    if let Err(e) = self.store.save(&r) {
+                        warn!(uid = %r.uid, error = %e, "cannot record the pod; a restarted agent will not know it");
+                    }
+                    (None, None)
+                }
+                Deferred::Drop(uid) => {
+                    if let Err(e) = self.store.remove(&uid) {
+                        warn!(uid = %uid, error = %e, "cannot remove the pod's record");
+                    }
+                    (None, None)
+                }
+                Deferred::Reply(r) => {
+                    if let Some(h) = probe.take() {
+                        let _ = h.await;
+                    }
+                    return (r, times);
+                }
+            };
+            if let Some(ev) = next {
+                work.extend(self.step(ev, offer));
+            }
+        }
+        (Ok(Outcome::Ok), times)
+    }
+
+    /// Installs a pod's rules and routing, and binds its listeners if asked, on a thread in its netns.
+    async fn apply_rules(
+        &self,
+        uid: &str,
+        path: PathBuf,
+        file: std::io::Result<std::fs::File>,
+        cfg: InpodConfig,
+        bind: bool,
+    ) -> (Result<(), EnrolError>, Option<PodListeners>) {
+        let backend = self.backend;
+        let file = match file {
+            Ok(f) => f,
+            Err(source) => return (Err(NetnsError::Io { path, source }.into()), None),
+        };
+        let res = crate::netns::run_in(path.clone(), file, move || -> Result<Option<PodListeners>, RuleError> {
+            rules::install_pod(backend, cfg)?;
+            if bind { PodListeners::bind_here(cfg.ipv6).map(Some).map_err(RuleError::Listeners) } else { Ok(None) }
+        })
+        .await;
+        let pod = self.core.lock().unwrap().node.pod_name(uid).unwrap_or_else(|| uid.to_string());
+        match res {
+            Ok(Ok(l)) => (Ok(()), l),
+            Ok(Err(source)) => (Err(EnrolError::Rules { pod, netns: path, source: Box::new(source) }), None),
+            Err(e) => (Err(e.into()), None),
+        }
+    }
+
     /// Re-applies the rules of every re-adopted pod (after a restart): idempotent, so a pod whose rules are in
-    /// place sees no change and no gap, and one whose rules were damaged gets them back. A pod whose netns went
-    /// away meanwhile is dropped.
+    /// place sees no change and no gap, and one whose rules were damaged gets them back.
     pub async fn reconcile(&self) {
         let pods: Vec<(String, InpodConfig, PathBuf, Option<std::fs::File>)> = {
-            let st = self.state.lock().await;
-            st.pods
-                .values()
+            let core = self.core.lock().unwrap();
+            core.node
+                .pods()
                 .map(|p| {
-                    let file = p.netns.as_ref().and_then(|n| n.file().ok());
-                    (p.record.uid.clone(), p.record.inpod_config(), p.record.netns_path.clone(), file)
+                    let uid = p.record.uid.clone();
+                    let file = p.netns.and_then(|i| core.netns.get(&(uid.clone(), i))).and_then(|n| n.file().ok());
+                    (uid, p.record.inpod_config(), p.record.netns_path.clone(), file)
                 })
                 .collect()
         };
         for (uid, cfg, path, file) in pods {
             let backend = self.backend;
-            let res = match file {
-                Some(f) => crate::netns::run_in(path, f, move || -> Result<(), String> {
-                    backend.install_pod(cfg).map_err(|e| e.to_string())?;
-                    routing::install(cfg).map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r),
-                None => Err("no netns".into()),
+            let Some(f) = file else {
+                debug!(uid = %uid, "no netns to re-apply the rules in");
+                continue;
             };
-            match res {
-                Ok(()) => debug!(uid = %uid, "re-applied the pod's rules"),
+            match crate::netns::run_in(path, f, move || rules::install_pod(backend, cfg)).await {
+                Ok(Ok(())) => debug!(uid = %uid, "re-applied the pod's rules"),
+                Ok(Err(e)) => {
+                    self.rule_error();
+                    warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
+                }
                 Err(e) => {
                     self.rule_error();
                     warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
@@ -312,13 +610,17 @@ impl Agent {
         *self.install_state.lock().unwrap() = s;
     }
 
+    fn has_ztunnel(&self) -> bool {
+        !self.core.lock().unwrap().node.conns().is_empty()
+    }
+
     /// Ready when the plugin is installed and a ztunnel is connected; otherwise why not.
     pub async fn readiness(&self) -> Result<(), String> {
         self.install_state.lock().unwrap().clone().map_err(|e| format!("CNI plugin: {e}"))?;
         if self.kube.get().is_some_and(|k| !k.synced()) {
             return Err("the pod and namespace caches have not synced with the Kubernetes API yet".into());
         }
-        if self.state.lock().await.conns.is_empty() {
+        if !self.has_ztunnel() {
             return Err(format!("no ztunnel connected to {}", self.config.zds_socket.display()));
         }
         Ok(())
@@ -328,9 +630,8 @@ impl Agent {
         self.metrics.rule_errors.get_or_create(&BackendLabels { backend: self.backend.to_string() }).inc();
     }
 
-    async fn probe_remove(&self, r: &PodRecord) {
+    async fn probe_remove(&self, uid: String, ips: Vec<IpAddr>) {
         if let Some(p) = self.probes.clone() {
-            let (uid, ips) = (r.uid.clone(), r.ips.clone());
             let _ = tokio::task::spawn_blocking(move || p.remove(&uid, &ips)).await;
         }
     }
@@ -349,21 +650,22 @@ impl Agent {
     }
 
     /// Handles one plugin request.
-    pub async fn handle(&self, req: Request) -> Response {
-        if req.version != cni_api::API_VERSION {
-            return Response::error(
-                ErrorCode::UnsupportedVersion,
-                format!("agent speaks API version {}, plugin sent {}", cni_api::API_VERSION, req.version),
-            );
-        }
-        let started = std::time::Instant::now();
-        let result = match req.command {
-            Command::Add => self.add(&req).await,
-            Command::Del => self.del(&req).await.map(|_| Outcome::Ok),
-            Command::Check => self.check(&req).await.map(|_| Outcome::Ok),
-            Command::Status => self.status().await.map(|_| Outcome::Ok),
-            Command::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
+    pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
+        let started = Instant::now();
+        let result = if req.version != cni_api::API_VERSION {
+            Err(EnrolError::Version(req.version))
+        } else {
+            match req.command {
+                CniCommand::Add => self.add(&req).await,
+                CniCommand::Del => self.del(&req).await.map(|_| Outcome::Ok),
+                CniCommand::Check => self.check(&req).await.map(|_| Outcome::Ok),
+                CniCommand::Status => self.status().map(|_| Outcome::Ok),
+                CniCommand::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
+            }
         };
+        if matches!(result, Err(EnrolError::Version(_))) {
+            return Response::error(result.as_ref().unwrap_err().code(), result.unwrap_err().to_string());
+        }
         let outcome = match &result {
             Ok(Outcome::Enrolled) => {
                 self.metrics.enrolment_duration.observe(started.elapsed().as_secs_f64());
@@ -371,7 +673,7 @@ impl Agent {
             }
             Ok(Outcome::NotEnrolled) => "not_enrolled".to_string(),
             Ok(Outcome::Ok) => "ok".to_string(),
-            Err(e) => format!("{:?}", e.code),
+            Err(e) => format!("{:?}", e.code()),
         };
         self.metrics
             .cni_requests
@@ -379,15 +681,11 @@ impl Agent {
             .inc();
         match result {
             Ok(o) => Response::ok(o),
-            Err(e) => Response::error(e.code, e.message),
+            Err(e) => Response::error(e.code(), e.to_string()),
         }
     }
 
-    fn pod_uid(req: &Request) -> String {
-        if req.pod.uid.is_empty() { format!("container-{}", req.container_id) } else { req.pod.uid.clone() }
-    }
-
-    async fn add(&self, req: &Request) -> Result<Outcome, AgentError> {
+    async fn add(self: &Arc<Self>, req: &Request) -> Result<Outcome, EnrolError> {
         let pod_name = format!("{}/{}", req.pod.namespace, req.pod.name);
         let service_account = match self.decide(&req.pod).await? {
             Decision::Skip(why) => {
@@ -396,19 +694,13 @@ impl Agent {
             }
             Decision::Enrol { service_account } => service_account,
         };
-        let netns_path = req
-            .netns
-            .as_deref()
-            .map(PathBuf::from)
-            .ok_or_else(|| AgentError::new(ErrorCode::BadRequest, "ADD without a netns path"))?;
+        let netns_path = req.netns.as_deref().map(PathBuf::from).ok_or(EnrolError::NoNetnsPath)?;
         let mut ips = Vec::new();
         for cidr in &req.ips {
             let ip = cidr.split('/').next().unwrap_or_default();
-            ips.push(ip.parse::<IpAddr>().map_err(|_| {
-                AgentError::new(ErrorCode::BadRequest, format!("pod address {cidr:?} is not an IP address"))
-            })?);
+            ips.push(ip.parse::<IpAddr>().map_err(|_| EnrolError::BadAddress(cidr.clone()))?);
         }
-        let uid = Self::pod_uid(req);
+        let uid = pod_uid(req);
         let _guard = self.lock_pod(&uid).await;
         let netns = PodNetns::open(&netns_path)?;
         let record = PodRecord {
@@ -429,159 +721,32 @@ impl Agent {
         Ok(out)
     }
 
-    /// Enrols a pod whose netns is open: rules, routing and listeners inside it, then ztunnel's ack. The caller
-    /// holds the pod's lock. The node's probe set is updated at the same time (it does not depend on the rest),
-    /// before the answer; a failed enrolment takes the pod out of it again.
-    pub async fn enrol(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
-        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(AgentError::new(ErrorCode::TryAgainLater, "the agent is removing Ambit from this node"));
-        }
-        if netns.inode() == self.host_netns_inode {
-            return Err(AgentError::new(
-                ErrorCode::InvalidNetns,
-                format!("{} is the node's own netns; refusing to install pod rules there", record.netns_path.display()),
-            ));
-        }
-        let probe = self.probes.clone().map(|p| {
-            let (uid, ips) = (record.uid.clone(), record.ips.clone());
-            tokio::task::spawn_blocking(move || p.add(&uid, &ips))
-        });
-        let result = self.enrol_in_netns(record.clone(), netns).await;
-        if let Some(h) = probe {
-            let _ = h.await;
-        }
-        if result.is_err() {
-            self.probe_remove(&record).await;
+    /// Enrols a pod whose netns is open: rules, routing and listeners inside it, then ztunnel's ack, then its
+    /// record. The caller holds the pod's lock. The node's probe set is updated at the same time (it does not
+    /// depend on the rest), before the answer; a failed enrolment takes the pod out of it again.
+    async fn enrol(self: &Arc<Self>, record: PodRecord, netns: PodNetns) -> Result<Outcome, EnrolError> {
+        let started = Instant::now();
+        let (pod, uid, ips) = (format!("{}/{}", record.namespace, record.name), record.uid.clone(), record.ips.clone());
+        let offer = Offer::Netns(uid.clone(), netns);
+        let (result, times) = self.drive(Event::Add { record }, Some(offer)).await;
+        if result.is_ok() {
+            info!(
+                pod = %pod,
+                uid = %uid,
+                ips = ?ips,
+                total_us = started.elapsed().as_micros() as u64,
+                netns_us = times.netns.as_micros() as u64,
+                ztunnel_us = times.ztunnel.as_micros() as u64,
+                "pod enrolled"
+            );
         }
         result
     }
 
-    async fn enrol_in_netns(&self, record: PodRecord, netns: PodNetns) -> Result<Outcome, AgentError> {
-        let pod_name = format!("{}/{}", record.namespace, record.name);
-        let netns_path = record.netns_path.clone();
-        // Listeners: the agent binds fresh ones only for a netns nobody serves yet (a pod new to it, or a new
-        // sandbox of the pod). For the same netns it keeps what it holds; for a pod it re-adopted without them it
-        // asks ztunnel for the live ones. Never a second listener beside a live one.
-        let plan = {
-            let st = self.state.lock().await;
-            match st.pods.get(&record.uid).map(|p| p.netns.as_ref().map(PodNetns::inode)) {
-                None => ListenerPlan::Bind,
-                Some(None) => ListenerPlan::Held,
-                Some(Some(inode)) if inode == netns.inode() => ListenerPlan::Held,
-                Some(Some(_)) => ListenerPlan::Bind,
-            }
-        };
-        let cfg = record.inpod_config();
-        let backend = self.backend;
-        let bind = plan == ListenerPlan::Bind;
-        let started = std::time::Instant::now();
-        let fresh = netns
-            .run(move || -> Result<Option<PodListeners>, String> {
-                backend.install_pod(cfg).map_err(|e| e.to_string())?;
-                routing::install(cfg).map_err(|e| e.to_string())?;
-                if bind {
-                    PodListeners::bind_here(cfg.ipv6).map(Some).map_err(|e| format!("creating listeners: {e}"))
-                } else {
-                    Ok(None)
-                }
-            })
-            .await?
-            .map_err(|e| {
-                AgentError::new(
-                    ErrorCode::Internal,
-                    format!("redirection for pod {pod_name} in {}: {e}", netns_path.display()),
-                )
-            })?;
-        let in_netns = started.elapsed();
-
-        let reply = {
-            let mut st = self.state.lock().await;
-            let Some(conn) = st.newest().cloned() else {
-                return Err(AgentError::new(
-                    ErrorCode::TryAgainLater,
-                    format!(
-                        "no ztunnel is connected to {} (is ztunnel running on this node?); pod {pod_name} stays blocked, its traffic is captured",
-                        self.config.zds_socket.display()
-                    ),
-                ));
-            };
-            // The entry this replaces, kept until ztunnel answers so that a failure can put it back.
-            let mut previous = st.pods.remove(&record.uid);
-            let listeners = match plan {
-                ListenerPlan::Bind => fresh,
-                ListenerPlan::Held => previous.as_mut().and_then(|p| p.listeners.take()),
-            };
-            let mut pod = Pod { record: record.clone(), netns: Some(netns), listeners };
-            if !conn.handoff {
-                // This ztunnel binds its own listeners: ours must not sit beside them unaccepted.
-                pod.listeners = None;
-            }
-            let parts = add_job_parts(&pod, conn.handoff);
-            st.pods.insert(record.uid.clone(), pod);
-            let (zreq, fds) = match parts {
-                Ok(p) => p.expect("the pod has a netns"),
-                Err(e) => {
-                    restore(&mut st, &record.uid, previous);
-                    return Err(AgentError::new(ErrorCode::Internal, format!("duplicating fds: {e}")));
-                }
-            };
-            let (job, rx) = Job::awaited(zreq, fds);
-            conn.enqueue(job);
-            self.metrics.pods_enrolled.set(st.pods.len() as i64);
-            (rx, previous)
-        };
-        let (reply, previous) = reply;
-        let zds_started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(self.zds_timeout() * 2, reply).await;
-        let zds = zds_started.elapsed();
-        let result = match outcome {
-            Ok(Ok(Ok(returned))) => Ok(returned),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(ZdsError::Disconnected("request dropped".into())),
-            Err(_) => Err(ZdsError::Timeout(self.zds_timeout() * 2)),
-        };
-        let result = match result {
-            Ok(returned) if !returned.is_empty() => {
-                if let Some(p) = self.state.lock().await.pods.get_mut(&record.uid)
-                    && p.listeners.is_none()
-                {
-                    p.listeners = Some(PodListeners::from_returned(returned));
-                }
-                Ok(())
-            }
-            r => r.map(|_| ()),
-        };
-        if let Err(e) = result {
-            // Fail closed: the rules stay (traffic black-holed, never leaked) and the runtime tears the sandbox
-            // down after the failed ADD. A pod new to the agent is forgotten so a retry starts clean; one it
-            // already held (re-adopted, or a retried ADD) goes back to how it was.
-            let mut st = self.state.lock().await;
-            restore(&mut st, &record.uid, previous);
-            self.metrics.pods_enrolled.set(st.pods.len() as i64);
-            drop(st);
-            return Err(AgentError::new(ErrorCode::Internal, format!("handing pod {pod_name} to ztunnel: {e}")));
-        }
-        if let Err(e) = self.store.save(&record) {
-            warn!(pod = %pod_name, error = %e, "cannot record the pod; a restarted agent will not know it");
-        }
-        info!(
-            pod = %pod_name,
-            uid = %record.uid,
-            ips = ?record.ips,
-            total_us = started.elapsed().as_micros() as u64,
-            netns_us = in_netns.as_micros() as u64,
-            ztunnel_us = zds.as_micros() as u64,
-            "pod enrolled"
-        );
-        Ok(Outcome::Enrolled)
-    }
-
     /// The enrolment decision for a pod the plugin asks about.
-    async fn decide(&self, pod: &cni_api::PodRef) -> Result<Decision, AgentError> {
+    async fn decide(&self, pod: &cni_api::PodRef) -> Result<Decision, EnrolError> {
         let Some(k) = self.kube.get() else { return Ok(self.policy().decide(pod)) };
-        let (p, ns) = k.lookup(&pod.namespace, &pod.name, &pod.uid).await.map_err(|e| {
-            AgentError::new(ErrorCode::TryAgainLater, format!("{e}; the pod stays blocked until the API answers"))
-        })?;
+        let (p, ns) = k.lookup(&pod.namespace, &pod.name, &pod.uid).await?;
         Ok(match k.verdict(&p, ns.as_deref()) {
             crate::k8s::decide::Verdict::Enrol { service_account } => Decision::Enrol { service_account },
             crate::k8s::decide::Verdict::Skip(why) | crate::k8s::decide::Verdict::Gone(why) => Decision::Skip(why),
@@ -600,47 +765,26 @@ impl Agent {
         PodGuard { agent: self, uid: uid.to_string(), guard: Some(guard) }
     }
 
-    /// Whether the agent holds the pod.
-    pub async fn is_enrolled(&self, uid: &str) -> bool {
-        self.state.lock().await.pods.contains_key(uid)
-    }
-
-    /// Whether the agent holds the pod but not its netns (re-adopted after a restart without it).
-    pub async fn lacks_netns(&self, uid: &str) -> bool {
-        self.state.lock().await.pods.get(uid).is_some_and(|p| p.netns.is_none())
-    }
-
-    /// The UID of an enrolled pod by name.
-    pub async fn uid_of(&self, namespace: &str, name: &str) -> Option<String> {
-        let st = self.state.lock().await;
-        st.pods
-            .values()
-            .find(|p| p.record.namespace == namespace && p.record.name == name)
-            .map(|p| p.record.uid.clone())
-    }
-
-    /// The records of the enrolled pods.
-    pub async fn records(&self) -> Vec<PodRecord> {
-        self.pods().await
-    }
-
     /// Forgets a pod: ZDS Del to every ztunnel, record and probe entry dropped; with `remove_rules`, also the
-    /// rules inside its netns (an un-enrolled pod keeps running; a deleted one takes its netns with it).
-    pub async fn forget(&self, uid: &str, remove_rules: bool) -> Result<(), AgentError> {
-        self.remove_pod(uid, remove_rules).await
+    /// rules inside its netns (an un-enrolled pod keeps running; a deleted one takes its netns with it). The
+    /// caller holds the pod's lock.
+    async fn forget(self: &Arc<Self>, uid: &str, remove_rules: bool) -> Result<(), EnrolError> {
+        let name = self.core.lock().unwrap().node.pod_name(uid);
+        let (result, _) = self.drive(Event::Forget { uid: uid.to_string(), remove_rules }, None).await;
+        if let Some(name) = name {
+            info!(pod = %name, uid, "pod removed");
+        }
+        result.map(|_| ())
     }
 
     /// Enrols a pod that is already running: finds its netns through /proc (its UID in a process's cgroup, its
     /// IP on an interface there, never the node's own), then as for a new pod. The caller holds the pod's lock.
-    pub async fn enrol_running(
-        &self,
-        mut record: PodRecord,
-        proc_root: &std::path::Path,
-    ) -> Result<Outcome, AgentError> {
-        let candidates = crate::k8s::procfs::candidates(proc_root, &record.uid, self.host_netns_inode);
-        for c in candidates {
+    async fn enrol_running(self: &Arc<Self>, mut record: PodRecord, proc_root: &Path) -> Result<Outcome, EnrolError> {
+        let host =
+            crate::netns::host_inode().map_err(|source| NetnsError::Io { path: "/proc/self/ns/net".into(), source })?;
+        for c in crate::k8s::procfs::candidates(proc_root, &record.uid, host) {
             let Ok(ns) = PodNetns::open(&c.netns_path) else { continue };
-            let ips = ns.run(routing::addresses).await;
+            let ips = ns.run(rules::routing::addresses).await;
             let owns = matches!(&ips, Ok(Ok(addrs)) if record.ips.iter().any(|ip| addrs.contains(ip)));
             if owns {
                 record.netns_path = c.netns_path.clone();
@@ -648,151 +792,66 @@ impl Agent {
                 return self.enrol(record, ns).await;
             }
         }
-        Err(AgentError::new(
-            ErrorCode::TryAgainLater,
-            format!(
-                "no process of pod {}/{} (uid {}) with IP {:?} found under {}",
-                record.namespace,
-                record.name,
-                record.uid,
-                record.ips,
-                proc_root.display()
-            ),
-        ))
+        Err(EnrolError::NotFound {
+            pod: format!("{}/{}", record.namespace, record.name),
+            uid: record.uid,
+            ips: record.ips,
+            proc_root: proc_root.to_path_buf(),
+        })
     }
 
-    async fn remove_pod(&self, uid: &str, remove_rules: bool) -> Result<(), AgentError> {
-        let (pod, replies) = {
-            let mut st = self.state.lock().await;
-            let Some(pod) = st.pods.remove(uid) else { return Ok(()) };
-            self.metrics.pods_enrolled.set(st.pods.len() as i64);
-            let mut replies = Vec::new();
-            for c in &st.conns {
-                let (job, rx) = Job::awaited(WorkloadRequest::del(uid.to_string()), Vec::new());
-                c.enqueue(job);
-                replies.push((c.id, rx));
-            }
-            (pod, replies)
+    async fn del(self: &Arc<Self>, req: &Request) -> Result<(), EnrolError> {
+        let target = |agent: &Agent| agent.core.lock().unwrap().node.del_target(&pod_uid(req), &req.container_id);
+        let Some(uid) = target(self) else {
+            debug!(uid = %pod_uid(req), "DEL for a pod the agent does not hold, or for an older sandbox of it");
+            return Ok(());
         };
-        let name = format!("{}/{}", pod.record.namespace, pod.record.name);
-        for (id, rx) in replies {
-            match tokio::time::timeout(self.zds_timeout() * 2, rx).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => warn!(pod = %name, conn = id, error = %e, "ztunnel did not confirm the removal"),
-                _ => warn!(pod = %name, conn = id, "ztunnel did not confirm the removal in time"),
-            }
+        let _guard = self.lock_pod(&uid).await;
+        // Again under the pod's lock: an ADD of a newer sandbox may have won meanwhile.
+        if target(self).as_deref() != Some(uid.as_str()) {
+            return Ok(());
         }
-        let _ = self.store.remove(uid);
-        // The pod's netns may outlive the sandbox (or the pod was only un-enrolled): take the rules out.
-        let cfg = pod.record.inpod_config();
-        let backend = self.backend;
-        self.probe_remove(&pod.record).await;
-        if let Some(netns) = pod.netns.as_ref().filter(|_| remove_rules) {
-            let res = netns
-                .run(move || -> Result<(), String> {
-                    backend.remove_pod(cfg).map_err(|e| e.to_string())?;
-                    routing::remove(cfg).map_err(|e| e.to_string())
-                })
-                .await;
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    self.rule_error();
-                    warn!(pod = %name, error = %e, "removing the pod's rules failed")
-                }
-                Err(e) => debug!(pod = %name, error = %e, "pod netns not enterable; rules went with it"),
-            }
-        }
-        info!(pod = %name, uid, "pod removed");
-        Ok(())
+        self.forget(&uid, true).await
     }
 
-    async fn del(&self, req: &Request) -> Result<(), AgentError> {
-        let uid = {
-            let st = self.state.lock().await;
-            let by_uid = Self::pod_uid(req);
-            match st.pods.get(&by_uid) {
-                // A DEL for an older sandbox of the same pod must not remove the current one.
-                Some(p) if !req.container_id.is_empty() && p.record.container_id != req.container_id => {
-                    debug!(uid = %by_uid, "DEL for a sandbox that is no longer the pod's current one");
-                    return Ok(());
-                }
-                Some(_) => Some(by_uid),
-                None => st.by_container(&req.container_id),
-            }
-        };
-        match uid {
-            Some(uid) => {
-                let _guard = self.lock_pod(&uid).await;
-                self.remove_pod(&uid, true).await
-            }
-            None => Ok(()),
-        }
-    }
-
-    async fn check(&self, req: &Request) -> Result<(), AgentError> {
-        let uid = Self::pod_uid(req);
-        let (cfg, netns_path) = {
-            let st = self.state.lock().await;
-            match st.pods.get(&uid) {
-                Some(p) => (p.record.inpod_config(), p.record.netns_path.clone()),
-                None => {
-                    return match self.policy().decide(&req.pod) {
-                        Decision::Skip(_) => Ok(()),
-                        Decision::Enrol { .. } => Err(AgentError::new(
-                            ErrorCode::Internal,
-                            "the pod should be enrolled but the agent does not hold it",
-                        )),
-                    };
-                }
-            }
+    async fn check(&self, req: &Request) -> Result<(), EnrolError> {
+        let uid = pod_uid(req);
+        let held =
+            self.core.lock().unwrap().node.pod(&uid).map(|p| (p.record.inpod_config(), p.record.netns_path.clone()));
+        let Some((cfg, netns_path)) = held else {
+            return match self.policy().decide(&req.pod) {
+                Decision::Skip(_) => Ok(()),
+                Decision::Enrol { .. } => Err(EnrolError::NotHeld),
+            };
         };
         let netns = PodNetns::open(&netns_path)?;
         let backend = self.backend;
-        let ok = netns
-            .run(move || -> Result<bool, String> {
-                Ok(backend.pod_present(cfg).map_err(|e| e.to_string())?
-                    && routing::present(cfg).map_err(|e| e.to_string())?)
-            })
-            .await?
-            .map_err(|e| AgentError::new(ErrorCode::Internal, e))?;
-        if !ok {
-            return Err(AgentError::new(
-                ErrorCode::Internal,
-                format!("the redirection rules are missing in {}", netns_path.display()),
-            ));
+        let present =
+            netns.run(move || rules::pod_present(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
+                pod: format!("{}/{}", req.pod.namespace, req.pod.name),
+                netns: netns_path.clone(),
+                source: Box::new(source),
+            })?;
+        if !present {
+            return Err(EnrolError::RulesMissing(netns_path));
         }
-        if self.state.lock().await.conns.is_empty() {
-            return Err(AgentError::new(ErrorCode::TryAgainLater, "no ztunnel is connected"));
+        self.status()
+    }
+
+    fn status(&self) -> Result<(), EnrolError> {
+        if !self.has_ztunnel() {
+            return Err(EnrolError::Unready(self.config.zds_socket.clone()));
         }
         Ok(())
     }
 
-    async fn status(&self) -> Result<(), AgentError> {
-        if self.state.lock().await.conns.is_empty() {
-            return Err(AgentError::new(
-                ErrorCode::TryAgainLater,
-                format!("no ztunnel is connected to {}", self.config.zds_socket.display()),
-            ));
-        }
-        Ok(())
-    }
-
-    async fn gc(&self, req: &Request) -> Result<(), AgentError> {
-        let valid: std::collections::HashSet<&str> =
-            req.valid_attachments.iter().map(|a| a.container_id.as_str()).collect();
-        let stale: Vec<String> = {
-            let st = self.state.lock().await;
-            st.pods
-                .values()
-                .filter(|p| !valid.contains(p.record.container_id.as_str()))
-                .map(|p| p.record.uid.clone())
-                .collect()
-        };
+    async fn gc(self: &Arc<Self>, req: &Request) -> Result<(), EnrolError> {
+        let valid: HashSet<&str> = req.valid_attachments.iter().map(|a| a.container_id.as_str()).collect();
+        let stale = self.core.lock().unwrap().node.stale(&valid);
         for uid in stale {
             info!(uid = %uid, "GC: the runtime no longer knows this sandbox");
             let _guard = self.lock_pod(&uid).await;
-            self.remove_pod(&uid, true).await?;
+            self.forget(&uid, true).await?;
         }
         Ok(())
     }
@@ -801,37 +860,31 @@ impl Agent {
     /// holds (unmounted, removed, or now another netns), as when a runtime crashed or was cleaned up by hand. The
     /// agent's own handle keeps such a netns alive, so without this its record, ztunnel's proxy and the netns
     /// itself would stay until a restart. Returns how many it dropped.
-    pub async fn sweep_vanished(&self) -> usize {
-        let candidates: Vec<(String, PathBuf, Option<u64>)> = {
-            let st = self.state.lock().await;
-            st.pods
-                .values()
-                .map(|p| (p.record.uid.clone(), p.record.netns_path.clone(), p.netns.as_ref().map(PodNetns::inode)))
-                .collect()
+    pub async fn sweep_vanished(self: &Arc<Self>) -> usize {
+        let held = |agent: &Agent, uid: &str| {
+            agent.core.lock().unwrap().node.pod(uid).map(|p| (p.record.netns_path.clone(), p.netns))
+        };
+        let candidates: Vec<(String, PathBuf, Option<Inode>)> = {
+            let core = self.core.lock().unwrap();
+            core.node.pods().map(|p| (p.record.uid.clone(), p.record.netns_path.clone(), p.netns)).collect()
         };
         let mut dropped = 0;
-        for (uid, path, held) in candidates {
-            if !netns_vanished(&path, held) {
+        for (uid, path, inode) in candidates {
+            if !netns_vanished(&path, inode) {
                 continue;
             }
             let _guard = self.lock_pod(&uid).await;
             // Under the pod's lock: an ADD that re-enrolled the pod meanwhile wins.
-            let still = {
-                let st = self.state.lock().await;
-                st.pods
-                    .get(&uid)
-                    .is_some_and(|p| p.record.netns_path == path && p.netns.as_ref().map(PodNetns::inode) == held)
-            };
-            if !still || !netns_vanished(&path, held) {
+            if held(self, &uid) != Some((path.clone(), inode)) || !netns_vanished(&path, inode) {
                 continue;
             }
             info!(uid = %uid, netns = %path.display(), "the pod's netns is gone without a CNI DEL; dropping the pod");
-            match self.remove_pod(&uid, false).await {
+            match self.forget(&uid, false).await {
                 Ok(()) => {
                     dropped += 1;
                     self.metrics.pods_swept.inc();
                 }
-                Err(e) => warn!(uid = %uid, error = %e.message, "dropping a pod whose netns is gone failed"),
+                Err(e) => warn!(uid = %uid, error = %e, "dropping a pod whose netns is gone failed"),
             }
         }
         dropped
@@ -849,17 +902,14 @@ impl Agent {
         }
     }
 
-    /// The enrolled pods' records, for status reporting.
-    pub async fn pods(&self) -> Vec<PodRecord> {
-        let st = self.state.lock().await;
-        let mut v: Vec<_> = st.pods.values().map(|p| p.record.clone()).collect();
-        v.sort_by(|a, b| a.uid.cmp(&b.uid));
-        v
+    /// The enrolled pods' records, by UID.
+    pub fn pods(&self) -> Vec<PodRecord> {
+        self.core.lock().unwrap().node.pods().map(|p| p.record.clone()).collect()
     }
 
     /// Number of connected ztunnels.
-    pub async fn ztunnels(&self) -> usize {
-        self.state.lock().await.conns.len()
+    pub fn ztunnels(&self) -> usize {
+        self.core.lock().unwrap().node.conns().len()
     }
 
     /// Accepts ztunnel connections forever.
@@ -878,27 +928,6 @@ impl Agent {
         }
     }
 
-    /// Keeps the listeners ztunnel sent back for a pod, if the agent still has none for that same netns.
-    async fn adopt_returned(
-        self: Arc<Self>,
-        uid: String,
-        inode: Option<u64>,
-        rx: tokio::sync::oneshot::Receiver<zds::Outcome>,
-    ) {
-        let Ok(Ok(returned)) = rx.await else { return };
-        if returned.is_empty() {
-            return;
-        }
-        let mut st = self.state.lock().await;
-        match st.pods.get_mut(&uid) {
-            Some(p) if p.listeners.is_none() && p.netns.as_ref().map(PodNetns::inode) == inode => {
-                p.listeners = Some(PodListeners::from_returned(returned));
-                info!(uid = %uid, "took back the pod's listeners from ztunnel");
-            }
-            _ => {}
-        }
-    }
-
     async fn serve_zds_conn(self: Arc<Self>, sock: SeqPacket) {
         let pid = sock.peer_pid().unwrap_or(0);
         let hello = match zds::read_hello(&sock, HELLO_TIMEOUT).await {
@@ -909,59 +938,69 @@ impl Agent {
             }
         };
         let handoff = hello.listener_handoff();
-        let (handle, rx) = {
-            let mut st = self.state.lock().await;
-            st.next_conn += 1;
-            let (handle, rx) = ConnHandle::new(st.next_conn, pid, handoff);
-            let mut sent = 0;
-            let mut uids: Vec<String> = st.pods.keys().cloned().collect();
-            uids.sort();
-            for uid in uids {
-                let pod = st.pods.get_mut(&uid).expect("listed above");
-                if !handoff {
-                    pod.listeners = None;
-                }
-                let inode = pod.netns.as_ref().map(PodNetns::inode);
-                match add_job_parts(pod, handoff) {
-                    Ok(Some((req, fds))) => {
-                        let (job, rx) = Job::awaited(req, fds);
-                        handle.enqueue(job);
-                        tokio::spawn(self.clone().adopt_returned(uid.clone(), inode, rx));
-                    }
-                    Ok(None) => handle.enqueue(Job::fire(WorkloadRequest::keep(uid.clone()), Vec::new())),
-                    Err(e) => {
-                        warn!(uid = %uid, error = %e, "cannot duplicate the pod's fds; asking ztunnel to keep it");
-                        handle.enqueue(Job::fire(WorkloadRequest::keep(uid.clone()), Vec::new()));
-                    }
-                }
-                sent += 1;
-            }
-            handle.enqueue(Job::fire(WorkloadRequest::snapshot_sent(), Vec::new()));
-            st.conns.push(handle.clone());
-            self.metrics.ztunnels.set(st.conns.len() as i64);
-            info!(conn = handle.id, pid, handoff, pods = sent, "ztunnel connected; snapshot queued");
-            (handle, rx)
+        // One step: the connection gets its number, its snapshot is queued and it joins the set.
+        let (id, rx) = {
+            let mut core = self.core.lock().unwrap();
+            core.next_conn += 1;
+            let id = core.next_conn;
+            let (handle, rx) = ConnHandle::new(id, pid, handoff);
+            core.conns.insert(id, handle);
+            let cmds = core.node.handle(Event::Connected(Conn { id, handoff }));
+            let deferred = self.execute(&mut core, cmds);
+            debug_assert!(deferred.is_empty(), "a snapshot waits for nothing");
+            info!(conn = id, pid, handoff, pods = core.node.pod_count(), "ztunnel connected; snapshot queued");
+            (id, rx)
         };
         let reason = zds::serve_queue(sock, rx, self.zds_timeout()).await;
-        let mut st = self.state.lock().await;
-        st.conns.retain(|c| c.id != handle.id);
-        self.metrics.ztunnels.set(st.conns.len() as i64);
-        warn!(conn = handle.id, pid, reason = %reason, remaining = st.conns.len(), "ztunnel disconnected");
+        self.step(Event::Disconnected(id), None);
+        warn!(conn = id, pid, reason = %reason, remaining = self.ztunnels(), "ztunnel disconnected");
     }
 
-    /// Serves the plugin's socket forever.
-    pub async fn serve_cni(self: Arc<Self>, listener: tokio::net::UnixListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let agent = self.clone();
-                    tokio::spawn(async move { crate::cniserver::serve_one(agent, stream).await });
+    /// Answers the plugin's requests, which `cniserver` passes over the channel.
+    pub async fn serve_plugin(self: Arc<Self>, mut calls: mpsc::Receiver<crate::cniserver::Call>) {
+        while let Some((req, reply)) = calls.recv().await {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _ = reply.send(agent.handle(req).await);
+            });
+        }
+    }
+
+    /// Carries out what the Kubernetes controller asks, which it passes over the channel.
+    pub async fn serve_controller(self: Arc<Self>, mut asks: mpsc::Receiver<crate::k8s::Ask>) {
+        use crate::k8s::Ask;
+        while let Some(ask) = asks.recv().await {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                match ask {
+                    Ask::Records(reply) => {
+                        let _ = reply.send(agent.pods());
+                    }
+                    Ask::Forget { namespace, name, uid, remove_rules, reply } => {
+                        let uid = uid.or_else(|| agent.core.lock().unwrap().node.uid_of(&namespace, &name));
+                        let result = match uid {
+                            Some(uid) => {
+                                let _guard = agent.lock_pod(&uid).await;
+                                agent.forget(&uid, remove_rules).await
+                            }
+                            None => Ok(()),
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Ask::Enrol { record, proc_root, reply } => {
+                        let _guard = agent.lock_pod(&record.uid).await;
+                        let result = if !agent.core.lock().unwrap().node.needs_enrolment(&record.uid) {
+                            Ok(true)
+                        } else if record.ips.is_empty() {
+                            Ok(false)
+                        } else {
+                            info!(pod = %format!("{}/{}", record.namespace, record.name), "enrolling the running pod");
+                            agent.enrol_running(record, &proc_root).await.map(|_| true)
+                        };
+                        let _ = reply.send(result);
+                    }
                 }
-                Err(e) => {
-                    warn!(error = %e, "accepting a plugin connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            });
         }
     }
 }
@@ -969,12 +1008,12 @@ impl Agent {
 impl Agent {
     /// Removes Ambit from the node while the agent runs (its DaemonSet is being deleted): no more enrolments,
     /// every pod forgotten under its lock (rules out, ztunnel told), then the node's rules and the plugin.
-    pub async fn uninstall(&self) -> anyhow::Result<()> {
-        self.stopping.store(true, std::sync::atomic::Ordering::Release);
-        let uids: Vec<String> = self.state.lock().await.pods.keys().cloned().collect();
+    pub async fn uninstall(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.step(Event::Stopping, None);
+        let uids: Vec<String> = self.pods().into_iter().map(|r| r.uid).collect();
         for uid in uids {
             let _guard = self.lock_pod(&uid).await;
-            if let Err(e) = self.remove_pod(&uid, true).await {
+            if let Err(e) = self.forget(&uid, true).await {
                 warn!(uid = %uid, error = %e, "un-enrolling during uninstall failed");
             }
         }
@@ -1000,12 +1039,7 @@ pub async fn uninstall(config: &Config) -> anyhow::Result<()> {
         let cfg = r.inpod_config();
         match PodNetns::open(&r.netns_path) {
             Ok(ns) => {
-                let res = ns
-                    .run(move || -> Result<(), String> {
-                        backend.remove_pod(cfg).map_err(|e| e.to_string())?;
-                        routing::remove(cfg).map_err(|e| e.to_string())
-                    })
-                    .await;
+                let res = ns.run(move || rules::remove_pod(backend, cfg)).await;
                 match res {
                     Ok(Ok(())) => info!(pod = %format!("{}/{}", r.namespace, r.name), "un-enrolled"),
                     Ok(Err(e)) => errors.push(format!("pod {}/{}: {e}", r.namespace, r.name)),

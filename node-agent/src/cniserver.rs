@@ -1,14 +1,16 @@
 //! The agent's end of the plugin API: one JSON request and one JSON response per connection.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_proto::cni_api::{ErrorCode, MAX_MESSAGE_BYTES, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::agent::Agent;
+/// A plugin request and where its answer goes. The server passes requests to whoever answers them (the agent)
+/// over a channel, so this module knows nothing of the agent.
+pub type Call = (Request, oneshot::Sender<Response>);
 
 /// How long a plugin may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,12 +47,32 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, Response> {
     serde_json::from_slice(&body).map_err(|e| Response::error(ErrorCode::BadRequest, format!("malformed request: {e}")))
 }
 
+/// Serves the plugin's socket until the process exits, one task per connection.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_one(stream, calls.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a plugin connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Serves one plugin connection.
-pub async fn serve_one(agent: Arc<Agent>, mut stream: UnixStream) {
+async fn serve_one(mut stream: UnixStream, calls: mpsc::Sender<Call>) {
     let response = match read_request(&mut stream).await {
         Ok(req) => {
             debug!(command = ?req.command, pod = %format!("{}/{}", req.pod.namespace, req.pod.name), "plugin request");
-            agent.handle(req).await
+            let (tx, rx) = oneshot::channel();
+            let answered = match calls.send((req, tx)).await {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            answered.unwrap_or_else(|| Response::error(ErrorCode::TryAgainLater, "the agent is shutting down"))
         }
         Err(resp) => resp,
     };

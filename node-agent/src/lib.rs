@@ -14,6 +14,8 @@ pub mod agent;
 pub mod cniserver;
 pub mod config;
 pub mod enrol;
+pub mod enrolment;
+pub mod error;
 pub mod health;
 pub mod installer;
 pub mod k8s;

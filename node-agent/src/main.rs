@@ -89,7 +89,9 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
     let kube = if mode == Mode::Kubernetes {
         let (kube, queue) = ambit_agent::k8s::Kube::connect(&kube_cfg, &node_name, own_namespace.as_deref()).await?;
         agent.set_kube(kube.clone());
-        tokio::spawn(ambit_agent::k8s::run(agent.clone(), kube.clone(), queue));
+        let (asks, asked) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(agent.clone().serve_controller(asked));
+        tokio::spawn(ambit_agent::k8s::run(asks, kube.clone(), queue));
         Some(kube)
     } else {
         None
@@ -98,9 +100,11 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         .with_context(|| format!("listening for ztunnel on {}", zds_socket.display()))?;
     let cni = ambit_agent::cniserver::bind(&cni_socket)
         .with_context(|| format!("listening for the CNI plugin on {}", cni_socket.display()))?;
-    info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().await.len(), "ambit-agent ready");
+    info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().len(), "ambit-agent ready");
     tokio::spawn(agent.clone().serve_zds(zds));
-    tokio::spawn(agent.clone().serve_cni(cni));
+    let (calls, called) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(agent.clone().serve_plugin(called));
+    tokio::spawn(ambit_agent::cniserver::serve(cni, calls));
     tokio::spawn(agent.clone().sweep_forever());
     ambit_agent::health::serve(health_addr, agent.clone())
         .await

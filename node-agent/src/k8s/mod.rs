@@ -17,10 +17,10 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::agent::{Agent, AgentError};
+use crate::error::{ApiError, EnrolError};
 use crate::pods::PodRecord;
 use decide::{REDIRECTION, Verdict};
 
@@ -54,6 +54,57 @@ impl Default for KubeConfig {
 
 /// A pod, by namespace and name.
 pub type Key = (String, String);
+
+/// What the controller asks of the agent, over a channel (so this module does not depend on the agent).
+#[derive(Debug)]
+pub enum Ask {
+    /// The records of the enrolled pods.
+    Records(oneshot::Sender<Vec<PodRecord>>),
+    /// Un-enrol a pod (by UID, or by name when the API no longer has it); with `remove_rules` its rules go too.
+    Forget {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Its UID, if known.
+        uid: Option<String>,
+        /// Whether to remove its rules (a running pod that leaves the mesh) or not (a deleted pod).
+        remove_rules: bool,
+        /// The result.
+        reply: oneshot::Sender<Result<(), EnrolError>>,
+    },
+    /// Enrol a running pod unless the agent holds it with its netns; its netns is found under `proc_root`.
+    /// Answers whether the pod is enrolled now (not when it has no IP yet: its CNI ADD will enrol it).
+    Enrol {
+        /// The pod (netns path and inode unknown; no IPs when the API has none yet).
+        record: PodRecord,
+        /// The host's /proc.
+        proc_root: PathBuf,
+        /// The result.
+        reply: oneshot::Sender<Result<bool, EnrolError>>,
+    },
+}
+
+/// Why reconciling a pod failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The agent could not carry it out.
+    #[error(transparent)]
+    Enrol(#[from] EnrolError),
+    /// The API refused the annotation.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The agent is gone (shutting down).
+    #[error("the agent is not answering")]
+    AgentGone,
+}
+
+/// Sends an ask and waits for the agent's answer.
+async fn ask<T>(agent: &mpsc::Sender<Ask>, make: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, ReconcileError> {
+    let (tx, rx) = oneshot::channel();
+    agent.send(make(tx)).await.map_err(|_| ReconcileError::AgentGone)?;
+    rx.await.map_err(|_| ReconcileError::AgentGone)
+}
 
 /// The API side of Kubernetes mode.
 pub struct Kube {
@@ -163,7 +214,12 @@ impl Kube {
 
     /// The pod and its namespace, from the caches, waiting briefly for them to catch up with a pod the runtime
     /// is creating, then from the API. An unreachable API fails: the caller fails closed.
-    pub async fn lookup(&self, ns: &str, name: &str, uid: &str) -> Result<(Arc<Pod>, Option<Arc<Namespace>>), String> {
+    pub async fn lookup(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<(Arc<Pod>, Option<Arc<Namespace>>), ApiError> {
         for _ in 0..10 {
             let (p, n) = self.cached(ns, name);
             if let Some(p) = p
@@ -177,11 +233,11 @@ impl Kube {
         let pod = Api::<Pod>::namespaced(self.client.clone(), ns)
             .get(name)
             .await
-            .map_err(|e| format!("cannot read pod {ns}/{name} from the Kubernetes API: {e}"))?;
+            .map_err(|source| ApiError::ReadPod { namespace: ns.into(), name: name.into(), source })?;
         let namespace = Api::<Namespace>::all(self.client.clone())
             .get_opt(ns)
             .await
-            .map_err(|e| format!("cannot read namespace {ns}: {e}"))?;
+            .map_err(|source| ApiError::ReadNamespace { namespace: ns.into(), source })?;
         Ok((Arc::new(pod), namespace.map(Arc::new)))
     }
 
@@ -191,14 +247,14 @@ impl Kube {
     }
 
     /// Sets (`true`) or removes the redirection annotation.
-    pub async fn annotate(&self, ns: &str, name: &str, enabled: bool) -> Result<(), String> {
+    pub async fn annotate(&self, ns: &str, name: &str, enabled: bool) -> Result<(), ApiError> {
         let value = if enabled { serde_json::json!("enabled") } else { serde_json::Value::Null };
         let patch = serde_json::json!({"metadata": {"annotations": {REDIRECTION: value}}});
         Api::<Pod>::namespaced(self.client.clone(), ns)
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map(|_| ())
-            .map_err(|e| format!("annotating pod {ns}/{name}: {e}"))
+            .map_err(|source| ApiError::Annotate { namespace: ns.into(), name: name.into(), source })
     }
 
     /// Whether the agent's own DaemonSet is gone or being deleted (an uninstall, not an upgrade). Any doubt
@@ -244,7 +300,7 @@ impl Kube {
 
 /// Serves the queue: reconciles each pod, retrying failures with backoff (5 ms doubling to 5 s), each pod at
 /// most once at a time.
-pub async fn run(agent: Arc<Agent>, kube: Arc<Kube>, mut rx: mpsc::UnboundedReceiver<Key>) {
+pub async fn run(agent: mpsc::Sender<Ask>, kube: Arc<Kube>, mut rx: mpsc::UnboundedReceiver<Key>) {
     // Nothing is decided before both caches hold a full listing: a pod seen before its namespace would look
     // "not enrolled" and be released. (Wait here only: kube's readiness signal wakes a single waiter.)
     let _ = kube.pods.wait_until_ready().await;
@@ -252,11 +308,12 @@ pub async fn run(agent: Arc<Agent>, kube: Arc<Kube>, mut rx: mpsc::UnboundedRece
     kube.synced.store(true, std::sync::atomic::Ordering::Release);
     info!(pods = kube.node_pods().len(), "Kubernetes caches synced");
     // Forget recorded pods the API no longer has (deleted while the agent was down), then look at every pod.
-    for r in agent.records().await {
+    for r in ask(&agent, Ask::Records).await.unwrap_or_default() {
         if kube.cached(&r.namespace, &r.name).0.is_none_or(|p| p.metadata.uid.as_deref() != Some(r.uid.as_str())) {
             info!(pod = %format!("{}/{}", r.namespace, r.name), "forgetting a recorded pod the API no longer has");
-            let _guard = agent.lock_pod(&r.uid).await;
-            let _ = agent.forget(&r.uid, true).await;
+            if let Err(e) = forget(&agent, &(r.namespace, r.name), Some(r.uid), true).await {
+                warn!(error = %e, "forgetting a recorded pod failed");
+            }
         }
     }
     for p in kube.node_pods() {
@@ -305,56 +362,55 @@ pub async fn run(agent: Arc<Agent>, kube: Arc<Kube>, mut rx: mpsc::UnboundedRece
     }
 }
 
+/// Asks the agent to forget a pod.
+async fn forget(
+    agent: &mpsc::Sender<Ask>,
+    key: &Key,
+    uid: Option<String>,
+    remove_rules: bool,
+) -> Result<(), ReconcileError> {
+    let (namespace, name) = key.clone();
+    Ok(ask(agent, |reply| Ask::Forget { namespace, name, uid, remove_rules, reply }).await??)
+}
+
 /// Brings one pod in step with its verdict.
-async fn reconcile(agent: &Agent, kube: &Kube, key: &Key) -> Result<(), String> {
+async fn reconcile(agent: &mpsc::Sender<Ask>, kube: &Kube, key: &Key) -> Result<(), ReconcileError> {
     let (ns, name) = key;
     let (pod, namespace) = kube.cached(ns, name);
     let Some(pod) = pod else {
         // Deleted: forget it (its netns is going away with it).
-        if let Some(uid) = agent.uid_of(ns, name).await {
-            agent.forget(&uid, false).await.map_err(|e| e.to_string())?;
-        }
-        return Ok(());
+        return forget(agent, key, None, false).await;
     };
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let _guard = agent.lock_pod(&uid).await;
-    let enrolled = agent.is_enrolled(&uid).await;
     let annotated =
         pod.metadata.annotations.as_ref().and_then(|a| a.get(REDIRECTION)).map(String::as_str) == Some("enabled");
     match kube.verdict(&pod, namespace.as_deref()) {
         Verdict::Gone(why) => {
-            if enrolled {
-                debug!(pod = %format!("{ns}/{name}"), why, "forgetting the pod");
-                agent.forget(&uid, false).await.map_err(|e| e.to_string())?;
-            }
+            debug!(pod = %format!("{ns}/{name}"), why, "the pod is finishing; forgetting it if enrolled");
+            forget(agent, key, Some(uid), false).await?;
         }
         Verdict::Skip(why) => {
-            if enrolled {
-                info!(pod = %format!("{ns}/{name}"), why, "un-enrolling the running pod");
-                agent.forget(&uid, true).await.map_err(|e| e.to_string())?;
-            }
+            debug!(pod = %format!("{ns}/{name}"), why, "not enrolled; un-enrolling it if it was");
+            forget(agent, key, Some(uid), true).await?;
             if annotated {
                 kube.annotate(ns, name, false).await?;
             }
         }
         Verdict::Enrol { service_account } => {
-            if !enrolled || agent.lacks_netns(&uid).await {
-                let Some(ips) = pod_ips(&pod) else {
-                    // No IP yet: the sandbox is still being set up, and its CNI ADD enrols it.
-                    return Ok(());
-                };
-                let record = PodRecord {
-                    uid: uid.clone(),
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    service_account,
-                    container_id: String::new(),
-                    netns_path: PathBuf::new(),
-                    ips,
-                    netns_inode: 0,
-                };
-                info!(pod = %format!("{ns}/{name}"), "enrolling the running pod");
-                agent.enrol_running(record, &kube.proc_root).await.map_err(|e: AgentError| e.to_string())?;
+            let record = PodRecord {
+                uid: uid.clone(),
+                namespace: ns.clone(),
+                name: name.clone(),
+                service_account,
+                container_id: String::new(),
+                netns_path: PathBuf::new(),
+                ips: pod_ips(&pod).unwrap_or_default(),
+                netns_inode: 0,
+            };
+            let proc_root = kube.proc_root.clone();
+            if !ask(agent, |reply| Ask::Enrol { record, proc_root, reply }).await?? {
+                // No IP yet: the sandbox is still being set up, and its CNI ADD enrols it.
+                return Ok(());
             }
             if !annotated {
                 kube.annotate(ns, name, true).await?;

@@ -115,3 +115,36 @@ mod tests {
         assert_eq!(InpodConfig::for_ips(&[]), InpodConfig { ipv4: true, ipv6: false });
     }
 }
+
+/// Why a pod's redirection could not be installed, checked or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// The packet-filter rules (nftables or iptables).
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    /// The policy routing.
+    #[error(transparent)]
+    Routing(#[from] routing::RoutingError),
+    /// The pod's listening sockets.
+    #[error("creating listeners: {0}")]
+    Listeners(std::io::Error),
+}
+
+/// Installs a pod's rules and routing in the calling thread's netns (idempotent).
+pub fn install_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
+    backend.install_pod(cfg)?;
+    routing::install(cfg)?;
+    Ok(())
+}
+
+/// Removes a pod's rules and routing from the calling thread's netns (absent is fine).
+pub fn remove_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
+    backend.remove_pod(cfg)?;
+    routing::remove(cfg)?;
+    Ok(())
+}
+
+/// Whether a pod's rules and routing are all in the calling thread's netns.
+pub fn pod_present(backend: Backend, cfg: InpodConfig) -> Result<bool, RuleError> {
+    Ok(backend.pod_present(cfg)? && routing::present(cfg)?)
+}
