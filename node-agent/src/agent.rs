@@ -432,7 +432,7 @@ impl Agent {
             let ev = Event::Answered { uid: uid.clone(), purpose: Purpose::Snapshot { netns }, result: Ok(true) };
             agent.step(ev, Some(offer));
             if agent.core.lock().unwrap().listeners.contains_key(&(uid.clone(), netns)) {
-                info!(uid = %uid, "holding the pod's listeners again, sent back by ztunnel");
+                info!(uid = %uid, "took back the pod's listeners from ztunnel");
             }
         });
     }
