@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::enrol::{Decision, StandalonePolicy};
 use crate::enrolment::{Attach, Command, Conn, ConnId, Event, Inode, Msg, Node, Purpose};
 use crate::error::EnrolError;
+use crate::installer::InstallError;
 use crate::listeners::PodListeners;
 use crate::metrics::{BackendLabels, Metrics, RequestLabels};
 use crate::netns::{NetnsError, PodNetns};
@@ -34,6 +35,20 @@ use crate::pods::{PodRecord, StateStore};
 use crate::rules::host::ProbeSet;
 use crate::rules::{self, Backend, InpodConfig, RuleError};
 use crate::zds::{self, ConnHandle, Job, ZdsError};
+
+/// Why the agent is not ready (its `/readyz` says so).
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The plugin is not installed and chained.
+    #[error("CNI plugin: {0}")]
+    Plugin(Arc<InstallError>),
+    /// Kubernetes mode: the caches have not listed everything once.
+    #[error("the pod and namespace caches have not synced with the Kubernetes API yet")]
+    NotSynced,
+    /// No ztunnel is connected.
+    #[error("no ztunnel connected to {}", .0.display())]
+    NoZtunnel(PathBuf),
+}
 
 /// How long ztunnel has to say hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -204,7 +219,7 @@ pub struct Agent {
     kube: std::sync::OnceLock<Arc<crate::k8s::Kube>>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
-    install_state: std::sync::Mutex<Result<(), String>>,
+    install_state: std::sync::Mutex<Result<(), Arc<InstallError>>>,
     backend: Backend,
     probes: Option<Arc<ProbeSet>>,
     policy: std::sync::Mutex<PolicySource>,
@@ -281,7 +296,7 @@ impl Agent {
         let metrics = Metrics::new();
         metrics.pods_enrolled.set(core.node.pod_count() as i64);
         let install_state =
-            std::sync::Mutex::new(if config.install.enabled { Err("not installed yet".to_string()) } else { Ok(()) });
+            std::sync::Mutex::new(if config.install.enabled { Err(Arc::new(InstallError::NotYet)) } else { Ok(()) });
         Ok(Arc::new(Agent {
             config,
             kube: std::sync::OnceLock::new(),
@@ -605,9 +620,9 @@ impl Agent {
     }
 
     /// Records the installer's state (called by the installer thread).
-    pub fn set_install_state(&self, s: Result<(), String>) {
+    pub fn set_install_state(&self, s: Result<(), InstallError>) {
         self.metrics.installer_ready.set(i64::from(s.is_ok()));
-        *self.install_state.lock().unwrap() = s;
+        *self.install_state.lock().unwrap() = s.map_err(Arc::new);
     }
 
     fn has_ztunnel(&self) -> bool {
@@ -615,13 +630,13 @@ impl Agent {
     }
 
     /// Ready when the plugin is installed and a ztunnel is connected; otherwise why not.
-    pub async fn readiness(&self) -> Result<(), String> {
-        self.install_state.lock().unwrap().clone().map_err(|e| format!("CNI plugin: {e}"))?;
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        self.install_state.lock().unwrap().clone().map_err(NotReady::Plugin)?;
         if self.kube.get().is_some_and(|k| !k.synced()) {
-            return Err("the pod and namespace caches have not synced with the Kubernetes API yet".into());
+            return Err(NotReady::NotSynced);
         }
         if !self.has_ztunnel() {
-            return Err(format!("no ztunnel connected to {}", self.config.zds_socket.display()));
+            return Err(NotReady::NoZtunnel(self.config.zds_socket.clone()));
         }
         Ok(())
     }

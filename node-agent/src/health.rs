@@ -26,7 +26,7 @@ fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn route(agent: Arc<Agent>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/readyz" => match agent.readiness().await {
+        "/readyz" => match agent.readiness() {
             Ok(()) => reply(StatusCode::OK, "ready\n".into()),
             Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },

@@ -61,6 +61,9 @@ impl Default for InstallConfig {
 /// Why installing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
+    /// The first installation has not run yet.
+    #[error("not installed yet")]
+    NotYet,
     /// No usable primary network config yet (the primary CNI has not written one, or all are broken).
     #[error("no usable primary CNI network config in {dir} ({detail})")]
     NoPrimary {
@@ -338,7 +341,7 @@ impl WatchHandle {
 /// someone else's change.
 pub fn watch(
     installer: Installer,
-    on_state: impl Fn(Result<(), String>) + Send + 'static,
+    on_state: impl Fn(Result<(), InstallError>) + Send + 'static,
     on_repair: impl Fn() + Send + 'static,
 ) -> WatchHandle {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -373,7 +376,7 @@ pub fn watch(
                             installed_once = true;
                             on_state(Ok(()));
                         }
-                        Err(e) => on_state(Err(e.to_string())),
+                        Err(e) => on_state(Err(e)),
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));

@@ -27,6 +27,50 @@ pub enum ZdsError {
     /// The connection went away before the answer.
     #[error("the ztunnel connection closed: {0}")]
     Disconnected(String),
+    /// ztunnel broke the protocol; the agent drops the connection.
+    #[error("ztunnel broke the ZDS protocol: {0}")]
+    Protocol(Violation),
+}
+
+/// How a ztunnel broke ZDS.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A message that does not decode.
+    #[error("undecodable {what}: {error}")]
+    Undecodable {
+        /// Which message.
+        what: &'static str,
+        /// The decoder's complaint.
+        error: String,
+    },
+    /// File descriptors where none belong.
+    #[error("{0} carried file descriptors nobody asked for")]
+    UnaskedFds(&'static str),
+    /// Listener ports and fds that do not pair up.
+    #[error("an ack named {ports} listener ports but carried {fds} fds")]
+    PortCount {
+        /// Ports named.
+        ports: usize,
+        /// Fds carried.
+        fds: usize,
+    },
+    /// A port number that is not one.
+    #[error("listener port {0} out of range")]
+    PortRange(u32),
+    /// A returned fd that is not the listener it was said to be.
+    #[error("returned listener {port}: {error}")]
+    NotAListener {
+        /// The port it was said to listen on.
+        port: u16,
+        /// What is wrong with it.
+        error: ambit_proto::seqpacket::ListenerCheckError,
+    },
+    /// A message while nothing was asked.
+    #[error("an unsolicited message")]
+    Unsolicited,
+    /// A hello for another protocol version.
+    #[error("unsupported ZDS version {0}")]
+    Version(i32),
 }
 
 /// Listening sockets ztunnel sent back with an ack, by port.
@@ -102,21 +146,16 @@ fn returned_listeners(ports: Vec<u32>, fds: Vec<OwnedFd>, asked: bool) -> Result
         return Ok(Vec::new());
     }
     if !asked {
-        return Err(ZdsError::Disconnected("an ack carried file descriptors nobody asked for".into()));
+        return Err(ZdsError::Protocol(Violation::UnaskedFds("an ack")));
     }
     if ports.len() != fds.len() {
-        return Err(ZdsError::Disconnected(format!(
-            "an ack named {} listener ports but carried {} fds",
-            ports.len(),
-            fds.len()
-        )));
+        return Err(ZdsError::Protocol(Violation::PortCount { ports: ports.len(), fds: fds.len() }));
     }
     let mut out = Vec::new();
     for (port, fd) in ports.into_iter().zip(fds) {
-        let port =
-            u16::try_from(port).map_err(|_| ZdsError::Disconnected(format!("listener port {port} out of range")))?;
+        let port = u16::try_from(port).map_err(|_| ZdsError::Protocol(Violation::PortRange(port)))?;
         ambit_proto::seqpacket::check_listener(fd.as_fd(), port)
-            .map_err(|e| ZdsError::Disconnected(format!("returned listener {port}: {e}")))?;
+            .map_err(|error| ZdsError::Protocol(Violation::NotAListener { port, error }))?;
         out.push((port, fd));
     }
     Ok(out)
@@ -133,12 +172,12 @@ pub async fn read_hello(sock: &SeqPacket, timeout: Duration) -> Result<ZdsHello,
         return Err(ZdsError::Disconnected("closed before hello".into()));
     }
     if !fds.is_empty() {
-        return Err(ZdsError::Disconnected("hello carried file descriptors".into()));
+        return Err(ZdsError::Protocol(Violation::UnaskedFds("the hello")));
     }
-    let hello: ZdsHello =
-        zds::decode(&buf[..n]).map_err(|e| ZdsError::Disconnected(format!("undecodable hello: {e}")))?;
+    let hello: ZdsHello = zds::decode(&buf[..n])
+        .map_err(|e| ZdsError::Protocol(Violation::Undecodable { what: "hello", error: e.to_string() }))?;
     if hello.version != Version::V1 as i32 {
-        return Err(ZdsError::Disconnected(format!("unsupported ZDS version {}", hello.version)));
+        return Err(ZdsError::Protocol(Violation::Version(hello.version)));
     }
     Ok(hello)
 }
@@ -158,7 +197,7 @@ pub async fn serve_queue(sock: SeqPacket, mut rx: mpsc::UnboundedReceiver<Job>, 
             r = sock.recv(&mut buf) => {
                 break match r {
                     Ok((0, _)) => ZdsError::Disconnected("ztunnel closed the connection".into()),
-                    Ok((_, _)) => ZdsError::Disconnected("ztunnel sent an unsolicited message".into()),
+                    Ok((_, _)) => ZdsError::Protocol(Violation::Unsolicited),
                     Err(e) => ZdsError::Disconnected(e.to_string()),
                 };
             }
@@ -185,10 +224,10 @@ pub async fn serve_queue(sock: SeqPacket, mut rx: mpsc::UnboundedReceiver<Job>, 
             Ok(Err(e)) => Err(ZdsError::Disconnected(e.to_string())),
             Ok(Ok((0, _))) => Err(ZdsError::Disconnected("ztunnel closed the connection".into())),
             Ok(Ok((n, fds))) => match zds::decode::<WorkloadResponse>(&buf[..n]) {
-                Err(e) => Err(ZdsError::Disconnected(format!("undecodable ack: {e}"))),
+                Err(e) => Err(ZdsError::Protocol(Violation::Undecodable { what: "ack", error: e.to_string() })),
                 Ok(r) => match r.into_result() {
                     Err(e) if fds.is_empty() => Err(ZdsError::Nack(e)),
-                    Err(_) => Err(ZdsError::Disconnected("a nack carried file descriptors".into())),
+                    Err(_) => Err(ZdsError::Protocol(Violation::UnaskedFds("a nack"))),
                     Ok(ports) => returned_listeners(ports, fds, job.wants_listeners()),
                 },
             },
@@ -318,7 +357,7 @@ mod tests {
             Ok(_) => "ok",
             Err(ZdsError::Nack(_)) => "nack",
             Err(ZdsError::Timeout(_)) => "timeout",
-            Err(ZdsError::Disconnected(_)) => "disconnected",
+            Err(ZdsError::Disconnected(_) | ZdsError::Protocol(_)) => "disconnected",
             Err(ZdsError::NoZtunnel) => "no ztunnel",
         }
     }
@@ -393,7 +432,10 @@ mod tests {
                     got.push(kind(&o.expect("exactly one outcome")));
                 }
                 let reason = tokio::time::timeout(Duration::from_secs(5), server).await.expect("the queue ends").unwrap();
-                assert!(matches!(reason, ZdsError::Disconnected(_) | ZdsError::Timeout(_)), "{reason:?}");
+                assert!(
+                    matches!(reason, ZdsError::Disconnected(_) | ZdsError::Protocol(_) | ZdsError::Timeout(_)),
+                    "{reason:?}"
+                );
                 peer.abort();
                 got
             });

@@ -158,16 +158,38 @@ impl SeqPacket {
     }
 }
 
+/// Why a received fd is not the listener it was said to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ListenerCheckError {
+    /// It is not a socket (or cannot be asked).
+    #[error("not a socket: {0}")]
+    NotASocket(nix::Error),
+    /// A socket, but not listening.
+    #[error("not a listening socket")]
+    NotListening,
+    /// Its address cannot be read.
+    #[error("cannot read its address: {0}")]
+    Address(nix::Error),
+    /// Bound to another port (or not to a TCP/IP address at all).
+    #[error("bound to port {actual:?}, not {expected}")]
+    WrongPort {
+        /// What it is bound to.
+        actual: Option<u16>,
+        /// What it was said to be.
+        expected: u16,
+    },
+}
+
 /// Checks that a received fd is a listening TCP socket bound to `port` (what ZDS's listener handoff carries).
-pub fn check_listener(fd: BorrowedFd<'_>, port: u16) -> Result<(), String> {
-    let listening = socket::getsockopt(&fd, socket::sockopt::AcceptConn).map_err(|e| format!("not a socket: {e}"))?;
+pub fn check_listener(fd: BorrowedFd<'_>, port: u16) -> Result<(), ListenerCheckError> {
+    let listening = socket::getsockopt(&fd, socket::sockopt::AcceptConn).map_err(ListenerCheckError::NotASocket)?;
     if !listening {
-        return Err("not a listening socket".into());
+        return Err(ListenerCheckError::NotListening);
     }
-    let local: socket::SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    let local: socket::SockaddrStorage = socket::getsockname(fd.as_raw_fd()).map_err(ListenerCheckError::Address)?;
     let actual = local.as_sockaddr_in().map(|s| s.port()).or_else(|| local.as_sockaddr_in6().map(|s| s.port()));
     if actual != Some(port) {
-        return Err(format!("bound to port {actual:?}, not {port}"));
+        return Err(ListenerCheckError::WrongPort { actual, expected: port });
     }
     Ok(())
 }

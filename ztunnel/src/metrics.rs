@@ -448,7 +448,7 @@ impl ConnRecord {
             start: Instant::now(),
             active,
         };
-        metrics.tcp_opened.get_or_create(&rec.labels("-")).inc();
+        metrics.tcp_opened.get_or_create(&rec.labels(ResponseFlags::None.as_str())).inc();
         rec
     }
 
@@ -490,8 +490,8 @@ impl ConnRecord {
 
     /// Records the outcome and writes the access log line. `received` is client → server bytes, `sent`
     /// server → client.
-    pub fn close(self, received: u64, sent: u64, error: Option<&str>, flags: Option<&str>) {
-        let labels = self.labels(flags.unwrap_or("-"));
+    pub fn close(self, received: u64, sent: u64, error: Option<&dyn std::fmt::Display>, flags: ResponseFlags) {
+        let labels = self.labels(flags.as_str());
         let m = &self.metrics;
         m.tcp_closed.get_or_create(&labels).inc();
         m.tcp_received.get_or_create(&labels).inc_by(received);
@@ -524,14 +524,67 @@ impl ConnRecord {
             received,
             sent,
             self.start.elapsed().as_millis(),
-            error.map(|e| format!(" error={e:?}")).unwrap_or_default(),
+            error.map(|e| format!(" error={:?}", e.to_string())).unwrap_or_default(),
         );
+    }
+}
+
+/// Istio's response flags for a TCP connection: the `response_flags` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFlags {
+    /// Nothing to report (`-`).
+    None,
+    /// Refused by authorization policy (`DENY`).
+    Deny,
+    /// The upstream could not be reached, or could not take the connection (`UF`).
+    UpstreamFailure,
+    /// No upstream for the destination (`NR`).
+    NoRoute,
+    /// The peer answered the HBONE CONNECT with another status (`CONNECT`; Ambit's, Istio has no flag for it).
+    ConnectRefused,
+}
+
+impl ResponseFlags {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::UpstreamFailure => "UF",
+            ResponseFlags::NoRoute => "NR",
+            ResponseFlags::ConnectRefused => "CONNECT",
+        }
+    }
+
+    /// The flag for a peer's answer to HBONE CONNECT other than 200: 401 is the destination's policy, 503 its
+    /// failure to reach the pod.
+    pub fn of_connect_status(status: http::StatusCode) -> ResponseFlags {
+        match status {
+            http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
+            http::StatusCode::SERVICE_UNAVAILABLE => ResponseFlags::UpstreamFailure,
+            _ => ResponseFlags::ConnectRefused,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_flags_render_as_istio_names_them() {
+        use http::StatusCode;
+        let flags = [
+            (ResponseFlags::None, "-"),
+            (ResponseFlags::of_connect_status(StatusCode::UNAUTHORIZED), "DENY"),
+            (ResponseFlags::of_connect_status(StatusCode::SERVICE_UNAVAILABLE), "UF"),
+            (ResponseFlags::NoRoute, "NR"),
+            (ResponseFlags::of_connect_status(StatusCode::BAD_REQUEST), "CONNECT"),
+        ];
+        for (f, s) in flags {
+            assert_eq!(f.as_str(), s);
+        }
+    }
 
     #[test]
     fn every_metric_is_exported_under_its_istio_or_ztunnel_name() {

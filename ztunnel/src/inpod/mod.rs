@@ -33,7 +33,8 @@ pub struct Pods {
 }
 
 impl Driver<PodResources> for Pods {
-    fn start(&mut self, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<(), String> {
+    type Error = proxy::StartError;
+    fn start(&mut self, uid: &str, info: WorkloadInfo, res: PodResources) -> Result<(), proxy::StartError> {
         let pod = proxy::start_pod(&self.ctx, uid, info, std::sync::Arc::new(res.netns), res.listeners)?;
         self.pods.insert(uid.to_string(), pod);
         Ok(())
@@ -169,7 +170,7 @@ async fn serve(sock: &SeqPacket, inpod: &Arc<Mutex<Inpod>>, host: &Arc<OwnedFd>,
         let (kind, answer) = match protocol::decode(&buf[..n], fds, host) {
             Err(e) => {
                 warn!(error = %e, "refusing a ZDS request");
-                ("invalid", Answer::Nack(e))
+                ("invalid", Answer::Nack(e.to_string()))
             }
             Ok(req) => {
                 let kind = match &req {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ambit_proto::zds::{self, WorkloadRequest, workload_request::Payload};
 
-use super::netns::InpodNetns;
+use super::netns::{InpodNetns, NetnsError};
 use super::statemanager::{NetnsId, Request};
 
 /// What ztunnel receives with an Add: the pod's netns and, with Ambit's extension, its listeners.
@@ -24,39 +24,97 @@ impl NetnsId for PodResources {
     }
 }
 
+/// Why a ZDS request was refused (the reason goes back in the nack).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a protobuf `WorkloadRequest`.
+    #[error("undecodable ZDS request: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    /// A request with no payload.
+    #[error("ZDS request without a payload")]
+    NoPayload,
+    /// Fds with a request that takes none.
+    #[error("{kind} carried {count} file descriptors; only add may")]
+    UnexpectedFds {
+        /// The request.
+        kind: &'static str,
+        /// How many came.
+        count: usize,
+    },
+    /// An add whose fds do not match its listener ports.
+    #[error("add for {uid} carried {got} fds, expected {} (netns + {listeners} listeners)", listeners + 1)]
+    FdCount {
+        /// The pod.
+        uid: String,
+        /// Fds received.
+        got: usize,
+        /// Listener ports named.
+        listeners: usize,
+    },
+    /// The netns fd is not a network namespace.
+    #[error("add for {uid}: {source}")]
+    Netns {
+        /// The pod.
+        uid: String,
+        /// What is wrong with it.
+        source: NetnsError,
+    },
+    /// A port number that is not one.
+    #[error("listener port {0} out of range")]
+    PortRange(u32),
+    /// A listener fd that is not the listener it was said to be.
+    #[error("add for {uid}: listener {port}: {source}")]
+    Listener {
+        /// The pod.
+        uid: String,
+        /// The port.
+        port: u16,
+        /// What is wrong with it.
+        source: ListenerError,
+    },
+}
+
+/// What is wrong with a listener fd.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// Not a listening socket on its port.
+    #[error(transparent)]
+    Check(#[from] ambit_proto::seqpacket::ListenerCheckError),
+    /// It cannot be made non-blocking.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Decodes one packet. Every fd it came with is either owned by the result or closed.
-pub fn decode(packet: &[u8], mut fds: Vec<OwnedFd>, host: &Arc<OwnedFd>) -> Result<Request<PodResources>, String> {
-    let req: WorkloadRequest = zds::decode(packet).map_err(|e| format!("undecodable ZDS request: {e}"))?;
-    let no_fds = |fds: &Vec<OwnedFd>, kind: &str| {
-        if fds.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{kind} carried {} file descriptors; only add may", fds.len()))
-        }
+pub fn decode(packet: &[u8], mut fds: Vec<OwnedFd>, host: &Arc<OwnedFd>) -> Result<Request<PodResources>, DecodeError> {
+    let req: WorkloadRequest = zds::decode(packet)?;
+    let no_fds = |fds: &Vec<OwnedFd>, kind: &'static str| {
+        if fds.is_empty() { Ok(()) } else { Err(DecodeError::UnexpectedFds { kind, count: fds.len() }) }
     };
     match req.payload {
-        None => Err("ZDS request without a payload".into()),
+        None => Err(DecodeError::NoPayload),
         Some(Payload::Del(d)) => no_fds(&fds, "del").map(|_| Request::Del { uid: d.uid }),
         Some(Payload::Keep(k)) => no_fds(&fds, "keep").map(|_| Request::Keep { uid: k.uid }),
         Some(Payload::SnapshotSent(_)) => no_fds(&fds, "snapshot_sent").map(|_| Request::SnapshotSent),
         Some(Payload::Add(a)) => {
             let want = 1 + a.ambit_listener_ports.len();
             if fds.len() != want {
-                return Err(format!(
-                    "add for {} carried {} fds, expected {want} (netns + {} listeners)",
-                    a.uid,
-                    fds.len(),
-                    a.ambit_listener_ports.len()
-                ));
+                return Err(DecodeError::FdCount {
+                    uid: a.uid,
+                    got: fds.len(),
+                    listeners: a.ambit_listener_ports.len(),
+                });
             }
             let rest = fds.split_off(1);
             let netns_fd = fds.pop().expect("length checked");
-            let netns = InpodNetns::new(host.clone(), netns_fd).map_err(|e| format!("add for {}: {e}", a.uid))?;
+            let netns = InpodNetns::new(host.clone(), netns_fd)
+                .map_err(|source| DecodeError::Netns { uid: a.uid.clone(), source })?;
             let mut listeners = Vec::new();
             for (port, fd) in a.ambit_listener_ports.iter().zip(rest) {
-                let port = u16::try_from(*port).map_err(|_| format!("listener port {port} out of range"))?;
-                listeners
-                    .push((port, listener(fd, port).map_err(|e| format!("add for {}: listener {port}: {e}", a.uid))?));
+                let port = u16::try_from(*port).map_err(|_| DecodeError::PortRange(*port))?;
+                let l =
+                    listener(fd, port).map_err(|source| DecodeError::Listener { uid: a.uid.clone(), port, source })?;
+                listeners.push((port, l));
             }
             Ok(Request::Add {
                 uid: a.uid,
@@ -68,10 +126,10 @@ pub fn decode(packet: &[u8], mut fds: Vec<OwnedFd>, host: &Arc<OwnedFd>) -> Resu
     }
 }
 
-fn listener(fd: OwnedFd, port: u16) -> Result<std::net::TcpListener, String> {
+fn listener(fd: OwnedFd, port: u16) -> Result<std::net::TcpListener, ListenerError> {
     ambit_proto::seqpacket::check_listener(fd.as_fd(), port)?;
     let l = std::net::TcpListener::from(fd);
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    l.set_nonblocking(true)?;
     Ok(l)
 }
 
@@ -104,19 +162,19 @@ mod tests {
     fn refuses_wrong_fds() {
         let h = host();
         let add = zds::encode(&WorkloadRequest::add("u", WorkloadInfo::default(), vec![]));
-        assert!(decode(&add, vec![], &h).unwrap_err().contains("expected 1"));
+        assert!(decode(&add, vec![], &h).unwrap_err().to_string().contains("expected 1"));
         let not_ns = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        assert!(decode(&add, vec![not_ns], &h).unwrap_err().contains("not a network namespace"));
+        assert!(decode(&add, vec![not_ns], &h).unwrap_err().to_string().contains("not a network namespace"));
         let del = zds::encode(&WorkloadRequest::del("u"));
-        assert!(decode(&del, vec![netns_fd()], &h).unwrap_err().contains("only add may"));
+        assert!(decode(&del, vec![netns_fd()], &h).unwrap_err().to_string().contains("only add may"));
         // A listener claimed for the wrong port, and a socket that is not listening.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let add1 = zds::encode(&WorkloadRequest::add("u", WorkloadInfo::default(), vec![1]));
-        assert!(decode(&add1, vec![netns_fd(), OwnedFd::from(l)], &h).unwrap_err().contains("not 1"));
+        assert!(decode(&add1, vec![netns_fd(), OwnedFd::from(l)], &h).unwrap_err().to_string().contains("not 1"));
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(decode(&add1, vec![netns_fd(), OwnedFd::from(s)], &h).is_err());
-        assert!(decode(&[0xff, 0x01], vec![], &h).unwrap_err().contains("undecodable"));
-        assert!(decode(&[], vec![], &h).unwrap_err().contains("without a payload"));
+        assert!(decode(&[0xff, 0x01], vec![], &h).unwrap_err().to_string().contains("undecodable"));
+        assert!(decode(&[], vec![], &h).unwrap_err().to_string().contains("without a payload"));
     }
 }
 

@@ -53,8 +53,10 @@ pub trait NetnsId {
 
 /// Starts and stops pod proxies.
 pub trait Driver<N> {
+    /// Why a pod could not be served (its text goes back in the nack).
+    type Error: std::fmt::Display;
     /// Starts serving a pod; an error is answered as a nack.
-    fn start(&mut self, uid: &str, info: WorkloadInfo, netns: N) -> Result<(), String>;
+    fn start(&mut self, uid: &str, info: WorkloadInfo, netns: N) -> Result<(), Self::Error>;
     /// Stops serving a pod (drains it).
     fn stop(&mut self, uid: &str);
 }
@@ -168,6 +170,7 @@ mod tests {
         fail: bool,
     }
     impl Driver<Ns> for Fake {
+        type Error = String;
         fn start(&mut self, uid: &str, _: WorkloadInfo, n: Ns) -> Result<(), String> {
             if self.fail {
                 return Err("no".into());
@@ -264,6 +267,7 @@ mod props {
         misuse: Vec<String>,
     }
     impl Driver<Ns> for Strict {
+        type Error = String;
         fn start(&mut self, uid: &str, _: WorkloadInfo, _: Ns) -> Result<(), String> {
             if std::mem::take(&mut self.fail_next) {
                 return Err("refused".into());

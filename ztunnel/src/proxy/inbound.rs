@@ -15,7 +15,7 @@ use crate::authz::Conn;
 use crate::hbone;
 use crate::hbone::HANDSHAKE_TIMEOUT;
 use crate::identity::Identity;
-use crate::metrics::{ConnRecord, Direction, Peer, ReasonLabels};
+use crate::metrics::{ConnRecord, Direction, Peer, ReasonLabels, ResponseFlags};
 use crate::socket;
 use crate::tls;
 
@@ -155,7 +155,7 @@ async fn stream(
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, target, Some(local), src, me, true);
     if let Err(d) = allowed {
         // Counted before the answer goes out, so whoever sees the 401 sees the count.
-        rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
+        rec.close(0, 0, Some(&d), ResponseFlags::Deny);
         respond_status(&mut respond, StatusCode::UNAUTHORIZED);
         return;
     }
@@ -164,7 +164,7 @@ async fn stream(
             Ok(a) => a,
             Err(e) => {
                 reject(&pod, "upstream_unavailable");
-                rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+                rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
                 respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 return;
             }
@@ -174,11 +174,11 @@ async fn stream(
     {
         Ok(s) => s,
         Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), None);
+            rec.close(0, 0, Some(&e), ResponseFlags::None);
             return;
         }
     };
     let t = copy::tcp_h2(&app, send, req.into_body()).await;
     // For inbound, the TCP side is the app (server): what it sent went to the client.
-    rec.close(t.to_tcp, t.from_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+    rec.close(t.to_tcp, t.from_tcp, t.error.as_ref().map(|e| e as _), ResponseFlags::None);
 }

@@ -197,6 +197,19 @@ fn take_or_bind(
     Ok((TcpListener::from_std(l)?, false))
 }
 
+/// Why a pod could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// One of its listeners could not be taken over or bound.
+    #[error("listener {port}: {source}")]
+    Listener {
+        /// The port.
+        port: u16,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 /// Starts serving a pod whose sockets `netns` makes: takes the `listeners` handed over (or binds its own) and
 /// spawns their accept loops.
 pub fn start_pod(
@@ -205,7 +218,7 @@ pub fn start_pod(
     info: WorkloadInfo,
     netns: Arc<dyn socket::PodSockets>,
     mut listeners: Vec<(u16, std::net::TcpListener)>,
-) -> Result<Arc<PodCtx>, String> {
+) -> Result<Arc<PodCtx>, StartError> {
     // Everything of the pod lives on one worker: its sockets register with that worker's reactor, its tasks
     // are spawned there.
     let worker = ctx.workers.pick();
@@ -214,9 +227,9 @@ pub fn start_pod(
     let mut bound = Vec::new();
     let mut listener_fds = Vec::new();
     for port in [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT] {
-        let (l, handed) =
-            take_or_bind(ctx, &*netns, &mut listeners, port).map_err(|e| format!("listener {port}: {e}"))?;
-        let copy = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().map_err(|e| format!("listener {port}: {e}"))?;
+        let failed = |source| StartError::Listener { port, source };
+        let (l, handed) = take_or_bind(ctx, &*netns, &mut listeners, port).map_err(failed)?;
+        let copy = std::os::fd::AsFd::as_fd(&l).try_clone_to_owned().map_err(failed)?;
         listener_fds.push((port, copy));
         bound.push((port, l, handed));
     }

@@ -13,7 +13,7 @@ use super::PodCtx;
 use super::copy;
 use super::pool::{PoolError, PoolKey, StreamSlot};
 use crate::identity::Identity;
-use crate::metrics::{ConnRecord, Direction, Peer};
+use crate::metrics::{ConnRecord, Direction, Peer, ResponseFlags};
 use crate::socket;
 use crate::state::{NoUpstream, Protocol, Service, Snapshot};
 
@@ -72,7 +72,7 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
             let dst_peer = Peer { workload: None, identity: None, service: Some(svc) };
             let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
             warn!(pod = %pod.name(), %peer, %dst, error = %e, "no upstream for a service connection; closing it");
-            rec.close(0, 0, Some(&e.to_string()), Some("NR"));
+            rec.close(0, 0, Some(&e), ResponseFlags::NoRoute);
         }
     }
 }
@@ -213,26 +213,22 @@ async fn hbone(
     let (resp, send, slot) = match opened {
         Ok(s) => s,
         Err(OpenError::Upstream(e)) => {
-            rec.close(early_len, 0, Some(&e), Some("UF"));
+            rec.close(early_len, 0, Some(&e), ResponseFlags::UpstreamFailure);
             return;
         }
         Err(OpenError::Client(e)) => {
-            rec.close(early_len, 0, Some(&format!("client: {e}")), None);
+            rec.close(early_len, 0, Some(&format_args!("client: {e}")), ResponseFlags::None);
             return;
         }
     };
     if resp.status() != StatusCode::OK {
-        let flags = match resp.status() {
-            StatusCode::UNAUTHORIZED => "DENY",
-            StatusCode::SERVICE_UNAVAILABLE => "UF",
-            _ => "CONNECT",
-        };
-        rec.close(early_len, 0, Some(&format!("HBONE CONNECT answered {}", resp.status())), Some(flags));
+        let flags = ResponseFlags::of_connect_status(resp.status());
+        rec.close(early_len, 0, Some(&format_args!("HBONE CONNECT answered {}", resp.status())), flags);
         return;
     }
     let t = copy::tcp_h2(&tcp, send, resp.into_body()).await;
     drop(slot);
-    rec.close(early_len + t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+    rec.close(early_len + t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e as _), ResponseFlags::None);
 }
 
 async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: SocketAddr, src: Peer, dst_peer: Peer) {
@@ -240,13 +236,13 @@ async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: So
     let upstream = match Box::pin(socket::connect_from_pod(&*pod.netns, dst, None, pod.ctx.cfg.packet_mark)).await {
         Ok(u) => u,
         Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+            rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
             return;
         }
     };
     pod.ctx.keepalive(&upstream);
     let t = copy::tcp_tcp(&tcp, &upstream).await;
-    rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+    rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e as _), ResponseFlags::None);
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use super::PodCtx;
 use super::copy;
 use crate::authz::Conn;
-use crate::metrics::{ConnRecord, Direction, Peer, SourceLabels};
+use crate::metrics::{ConnRecord, Direction, Peer, ResponseFlags, SourceLabels};
 use crate::socket;
 use crate::state::{Protocol, Workload};
 
@@ -46,17 +46,17 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Inbound, peer, dst, None, src, me, false);
     if let Err(d) = allowed {
         // Plaintext has no way to say why: the connection is closed.
-        rec.close(0, 0, Some(&d.to_string()), Some("DENY"));
+        rec.close(0, 0, Some(&d), ResponseFlags::Deny);
         return;
     }
     let app = match Box::pin(socket::connect_from_pod(&*pod.netns, dst, Some(peer.ip()), pod.ctx.cfg.packet_mark)).await
     {
         Ok(a) => a,
         Err(e) => {
-            rec.close(0, 0, Some(&e.to_string()), Some("UF"));
+            rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
             return;
         }
     };
     let t = copy::tcp_tcp(&tcp, &app).await;
-    rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e.to_string()).as_deref(), None);
+    rec.close(t.from_tcp, t.to_tcp, t.error.as_ref().map(|e| e as _), ResponseFlags::None);
 }
