@@ -1,4 +1,5 @@
-//! The agent's end of the plugin API: one JSON request and one JSON response per connection.
+//! The agent's end of the plugin API: one JSON request and one JSON response per connection. Each request
+//! goes over a channel ([`Call`]) to whoever answers it (the agent), so this module knows nothing of the agent.
 
 use std::time::Duration;
 

@@ -5,8 +5,11 @@
 //! sockets ([`listeners`]), then hands the pod to ztunnel over ZDS ([`zds`]) and answers the plugin only once
 //! ztunnel has acknowledged it.
 //!
-//! Modules that touch the kernel are [`netns`], [`rules::apply`], [`rules::routing`] and [`listeners`]; the
-//! rest is bookkeeping that is tested without root.
+//! The decisions are [`enrolment`], a state machine without I/O (events in, commands out), tested without
+//! root against a model of the world; [`agent`] is the shell that carries its commands out. The plugin's
+//! socket ([`cniserver`]) and the Kubernetes controller ([`k8s`]) reach the agent over channels. Every failure
+//! a plugin sees is an [`error::EnrolError`], mapped to the API's codes in one place. Modules that touch the
+//! kernel are [`netns`], [`rules::apply`], [`rules::routing`] and [`listeners`].
 
 #![forbid(unsafe_code)]
 

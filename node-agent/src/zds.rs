@@ -3,7 +3,8 @@
 //!
 //! Each connection has a queue served by its own task, so requests to one ztunnel are strictly ordered and an
 //! ack is always matched to the request it answers. The agent decides what goes into which queue
-//! (`crate::agent`); this module moves packets.
+//! (`crate::enrolment`); this module moves packets. A ztunnel that breaks the protocol ([`Violation`]) is
+//! told apart from one that went away.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! Kubernetes mode: the pods of this node and all namespaces, watched through the API, decide enrolment; a
 //! controller keeps the node in step (enrols running pods when their namespace is labelled, un-enrols them
 //! when the label goes, forgets finished and deleted pods) and records the state on each pod as the
-//! `ambient.istio.io/redirection` annotation.
+//! `ambient.istio.io/redirection` annotation. The controller asks the agent to enrol or forget a pod over a
+//! channel ([`Ask`]), so this module does not depend on the agent.
 
 pub mod decide;
 pub mod procfs;
