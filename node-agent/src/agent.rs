@@ -83,6 +83,7 @@ enum Deferred {
     },
     ApplyRules {
         uid: String,
+        pod: String,
         path: PathBuf,
         file: std::io::Result<std::fs::File>,
         inode: Inode,
@@ -337,7 +338,8 @@ impl Agent {
                 Command::ProbeRemove { uid, ips } => deferred.push(Deferred::ProbeRemove { uid, ips }),
                 Command::ApplyRules { uid, netns, cfg, bind } => {
                     let (path, file) = core.file_of(&uid, netns);
-                    deferred.push(Deferred::ApplyRules { uid, path, file, inode: netns, cfg, bind });
+                    let pod = core.node.pod_name(&uid).unwrap_or_else(|| uid.clone());
+                    deferred.push(Deferred::ApplyRules { uid, pod, path, file, inode: netns, cfg, bind });
                 }
                 Command::RemoveRules { uid, netns, cfg } => {
                     let (path, file) = core.file_of(&uid, netns);
@@ -473,9 +475,9 @@ impl Agent {
                     self.probe_remove(uid, ips).await;
                     (None, None)
                 }
-                Deferred::ApplyRules { uid, path, file, inode, cfg, bind } => {
+                Deferred::ApplyRules { uid, pod, path, file, inode, cfg, bind } => {
                     let started = Instant::now();
-                    let (result, offer) = self.apply_rules(&uid, path, file, cfg, bind).await;
+                    let (result, offer) = self.apply_rules(pod, path, file, cfg, bind).await;
                     times.netns = started.elapsed();
                     let offer = offer.map(|l| Offer::Listeners(uid.clone(), inode, l));
                     (Some(Event::RulesApplied { uid, result }), offer)
@@ -556,7 +558,7 @@ impl Agent {
     /// Installs a pod's rules and routing, and binds its listeners if asked, on a thread in its netns.
     async fn apply_rules(
         &self,
-        uid: &str,
+        pod: String,
         path: PathBuf,
         file: std::io::Result<std::fs::File>,
         cfg: InpodConfig,
@@ -572,7 +574,6 @@ impl Agent {
             if bind { PodListeners::bind_here(cfg.ipv6).map(Some).map_err(RuleError::Listeners) } else { Ok(None) }
         })
         .await;
-        let pod = self.core.lock().unwrap().node.pod_name(uid).unwrap_or_else(|| uid.to_string());
         match res {
             Ok(Ok(l)) => (Ok(()), l),
             Ok(Err(source)) => (Err(EnrolError::Rules { pod, netns: path, source: Box::new(source) }), None),

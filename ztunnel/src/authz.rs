@@ -395,6 +395,25 @@ pub struct Verdict {
     pub dry_run_would_deny: bool,
 }
 
+/// Why a set of policies is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// A policy without a name.
+    #[error("a policy has no name")]
+    NoName,
+    /// A namespaced policy without a namespace.
+    #[error("policy {name:?} ({scope:?} scope) has no namespace")]
+    NoNamespace {
+        /// Its name.
+        name: String,
+        /// Its scope.
+        scope: Scope,
+    },
+    /// Two policies with the same namespace and name.
+    #[error("policy {0} is defined twice")]
+    Twice(String),
+}
+
 /// The policies in force, indexed by scope.
 #[derive(Debug, Default, Clone)]
 pub struct PolicySet {
@@ -403,17 +422,17 @@ pub struct PolicySet {
 
 impl PolicySet {
     /// Indexes `policies` (checked: names unique per namespace).
-    pub fn new(policies: Vec<Policy>) -> Result<PolicySet, String> {
+    pub fn new(policies: Vec<Policy>) -> Result<PolicySet, PolicyError> {
         let mut seen = std::collections::HashSet::new();
         for p in &policies {
             if p.name.is_empty() {
-                return Err("a policy has no name".into());
+                return Err(PolicyError::NoName);
             }
             if p.scope != Scope::Global && p.namespace.is_empty() {
-                return Err(format!("policy {:?} ({:?} scope) has no namespace", p.name, p.scope));
+                return Err(PolicyError::NoNamespace { name: p.name.clone(), scope: p.scope });
             }
             if !seen.insert(p.key()) {
-                return Err(format!("policy {} is defined twice", p.key()));
+                return Err(PolicyError::Twice(p.key()));
             }
         }
         Ok(PolicySet { all: policies })
@@ -616,8 +635,11 @@ mod tests {
 
     #[test]
     fn bad_policies_are_errors() {
-        let parse =
-            |y: &str| serde_yaml_ng::from_str::<Vec<Policy>>(y).map_err(|e| e.to_string()).and_then(PolicySet::new);
+        let parse = |y: &str| {
+            serde_yaml_ng::from_str::<Vec<Policy>>(y)
+                .map_err(|e| e.to_string())
+                .and_then(|p| PolicySet::new(p).map_err(|e| e.to_string()))
+        };
         for (y, why) in [
             (
                 "- {name: p, namespace: a, scope: Namespace, action: Deny, rules: [[[{notPrincipal: [{Presence: []}]}]]]}",

@@ -88,7 +88,7 @@ impl Connection {
         let path = self.target.root_ca.display().to_string();
         let pem = std::fs::read(&self.target.root_ca)
             .map_err(|e| GrpcError::Root { path: path.clone(), reason: e.to_string() })?;
-        crate::tls::pem_bundle(&pem).map_err(|reason| GrpcError::Root { path: path.clone(), reason })?;
+        crate::tls::pem_bundle(&pem).map_err(|e| GrpcError::Root { path: path.clone(), reason: e.to_string() })?;
         let mut current = self.current.lock().unwrap();
         if let Some((seen, ch)) = current.as_ref()
             && *seen == pem

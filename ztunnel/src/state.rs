@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::authz::{Policy, PolicySet};
+use crate::authz::{Policy, PolicyError, PolicySet};
 use crate::identity::Identity;
 
 /// How a workload accepts traffic.
@@ -124,32 +124,101 @@ pub struct LocalConfig {
     pub policies: Vec<Policy>,
 }
 
+/// Why a local configuration is refused (the previous one stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not YAML of the expected shape.
+    #[error("{0}")]
+    Syntax(#[from] serde_yaml_ng::Error),
+    /// A workload without a namespace.
+    #[error("workload {0:?} has no namespace")]
+    NoNamespace(String),
+    /// Two workloads with one address.
+    #[error("address {ip} belongs to both {first:?} and {second:?}")]
+    SharedAddress {
+        /// The address.
+        ip: IpAddr,
+        /// One workload's UID.
+        first: String,
+        /// The other's.
+        second: String,
+    },
+    /// A service without hostname or namespace.
+    #[error("service {0:?} needs a hostname and a namespace")]
+    IncompleteService(String),
+    /// Two services with one VIP.
+    #[error("VIP {vip} belongs to both {first} and {second}")]
+    SharedVip {
+        /// The VIP.
+        vip: IpAddr,
+        /// One service.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// A VIP that is a workload's address.
+    #[error("VIP {vip} of {service} is also the address of workload {workload:?}")]
+    VipIsWorkload {
+        /// The VIP.
+        vip: IpAddr,
+        /// The service.
+        service: String,
+        /// The workload's UID.
+        workload: String,
+    },
+    /// The policies do not hold together.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Why loading the local configuration file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// It cannot be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// It is refused.
+    #[error("{}: {source}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: ConfigError,
+    },
+}
+
 impl LocalConfig {
     /// Parses and checks the file's text.
-    pub fn parse(text: &str) -> Result<LocalConfig, String> {
-        let c: LocalConfig = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<LocalConfig, ConfigError> {
+        let c: LocalConfig = serde_yaml_ng::from_str(text)?;
         let mut seen = HashMap::new();
         for w in &c.workloads {
             if w.namespace.is_empty() {
-                return Err(format!("workload {:?} has no namespace", w.name));
+                return Err(ConfigError::NoNamespace(w.name.clone()));
             }
             for ip in &w.workload_ips {
                 if let Some(other) = seen.insert(*ip, w.uid.clone()) {
-                    return Err(format!("address {ip} belongs to both {other:?} and {:?}", w.uid));
+                    return Err(ConfigError::SharedAddress { ip: *ip, first: other, second: w.uid.clone() });
                 }
             }
         }
         let mut vips = HashMap::new();
         for svc in &c.services {
             if svc.hostname.is_empty() || svc.namespace.is_empty() {
-                return Err(format!("service {:?} needs a hostname and a namespace", svc.name));
+                return Err(ConfigError::IncompleteService(svc.name.clone()));
             }
             for v in &svc.vips {
                 if let Some(other) = vips.insert(v.address, svc.key()) {
-                    return Err(format!("VIP {} belongs to both {other} and {}", v.address, svc.key()));
+                    return Err(ConfigError::SharedVip { vip: v.address, first: other, second: svc.key() });
                 }
                 if let Some(w) = seen.get(&v.address) {
-                    return Err(format!("VIP {} of {} is also the address of workload {w:?}", v.address, svc.key()));
+                    let (vip, service, workload) = (v.address, svc.key(), w.clone());
+                    return Err(ConfigError::VipIsWorkload { vip, service, workload });
                 }
             }
             if !svc.other.is_empty() {
@@ -440,10 +509,12 @@ impl State {
     }
 
     /// Loads `path`; on error the previous snapshot stays.
-    pub fn load_file(&self, path: &Path) -> Result<(), String> {
+    pub fn load_file(&self, path: &Path) -> Result<(), LoadError> {
         let result = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))
-            .and_then(|t| LocalConfig::parse(&t).map_err(|e| format!("{}: {e}", path.display())));
+            .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
+            .and_then(|t| {
+                LocalConfig::parse(&t).map_err(|source| LoadError::Invalid { path: path.to_path_buf(), source })
+            });
         let mut status = self.status.write().unwrap();
         status.source = Some(format!("file {}", path.display()));
         match result {
@@ -461,7 +532,7 @@ impl State {
             }
             Err(e) => {
                 warn!(error = %e, "keeping the last good configuration");
-                status.last_error = Some(e.clone());
+                status.last_error = Some(e.to_string());
                 Err(e)
             }
         }
@@ -629,12 +700,12 @@ services:
     #[test]
     fn inconsistent_services_and_policies_are_refused() {
         let dup = "services:\n- {namespace: n, hostname: a, vips: [/10.96.0.1]}\n- {namespace: n, hostname: b, vips: [/10.96.0.1]}\n";
-        assert!(LocalConfig::parse(dup).unwrap_err().contains("belongs to both"));
+        assert!(LocalConfig::parse(dup).unwrap_err().to_string().contains("belongs to both"));
         assert!(LocalConfig::parse("services:\n- {namespace: n, hostname: a, vips: [10.96.0.300]}\n").is_err());
         let pol = "policies:\n- {name: p, namespace: n, scope: Namespace, action: Allow, rules: [[[{bogus: 1}]]]}\n";
         assert!(LocalConfig::parse(pol).is_err());
         let twice = "policies:\n- {name: p, namespace: n, scope: Namespace, action: Allow}\n- {name: p, namespace: n, scope: Namespace, action: Deny}\n";
-        assert!(LocalConfig::parse(twice).unwrap_err().contains("twice"));
+        assert!(LocalConfig::parse(twice).unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
@@ -650,7 +721,7 @@ services:
         assert_eq!(st.snapshot().workloads.len(), 2);
         assert!(st.status().last_error.is_some());
         std::fs::write(&f, "workloads:\n- {name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {name: b, namespace: n, workloadIps: [10.0.0.1]}\n").unwrap();
-        assert!(st.load_file(&f).unwrap_err().contains("belongs to both"));
+        assert!(st.load_file(&f).unwrap_err().to_string().contains("belongs to both"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

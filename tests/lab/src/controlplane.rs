@@ -569,7 +569,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Routes {
 }
 
 fn parse_mesh(bytes: &[u8]) -> Result<LocalConfig, String> {
-    LocalConfig::parse(std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?)
+    LocalConfig::parse(std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?).map_err(|e| e.to_string())
 }
 
 /// Serves until killed.

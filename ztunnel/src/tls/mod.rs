@@ -59,13 +59,13 @@ impl TrustRoots {
     }
 
     /// Roots from a PEM bundle (Istio's `root-cert.pem`).
-    pub fn from_pem(pem: &[u8], trust_domain: &str) -> Result<TrustRoots, String> {
-        TrustRoots::new(&pem_bundle(pem)?, trust_domain).map_err(|e| format!("not usable as trust roots: {e}"))
+    pub fn from_pem(pem: &[u8], trust_domain: &str) -> Result<TrustRoots, PemError> {
+        TrustRoots::new(&pem_bundle(pem)?, trust_domain).map_err(PemError::NotRoots)
     }
 
     /// Replaces the roots with those of a PEM bundle; on error the old ones stay.
-    pub fn replace_pem(&self, pem: &[u8]) -> Result<usize, String> {
-        let anchors = anchors_of(&pem_bundle(pem)?).map_err(|e| format!("not usable as trust roots: {e}"))?;
+    pub fn replace_pem(&self, pem: &[u8]) -> Result<usize, PemError> {
+        let anchors = anchors_of(&pem_bundle(pem)?).map_err(PemError::NotRoots)?;
         let n = anchors.len();
         *self.anchors.write().unwrap() = Arc::new(anchors);
         Ok(n)
@@ -101,14 +101,26 @@ impl TrustRoots {
     }
 }
 
+/// Why a PEM bundle cannot be used as trust roots.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    /// A block that is not a certificate.
+    #[error("not a PEM certificate bundle: {0}")]
+    NotPem(rustls::pki_types::pem::Error),
+    /// No certificate at all.
+    #[error("no PEM certificate in it")]
+    Empty,
+    /// Certificates that cannot anchor a chain.
+    #[error("not usable as trust roots: {0}")]
+    NotRoots(webpki::Error),
+}
+
 /// The certificates of a PEM bundle; an error if it has none or a block is not a certificate.
-pub fn pem_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn pem_bundle(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
     use rustls::pki_types::pem::PemObject;
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().map_err(PemError::NotPem)?;
     if certs.is_empty() {
-        return Err("no PEM certificate in it".into());
+        return Err(PemError::Empty);
     }
     Ok(certs)
 }

@@ -171,6 +171,8 @@ impl Machine {
                 _ => None,
             });
             if let Err(e) = PolicySet::new(policies.collect()) {
+                // The NACK's error detail is text on the wire.
+                let e = e.to_string();
                 self.record_nack(key, &resp, now, &e);
                 return Outcome { reply: nack(e.clone()), changed: false, error: Some(e), emptied: false };
             }
