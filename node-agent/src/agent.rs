@@ -73,11 +73,9 @@ enum Offer {
 
 /// A command that waits, carried out after the lock is released.
 enum Deferred {
-    ProbeAdd {
-        uid: String,
-        ips: Vec<IpAddr>,
-    },
-    ProbeRemove {
+    /// Add the pod's IPs to the probe set (`add`) or take them out.
+    Probe {
+        add: bool,
         uid: String,
         ips: Vec<IpAddr>,
     },
@@ -334,8 +332,8 @@ impl Agent {
         let mut deferred = Vec::new();
         while let Some(cmd) = queue.pop_front() {
             match cmd {
-                Command::ProbeAdd { uid, ips } => deferred.push(Deferred::ProbeAdd { uid, ips }),
-                Command::ProbeRemove { uid, ips } => deferred.push(Deferred::ProbeRemove { uid, ips }),
+                Command::ProbeAdd { uid, ips } => deferred.push(Deferred::Probe { add: true, uid, ips }),
+                Command::ProbeRemove { uid, ips } => deferred.push(Deferred::Probe { add: false, uid, ips }),
                 Command::ApplyRules { uid, netns, cfg, bind } => {
                     let (path, file) = core.file_of(&uid, netns);
                     let pod = core.node.pod_name(&uid).unwrap_or_else(|| uid.clone());
@@ -462,13 +460,13 @@ impl Agent {
         let mut times = Times::default();
         while let Some(d) = work.pop_front() {
             let (next, offer) = match d {
-                Deferred::ProbeAdd { uid, ips } => {
+                Deferred::Probe { add: true, uid, ips } => {
                     if let Some(p) = self.probes.clone() {
                         probe = Some(tokio::task::spawn_blocking(move || p.add(&uid, &ips)));
                     }
                     (None, None)
                 }
-                Deferred::ProbeRemove { uid, ips } => {
+                Deferred::Probe { add: false, uid, ips } => {
                     if let Some(h) = probe.take() {
                         let _ = h.await;
                     }
