@@ -137,7 +137,20 @@ pub async fn run(cfg: Config, log: Arc<dyn LogControl>) -> anyhow::Result<()> {
     admin::serve(cfg.readiness_addr, Endpoint::Readiness, admin_state.clone())
         .await
         .with_context(|| format!("readiness on {}", cfg.readiness_addr))?;
-    tokio::spawn(inpod::run(cfg.inpod_uds.clone(), inpod.clone(), ctx.clone()));
+    // No pod is taken before the first complete configuration is in force: with none, every destination would
+    // look unknown and be passed through in plaintext, including the connections that waited in the pods'
+    // listeners while ztunnel restarted. Until then the agent keeps the pods' listeners, and new pods wait.
+    let (uds, served, inpod_ctx, config) = (cfg.inpod_uds.clone(), inpod.clone(), ctx.clone(), ctx.state.clone());
+    tokio::spawn(async move {
+        if config.status().generation == 0 {
+            info!("waiting for the first complete configuration before serving pods");
+            while config.status().generation == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            info!("configuration in force; serving pods");
+        }
+        inpod::run(uds, served, inpod_ctx).await
+    });
     // Renewals and retries are due at their own times (half-life, backoff): look every second.
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -214,3 +214,54 @@ fn a_ztunnel_that_nacks_fails_the_pod_and_leaves_nothing() {
     let fds_after = open_fds(agent_pid);
     assert!(fds_after <= fds_before, "the agent leaked fds: {fds_before} → {fds_after}");
 }
+
+/// A ztunnel that starts before its configuration (a control plane not answering yet, a local file not written
+/// yet) must not take pods: knowing no workload, it would pass every connection through in plaintext, including
+/// those that waited in the pods' listeners while it was down. It waits, the connections wait with it, and once
+/// the configuration is in force they go over HBONE. (Found by the soak: 2467 plaintext bytes on the node link
+/// after a restart.)
+#[test]
+fn a_ztunnel_without_configuration_serves_no_pod_until_it_has_one() {
+    let mut lab =
+        Lab::start(LabConfig { enrolled_namespaces: vec![MESH_NS.into()], control_plane: false, ..Default::default() })
+            .expect("lab starts");
+    let p = pair(&lab);
+    EchoClient::connect(&p.client.netns, p.echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"warm").unwrap();
+    let file = lab.workloads_path();
+    let aside = file.with_extension("aside");
+    let capture = lab::pcap::Capture::start_filtered(
+        &lab.nodes[0].netns,
+        "eth0",
+        &lab.dir.join("restart-link.pcap"),
+        "net 10.244.0.0/16",
+    )
+    .unwrap();
+    lab.kill_ztunnel(0);
+    // The file goes away (node2's ztunnel keeps its last good configuration), and node1's ztunnel starts
+    // without one.
+    std::fs::rename(&file, &aside).unwrap();
+    lab.start_ztunnel(0).unwrap();
+    let waiting = connect_in_background(&p, 3, Duration::from_secs(30));
+    let connected = |lab: &Lab| -> Option<String> {
+        let (_, m) = lab.agent_get(0, "/metrics").ok()?;
+        m.lines().find(|l| l.starts_with("ambit_agent_ztunnel_connections ")).map(str::to_string)
+    };
+    wait_for("ztunnel to say it waits for its configuration", Duration::from_secs(10), || {
+        lab.nodes[0].ztunnel.as_ref()?.log().contains("waiting for the first complete configuration").then_some(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        connected(&lab).as_deref(),
+        Some("ambit_agent_ztunnel_connections 0"),
+        "took pods without a configuration"
+    );
+    assert!(waiting.iter().all(|h| !h.is_finished()), "a connection finished before ztunnel had a configuration");
+    // The configuration comes: ztunnel takes the pods, and the waiting connections go over HBONE.
+    std::fs::rename(&aside, &file).unwrap();
+    all_succeed(waiting);
+    lab.wait_ready(0).unwrap();
+    let segments = capture.finish().unwrap();
+    let proof = lab::pcap::only_tls(&segments, ambit_proto::zds::INBOUND_HBONE_PORT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(proof.application_data > 0, "{proof:?}");
+}
