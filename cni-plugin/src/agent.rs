@@ -87,3 +87,21 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     }
     serde_json::from_slice(&answer).map_err(|e| AgentError::Protocol(format!("unreadable answer: {e}")))
 }
+
+/// Leaves a DEL the agent could not take in [`ambit_proto::cni_api::deferred_del_dir`] (root only, written
+/// whole or not at all) and returns the file.
+pub fn defer(socket: &Path, request: &Request) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = ambit_proto::cni_api::deferred_del_dir(socket);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    let file = ambit_proto::cni_api::deferred_del_file(socket, &request.container_id);
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    let body = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &file).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(file)
+}

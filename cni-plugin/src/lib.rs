@@ -16,7 +16,7 @@ pub mod error;
 pub mod log;
 pub mod result;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambit_proto::cni_api::{self, Attachment, ErrorCode, Outcome, Request, Response};
@@ -31,6 +31,8 @@ use log::{Level, Logger};
 pub trait AgentClient {
     /// One request/response exchange.
     fn call(&self, socket: &Path, request: &Request, timeout: Duration) -> Result<Response, agent::AgentError>;
+    /// Leaves a DEL the agent could not take for it to carry out when it is back.
+    fn defer(&self, socket: &Path, request: &Request) -> std::io::Result<PathBuf>;
 }
 
 /// The real client: the agent's unix socket.
@@ -39,6 +41,10 @@ pub struct SocketClient;
 impl AgentClient for SocketClient {
     fn call(&self, socket: &Path, request: &Request, timeout: Duration) -> Result<Response, agent::AgentError> {
         agent::call(socket, request, timeout)
+    }
+
+    fn defer(&self, socket: &Path, request: &Request) -> std::io::Result<PathBuf> {
+        agent::defer(socket, request)
     }
 }
 
@@ -118,15 +124,21 @@ fn dispatch(env: &CniEnv, conf: &NetConf, client: &dyn AgentClient, log: &mut Lo
             let req = request(env, cni_api::Command::Del, Vec::new());
             match client.call(&conf.agent_socket, &req, conf.agent_timeout()) {
                 Ok(resp) => resp.into_result().map(|_| ()).map_err(|e| api_error(conf, e))?,
-                // DEL must not block pod removal on an absent agent: the agent drops pods whose netns is gone
-                // when it starts, so nothing is left behind.
-                Err(agent::AgentError::Unreachable(e)) => log.log(
-                    Level::Warn,
-                    &format!(
-                        "agent not reachable at {} ({e}); it will clean up when it starts",
-                        conf.agent_socket.display()
-                    ),
-                ),
+                // DEL must not block pod removal on an absent agent. The DEL is left beside the agent's socket
+                // for it to carry out when it is back (a netns the runtime keeps would otherwise stay captured);
+                // a pod whose netns is gone is dropped by the agent anyway.
+                Err(agent::AgentError::Unreachable(e)) => {
+                    let left = match client.defer(&conf.agent_socket, &req) {
+                        Ok(file) => format!("the DEL is left for it in {}", file.display()),
+                        Err(d) => {
+                            format!("the DEL could not be left for it ({d}); it drops the pod once its netns is gone")
+                        }
+                    };
+                    log.log(
+                        Level::Warn,
+                        &format!("agent not reachable at {} ({e}); {left}", conf.agent_socket.display()),
+                    )
+                }
                 Err(e) => return Err(CniError::new(code::TRY_AGAIN_LATER, e.describe(&conf.agent_socket))),
             }
             Ok(ok_empty)

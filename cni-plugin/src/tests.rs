@@ -12,11 +12,12 @@ type Answer = Box<dyn Fn(&Request) -> Result<Response, agent::AgentError>>;
 struct FakeAgent {
     answer: Answer,
     seen: RefCell<Vec<Request>>,
+    deferred: RefCell<Vec<Request>>,
 }
 
 impl FakeAgent {
     fn answering(f: impl Fn(&Request) -> Result<Response, agent::AgentError> + 'static) -> FakeAgent {
-        FakeAgent { answer: Box::new(f), seen: RefCell::new(Vec::new()) }
+        FakeAgent { answer: Box::new(f), seen: RefCell::new(Vec::new()), deferred: RefCell::new(Vec::new()) }
     }
 }
 
@@ -24,6 +25,11 @@ impl AgentClient for FakeAgent {
     fn call(&self, _: &Path, request: &Request, _: Duration) -> Result<Response, agent::AgentError> {
         self.seen.borrow_mut().push(request.clone());
         (self.answer)(request)
+    }
+
+    fn defer(&self, socket: &Path, request: &Request) -> std::io::Result<PathBuf> {
+        self.deferred.borrow_mut().push(request.clone());
+        Ok(ambit_proto::cni_api::deferred_del_file(socket, &request.container_id))
     }
 }
 
@@ -116,8 +122,40 @@ fn del_succeeds_without_an_agent_but_not_on_a_stuck_one() {
         Err(agent::AgentError::Unreachable(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)))
     });
     assert_eq!(run(vars("DEL", POD), &conf(json!({})), &down).exit_code, 0);
+    // The DEL is left for the agent, whole.
+    let left = down.deferred.borrow();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        (left[0].command, left[0].container_id.as_str()),
+        (cni_api::Command::Del, down.seen.borrow()[0].container_id.as_str())
+    );
+    drop(left);
     let stuck = FakeAgent::answering(|_| Err(agent::AgentError::Timeout(Duration::from_secs(1))));
     assert_eq!(error_json(&run(vars("DEL", POD), &conf(json!({})), &stuck))["code"], code::TRY_AGAIN_LATER);
+}
+
+#[test]
+fn a_deferred_del_is_written_whole_where_the_agent_looks() {
+    let dir = std::env::temp_dir().join(format!("ambit-defer-{}", std::process::id()));
+    let socket = dir.join("cni.sock");
+    let req = Request {
+        version: cni_api::API_VERSION,
+        command: cni_api::Command::Del,
+        container_id: "../../etc/abc".into(),
+        netns: Some("/var/run/netns/x".into()),
+        ifname: "eth0".into(),
+        pod: Default::default(),
+        ips: Vec::new(),
+        valid_attachments: Vec::new(),
+    };
+    let file = agent::defer(&socket, &req).unwrap();
+    assert!(file.starts_with(ambit_proto::cni_api::deferred_del_dir(&socket)), "{}", file.display());
+    let back: Request = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(back.container_id, req.container_id);
+    // A second DEL of the same sandbox replaces the first; nothing else is left in the directory.
+    agent::defer(&socket, &req).unwrap();
+    assert_eq!(std::fs::read_dir(file.parent().unwrap()).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

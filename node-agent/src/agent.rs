@@ -904,7 +904,8 @@ impl Agent {
         dropped
     }
 
-    /// Runs [`Agent::sweep_vanished`] every `sweepIntervalMs` until the process exits.
+    /// Runs [`Agent::sweep_vanished`] and [`Agent::replay_deferred_dels`] every `sweepIntervalMs` until the
+    /// process exits.
     pub async fn sweep_forever(self: Arc<Self>) {
         let every = Duration::from_millis(self.config.sweep_interval_ms);
         if every.is_zero() {
@@ -912,8 +913,47 @@ impl Agent {
         }
         loop {
             tokio::time::sleep(every).await;
+            self.replay_deferred_dels().await;
             self.sweep_vanished().await;
         }
+    }
+
+    /// Carries out the DELs the plugin left while the agent was away ([`cni_api::deferred_del_dir`]): a pod
+    /// deleted then, whose netns the runtime keeps, would otherwise stay captured. A DEL for an older sandbox
+    /// of a pod leaves the current one alone, as always; one that fails stays for the next sweep. Returns how
+    /// many it carried out.
+    pub async fn replay_deferred_dels(self: &Arc<Self>) -> usize {
+        let dir = cni_api::deferred_del_dir(&self.config.cni_socket);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return 0 };
+        let mut done = 0;
+        for path in entries.flatten().map(|e| e.path()) {
+            // Only whole files: one being written has another extension until it is renamed.
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let req = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()));
+            match req {
+                Ok(req) if req.command == CniCommand::Del && req.version == cni_api::API_VERSION => {
+                    let pod = format!("{}/{}", req.pod.namespace, req.pod.name);
+                    info!(pod = %pod, container = %req.container_id, "carrying out a DEL the plugin left while the agent was away");
+                    if let Err(e) = self.del(&req).await {
+                        warn!(pod = %pod, error = %e, "a deferred DEL failed; trying again at the next sweep");
+                        continue;
+                    }
+                    done += 1;
+                }
+                Ok(_) => {
+                    warn!(file = %path.display(), "ignoring a deferred request that is not a DEL of this API version")
+                }
+                Err(e) => warn!(file = %path.display(), error = %e, "ignoring an unreadable deferred DEL"),
+            }
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(file = %path.display(), error = %e, "cannot remove a deferred DEL");
+            }
+        }
+        done
     }
 
     /// The enrolled pods' records, by UID.

@@ -102,6 +102,10 @@ async fn run(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()>
         .with_context(|| format!("listening for the CNI plugin on {}", cni_socket.display()))?;
     info!(cni = %cni_socket.display(), zds = %zds_socket.display(), pods = agent.pods().len(), "ambit-agent ready");
     tokio::spawn(agent.clone().serve_zds(zds));
+    // DELs the plugin left while no agent listened (from now on they come over the socket), beside serving it:
+    // each takes its pod's lock.
+    let replay = agent.clone();
+    tokio::spawn(async move { replay.replay_deferred_dels().await });
     let (calls, called) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(agent.clone().serve_plugin(called));
     tokio::spawn(ambit_agent::cniserver::serve(cni, calls));

@@ -15,6 +15,20 @@ pub const DEFAULT_SOCKET: &str = "/var/run/ambit/cni.sock";
 /// The largest request or response either side reads.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Where the plugin leaves a DEL it could not deliver (the agent was down), beside the agent's socket: the
+/// agent carries each out when it starts and on every sweep, so a pod deleted while the agent was away, whose
+/// netns outlives the DEL, does not stay captured.
+pub fn deferred_del_dir(socket: &std::path::Path) -> std::path::PathBuf {
+    socket.with_file_name("deferred-del")
+}
+
+/// The file a deferred DEL is left in: named by its container id, made safe as a file name.
+pub fn deferred_del_file(socket: &std::path::Path, container_id: &str) -> std::path::PathBuf {
+    let safe: String =
+        container_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    deferred_del_dir(socket).join(format!("{safe}.json"))
+}
+
 /// What the runtime asked the plugin to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]

@@ -140,6 +140,30 @@ fn add_fails_closed_when_the_agent_is_down_and_recovers() {
     assert!(pod.nft_ruleset().unwrap().contains("table inet ambit"));
 }
 
+/// A pod deleted while the agent is down, whose netns the runtime keeps: the DEL succeeds (a pod's removal never
+/// waits for the agent), the plugin leaves it beside the agent's socket, and the agent carries it out when it is
+/// back. (Found by the soak: such a pod stayed captured, re-adopted from its record by every later agent.)
+#[test]
+fn a_del_while_the_agent_is_down_is_carried_out_when_it_is_back() {
+    let mut lab = lab();
+    let pod = lab.add_pod(0, MESH_NS, "deleted-while-down").unwrap();
+    assert!(pod.nft_ruleset().unwrap().contains("table inet ambit"));
+    lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(5));
+    lab.cni_del(&pod).unwrap_or_else(|e| panic!("DEL must succeed without an agent: {e}"));
+    let left = ambit_proto::cni_api::deferred_del_dir(&lab.nodes[0].cni_socket());
+    assert_eq!(std::fs::read_dir(&left).unwrap().count(), 1, "the DEL is left for the agent");
+    lab.start_agent(0).unwrap();
+    wait_for("the agent to carry out the DEL", Duration::from_secs(10), || {
+        (!pod.nft_ruleset().ok()?.contains("table inet ambit")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let rules = pod.netns.ip(&["rule", "show"]).unwrap();
+    assert!(!rules.contains("0x111/0xfff"), "{rules}");
+    let (_, m) = lab.agent_get(0, "/metrics").unwrap();
+    assert_eq!(metric(&m, "ambit_agent_pods_enrolled ", &[]), 0.0, "{m}");
+    assert_eq!(std::fs::read_dir(&left).unwrap().count(), 0, "the deferred DEL is consumed");
+}
+
 #[test]
 fn add_fails_within_the_timeout_when_the_agent_hangs() {
     lab::require_root();
