@@ -114,30 +114,20 @@ fn workload_info(r: &PodRecord) -> WorkloadInfo {
 }
 
 impl Core {
-    fn dup_fds(&self, uid: &str, netns: Inode, attach: Attach) -> std::io::Result<Vec<OwnedFd>> {
-        let key = (uid.to_string(), netns);
-        let ns = self.netns.get(&key).ok_or_else(|| std::io::Error::other("the pod's netns is not held"))?;
-        let mut fds = vec![ns.fd().try_clone_to_owned()?];
-        if let Attach::Pass { netns: at } = attach {
-            let l = self
-                .listeners
-                .get(&(uid.to_string(), at))
-                .ok_or_else(|| std::io::Error::other("the pod's listeners are not held"))?;
-            for fd in l.fds() {
-                fds.push(fd.try_clone_to_owned()?);
-            }
-        }
-        Ok(fds)
-    }
-
+    /// A pod's ZDS Add, with owned copies of the fds that travel with it (the netns, then any listeners).
     fn request(&self, uid: &str, netns: Inode, attach: Attach) -> std::io::Result<(WorkloadRequest, Vec<OwnedFd>)> {
-        let pod = self.node.pod(uid).ok_or_else(|| std::io::Error::other("the pod is not held"))?;
+        let not_held = |what: &str| std::io::Error::other(format!("the pod's {what} not held"));
+        let pod = self.node.pod(uid).ok_or_else(|| not_held("record is"))?;
         let info = workload_info(&pod.record);
-        let fds = self.dup_fds(uid, netns, attach)?;
+        let ns = self.netns.get(&(uid.to_string(), netns)).ok_or_else(|| not_held("netns is"))?;
+        let mut fds = vec![ns.fd().try_clone_to_owned()?];
         let req = match attach {
             Attach::Pass { netns: at } => {
-                let ports = self.listeners.get(&(uid.to_string(), at)).map(PodListeners::ports).unwrap_or_default();
-                WorkloadRequest::add(uid.to_string(), info, ports)
+                let l = self.listeners.get(&(uid.to_string(), at)).ok_or_else(|| not_held("listeners are"))?;
+                for fd in l.fds() {
+                    fds.push(fd.try_clone_to_owned()?);
+                }
+                WorkloadRequest::add(uid.to_string(), info, l.ports())
             }
             Attach::AskBack => WorkloadRequest::add_returning_listeners(uid.to_string(), info),
             Attach::Own => WorkloadRequest::add(uid.to_string(), info, Vec::new()),
@@ -350,8 +340,7 @@ impl Agent {
                         queue.extend(core.node.handle(ev));
                     }
                 }
-                Command::Broadcast { conns, msg } => {
-                    let Msg::Del { uid } = msg else { continue };
+                Command::DelEverywhere { conns, uid } => {
                     let mut replies = Vec::new();
                     for id in conns {
                         if let Some(h) = core.conns.get(&id) {
@@ -387,9 +376,7 @@ impl Agent {
         purpose: Option<Purpose>,
         deferred: &mut Vec<Deferred>,
     ) -> Option<Event> {
-        let pod_of = |uid: &str| {
-            core.node.pod(uid).map(|p| format!("{}/{}", p.record.namespace, p.record.name)).unwrap_or_default()
-        };
+        let pod_of = |uid: &str| core.node.pod_name(uid).unwrap_or_default();
         let Some(handle) = handle else {
             let Msg::Add { uid, .. } = msg else { return None };
             let source = ZdsError::Disconnected("connection closed".into());
@@ -422,7 +409,6 @@ impl Agent {
                 }
             },
             Msg::Keep { uid } => handle.enqueue(Job::fire(WorkloadRequest::keep(uid), Vec::new())),
-            Msg::Del { uid } => handle.enqueue(Job::fire(WorkloadRequest::del(uid), Vec::new())),
             Msg::SnapshotSent => handle.enqueue(Job::fire(WorkloadRequest::snapshot_sent(), Vec::new())),
         }
         None
@@ -599,16 +585,14 @@ impl Agent {
                 debug!(uid = %uid, "no netns to re-apply the rules in");
                 continue;
             };
+            let failed = |e: &dyn std::fmt::Display| {
+                self.rule_error();
+                warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
+            };
             match crate::netns::run_in(path, f, move || rules::install_pod(backend, cfg)).await {
                 Ok(Ok(())) => debug!(uid = %uid, "re-applied the pod's rules"),
-                Ok(Err(e)) => {
-                    self.rule_error();
-                    warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
-                }
-                Err(e) => {
-                    self.rule_error();
-                    warn!(uid = %uid, error = %e, "cannot re-apply the rules of a re-adopted pod");
-                }
+                Ok(Err(e)) => failed(&e),
+                Err(e) => failed(&e),
             }
         }
     }
@@ -665,21 +649,18 @@ impl Agent {
 
     /// Handles one plugin request.
     pub async fn handle(self: &Arc<Self>, req: Request) -> Response {
-        let started = Instant::now();
-        let result = if req.version != cni_api::API_VERSION {
-            Err(EnrolError::Version(req.version))
-        } else {
-            match req.command {
-                CniCommand::Add => self.add(&req).await,
-                CniCommand::Del => self.del(&req).await.map(|_| Outcome::Ok),
-                CniCommand::Check => self.check(&req).await.map(|_| Outcome::Ok),
-                CniCommand::Status => self.status().map(|_| Outcome::Ok),
-                CniCommand::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
-            }
-        };
-        if matches!(result, Err(EnrolError::Version(_))) {
-            return Response::error(result.as_ref().unwrap_err().code(), result.unwrap_err().to_string());
+        if req.version != cni_api::API_VERSION {
+            let e = EnrolError::Version(req.version);
+            return Response::error(e.code(), e.to_string());
         }
+        let started = Instant::now();
+        let result = match req.command {
+            CniCommand::Add => self.add(&req).await,
+            CniCommand::Del => self.del(&req).await.map(|_| Outcome::Ok),
+            CniCommand::Check => self.check(&req).await.map(|_| Outcome::Ok),
+            CniCommand::Status => self.status().map(|_| Outcome::Ok),
+            CniCommand::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
+        };
         let outcome = match &result {
             Ok(Outcome::Enrolled) => {
                 self.metrics.enrolment_duration.observe(started.elapsed().as_secs_f64());
@@ -794,8 +775,7 @@ impl Agent {
     /// Enrols a pod that is already running: finds its netns through /proc (its UID in a process's cgroup, its
     /// IP on an interface there, never the node's own), then as for a new pod. The caller holds the pod's lock.
     async fn enrol_running(self: &Arc<Self>, mut record: PodRecord, proc_root: &Path) -> Result<Outcome, EnrolError> {
-        let host =
-            crate::netns::host_inode().map_err(|source| NetnsError::Io { path: "/proc/self/ns/net".into(), source })?;
+        let host = self.core.lock().unwrap().node.host_netns();
         for c in crate::k8s::procfs::candidates(proc_root, &record.uid, host) {
             let Ok(ns) = PodNetns::open(&c.netns_path) else { continue };
             let ips = ns.run(rules::routing::addresses).await;

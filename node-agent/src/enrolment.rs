@@ -117,11 +117,6 @@ pub enum Msg {
         /// The pod's UID.
         uid: String,
     },
-    /// Stop serving the pod.
-    Del {
-        /// The pod's UID.
-        uid: String,
-    },
     /// The snapshot is complete.
     SnapshotSent,
 }
@@ -219,12 +214,13 @@ pub enum Command {
         /// Why, if the answer matters.
         purpose: Option<Purpose>,
     },
-    /// Send a message on every one of these connections and wait for their answers (which are only logged).
-    Broadcast {
+    /// Send ZDS Del for the pod on every one of these connections and wait for their answers (which are only
+    /// logged).
+    DelEverywhere {
         /// The connections.
         conns: Vec<ConnId>,
-        /// The message.
-        msg: Msg,
+        /// The pod's UID.
+        uid: String,
     },
     /// Write the pod's record.
     SaveRecord(PodRecord),
@@ -398,7 +394,7 @@ impl Node {
         if let Some(pod) = self.pods.remove(uid) {
             if !self.conns.is_empty() {
                 let conns = self.conns.iter().map(|c| c.id).collect();
-                out.push(Command::Broadcast { conns, msg: Msg::Del { uid: uid.to_string() } });
+                out.push(Command::DelEverywhere { conns, uid: uid.to_string() });
             }
             out.push(Command::DropRecord(uid.to_string()));
             out.push(Command::ProbeRemove { uid: uid.to_string(), ips: pod.record.ips.clone() });
@@ -431,6 +427,11 @@ impl Node {
 
     fn newest(&self) -> Option<Conn> {
         self.conns.iter().max_by_key(|c| c.id).copied()
+    }
+
+    /// The node's own netns, never a pod's.
+    pub fn host_netns(&self) -> Inode {
+        self.host_netns
     }
 
     /// The connected ztunnels.
@@ -645,7 +646,7 @@ mod tests {
                         None
                     }
                     Command::Send { conn, msg, purpose } => self.deliver(conn, msg, purpose),
-                    Command::Broadcast { conns, msg: Msg::Del { uid } } => {
+                    Command::DelEverywhere { conns, uid } => {
                         for c in conns {
                             if let Some(z) = self.ztunnels.get_mut(&c) {
                                 z.serving.remove(&uid);
@@ -653,7 +654,6 @@ mod tests {
                         }
                         None
                     }
-                    Command::Broadcast { msg, .. } => panic!("only Del is broadcast, not {msg:?}"),
                     Command::SaveRecord(r) => {
                         self.records.insert(r.uid.clone(), r);
                         None
@@ -736,10 +736,6 @@ mod tests {
                     if let Some(s) = &mut z.snapshot {
                         s.insert(uid);
                     }
-                    None
-                }
-                Msg::Del { uid } => {
-                    z.serving.remove(&uid);
                     None
                 }
                 Msg::SnapshotSent => {
@@ -953,7 +949,7 @@ mod tests {
                 Command::ApplyRules { uid, netns, bind, .. } => format!("rules {uid}@{netns} bind={bind}"),
                 Command::RemoveRules { uid, netns, .. } => format!("unrules {uid}@{netns}"),
                 Command::Send { conn, msg, purpose } => format!("send {conn} {msg:?} {purpose:?}"),
-                Command::Broadcast { conns, msg } => format!("broadcast {conns:?} {msg:?}"),
+                Command::DelEverywhere { conns, uid } => format!("broadcast {conns:?} Del {{ uid: {uid:?} }}"),
                 Command::SaveRecord(r) => format!("save {}", r.uid),
                 Command::DropRecord(uid) => format!("drop {uid}"),
                 Command::Reply(Ok(o)) => format!("reply {o:?}"),
