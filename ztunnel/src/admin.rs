@@ -1,6 +1,7 @@
 //! ztunnel's control endpoints: admin (localhost: `/config_dump`, `/logging`, `/quitquitquit`), Prometheus
 //! metrics (`/metrics`, `/stats/prometheus`) and readiness (`/healthz/ready`).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -58,32 +59,77 @@ impl AdminState {
         self.ctx.state.status().generation > 0 && self.inpod.lock().unwrap().ready()
     }
 
-    /// `/config_dump`.
+    /// `/config_dump`: Istio's ztunnel's shape (`workloads`, `services`, `policies`, `certificates`,
+    /// `workloadState`), so `istioctl ztunnel-config` and scripts written for Istio read it; what only Ambit
+    /// shows is under `ambit`.
     pub fn config_dump(&self) -> serde_json::Value {
         let snap = self.ctx.state.snapshot();
         let inpod = self.inpod.lock().unwrap();
-        serde_json::json!({
-            "node": self.ctx.cfg.node_name,
-            "trustDomain": self.ctx.cfg.trust_domain,
-            "configSource": self.ctx.state.status(),
-            "workloads": snap.workloads.iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
-            "services": snap.services.iter().map(|s| {
+        let pods = inpod.status();
+        let services: Vec<serde_json::Value> = snap
+            .services
+            .iter()
+            .map(|s| {
                 let mut v = serde_json::to_value(s.as_ref()).unwrap_or_default();
-                v["endpoints"] = snap.endpoints(s).iter().map(|e| serde_json::json!({
-                    "workload": e.workload.uid,
-                    "name": e.workload.name,
-                    "addresses": e.workload.workload_ips,
-                    "protocol": e.workload.protocol,
-                    "status": e.workload.status,
-                    "ports": e.ports,
-                })).collect();
+                // Istio's endpoints: a map keyed by workload uid, each with its service port → target port map
+                // (in force: the endpoint's own mapping, else the service's, else the same port).
+                let endpoints: serde_json::Map<String, serde_json::Value> = snap
+                    .endpoints(s)
+                    .iter()
+                    .map(|e| {
+                        let port: BTreeMap<String, u16> = s
+                            .ports
+                            .iter()
+                            .map(|(sp, tp)| {
+                                let own = e.ports.get(sp).copied().filter(|p| *p != 0);
+                                (sp.to_string(), own.or(Some(*tp).filter(|p| *p != 0)).unwrap_or(*sp))
+                            })
+                            .collect();
+                        let entry = serde_json::json!({
+                            "workloadUid": e.workload.uid,
+                            "service": s.key(),
+                            "address": e.workload.workload_ips.first().map(|ip| format!("{}/{ip}", e.workload.network)),
+                            "port": port,
+                            "status": e.workload.status,
+                        });
+                        (e.workload.uid.clone(), entry)
+                    })
+                    .collect();
+                v["endpoints"] = endpoints.into();
                 v
-            }).collect::<Vec<_>>(),
+            })
+            .collect();
+        let trust_domain = &self.ctx.cfg.trust_domain;
+        let workload_state: serde_json::Map<String, serde_json::Value> = pods
+            .iter()
+            .map(|p| {
+                let state = serde_json::json!({
+                    "state": p.state,
+                    "info": {
+                        "name": p.info.name,
+                        "namespace": p.info.namespace,
+                        "serviceAccount": p.info.service_account,
+                        "trustDomain": trust_domain,
+                    },
+                });
+                (p.uid.clone(), state)
+            })
+            .collect();
+        serde_json::json!({
+            "workloads": snap.workloads.iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
+            "services": services,
             "policies": snap.policies.all(),
-            "certificateAuthority": self.ctx.certs.source(),
-            "certificates": self.ctx.certs.dump(),
-            "xds": self.xds.as_ref().map(|x| x.lock().unwrap().clone()),
-            "inpod": {"ready": inpod.ready(), "pods": inpod.status()},
+            "certificates": self.ctx.certs.istio_dump(),
+            "workloadState": workload_state,
+            "ambit": {
+                "node": self.ctx.cfg.node_name,
+                "trustDomain": trust_domain,
+                "configSource": self.ctx.state.status(),
+                "certificateAuthority": self.ctx.certs.source(),
+                "certificates": self.ctx.certs.dump(),
+                "xds": self.xds.as_ref().map(|x| x.lock().unwrap().clone()),
+                "inpod": {"ready": inpod.ready(), "pods": pods},
+            },
         })
     }
 

@@ -511,6 +511,108 @@ impl CertStore {
         v.sort_by(|a, b| a.identity.cmp(&b.identity));
         v
     }
+
+    /// The certificates in Istio's `/config_dump` form (what `istioctl ztunnel-config certificates` reads).
+    pub fn istio_dump(&self) -> Vec<IstioCerts> {
+        let now = now_secs();
+        let roots: Vec<IstioCert> = self.roots.certs().iter().map(|c| IstioCert::of(c)).collect();
+        let mut v: Vec<IstioCerts> = self
+            .entries
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, e)| match (e.valid(now), &e.last_error) {
+                (Some(c), _) => IstioCerts {
+                    identity: id.to_string(),
+                    state: "Available".into(),
+                    cert_chain: c.certified.cert.iter().map(|c| IstioCert::of(c)).collect(),
+                    root_certs: roots.clone(),
+                },
+                (None, error) => IstioCerts {
+                    identity: id.to_string(),
+                    state: match error {
+                        Some(error) => format!("Unavailable: {error}"),
+                        None => "Initializing".into(),
+                    },
+                    cert_chain: Vec::new(),
+                    root_certs: Vec::new(),
+                },
+            })
+            .collect();
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
+    }
+}
+
+/// One identity's certificates as Istio's ztunnel dumps them.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioCerts {
+    /// The SPIFFE identity.
+    pub identity: String,
+    /// `Available`, `Initializing` (not fetched yet) or `Unavailable: <why>`.
+    pub state: String,
+    /// Leaf first, then intermediates.
+    pub cert_chain: Vec<IstioCert>,
+    /// The roots the chain is checked against.
+    pub root_certs: Vec<IstioCert>,
+}
+
+/// One certificate as Istio's ztunnel dumps it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioCert {
+    /// The PEM text, base64-encoded (as Envoy's config dumps carry bytes).
+    pub pem: String,
+    /// The serial number in decimal.
+    pub serial_number: String,
+    /// `notBefore`, RFC 3339.
+    pub valid_from: String,
+    /// `notAfter`, RFC 3339.
+    pub expiration_time: String,
+}
+
+impl IstioCert {
+    fn of(der: &CertificateDer<'_>) -> IstioCert {
+        use crate::tls::der;
+        let time = |t: Option<i64>| t.map(der::rfc3339).unwrap_or_default();
+        IstioCert {
+            pem: base64(pem("CERTIFICATE", der).as_bytes()),
+            serial_number: der::serial_decimal(der).unwrap_or_default(),
+            valid_from: time(der::not_before(der)),
+            expiration_time: time(der::not_after(der)),
+        }
+    }
+}
+
+/// RFC 4648 base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A PEM block (64-column base64 lines).
+fn pem(label: &str, der: &[u8]) -> String {
+    let body = base64(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 /// Runs futures concurrently on the current task and waits for all (a few renewals at a time: no spawning).
@@ -572,6 +674,55 @@ pub(crate) mod tests {
         assert_eq!(store.dump().len(), 1);
         store.forget(&id);
         assert!(store.current(&id).is_none());
+    }
+
+    #[test]
+    fn base64_and_pem_as_the_standards_write_them() {
+        for (data, b64) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(base64(data.as_bytes()), b64);
+        }
+        let (cert, _) = test_ca("cluster.local");
+        let der = crate::tls::pem_bundle(cert.as_bytes()).unwrap().remove(0);
+        let again = pem("CERTIFICATE", &der);
+        assert_eq!(crate::tls::pem_bundle(again.as_bytes()).unwrap(), vec![der]);
+        assert!(again.lines().all(|l| l.len() <= 64));
+    }
+
+    #[tokio::test]
+    async fn the_istio_dump_shows_chain_roots_and_states() {
+        let (cert, key) = test_ca("cluster.local");
+        let ca = LocalCa::from_pem(&cert, &key, Duration::from_secs(3600)).unwrap();
+        let store = CertStore::local(ca, "cluster.local");
+        let id = Identity::new("cluster.local", "ns", "sa");
+        let issued = store.fetch(&id).await.unwrap();
+        let dump = store.istio_dump();
+        assert_eq!(dump.len(), 1);
+        let d = &dump[0];
+        assert_eq!((d.identity.as_str(), d.state.as_str()), ("spiffe://cluster.local/ns/ns/sa/sa", "Available"));
+        assert_eq!(d.cert_chain.len(), issued.certified.cert.len());
+        assert_eq!(d.root_certs.len(), 1);
+        let leaf = &d.cert_chain[0];
+        assert_eq!(leaf.valid_from, der::rfc3339(issued.not_before));
+        assert_eq!(leaf.expiration_time, der::rfc3339(issued.not_after));
+        assert_eq!(leaf.serial_number, der::serial_decimal(&issued.certified.cert[0]).unwrap());
+        // `pem` is base64 of the PEM text: decoding it gives the leaf back.
+        let text = base64_decode(&leaf.pem);
+        assert_eq!(crate::tls::pem_bundle(&text).unwrap()[0], issued.certified.cert[0]);
+        // An identity being fetched for the first time is Initializing.
+        store.entries.lock().unwrap().insert(Identity::new("cluster.local", "ns", "new"), Entry::new());
+        assert_eq!(store.istio_dump()[0].state, "Initializing");
+    }
+
+    fn base64_decode(s: &str) -> Vec<u8> {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let vals: Vec<u32> =
+            s.bytes().filter(|b| *b != b'=').map(|b| A.iter().position(|a| *a == b).unwrap() as u32).collect();
+        let mut out = Vec::new();
+        for c in vals.chunks(4) {
+            let n = c.iter().enumerate().fold(0u32, |n, (i, v)| n | v << (18 - 6 * i));
+            out.extend_from_slice(&n.to_be_bytes()[1..c.len()]);
+        }
+        out
     }
 
     #[tokio::test]

@@ -529,19 +529,23 @@ impl ConnRecord {
     }
 }
 
-/// Istio's response flags for a TCP connection: the `response_flags` label.
+/// Istio's response flags for a TCP connection: the `response_flags` label, with Istio's values only, so that
+/// Istio's dashboards and Kiali classify Ambit's connections as they classify Istio's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFlags {
     /// Nothing to report (`-`).
     None,
-    /// Refused by authorization policy (`DENY`).
+    /// Refused by authorization policy, here or at the destination (`DENY`).
     Deny,
-    /// The upstream could not be reached, or could not take the connection (`UF`).
-    UpstreamFailure,
-    /// No upstream for the destination (`NR`).
-    NoRoute,
-    /// The peer answered the HBONE CONNECT with another status (`CONNECT`; Ambit's, Istio has no flag for it).
-    ConnectRefused,
+    /// No connection to the upstream: it refused or could not be reached, the destination's ztunnel could not
+    /// reach its pod, or (Ambit only; Istio records no metric then) a service had no endpoint (`CONNECT`).
+    ConnectFailure,
+    /// The TLS handshake with the peer's ztunnel failed, its identity included (`TLS_FAILURE`).
+    TlsFailure,
+    /// The HTTP/2 handshake over the TLS connection failed (`H2_HANDSHAKE_FAILURE`).
+    Http2HandshakeFailure,
+    /// No certificate for the client's own identity (`IDENTITY_ERROR`).
+    IdentityError,
 }
 
 impl ResponseFlags {
@@ -550,19 +554,19 @@ impl ResponseFlags {
         match self {
             ResponseFlags::None => "-",
             ResponseFlags::Deny => "DENY",
-            ResponseFlags::UpstreamFailure => "UF",
-            ResponseFlags::NoRoute => "NR",
-            ResponseFlags::ConnectRefused => "CONNECT",
+            ResponseFlags::ConnectFailure => "CONNECT",
+            ResponseFlags::TlsFailure => "TLS_FAILURE",
+            ResponseFlags::Http2HandshakeFailure => "H2_HANDSHAKE_FAILURE",
+            ResponseFlags::IdentityError => "IDENTITY_ERROR",
         }
     }
 
-    /// The flag for a peer's answer to HBONE CONNECT other than 200: 401 is the destination's policy, 503 its
-    /// failure to reach the pod.
+    /// The flag for a peer's answer to HBONE CONNECT other than 200: 401 is the destination's policy; anything
+    /// else (503: it could not reach its pod) means no connection.
     pub fn of_connect_status(status: http::StatusCode) -> ResponseFlags {
         match status {
             http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
-            http::StatusCode::SERVICE_UNAVAILABLE => ResponseFlags::UpstreamFailure,
-            _ => ResponseFlags::ConnectRefused,
+            _ => ResponseFlags::ConnectFailure,
         }
     }
 }
@@ -577,9 +581,12 @@ mod tests {
         let flags = [
             (ResponseFlags::None, "-"),
             (ResponseFlags::of_connect_status(StatusCode::UNAUTHORIZED), "DENY"),
-            (ResponseFlags::of_connect_status(StatusCode::SERVICE_UNAVAILABLE), "UF"),
-            (ResponseFlags::NoRoute, "NR"),
+            (ResponseFlags::of_connect_status(StatusCode::SERVICE_UNAVAILABLE), "CONNECT"),
             (ResponseFlags::of_connect_status(StatusCode::BAD_REQUEST), "CONNECT"),
+            (ResponseFlags::ConnectFailure, "CONNECT"),
+            (ResponseFlags::TlsFailure, "TLS_FAILURE"),
+            (ResponseFlags::Http2HandshakeFailure, "H2_HANDSHAKE_FAILURE"),
+            (ResponseFlags::IdentityError, "IDENTITY_ERROR"),
         ];
         for (f, s) in flags {
             assert_eq!(f.as_str(), s);

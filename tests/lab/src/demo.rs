@@ -229,7 +229,7 @@ fn certificates_from_ca(lab: &Lab, pods: &[&Pod]) -> anyhow::Result<String> {
         let node = &lab.nodes[p.node];
         let dump = node.config_dump()?;
         let id = p.identity();
-        let cert = dump["certificates"]
+        let cert = dump["ambit"]["certificates"]
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["identity"] == id.as_str()))
             .with_context(|| format!("{}'s ztunnel has no certificate for {id}", node.name))?;
@@ -290,7 +290,7 @@ fn delete_cleans_up(lab: &Lab, client: Pod) -> anyhow::Result<String> {
     anyhow::ensure!(!ip_rules.contains("0x111"), "the policy routing rule remains:\n{ip_rules}");
     wait_for("ztunnel to drop the pod", Duration::from_secs(5), || {
         let dump = node.config_dump().ok()?;
-        let pods = dump["inpod"]["pods"].as_array()?;
+        let pods = dump["ambit"]["inpod"]["pods"].as_array()?;
         (!pods.iter().any(|p| p["uid"] == client.uid)).then_some(())
     })?;
     let records: Vec<_> = std::fs::read_dir(node.dir.join("state"))?.flatten().collect();

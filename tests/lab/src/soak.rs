@@ -357,7 +357,7 @@ pub fn run(opts: &SoakOpts, progress: &mut dyn std::io::Write) -> anyhow::Result
     let exempt: HashSet<String> = obs.created_unchained.iter().cloned().collect();
     for (node, pods) in living.iter().enumerate() {
         let dump = lab.nodes[node].config_dump().unwrap_or_default();
-        let served: HashSet<String> = dump["inpod"]["pods"]
+        let served: HashSet<String> = dump["ambit"]["inpod"]["pods"]
             .as_array()
             .into_iter()
             .flatten()
@@ -425,7 +425,7 @@ pub fn run(opts: &SoakOpts, progress: &mut dyn std::io::Write) -> anyhow::Result
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
-            let served = n.config_dump().ok()?["inpod"]["pods"].as_array()?.len();
+            let served = n.config_dump().ok()?["ambit"]["inpod"]["pods"].as_array()?.len();
             (records == mine && served == mine.len()).then_some(())
         });
         if settled.is_err() {
@@ -436,7 +436,7 @@ pub fn run(opts: &SoakOpts, progress: &mut dyn std::io::Write) -> anyhow::Result
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|r| !mine.contains(r))
                 .collect();
-            let proxies: Vec<String> = n.config_dump().unwrap_or_default()["inpod"]["pods"]
+            let proxies: Vec<String> = n.config_dump().unwrap_or_default()["ambit"]["inpod"]["pods"]
                 .as_array()
                 .into_iter()
                 .flatten()
@@ -527,7 +527,7 @@ fn late_del(lab: &Lab, node: usize, pod: &Pod, leftovers: &mut Vec<String>) {
     }
     if n.config_dump()
         .ok()
-        .and_then(|d| d["inpod"]["pods"].as_array().cloned())
+        .and_then(|d| d["ambit"]["inpod"]["pods"].as_array().cloned())
         .unwrap_or_default()
         .iter()
         .any(|p| p["uid"] == pod.uid.as_str())

@@ -47,7 +47,11 @@ fn cert_requests(lab: &Lab, node: usize, outcome: &str) -> f64 {
 
 /// The certificate entry of `id` in node `node`'s `/config_dump`.
 fn cert_of(lab: &Lab, node: usize, id: &str) -> Option<serde_json::Value> {
-    lab.nodes[node].config_dump().ok()?["certificates"].as_array()?.iter().find(|c| c["identity"] == id).cloned()
+    lab.nodes[node].config_dump().ok()?["ambit"]["certificates"]
+        .as_array()?
+        .iter()
+        .find(|c| c["identity"] == id)
+        .cloned()
 }
 
 #[test]
@@ -116,11 +120,14 @@ fn bad_xds_pushes_are_nacked_and_the_last_good_state_stays() {
         let dump = lab.nodes[0].config_dump().unwrap();
         assert_eq!(dump["workloads"].as_array().unwrap().len(), 2, "{push}: the last good workloads stay");
         assert!(
-            dump["configSource"]["lastError"].as_str().unwrap_or_default().contains(says) || url == cluster,
+            dump["ambit"]["configSource"]["lastError"].as_str().unwrap_or_default().contains(says) || url == cluster,
             "{push}: {dump:#}"
         );
         if url == ADDRESS_TYPE {
-            assert!(dump["xds"]["types"][url]["lastNack"]["error"].as_str().unwrap().contains(says), "{dump:#}");
+            assert!(
+                dump["ambit"]["xds"]["types"][url]["lastNack"]["error"].as_str().unwrap().contains(says),
+                "{dump:#}"
+            );
         }
         assert!(reaches(&client, to), "{push}: {}", lab.logs());
         let log = lab.nodes[0].ztunnel.as_ref().unwrap().log();
@@ -145,7 +152,11 @@ fn bad_xds_pushes_are_nacked_and_the_last_good_state_stays() {
     })
     .unwrap();
     let dump = lab.nodes[0].config_dump().unwrap();
-    assert_eq!(dump["inpod"]["pods"].as_array().map(|p| p.len()), Some(1), "the pod is still served: {dump:#}");
+    assert_eq!(
+        dump["ambit"]["inpod"]["pods"].as_array().map(|p| p.len()),
+        Some(1),
+        "the pod is still served: {dump:#}"
+    );
     assert!(cert_of(&lab, 0, &client.identity()).is_some_and(|c| c["state"] == "Available"));
     let log = lab.nodes[0].ztunnel.as_ref().unwrap().log();
     assert!(log.contains("removed every resource of this type"), "not reported");
@@ -281,7 +292,7 @@ fn a_ca_outage_longer_than_half_a_certificate_life_loses_nothing() {
     wait_for("the newcomer served", Duration::from_secs(10), || reaches(&newcomer, to).then_some(())).unwrap();
     // And the xDS stream came back.
     wait_for("xDS reconnected", Duration::from_secs(20), || {
-        (lab.nodes[0].config_dump().ok()?["xds"]["state"] == "Connected").then_some(())
+        (lab.nodes[0].config_dump().ok()?["ambit"]["xds"]["state"] == "Connected").then_some(())
     })
     .unwrap();
 }

@@ -200,7 +200,7 @@ fn assert_nothing_held(lab: &Lab, node: usize) {
     let records: Vec<_> = std::fs::read_dir(n.dir.join("state")).unwrap().flatten().map(|e| e.path()).collect();
     assert!(records.is_empty(), "the agent recorded {records:?}");
     let dump = n.config_dump().unwrap();
-    assert_eq!(dump["inpod"]["pods"], json!([]), "ztunnel serves pods: {dump}");
+    assert_eq!(dump["ambit"]["inpod"]["pods"], json!([]), "ztunnel serves pods: {dump}");
 }
 
 #[test]
@@ -248,7 +248,7 @@ fn lab_pod_adds_and_deletes_pods_on_a_running_lab() {
     let extra = lab::Netns::open(&format!("ambit-{}-mesh-extra", lab.id)).unwrap();
     assert!(extra.exec("nft", &["list", "ruleset"]).unwrap().contains("table inet ambit"));
     wait_for("node2's ztunnel to serve it", Duration::from_secs(5), || {
-        let pods = lab.nodes[1].config_dump().ok()?["inpod"]["pods"].as_array()?.clone();
+        let pods = lab.nodes[1].config_dump().ok()?["ambit"]["inpod"]["pods"].as_array()?.clone();
         pods.iter().any(|p| p["name"] == "mesh/extra").then_some(())
     })
     .unwrap();
@@ -275,7 +275,7 @@ fn lab_pod_adds_and_deletes_pods_on_a_running_lab() {
     assert!(ok, "{text}");
     assert!(!std::path::Path::new(&format!("/var/run/netns/ambit-{}-mesh-extra", lab.id)).exists());
     wait_for("node2's ztunnel to drop it", Duration::from_secs(5), || {
-        let pods = lab.nodes[1].config_dump().ok()?["inpod"]["pods"].as_array()?.clone();
+        let pods = lab.nodes[1].config_dump().ok()?["ambit"]["inpod"]["pods"].as_array()?.clone();
         pods.is_empty().then_some(())
     })
     .unwrap();
@@ -299,7 +299,7 @@ fn a_pod_whose_netns_vanished_without_del_is_swept() {
     .unwrap();
     wait_for("ztunnel to drop the orphan", Duration::from_secs(5), || {
         let dump = n.config_dump().ok()?;
-        let pods = dump["inpod"]["pods"].as_array()?.clone();
+        let pods = dump["ambit"]["inpod"]["pods"].as_array()?.clone();
         (pods.len() == 1 && pods[0]["uid"] == kept.uid.as_str()).then_some(())
     })
     .unwrap();
@@ -368,7 +368,7 @@ fn garbage_zds_is_nacked_and_pods_stay_served() {
     assert!(answers[5].is_err());
     // ztunnel still serves the pod it had (Keep), and traffic flows.
     let dump = lab.nodes[1].config_dump().unwrap();
-    let pods = dump["inpod"]["pods"].as_array().unwrap();
+    let pods = dump["ambit"]["inpod"]["pods"].as_array().unwrap();
     assert!(pods.iter().any(|p| p["uid"] == server.uid.as_str()), "{dump}");
     EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"after").unwrap();
     assert!(lab.nodes[1].ztunnel.as_mut().unwrap().running());
@@ -480,7 +480,8 @@ fn check_status_and_gc_reach_the_agent() {
     gc["cni.dev/valid-attachments"] = json!([{"containerID": other.container_id, "ifname": "eth0"}]);
     run(&lab, "GC", &none, &gc).unwrap();
     let dump = lab.nodes[0].config_dump().unwrap();
-    let uids: Vec<&str> = dump["inpod"]["pods"].as_array().unwrap().iter().filter_map(|p| p["uid"].as_str()).collect();
+    let uids: Vec<&str> =
+        dump["ambit"]["inpod"]["pods"].as_array().unwrap().iter().filter_map(|p| p["uid"].as_str()).collect();
     assert!(uids.contains(&other.uid.as_str()) && !uids.contains(&web.uid.as_str()), "{uids:?}");
     let records = std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().count();
     assert_eq!(records, 1);
@@ -535,5 +536,5 @@ fn an_agent_killed_during_add_fails_it_and_leaves_nothing() {
     lab.start_ztunnel(0).unwrap();
     lab.wait_ready(0).unwrap();
     assert_eq!(std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().count(), 0);
-    assert_eq!(lab.nodes[0].config_dump().unwrap()["inpod"]["pods"], json!([]));
+    assert_eq!(lab.nodes[0].config_dump().unwrap()["ambit"]["inpod"]["pods"], json!([]));
 }

@@ -36,7 +36,7 @@ fn captured(p: &Pod) -> bool {
 fn served(lab: &Lab, p: &Pod) -> bool {
     lab.nodes[p.node]
         .config_dump()
-        .map(|d| d["inpod"]["pods"].as_array().is_some_and(|a| a.iter().any(|x| x["uid"] == p.uid.as_str())))
+        .map(|d| d["ambit"]["inpod"]["pods"].as_array().is_some_and(|a| a.iter().any(|x| x["uid"] == p.uid.as_str())))
         .unwrap_or(false)
 }
 
@@ -87,7 +87,13 @@ fn labels_decide_enrolment_at_pod_start() {
     wait_state(&lab, &in_mesh, true);
     wait_state(&lab, &pod_label, true);
     let dump = lab.nodes[0].config_dump().unwrap();
-    let id = dump["inpod"]["pods"].as_array().unwrap().iter().find(|x| x["uid"] == in_mesh.uid.as_str()).unwrap()["identity"].clone();
+    let id = dump["ambit"]["inpod"]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["uid"] == in_mesh.uid.as_str())
+        .unwrap()["identity"]
+        .clone();
     assert_eq!(id, "spiffe://cluster.local/ns/mesh/sa/web", "the identity comes from the pod's service account");
     for p in [&opted_out, &outside, &sidecar] {
         assert_eq!(annotation(&lab, p), None);
@@ -144,7 +150,7 @@ fn finished_and_deleted_pods_are_forgotten() {
     lab.delete_k8s_pod(web).unwrap();
     wait_for("the deleted pod to be forgotten", Duration::from_secs(20), || {
         let d = lab.nodes[0].config_dump().ok()?;
-        (!d["inpod"]["pods"].as_array()?.iter().any(|x| x["uid"] == web_uid.as_str())).then_some(())
+        (!d["ambit"]["inpod"]["pods"].as_array()?.iter().any(|x| x["uid"] == web_uid.as_str())).then_some(())
     })
     .unwrap();
     let (_, m) = lab.agent_get(0, "/metrics").unwrap();

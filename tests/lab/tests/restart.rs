@@ -83,7 +83,7 @@ fn without_the_handoff_a_killed_ztunnel_refuses_connections() {
     let p = pair(&lab);
     EchoClient::connect(&p.client.netns, p.echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"warm").unwrap();
     let dump = lab.nodes[0].config_dump().unwrap();
-    assert!(dump["inpod"]["pods"][0]["listeners"].as_array().unwrap().iter().all(|l| l[1] == false), "{dump}");
+    assert!(dump["ambit"]["inpod"]["pods"][0]["listeners"].as_array().unwrap().iter().all(|l| l[1] == false), "{dump}");
     lab.kill_ztunnel(0);
     let refused = EchoClient::connect(&p.client.netns, p.echo.addr(), Duration::from_secs(2));
     assert!(refused.is_err(), "a connection got through with no ztunnel and no held listener");
@@ -137,11 +137,13 @@ fn two_ztunnels_during_an_upgrade() {
         let (_, b) = http_get(&ns, SocketAddr::from(([127, 0, 0, 1], port)), "/config_dump").unwrap();
         serde_json::from_str(&b).unwrap()
     };
-    assert!(dump(15100)["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == p.client.uid.as_str()));
+    assert!(
+        dump(15100)["ambit"]["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == p.client.uid.as_str())
+    );
     // A pod added now goes to the newest ztunnel only.
     let late = lab.add_pod(0, MESH_NS, "late").unwrap();
-    assert!(dump(15100)["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == late.uid.as_str()));
-    assert!(!dump(15000)["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == late.uid.as_str()));
+    assert!(dump(15100)["ambit"]["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == late.uid.as_str()));
+    assert!(!dump(15000)["ambit"]["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["uid"] == late.uid.as_str()));
     // The old one leaves (SIGTERM): traffic carries on through the new one.
     let mut old = lab.nodes[0].ztunnel.take().unwrap();
     old.stop(Duration::from_secs(10));
@@ -152,7 +154,7 @@ fn two_ztunnels_during_an_upgrade() {
             .unwrap();
     }
     lab.delete_pod(late).unwrap();
-    assert!(!dump(15100)["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["name"] == "mesh/late"));
+    assert!(!dump(15100)["ambit"]["inpod"]["pods"].as_array().unwrap().iter().any(|x| x["name"] == "mesh/late"));
     new.stop(Duration::from_secs(5));
 }
 

@@ -21,7 +21,7 @@ fn uid(n: u32) -> String {
 fn served(lab: &Lab, node: usize, uid: &str) -> bool {
     lab.nodes[node]
         .config_dump()
-        .map(|d| d["inpod"]["pods"].as_array().is_some_and(|a| a.iter().any(|x| x["uid"] == uid)))
+        .map(|d| d["ambit"]["inpod"]["pods"].as_array().is_some_and(|a| a.iter().any(|x| x["uid"] == uid)))
         .unwrap_or(false)
 }
 

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::pool::PoolKey;
+use crate::proxy::pool::{PoolKey, Stage};
 use crate::tls::{self, TrustRoots};
 
 /// Opens an HBONE connection over `tcp` (already connected to `key.addr`) as `cert`'s identity, expecting the
@@ -28,7 +28,7 @@ pub async fn connect(
     roots: &Arc<TrustRoots>,
     cfg: &Config,
     metrics: &Arc<Metrics>,
-) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), (&'static str, String)> {
+) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), (Stage, &'static str, String)> {
     let tls_cfg = Arc::new(tls::client_config(cert.clone(), key.dst.clone(), roots.clone()));
     let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
     let mut tls = tokio::time::timeout(
@@ -36,10 +36,10 @@ pub async fn connect(
         tokio_rustls::TlsConnector::from(tls_cfg).connect(name, super::tls_io(tcp)),
     )
     .await
-    .map_err(|_| ("TLS handshake with", "timed out".to_string()))?
+    .map_err(|_| (Stage::Tls, "TLS handshake with", "timed out".to_string()))?
     .map_err(|e| {
         let _ = metrics.tls_failure("outbound", super::tls_reason(&e));
-        ("TLS handshake with", e.to_string())
+        (Stage::Tls, "TLS handshake with", e.to_string())
     })?;
     tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
     let (send, conn) = h2::client::Builder::new()
@@ -51,7 +51,7 @@ pub async fn connect(
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
         .await
-        .map_err(|e| ("HTTP/2 handshake with", e.to_string()))?;
+        .map_err(|e| (Stage::Http2, "HTTP/2 handshake with", e.to_string()))?;
     let closed = Arc::new(AtomicBool::new(false));
     drive(conn, closed.clone(), metrics.clone(), (cfg.h2_ping_interval, cfg.h2_ping_timeout));
     Ok((send, closed))

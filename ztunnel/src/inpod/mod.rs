@@ -69,6 +69,9 @@ pub struct PodStatus {
     pub pool_connections: usize,
     /// Listener ports and whether the agent handed them over.
     pub listeners: Vec<(u16, bool)>,
+    /// What the agent said of it (Istio's `workloadState` shows it).
+    #[serde(skip)]
+    pub info: ambit_proto::zds::WorkloadInfo,
 }
 
 /// In-pod mode's state: the ZDS state machine and the served pods.
@@ -102,6 +105,7 @@ impl Inpod {
                 connections: p.drain.active(),
                 pool_connections: p.pool.len(),
                 listeners: p.listeners.clone(),
+                info: p.info.clone(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

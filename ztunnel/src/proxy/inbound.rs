@@ -164,7 +164,7 @@ async fn stream(
             Ok(a) => a,
             Err(e) => {
                 reject(&pod, "upstream_unavailable");
-                rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
+                rec.close(0, 0, Some(&e), ResponseFlags::ConnectFailure);
                 respond_status(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 return;
             }

@@ -30,7 +30,7 @@ use crate::socket;
 use crate::state::{Snapshot, State, Workload};
 use crate::tls::{self, TrustRoots};
 use drain::Drain;
-use pool::{Pool, PoolError, PoolKey};
+use pool::{Pool, PoolError, PoolKey, Stage};
 
 /// What every pod proxy shares.
 pub struct ProxyCtx {
@@ -161,17 +161,18 @@ fn connector(ctx: Arc<ProxyCtx>, netns: Arc<dyn socket::PodSockets>) -> pool::Co
         let ctx = ctx.clone();
         let netns = netns.clone();
         Box::pin(async move {
-            let err = |what: &str, e: &dyn std::fmt::Display| {
-                PoolError::Connect(format!("{what} {} ({:?}): {e}", key.addr, key.dst))
+            let err = |stage: Stage, what: &str, e: &dyn std::fmt::Display| PoolError::Connect {
+                stage,
+                message: format!("{what} {} ({:?}): {e}", key.addr, key.dst),
             };
-            let cert = ctx.certs.fetch(&key.src).await.map_err(|e| err("certificate for", &e))?;
+            let cert = ctx.certs.fetch(&key.src).await.map_err(|e| err(Stage::Certificate, "certificate for", &e))?;
             let tcp = socket::connect_from_pod(&*netns, key.addr, None, ctx.cfg.packet_mark)
                 .await
-                .map_err(|e| err("connecting to", &e))?;
+                .map_err(|e| err(Stage::Tcp, "connecting to", &e))?;
             ctx.keepalive(&tcp);
             let (send, closed) = hbone::client::connect(tcp, &cert.certified, &key, &ctx.roots, &ctx.cfg, &ctx.metrics)
                 .await
-                .map_err(|(what, e)| err(what, &e))?;
+                .map_err(|(stage, what, e)| err(stage, what, &e))?;
             Ok((send, closed))
         })
     })

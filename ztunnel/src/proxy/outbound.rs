@@ -68,11 +68,11 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
         }
         Ok(Route::Passthrough { target, dst: dst_peer }) => passthrough(pod, tcp, peer, target, src, dst_peer).await,
         Err((e, svc)) => {
-            // Istio's flag for "no route": the connection is closed without being sent anywhere.
+            // Closed without being sent anywhere. Istio records no metric for it; Ambit counts it as CONNECT.
             let dst_peer = Peer { workload: None, identity: None, service: Some(svc) };
             let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
             warn!(pod = %pod.name(), %peer, %dst, error = %e, "no upstream for a service connection; closing it");
-            rec.close(0, 0, Some(&e), ResponseFlags::NoRoute);
+            rec.close(0, 0, Some(&e), ResponseFlags::ConnectFailure);
         }
     }
 }
@@ -82,8 +82,8 @@ const EARLY_MAX: usize = 16 * 1024;
 
 /// Why a CONNECT stream could not be opened.
 enum OpenError {
-    /// The pool or the peer failed; the message says how.
-    Upstream(String),
+    /// The pool or the peer failed; the flag says at which step, the message how.
+    Upstream(ResponseFlags, String),
     /// The client's own socket failed while the answer was on its way.
     Client(std::io::Error),
 }
@@ -116,7 +116,7 @@ async fn open_stream(
                 debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection unusable; retrying on a new one");
                 continue;
             }
-            Err(e) => return Err(OpenError::Upstream(e.to_string())),
+            Err(e) => return Err(OpenError::Upstream(e.flags(), e.to_string())),
         };
         let req = crate::hbone::client::connect_request(dst, peer, &pod.info.namespace, &pod.info.name);
         let sent = match send_req.send_request(req, false) {
@@ -130,7 +130,7 @@ async fn open_stream(
                 slot.mark_broken();
                 debug!(pod = %pod.name(), %dst, error = %e, "pooled HBONE connection failed; retrying on a new one");
             }
-            Ok(Err(e)) => return Err(OpenError::Upstream(e.to_string())),
+            Ok(Err(e)) => return Err(OpenError::Upstream(ResponseFlags::ConnectFailure, e.to_string())),
         }
     }
 }
@@ -212,8 +212,8 @@ async fn hbone(
     drop(early);
     let (resp, send, slot) = match opened {
         Ok(s) => s,
-        Err(OpenError::Upstream(e)) => {
-            rec.close(early_len, 0, Some(&e), ResponseFlags::UpstreamFailure);
+        Err(OpenError::Upstream(flags, e)) => {
+            rec.close(early_len, 0, Some(&e), flags);
             return;
         }
         Err(OpenError::Client(e)) => {
@@ -236,7 +236,7 @@ async fn passthrough(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, dst: So
     let upstream = match Box::pin(socket::connect_from_pod(&*pod.netns, dst, None, pod.ctx.cfg.packet_mark)).await {
         Ok(u) => u,
         Err(e) => {
-            rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
+            rec.close(0, 0, Some(&e), ResponseFlags::ConnectFailure);
             return;
         }
     };

@@ -53,7 +53,7 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     {
         Ok(a) => a,
         Err(e) => {
-            rec.close(0, 0, Some(&e), ResponseFlags::UpstreamFailure);
+            rec.close(0, 0, Some(&e), ResponseFlags::ConnectFailure);
             return;
         }
     };

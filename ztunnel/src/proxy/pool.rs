@@ -57,12 +57,53 @@ impl Drop for StreamSlot {
 /// Why no stream could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// Connecting, the TLS handshake or the HTTP/2 handshake failed.
-    #[error("{0}")]
-    Connect(String),
+    /// Getting the client's certificate, connecting, the TLS handshake or the HTTP/2 handshake failed.
+    #[error("{message}")]
+    Connect {
+        /// Which step failed.
+        stage: Stage,
+        /// What happened.
+        message: String,
+    },
     /// The connection broke while asking for a stream.
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+}
+
+/// The steps of opening an HBONE connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Getting the client's own certificate.
+    Certificate,
+    /// The TCP connection to the peer's port 15008.
+    Tcp,
+    /// The TLS handshake, the peer's identity check included.
+    Tls,
+    /// The HTTP/2 handshake.
+    Http2,
+}
+
+impl Stage {
+    /// The response flag a failure at this step gives the connection.
+    pub fn flags(self) -> crate::metrics::ResponseFlags {
+        use crate::metrics::ResponseFlags;
+        match self {
+            Stage::Certificate => ResponseFlags::IdentityError,
+            Stage::Tcp => ResponseFlags::ConnectFailure,
+            Stage::Tls => ResponseFlags::TlsFailure,
+            Stage::Http2 => ResponseFlags::Http2HandshakeFailure,
+        }
+    }
+}
+
+impl PoolError {
+    /// The response flag this failure gives the connection that waited for it.
+    pub fn flags(&self) -> crate::metrics::ResponseFlags {
+        match self {
+            PoolError::Connect { stage, .. } => stage.flags(),
+            PoolError::H2(_) => crate::metrics::ResponseFlags::ConnectFailure,
+        }
+    }
 }
 
 /// How to open a new connection (TCP from the pod's netns, mTLS, HTTP/2).

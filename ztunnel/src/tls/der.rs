@@ -54,6 +54,7 @@ const OID_SKI: &[u8] = &[0x55, 0x1d, 0x0e];
 
 /// The fields of a TBSCertificate we look at.
 struct Tbs<'a> {
+    serial: Tlv<'a>,
     validity: Tlv<'a>,
     subject: Tlv<'a>,
     spki: Tlv<'a>,
@@ -73,14 +74,14 @@ fn tbs(cert_der: &[u8]) -> Option<Tbs<'_>> {
     if it.peek()?.tag == 0xa0 {
         it.next(); // [0] version
     }
-    let _serial = it.next()?;
+    let serial = it.next()?;
     let _sig_alg = it.next()?;
     let _issuer = it.next()?;
     let validity = it.next()?;
     let subject = it.next()?;
     let spki = it.next()?;
     let extensions = it.find(|t| t.tag == 0xa3);
-    Some(Tbs { validity, subject, spki, extensions })
+    Some(Tbs { serial, validity, subject, spki, extensions })
 }
 
 /// Each extension's (OID, value) pairs.
@@ -193,6 +194,55 @@ pub fn not_after(cert_der: &[u8]) -> Option<i64> {
 pub fn not_before(cert_der: &[u8]) -> Option<i64> {
     let t = tbs(cert_der)?;
     parse_time(children(t.validity.body).next()?)
+}
+
+/// The serial number in decimal, as Istio's `/config_dump` shows it.
+pub fn serial_decimal(cert_der: &[u8]) -> Option<String> {
+    let t = tbs(cert_der)?;
+    (t.serial.tag == 0x02 && !t.serial.body.is_empty()).then(|| decimal(t.serial.body))
+}
+
+/// A big-endian unsigned integer in decimal (serial numbers are at most 20 bytes; a leading 0x00 is allowed).
+fn decimal(be: &[u8]) -> String {
+    let mut n: Vec<u8> = be.iter().copied().skip_while(|b| *b == 0).collect();
+    let mut digits = Vec::new();
+    while !n.is_empty() {
+        // Divide n by 10 in place, keeping the remainder as the next digit.
+        let mut rem = 0u32;
+        for b in n.iter_mut() {
+            let cur = (rem << 8) | u32::from(*b);
+            *b = (cur / 10) as u8;
+            rem = cur % 10;
+        }
+        digits.push(b'0' + rem as u8);
+        let zeros = n.iter().take_while(|b| **b == 0).count();
+        n.drain(..zeros);
+    }
+    if digits.is_empty() {
+        digits.push(b'0');
+    }
+    digits.reverse();
+    String::from_utf8(digits).expect("ASCII digits")
+}
+
+/// Unix seconds as RFC 3339 in UTC (`2026-12-02T22:08:18Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (the inverse of `days_from_civil`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// What a CA needs from a PKCS#10 certificate signing request.
@@ -410,5 +460,27 @@ mod tests {
     fn civil_days() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11017);
+        for days in (-800_000..800_000).step_by(997) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_868_800 - 1), "2000-02-29T23:59:59Z");
+        assert_eq!(rfc3339(1_796_249_298), "2026-12-02T22:08:18Z");
+    }
+
+    #[test]
+    fn serial_numbers_in_decimal() {
+        assert_eq!(decimal(&[0]), "0");
+        assert_eq!(decimal(&[0x00, 0xff]), "255");
+        assert_eq!(decimal(&[0x01, 0x00]), "256");
+        assert_eq!(decimal(&[0xff; 8]), u64::MAX.to_string());
+        assert_eq!(decimal(&[0x01, 0, 0, 0, 0, 0, 0, 0, 0]), "18446744073709551616");
+        let der = make_cert(&["spiffe://td/ns/a/sa/b"]);
+        let s = serial_decimal(&der).expect("a serial");
+        assert!(!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()), "{s}");
+        for n in 0..der.len() {
+            let _ = serial_decimal(&der[..n]);
+        }
     }
 }

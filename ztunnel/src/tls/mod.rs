@@ -38,6 +38,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 pub struct TrustRoots {
     anchors: std::sync::RwLock<Arc<Vec<rustls::pki_types::TrustAnchor<'static>>>>,
+    /// The roots as given, for `/config_dump`.
+    certs: std::sync::RwLock<Arc<Vec<CertificateDer<'static>>>>,
     /// The mesh's trust domain.
     pub trust_domain: String,
 }
@@ -54,6 +56,7 @@ impl TrustRoots {
     pub fn new(roots: &[CertificateDer<'_>], trust_domain: &str) -> Result<TrustRoots, webpki::Error> {
         Ok(TrustRoots {
             anchors: std::sync::RwLock::new(Arc::new(anchors_of(roots)?)),
+            certs: std::sync::RwLock::new(Arc::new(roots.iter().map(|c| c.clone().into_owned()).collect())),
             trust_domain: trust_domain.to_string(),
         })
     }
@@ -65,10 +68,17 @@ impl TrustRoots {
 
     /// Replaces the roots with those of a PEM bundle; on error the old ones stay.
     pub fn replace_pem(&self, pem: &[u8]) -> Result<usize, PemError> {
-        let anchors = anchors_of(&pem_bundle(pem)?).map_err(PemError::NotRoots)?;
+        let certs = pem_bundle(pem)?;
+        let anchors = anchors_of(&certs).map_err(PemError::NotRoots)?;
         let n = anchors.len();
         *self.anchors.write().unwrap() = Arc::new(anchors);
+        *self.certs.write().unwrap() = Arc::new(certs.into_iter().map(|c| c.into_owned()).collect());
         Ok(n)
+    }
+
+    /// The roots in force, as DER certificates.
+    pub fn certs(&self) -> Arc<Vec<CertificateDer<'static>>> {
+        self.certs.read().unwrap().clone()
     }
 
     /// Verifies a workload certificate chain (usable for both client and server auth) at `now`, and returns

@@ -110,7 +110,8 @@ impl Lab {
             }
             return self.wait_pushed(&version, &ready, since);
         }
-        let generation = |n: &Node| -> Option<u64> { n.config_dump().ok()?["configSource"]["generation"].as_u64() };
+        let generation =
+            |n: &Node| -> Option<u64> { n.config_dump().ok()?["ambit"]["configSource"]["generation"].as_u64() };
         let before: Vec<Option<u64>> = self.nodes.iter().map(|n| n.ztunnel.as_ref().and(generation(n))).collect();
         change(&mut self.workloads.lock().unwrap(), &mut self.mesh.lock().unwrap());
         self.write_workloads()?;
@@ -119,11 +120,11 @@ impl Lab {
             let refused =
                 wait_for(&format!("{}'s ztunnel to load the new config", n.name), Duration::from_secs(10), || {
                     let dump = n.config_dump().ok()?;
-                    let error = &dump["configSource"]["lastError"];
+                    let error = &dump["ambit"]["configSource"]["lastError"];
                     if !error.is_null() {
                         return Some(Some(error.to_string()));
                     }
-                    (dump["configSource"]["generation"].as_u64()? > before).then_some(None)
+                    (dump["ambit"]["configSource"]["generation"].as_u64()? > before).then_some(None)
                 })?;
             if let Some(e) = refused {
                 anyhow::bail!("{}'s ztunnel refused the config: {e}", n.name);
