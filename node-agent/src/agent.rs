@@ -660,6 +660,7 @@ impl Agent {
             CniCommand::Check => self.check(&req).await.map(|_| Outcome::Ok),
             CniCommand::Status => self.status().map(|_| Outcome::Ok),
             CniCommand::Gc => self.gc(&req).await.map(|_| Outcome::Ok),
+            CniCommand::Repair => self.repair(&req).await.map(|_| Outcome::Ok),
         };
         let outcome = match &result {
             Ok(Outcome::Enrolled) => {
@@ -830,6 +831,29 @@ impl Agent {
             return Err(EnrolError::RulesMissing(netns_path));
         }
         self.status()
+    }
+
+    /// Reinstalls a held pod's rules and routing as the agent would install them now, replacing whatever is
+    /// there (rules edited or removed by hand). The pod's enrolment does not change.
+    async fn repair(&self, req: &Request) -> Result<(), EnrolError> {
+        let uid = match req.pod.uid.as_str() {
+            "" => {
+                self.core.lock().unwrap().node.uid_of(&req.pod.namespace, &req.pod.name).ok_or(EnrolError::NotHeld)?
+            }
+            uid => uid.to_string(),
+        };
+        let _guard = self.lock_pod(&uid).await;
+        let held = self.core.lock().unwrap().node.pod(&uid).map(|p| p.record.clone());
+        let record = held.ok_or(EnrolError::NotHeld)?;
+        let netns = PodNetns::open(&record.netns_path)?;
+        let (backend, cfg) = (self.backend, record.inpod_config());
+        netns.run(move || rules::repair_pod(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
+            pod: format!("{}/{}", record.namespace, record.name),
+            netns: record.netns_path.clone(),
+            source: Box::new(source),
+        })?;
+        info!(pod = %format!("{}/{}", record.namespace, record.name), %uid, "rules reinstalled on request (debug --repair)");
+        Ok(())
     }
 
     fn status(&self) -> Result<(), EnrolError> {

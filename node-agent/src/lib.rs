@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod cniserver;
 pub mod config;
+pub mod debug;
 pub mod enrol;
 pub mod enrolment;
 pub mod error;

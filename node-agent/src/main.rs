@@ -40,6 +40,45 @@ enum Cmd {
     /// take ambit-cni out of the CNI config and the bin dir, and remove the node's probe rules. An agent
     /// restart or upgrade never does this; run it when Ambit is being removed from the node.
     Uninstall,
+    /// Debug capture: is a pod really captured, and if not, why? Changes nothing unless `--repair` is given.
+    /// Exit codes: 0 as it should be, 3 not captured, 4 cannot tell, 5 captured but the node is degraded.
+    Debug {
+        #[command(subcommand)]
+        what: DebugCmd,
+        /// Output: `text` (default) or `json`.
+        #[arg(short = 'o', long, default_value = "text", global = true)]
+        output: Output,
+        /// ztunnel's admin endpoint, when it is not found by itself (loopback listeners of a `ztunnel` process).
+        #[arg(long, global = true)]
+        ztunnel_admin: Option<std::net::SocketAddr>,
+        /// The bound on each check, in milliseconds.
+        #[arg(long, default_value_t = 2000, global = true)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCmd {
+    /// One pod: enrolment, rules against what the agent installs, routing, sockets, ztunnel's view, and probes
+    /// that prove capture without sending traffic off the node.
+    Pod {
+        /// NAMESPACE/NAME, a pod UID, or a netns path.
+        pod: ambit_agent::debug::Target,
+        /// Ask the agent to reinstall the pod's expected rules and routing, then check again.
+        #[arg(long)]
+        repair: bool,
+        /// Skip the active probes.
+        #[arg(long)]
+        no_probe: bool,
+    },
+    /// Every pod the agent holds, one verdict each, and the node's CNI config, plugin, agent and ztunnel.
+    Node,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +107,44 @@ fn main() -> anyhow::Result<()> {
     match args.cmd {
         None | Some(Cmd::Run) => rt.block_on(run(config, args.config)),
         Some(Cmd::Uninstall) => rt.block_on(ambit_agent::agent::uninstall(&config)),
+        Some(Cmd::Debug { what, output, ztunnel_admin, timeout_ms }) => {
+            let opts = ambit_agent::debug::inspect::Options {
+                config,
+                ztunnel_admin,
+                timeout: std::time::Duration::from_millis(timeout_ms.max(1)),
+                probe: !matches!(what, DebugCmd::Pod { no_probe: true, .. }),
+            };
+            let code = rt.block_on(debug(what, output, &opts));
+            // Threads stuck in a netns (a hung tool) must not keep the process: the answer is out.
+            std::process::exit(code)
+        }
+    }
+}
+
+async fn debug(what: DebugCmd, output: Output, opts: &ambit_agent::debug::inspect::Options) -> i32 {
+    use ambit_agent::debug::{self, inspect};
+    let print = |text: String, value: serde_json::Value| match output {
+        Output::Text => print!("{text}"),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+    };
+    match what {
+        DebugCmd::Pod { pod, repair, .. } => {
+            let mut report = inspect::pod(&pod, opts).await;
+            if repair {
+                let done = inspect::repair(opts, &report.pod).await;
+                if done.ok {
+                    report = inspect::pod(&pod, opts).await;
+                }
+                report.repair = Some(done);
+            }
+            print(debug::render_pod(&report), serde_json::to_value(&report).unwrap_or_default());
+            report.exit_code()
+        }
+        DebugCmd::Node => {
+            let report = inspect::node(opts).await;
+            print(debug::render_node(&report), serde_json::to_value(&report).unwrap_or_default());
+            report.exit_code()
+        }
     }
 }
 

@@ -43,6 +43,9 @@ pub enum Command {
     Status,
     /// The runtime lists the attachments that are still valid; everything else may go.
     Gc,
+    /// Not from a runtime: `ambit-agent debug pod --repair` asks the agent to reinstall a pod's expected rules
+    /// and routing (the pod, by UID or namespace and name, must be one the agent holds).
+    Repair,
 }
 
 /// The pod a request is about, as the runtime named it in `CNI_ARGS`.
@@ -219,7 +222,8 @@ mod props {
             Just(Command::Del),
             Just(Command::Check),
             Just(Command::Status),
-            Just(Command::Gc)
+            Just(Command::Gc),
+            Just(Command::Repair)
         ]
     }
 

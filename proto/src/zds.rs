@@ -20,6 +20,9 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE (mTLS) port inside every enrolled pod netns.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
+/// The destination port of `ambit-agent debug`'s outbound probe (sent to the pod's gateway, the node). Ambit's
+/// ztunnel closes such a connection once accepted, without dialing anywhere: the probe only proves capture.
+pub const DEBUG_PROBE_PORT: u16 = 15007;
 
 impl WorkloadRequest {
     /// A request that adds a pod; its netns fd (and listener fds, if any) travel beside it.

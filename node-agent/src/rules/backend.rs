@@ -37,7 +37,8 @@ impl std::fmt::Display for Backend {
     }
 }
 
-fn tool(flavor: Flavor, family: Family, what: &str) -> String {
+/// The iptables tool of a flavour and family (`iptables-nft-save`, `ip6tables-legacy-restore`, …).
+pub fn tool(flavor: Flavor, family: Family, what: &str) -> String {
     let base = if family == Family::V4 { "iptables" } else { "ip6tables" };
     let fl = match flavor {
         Flavor::Legacy => "legacy",
@@ -85,6 +86,14 @@ impl Backend {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Replaces a pod's rules with the expected ones (see [`super::repair_pod`]).
+    pub fn repair_pod(self, cfg: InpodConfig) -> Result<(), ApplyError> {
+        match self {
+            Backend::Nftables => apply::nft_run(&nft::nft_replace_script(cfg)),
+            Backend::Iptables(_) => self.install_pod(cfg),
         }
     }
 

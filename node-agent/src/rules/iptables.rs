@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use super::{CONNMARK, Family, MARK_MASK, ZTUNNEL_MARK};
+use super::{CONNMARK, DEBUG_PROBE_MARK, Family, MARK_MASK, ZTUNNEL_MARK};
 
 /// Ambit's chain hooked from PREROUTING (mangle and nat).
 pub const PRERT: &str = "AMBIT_PRERT";
@@ -170,7 +170,7 @@ pub fn host_restore(f: Family, existing: &Existing) -> String {
     }
     let _ = writeln!(
         s,
-        "-A {POSTRT} -p tcp -m owner --socket-exists -m set --match-set {} dst -j SNAT --to-source {}",
+        "-A {POSTRT} -p tcp -m mark ! --mark {DEBUG_PROBE_MARK:#x}/{MARK_MASK:#x} -m owner --socket-exists -m set --match-set {} dst -j SNAT --to-source {}",
         probe_ipset(f),
         f.probe_snat()
     );

@@ -28,6 +28,10 @@ pub const ZTUNNEL_MARK: u32 = 0x539;
 pub const MARK_MASK: u32 = 0xfff;
 /// Connmark of connections ztunnel opened to the app.
 pub const CONNMARK: u32 = 0x111;
+/// Mark of `ambit-agent debug`'s inbound probe from the node: the node's probe SNAT leaves it alone, so it
+/// reaches the pod as any client's connection does and takes the captured inbound path. Marks do not cross
+/// into the pod's netns.
+pub const DEBUG_PROBE_MARK: u32 = 0x53a;
 /// Routing table that delivers marked replies locally.
 pub const ROUTE_TABLE: u32 = 100;
 /// Priority of the policy routing rule.
@@ -133,6 +137,15 @@ pub enum RuleError {
 /// Installs a pod's rules and routing in the calling thread's netns (idempotent).
 pub fn install_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
     backend.install_pod(cfg)?;
+    routing::install(cfg)?;
+    Ok(())
+}
+
+/// Reinstalls a pod's rules and routing in the calling thread's netns, replacing what is there: for nftables
+/// the whole table in one transaction (chains added by hand go too), for iptables Ambit's chains rewritten and
+/// missing jumps added.
+pub fn repair_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
+    backend.repair_pod(cfg)?;
     routing::install(cfg)?;
     Ok(())
 }

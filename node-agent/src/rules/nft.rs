@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use super::{CONNMARK, Family, InpodConfig, MARK_MASK, NFT_TABLE, ROUTE_TABLE, ZTUNNEL_MARK};
+use super::{CONNMARK, DEBUG_PROBE_MARK, Family, InpodConfig, MARK_MASK, NFT_TABLE, ROUTE_TABLE, ZTUNNEL_MARK};
 
 /// Only a connection's first segment is redirected. Connections that were open before the pod was enrolled
 /// are picked up by conntrack mid-stream once rules exist; redirecting those would reset them.
@@ -131,7 +131,7 @@ pub fn probe_set(f: Family) -> &'static str {
 ///
 /// A connection the node itself originates (source address local to the node — the kubelet's probes, unlike
 /// forwarded pod traffic) to an enrolled pod is SNATed to 169.254.7.127 (or the IPv6 twin), which the pod's
-/// rules let through uncaptured.
+/// rules let through uncaptured. `ambit-agent debug`'s marked inbound probe is left alone.
 pub fn host_apply_script(ips: &[IpAddr]) -> String {
     let mut s = String::new();
     let w = &mut s;
@@ -151,7 +151,7 @@ pub fn host_apply_script(ips: &[IpAddr]) -> String {
     for f in [Family::V4, Family::V6] {
         let _ = writeln!(
             w,
-            "    meta l4proto tcp fib saddr type local {} daddr @{} snat {} to {}",
+            "    meta l4proto tcp meta mark & {MARK_MASK:#x} != {DEBUG_PROBE_MARK:#x} fib saddr type local {} daddr @{} snat {} to {}",
             sel(f),
             probe_set(f),
             sel(f),

@@ -57,6 +57,11 @@ fn route(pod: &PodCtx, snap: &Snapshot, dst: SocketAddr) -> Result<Route, (NoUps
 /// Handles one captured outbound connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
+    if dst.port() == ambit_proto::zds::DEBUG_PROBE_PORT {
+        // `ambit-agent debug` checking capture: being accepted here was the answer; nothing is dialed.
+        debug!(pod = %pod.name(), %peer, %dst, "capture probe answered");
+        return;
+    }
     let snap = pod.ctx.state.snapshot();
     let src = Peer { workload: pod.workload(&snap), identity: Some(pod.identity.clone()), service: None };
     let route = route(&pod, &snap, dst);

@@ -30,6 +30,11 @@ fn plaintext_from_mesh(pod: &PodCtx, w: &Workload, peer: SocketAddr) {
 /// Handles one captured inbound plaintext connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
+    if dst.port() == ambit_proto::zds::DEBUG_PROBE_PORT {
+        // `ambit-agent debug` checking inbound capture: being accepted here was the answer.
+        tracing::debug!(pod = %pod.name(), %peer, %dst, "capture probe answered");
+        return;
+    }
     let snap = pod.ctx.state.snapshot();
     let me = pod.workload(&snap);
     let service = me.as_ref().and_then(|w| snap.inbound_service(w, dst.port()));

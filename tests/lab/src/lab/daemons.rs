@@ -69,6 +69,21 @@ impl Lab {
         Ok(text)
     }
 
+    /// Runs `ambit-agent debug <args>` on node `i` with the node's agent config; returns its exit code and stdout.
+    pub fn debug(&self, i: usize, args: &[&str]) -> anyhow::Result<(i32, String)> {
+        let node = &self.nodes[i];
+        let out = node
+            .netns
+            .command(binary("ambit-agent"))
+            .arg("--config")
+            .arg(node.dir.join("agent.yaml"))
+            .arg("debug")
+            .args(args)
+            .output()?;
+        let code = out.status.code().ok_or_else(|| anyhow::anyhow!("ambit-agent debug killed: {:?}", out.status))?;
+        Ok((code, String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)))
+    }
+
     /// Waits until node `i`'s agent reports ready (plugin installed, a ztunnel connected).
     pub fn wait_agent_ready(&self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];

@@ -73,6 +73,8 @@ pub struct LabConfig {
     /// ztunnels get certificates and workloads from the lab's control plane (istiod's protocols); off, each
     /// reads the mesh file and holds the CA key itself (`LOCAL_XDS_PATH` and the local file CA).
     pub control_plane: bool,
+    /// The agents' rule backend: `nftables` (the default) or `iptables` (with the node's flavour).
+    pub rule_backend: String,
 }
 
 impl Default for LabConfig {
@@ -88,6 +90,7 @@ impl Default for LabConfig {
             runtime: false,
             dual_stack: false,
             control_plane: true,
+            rule_backend: "nftables".into(),
         }
     }
 }

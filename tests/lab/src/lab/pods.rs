@@ -61,6 +61,7 @@ impl Lab {
             "sweepIntervalMs": 1000,
             "standalone": {"enrolledNamespaces": self.config.enrolled_namespaces, "pods": pods},
             "mode": if self.config.kubernetes { "kubernetes" } else { "standalone" },
+            "ruleBackend": self.config.rule_backend,
             "kubernetes": {"kubeconfig": self.kube.as_ref().map(|k| k.kubeconfig.clone())},
             "install": {
                 "cniBinDir": n.dir.join("cni-bin"),
