@@ -542,7 +542,11 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
                 continue;
             }
             if std::fs::read_to_string(p.path().join("comm")).map(|c| c.trim() == "ztunnel").unwrap_or(false) {
-                if inode(&p.path().join("ns/net")) == own { here.push(pid) } else { elsewhere.push(pid) }
+                if inode(&p.path().join("ns/net")) == own {
+                    here.push(pid)
+                } else if serves_our_agent(&p.path(), &o.config.zds_socket) {
+                    elsewhere.push(pid)
+                }
             }
         }
     }
@@ -588,6 +592,20 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
     out
 }
 
+/// Whether the ztunnel process at `proc_dir` (in another netns: a ztunnel pod) talks to this agent: its
+/// `INPOD_UDS` (Istio's default when unset), seen through its own root, is our ZDS socket.
+fn serves_our_agent(proc_dir: &Path, zds_socket: &Path) -> bool {
+    let environ = std::fs::read(proc_dir.join("environ")).unwrap_or_default();
+    let uds = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"INPOD_UDS="))
+        .map(|v| PathBuf::from(String::from_utf8_lossy(v).to_string()))
+        .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+    let theirs = proc_dir.join("root").join(uds.strip_prefix("/").unwrap_or(&uds));
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(&theirs).is_some() && id(&theirs) == id(zds_socket)
+}
+
 fn get_dump(addr: SocketAddr, timeout: Duration) -> Result<Value, String> {
     let (status, body) = http_get(addr, "/config_dump", timeout)?;
     if status != 200 {
@@ -615,7 +633,8 @@ fn ztunnel_view(dumps: &[ZtunnelDump], id: &PodId) -> Ztunnel {
         let istio = dump.get("ambit").is_none();
         let states = dump["workloadState"].as_object().cloned().unwrap_or_default();
         let entry = states.get(&id.uid).cloned().or_else(|| {
-            (!id.name.is_empty())
+            // Without a UID (a netns the agent has no record of), by name.
+            (id.uid.is_empty() && !id.name.is_empty())
                 .then(|| {
                     states.values().find(|s| {
                         s["info"]["name"] == id.name.as_str() && s["info"]["namespace"] == id.namespace.as_str()
