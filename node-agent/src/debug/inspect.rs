@@ -93,15 +93,16 @@ fn inode(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// Every netns on the node that has a path: the runtime's bind mounts and every process's.
-fn netns_candidates() -> Vec<PathBuf> {
+/// Every netns on the node that has a path: the runtime's bind mounts and every process's (`proc`: the host's
+/// /proc, which is `/host/proc` in the agent's pod).
+fn netns_candidates(proc: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for dir in ["/var/run/netns", "/run/netns"] {
         if let Ok(entries) = std::fs::read_dir(dir) {
             v.extend(entries.flatten().map(|e| e.path()));
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/proc") {
+    if let Ok(entries) = std::fs::read_dir(proc) {
         for e in entries.flatten() {
             if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 v.push(e.path().join("ns/net"));
@@ -112,12 +113,12 @@ fn netns_candidates() -> Vec<PathBuf> {
 }
 
 /// Finds the netns with inode `ino` among the node's netns paths.
-fn netns_by_inode(ino: u64) -> Option<PathBuf> {
-    netns_candidates().into_iter().find(|p| inode(p) == Some(ino))
+fn netns_by_inode(proc: &Path, ino: u64) -> Option<PathBuf> {
+    netns_candidates(proc).into_iter().find(|p| inode(p) == Some(ino))
 }
 
 /// Which pod the target names, and the agent's record of it.
-fn locate(target: &Target, records: &[PodRecord]) -> (PodId, Option<PodRecord>) {
+fn locate(target: &Target, records: &[PodRecord], proc: &Path) -> (PodId, Option<PodRecord>) {
     let record = match target {
         Target::Name { namespace, name } => records.iter().find(|r| &r.namespace == namespace && &r.name == name),
         Target::Uid(uid) => records.iter().find(|r| &r.uid == uid),
@@ -139,7 +140,7 @@ fn locate(target: &Target, records: &[PodRecord]) -> (PodId, Option<PodRecord>) 
             if current.is_some() && (r.netns_inode == 0 || current == Some(r.netns_inode)) {
                 id.netns = Some(r.netns_path.clone());
                 id.found_by = "agent record".into();
-            } else if let Some(p) = (r.netns_inode != 0).then(|| netns_by_inode(r.netns_inode)).flatten() {
+            } else if let Some(p) = (r.netns_inode != 0).then(|| netns_by_inode(proc, r.netns_inode)).flatten() {
                 id.netns = Some(p);
                 id.found_by = "agent record, netns found by inode".into();
             } else {
@@ -274,12 +275,12 @@ fn same(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// Which processes hold each socket inode (`comm[pid]`), from `/proc/*/fd`.
-fn socket_holders(inodes: &[u64]) -> HashMap<u64, Vec<String>> {
+fn socket_holders(proc: &Path, inodes: &[u64]) -> HashMap<u64, Vec<String>> {
     let mut out: HashMap<u64, Vec<String>> = HashMap::new();
     if inodes.is_empty() {
         return out;
     }
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    let Ok(procs) = std::fs::read_dir(proc) else { return out };
     for p in procs.flatten() {
         let pid = p.file_name().to_string_lossy().to_string();
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
@@ -495,6 +496,14 @@ struct ZtunnelDump {
     dump: Result<Value, String>,
 }
 
+/// The host's /proc: the agent's `kubernetes.hostProc` in Kubernetes mode (`/host/proc` in its pod).
+fn proc_root(o: &Options) -> PathBuf {
+    match o.config.mode {
+        Mode::Kubernetes => o.config.kubernetes.host_proc.clone(),
+        Mode::Standalone => PathBuf::from("/proc"),
+    }
+}
+
 fn own_netns_inode() -> Option<u64> {
     inode(Path::new("/proc/self/ns/net"))
 }
@@ -511,8 +520,8 @@ fn socket_inodes(proc_dir: &Path) -> Vec<u64> {
 }
 
 /// The loopback listeners `pid` holds, in the calling thread's netns.
-fn loopback_listeners_of(pid: &str) -> Vec<SocketAddr> {
-    let held = socket_inodes(&Path::new("/proc").join(pid));
+fn loopback_listeners_of(proc_dir: &Path) -> Vec<SocketAddr> {
+    let held = socket_inodes(proc_dir);
     let mut v: Vec<SocketAddr> = tcp_table()
         .into_iter()
         .filter(|e| e.listening && e.local.ip().is_loopback() && held.contains(&e.inode))
@@ -535,7 +544,8 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
     let own = own_netns_inode();
     let mut here = Vec::new();
     let mut elsewhere = Vec::new();
-    if let Ok(procs) = std::fs::read_dir("/proc") {
+    let proc = proc_root(o);
+    if let Ok(procs) = std::fs::read_dir(&proc) {
         for p in procs.flatten() {
             let pid = p.file_name().to_string_lossy().to_string();
             if !pid.bytes().all(|b| b.is_ascii_digit()) {
@@ -553,9 +563,10 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
     let mut out = Vec::new();
     for pid in &here {
         let pid = pid.clone();
+        let dir = proc.join(&pid);
         let found = tokio::task::spawn_blocking(move || {
             let mut v = Vec::new();
-            for addr in loopback_listeners_of(&pid) {
+            for addr in loopback_listeners_of(&dir) {
                 if let Ok(d) = get_dump(addr, timeout) {
                     v.push(ZtunnelDump { who: format!("ztunnel[{pid}] {addr}"), dump: Ok(d) });
                 }
@@ -571,10 +582,10 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
     }
     if out.is_empty() {
         for pid in elsewhere {
-            let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            let p = pid.clone();
+            let dir = proc.join(&pid);
+            let path = dir.join("ns/net");
             let r = in_netns(&path, timeout * 4, move || {
-                loopback_listeners_of(&p).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
+                loopback_listeners_of(&dir).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
             })
             .await;
             match r {
@@ -709,7 +720,7 @@ pub async fn pod(target: &Target, o: &Options) -> PodReport {
     let mut r = PodReport::new(target);
     r.probed = o.probe;
     let records = read_records(&o.config.state_dir);
-    let (mut id, record) = locate(target, &records);
+    let (mut id, record) = locate(target, &records, &proc_root(o));
     let (should, why) = match &record {
         Some(rec) => {
             let (should, why) = policy(o, &id).await;
@@ -751,7 +762,7 @@ pub async fn pod(target: &Target, o: &Options) -> PodReport {
                     )),
                     Err(e) => Check::fail(format!("cannot read: {e}")),
                 });
-                let holders = socket_holders(&facts.sockets.iter().map(|s| s.inode).collect::<Vec<_>>());
+                let holders = socket_holders(&proc_root(o), &facts.sockets.iter().map(|s| s.inode).collect::<Vec<_>>());
                 r.sockets = facts
                     .sockets
                     .iter()
