@@ -344,6 +344,15 @@ pub fn exit_code(v: Verdict, degraded: bool) -> i32 {
 pub fn judge(r: &mut PodReport) {
     let mut reasons = Vec::new();
     let verdict = verdict(r, &mut reasons);
+    // A probe's failure says what the drift does, whatever the verdict's first reason.
+    for (what, probe) in [("outbound", &r.probe_outbound), ("inbound", &r.probe_inbound)] {
+        if let Some(c) = probe.as_ref().filter(|c| !c.ok) {
+            let line = format!("the {what} probe was not captured: {}", c.detail);
+            if !reasons.contains(&line) {
+                reasons.push(line);
+            }
+        }
+    }
     if !r.agent.up {
         reasons.push(format!(
             "the agent is down ({}): new pods are not enrolled and drift is not repaired",

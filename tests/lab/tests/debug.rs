@@ -107,6 +107,7 @@ fn rules_edited_or_removed_by_hand_are_shown_and_repaired() {
     assert_eq!(r["probeOutbound"]["ok"], false, "the accept rule lets the probe out uncaptured: {r:#}");
     let (_, text) = lab.debug(0, &["pod", &full(&pod)]).unwrap();
     assert!(text.contains("              + meta l4proto tcp accept"), "{text}");
+    println!("{text}");
 
     let (code, r) = debug_pod(&lab, 0, &full(&pod), &["--repair"]);
     assert_eq!((code, r["verdict"].as_str()), (OK, Some("captured")), "{r:#}");
