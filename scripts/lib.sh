@@ -40,6 +40,26 @@ ensure_kubernetes_tier() {
     fi
     AMBIT_KUBE_APISERVER="$("$(ambit_root)/scripts/kube-apiserver")"
     export AMBIT_KUBE_APISERVER
+    AMBIT_KUBECTL="$(ensure_kubectl)"
+    export AMBIT_KUBECTL
+}
+
+# Debian's kubectl (kubernetes-client, 1.20, kustomize built in), the client that matches the API server: a
+# newer kubectl cannot discover a 1.20 server's API groups. Unpacked into the cache, not installed, so it never
+# replaces a kubectl the machine already has.
+ensure_kubectl() {
+    local cache="${AMBIT_CACHE:-/var/cache/ambit}"
+    local bin="$cache/kubectl-v1.20.2"
+    if [ ! -x "$bin" ]; then
+        local work
+        work=$(mktemp -d)
+        (cd "$work" && apt-get download kubernetes-client >/dev/null 2>&1 || { apt-get update -qq >/dev/null && apt-get download kubernetes-client >/dev/null; }) \
+            && dpkg -x "$work"/kubernetes-client_*.deb "$work/x" \
+            && mkdir -p "$cache" && install -m 0755 "$work/x/usr/bin/kubectl" "$bin.tmp" && mv "$bin.tmp" "$bin"
+        rm -rf "$work"
+    fi
+    [ -x "$bin" ] || { echo "could not get Debian's kubectl (kubernetes-client)" >&2; exit 1; }
+    echo "$bin"
 }
 
 # The runtime tier: containerd and runc from Debian, and what builds the test images.

@@ -347,27 +347,40 @@ fn the_agent_uninstalls_only_when_its_daemonset_goes() {
 
 #[test]
 fn the_deploy_manifests_are_accepted_by_the_api_server() {
-    use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-
     let lab = Lab::start(LabConfig { kubernetes: true, nodes: 1, start_daemons: false, ..Default::default() }).unwrap();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
-    files.sort();
-    let mut docs = Vec::new();
-    for f in &files {
-        for doc in std::fs::read_to_string(f).unwrap().split("\n---") {
-            let v: serde_json::Value = serde_yaml_ng::from_str(doc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            if !v.is_null() {
-                docs.push((f.clone(), v));
-            }
-        }
-    }
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    // Debian's kubectl 1.20 (scripts/test unpacks it): a newer one cannot discover this API server's groups.
+    let kubectl_bin = std::env::var("AMBIT_KUBECTL").unwrap_or_else(|_| "/var/cache/ambit/kubectl-v1.20.2".into());
+    let kubectl = |args: &[&str]| -> String {
+        // From the node (the API server is on the lab's fabric), with a discovery cache of this lab's own: every
+        // lab's API server has the same address.
+        let out = lab.nodes[0]
+            .netns
+            .command(&kubectl_bin)
+            .arg("--kubeconfig")
+            .arg(&lab.kube().kubeconfig)
+            .arg("--cache-dir")
+            .arg(lab.dir.join("kubectl-cache"))
+            .args(args)
+            .output()
+            .expect("kubectl runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "kubectl {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    // The base, as kustomize renders it.
+    let base = deploy.join("kubernetes").display().to_string();
+    let docs: Vec<serde_json::Value> = kubectl(&["kustomize", &base])
+        .split("\n---")
+        .map(|d| serde_yaml_ng::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect();
     assert!(docs.len() >= 10, "expected the whole deployment, found {} objects", docs.len());
     // The agent's config in the ConfigMap is one the agent accepts, and ztunnel's environment one ztunnel accepts.
-    let cm = docs.iter().find(|(_, v)| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ambit-node").unwrap();
-    ambit_agent::config::Config::parse(cm.1["data"]["agent.yaml"].as_str().unwrap()).unwrap();
-    let zt = docs.iter().find(|(_, v)| v["kind"] == "DaemonSet" && v["metadata"]["name"] == "ztunnel").unwrap();
-    let env: std::collections::HashMap<String, String> = zt.1["spec"]["template"]["spec"]["containers"][0]["env"]
+    let cm = docs.iter().find(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ambit-node").unwrap();
+    ambit_agent::config::Config::parse(cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    let zt = docs.iter().find(|v| v["kind"] == "DaemonSet" && v["metadata"]["name"] == "ztunnel").unwrap();
+    let env: std::collections::HashMap<String, String> = zt["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array()
         .unwrap()
         .iter()
@@ -377,49 +390,39 @@ fn the_deploy_manifests_are_accepted_by_the_api_server() {
     // ztunnel runs on istiod: certificates from its CA with a projected token, no CA key on any node.
     assert!(zc.local_ca.is_none() && zc.local_xds_path.is_none(), "{env:?}");
     assert_eq!(zc.xds_address.as_deref(), Some("https://istiod.istio-system.svc:15012"));
-    let volumes = &zt.1["spec"]["template"]["spec"]["volumes"];
+    let volumes = &zt["spec"]["template"]["spec"]["volumes"];
     assert!(volumes.to_string().contains("\"audience\":\"istio-ca\""), "no projected istio-ca token: {volumes}");
     assert!(volumes.to_string().contains("istio-ca-root-cert"), "{volumes}");
-    for (f, v) in &docs {
-        assert!(v["kind"] != "Secret" && !v.to_string().contains("ca-key"), "{} hands out a CA key", f.display());
+    for v in &docs {
+        assert!(v["kind"] != "Secret" && !v.to_string().contains("ca-key"), "{v} hands out a CA key");
     }
 
-    let created = lab
-        .kube()
-        .run(move |c| async move {
-            let mut created = Vec::new();
-            for (file, v) in docs {
-                let obj: DynamicObject = serde_json::from_value(v.clone()).unwrap();
-                let tm = obj.types.clone().unwrap();
-                let gvk = kube::api::GroupVersionKind::try_from(&tm).unwrap();
-                // The kinds a deployment uses, with their plural and scope (no discovery: the API server is old).
-                let (plural, namespaced) = match tm.kind.as_str() {
-                    "Namespace" => ("namespaces", false),
-                    "ClusterRole" => ("clusterroles", false),
-                    "ClusterRoleBinding" => ("clusterrolebindings", false),
-                    "ServiceAccount" => ("serviceaccounts", true),
-                    "Role" => ("roles", true),
-                    "RoleBinding" => ("rolebindings", true),
-                    "ConfigMap" => ("configmaps", true),
-                    "DaemonSet" => ("daemonsets", true),
-                    other => panic!("{}: unexpected kind {other}", file.display()),
-                };
-                let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
-                let api: Api<DynamicObject> = if namespaced {
-                    Api::namespaced_with(c.clone(), obj.metadata.namespace.as_deref().unwrap_or("default"), &ar)
-                } else {
-                    Api::all_with(c.clone(), &ar)
-                };
-                api.create(&PostParams::default(), &obj)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {} {:?} refused: {e}", file.display(), tm.kind, obj.metadata.name));
-                created.push(format!("{}/{}", tm.kind, obj.metadata.name.unwrap_or_default()));
-            }
-            created
-        })
-        .unwrap();
-    assert!(
-        created.iter().any(|c| c == "DaemonSet/ambit-node") && created.iter().any(|c| c == "DaemonSet/ztunnel"),
-        "{created:?}"
-    );
+    // `kubectl apply -k` creates all of it.
+    let applied = kubectl(&["apply", "-k", &base]);
+    for what in ["namespace/ambit-system", "daemonset.apps/ambit-node", "daemonset.apps/ztunnel"] {
+        assert!(applied.contains(&format!("{what} created")), "{applied}");
+    }
+
+    // The overlay for a cluster running istiod: Istio's names, nothing of istio-system's own touched.
+    let overlay = deploy.join("overlays/istiod").display().to_string();
+    let rendered = kubectl(&["kustomize", &overlay]);
+    let docs: Vec<serde_json::Value> = rendered
+        .split("\n---")
+        .map(|d| serde_yaml_ng::from_str(d).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect();
+    assert!(docs.iter().all(|v| v["kind"] != "Namespace"), "the overlay must not own istio-system: {rendered}");
+    for v in docs.iter().filter(|v| v["metadata"]["namespace"].is_string()) {
+        assert_eq!(v["metadata"]["namespace"], "istio-system", "{v}");
+    }
+    let cm = docs.iter().find(|v| v["kind"] == "ConfigMap").unwrap();
+    let agent = ambit_agent::config::Config::parse(cm["data"]["agent.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(agent.install.plugin_config["agent_namespace"], "istio-system");
+    let binding = docs.iter().find(|v| v["kind"] == "ClusterRoleBinding").unwrap();
+    assert_eq!(binding["subjects"][0]["namespace"], "istio-system", "{binding}");
+    kubectl(&["create", "namespace", "istio-system"]);
+    let applied = kubectl(&["apply", "-k", &overlay]);
+    assert!(applied.contains("daemonset.apps/ztunnel created"), "{applied}");
+    let sa = kubectl(&["get", "serviceaccount", "-n", "istio-system", "ztunnel", "-o", "name"]);
+    assert_eq!(sa.trim(), "serviceaccount/ztunnel", "istiod trusts istio-system/ztunnel by default");
 }
