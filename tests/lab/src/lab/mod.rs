@@ -4,7 +4,8 @@
 //!   the other nodes' pod CIDRs (10.244.N.0/24) over it;
 //! - a netns per node runs the real `ambit-agent` and `ztunnel` processes and the CNI chain;
 //! - a netns per pod, created as a runtime creates one (`/var/run/netns/…`), gets its interface and IP from
-//!   Debian's `bridge` + `host-local` plugins with `ambit-cni` chained after them, run by [`CniRunner`];
+//!   Debian's `bridge` (or `ptp`, routed, see [`PrimaryCni`]) + `host-local` plugins with `ambit-cni` chained
+//!   after them, run by [`CniRunner`];
 //! - the lab plays istiod: a control plane process ([`crate::controlplane`]) in its own netns on the fabric
 //!   serves istiod's CA and delta xDS from the mesh file the lab writes, and alone holds the mesh's root key;
 //!   with `control_plane: false` every ztunnel reads that file itself and signs with a local copy of the CA
@@ -75,6 +76,41 @@ pub struct LabConfig {
     pub control_plane: bool,
     /// The agents' rule backend: `nftables` (the default) or `iptables` (with the node's flavour).
     pub rule_backend: String,
+    /// The primary CNI: `bridge` (one L2 segment per node) or `ptp` (a routed veth per pod, as Calico-style
+    /// CNIs do), both Debian's with `host-local`. The default comes from `AMBIT_LAB_CNI` (`bridge` when unset),
+    /// so a whole test suite can run on either.
+    pub primary_cni: PrimaryCni,
+}
+
+/// The lab's primary CNI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryCni {
+    /// Debian's `bridge`: every pod of a node on the `cni0` bridge, which is their gateway.
+    Bridge,
+    /// Debian's `ptp`: each pod its own veth, a /32 route to it on the node, the node's side its gateway.
+    Ptp,
+}
+
+impl PrimaryCni {
+    /// `AMBIT_LAB_CNI` (`bridge` or `ptp`), `bridge` when unset.
+    pub fn from_env() -> PrimaryCni {
+        match std::env::var("AMBIT_LAB_CNI").as_deref() {
+            Ok("ptp") => PrimaryCni::Ptp,
+            Ok("bridge") | Ok("") | Err(_) => PrimaryCni::Bridge,
+            Ok(other) => panic!("AMBIT_LAB_CNI={other}: expected bridge or ptp"),
+        }
+    }
+
+    /// The plugin's entry in the conflist, with `ipam`.
+    fn entry(self, ipam: serde_json::Value) -> serde_json::Value {
+        match self {
+            PrimaryCni::Bridge => json!({
+                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                "ipam": ipam,
+            }),
+            PrimaryCni::Ptp => json!({"type": "ptp", "ipMasq": false, "ipam": ipam}),
+        }
+    }
 }
 
 impl Default for LabConfig {
@@ -91,6 +127,7 @@ impl Default for LabConfig {
             dual_stack: false,
             control_plane: true,
             rule_backend: "nftables".into(),
+            primary_cni: PrimaryCni::from_env(),
         }
     }
 }
@@ -359,7 +396,7 @@ impl Lab {
             lab.kube = Some(api);
         }
 
-        for p in ["bridge", "host-local", "loopback", "portmap"] {
+        for p in ["bridge", "ptp", "host-local", "loopback", "portmap"] {
             let target = Path::new("/usr/lib/cni").join(p);
             anyhow::ensure!(
                 target.exists(),
@@ -447,7 +484,7 @@ impl Lab {
         }
         // The node's /opt/cni/bin: Debian's plugins; the agent's installer adds ambit-cni.
         let bin = dir.join("cni-bin");
-        for p in ["bridge", "host-local", "loopback", "portmap"] {
+        for p in ["bridge", "ptp", "host-local", "loopback", "portmap"] {
             std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p))?;
         }
         let netns = Netns::create(&format!("ambit-{}-{name}", self.id))?;
@@ -480,17 +517,12 @@ impl Lab {
         let conflist = json!({
             "cniVersion": "1.0.0",
             "name": "lab",
-            "plugins": [
-                {
-                    "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": ranges,
-                        "routes": routes,
-                        "dataDir": dir.join("ipam"),
-                    }
-                }
-            ]
+            "plugins": [self.config.primary_cni.entry(json!({
+                "type": "host-local",
+                "ranges": ranges,
+                "routes": routes,
+                "dataDir": dir.join("ipam"),
+            }))]
         });
         // The node's ztunnel token (a projected service account token in a cluster), known to the control plane.
         let token = format!("{}{}{}", unique_id(), unique_id(), unique_id());
