@@ -224,3 +224,41 @@ fn iptables_rules_are_compared_and_repaired_too() {
     let (code, r) = debug_pod(&lab, 0, &full(&pod), &["--repair"]);
     assert_eq!((code, r["verdict"].as_str()), (OK, Some("captured")), "{r:#}");
 }
+
+#[test]
+fn a_hung_ztunnel_or_agent_and_a_vanished_netns_get_a_verdict_not_a_hang() {
+    use nix::sys::signal::Signal;
+    let mut lab = lab();
+    let pod = lab.add_pod(0, MESH_NS, "web").unwrap();
+    let gone = lab.add_pod(0, MESH_NS, "gone").unwrap();
+    let quick = ["--timeout-ms", "300"];
+
+    // ztunnel stopped (SIGSTOP): its sockets still complete handshakes in the kernel, but nothing answers.
+    let z = lab.nodes[0].ztunnel.as_ref().unwrap();
+    z.signal(Signal::SIGSTOP).unwrap();
+    let (code, r) = debug_pod(&lab, 0, &full(&pod), &quick);
+    z.signal(Signal::SIGCONT).unwrap();
+    assert_eq!(
+        (code, r["verdict"].as_str(), &r["ztunnel"]["serves"]),
+        (DEGRADED, Some("captured"), &Value::Null),
+        "{r:#}"
+    );
+    assert!(r["ztunnel"]["asked"].to_string().contains("no admin endpoint answered"), "{r:#}");
+
+    // The agent stopped: /readyz and --repair time out.
+    let a = lab.nodes[0].agent.as_ref().unwrap();
+    a.signal(Signal::SIGSTOP).unwrap();
+    let (code, r) = debug_pod(&lab, 0, &full(&pod), &[&quick[..], &["--repair"]].concat());
+    a.signal(Signal::SIGCONT).unwrap();
+    assert_eq!((code, &r["agent"]["up"]), (DEGRADED, &Value::Bool(false)), "{r:#}");
+    assert!(r["repair"]["detail"].as_str().unwrap().contains("did not answer in time"), "{r:#}");
+
+    // A netns gone while the agent was down (no sweep): the record says where it was, nothing is there.
+    lab.kill_agent(0);
+    gone.netns.delete().unwrap();
+    let (code, r) = debug_pod(&lab, 0, "mesh/gone", &[]);
+    assert_eq!((code, r["verdict"].as_str()), (CANNOT_TELL, Some("netns-gone")), "{r:#}");
+    let (code, text) = lab.debug(0, &["node"]).unwrap();
+    assert_eq!(code, CANNOT_TELL, "{text}");
+    assert!(text.contains("mesh/gone") && text.contains("netns gone"), "{text}");
+}
