@@ -566,10 +566,11 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
         let dir = proc.join(&pid);
         let found = tokio::task::spawn_blocking(move || {
             let mut v = Vec::new();
-            for addr in loopback_listeners_of(&dir) {
-                if let Ok(d) = get_dump(addr, timeout) {
-                    v.push(ZtunnelDump { who: format!("ztunnel[{pid}] {addr}"), dump: Ok(d) });
-                }
+            // One admin endpoint per process (Istio's listens on 127.0.0.1 and ::1).
+            if let Some((addr, d)) =
+                loopback_listeners_of(&dir).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
+            {
+                v.push(ZtunnelDump { who: format!("ztunnel[{pid}] {addr}"), dump: Ok(d) });
             }
             if v.is_empty() {
                 v.push(ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err("no admin endpoint answered".into()) });

@@ -262,3 +262,27 @@ fn a_hung_ztunnel_or_agent_and_a_vanished_netns_get_a_verdict_not_a_hang() {
     assert_eq!(code, CANNOT_TELL, "{text}");
     assert!(text.contains("mesh/gone") && text.contains("netns gone"), "{text}");
 }
+
+/// With Istio's ztunnel (same ZDS, same in-pod ports): `debug pod` reads its `/config_dump` and the probes
+/// prove capture the same way. Istio's ztunnel is not built here: give its path.
+#[test]
+#[ignore = "needs Istio's ztunnel binary: AMBIT_PEER_ZTUNNEL=PATH cargo nextest run -p lab --test debug --run-ignored all"]
+fn debug_reads_istios_ztunnel_too() {
+    let path = std::env::var("AMBIT_PEER_ZTUNNEL").expect("AMBIT_PEER_ZTUNNEL: the path of Istio's ztunnel");
+    let lab = Lab::start(LabConfig {
+        enrolled_namespaces: vec![MESH_NS.into()],
+        ztunnel: Some(path.into()),
+        ..Default::default()
+    })
+    .expect("lab starts");
+    let client = lab.add_pod_as(0, MESH_NS, "client", "client").unwrap();
+    let server = lab.add_pod_as(1, MESH_NS, "server", "server").unwrap();
+    let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
+    assert!(reaches(&client, SocketAddr::new(server.ip, APP_PORT)), "{}", lab.logs());
+    let (code, r) = debug_pod(&lab, 0, &full(&client), &[]);
+    assert_eq!((code, r["verdict"].as_str()), (OK, Some("captured")), "{r:#}");
+    assert_eq!((&r["ztunnel"]["istio"], &r["ztunnel"]["serves"]), (&Value::Bool(true), &Value::Bool(true)), "{r:#}");
+    assert_eq!(r["ztunnel"]["identity"], format!("spiffe://cluster.local/ns/{MESH_NS}/sa/client"));
+    let (_, text) = lab.debug(0, &["pod", &full(&client)]).unwrap();
+    println!("{text}");
+}
