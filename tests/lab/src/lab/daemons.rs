@@ -56,32 +56,28 @@ impl Lab {
 
     /// Runs `ambit-agent <args>` once on node `i` (e.g. `uninstall`) with the node's agent config.
     pub fn agent_command(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
-        let node = &self.nodes[i];
-        let out = node
-            .netns
-            .command(binary("ambit-agent"))
-            .arg("--config")
-            .arg(node.dir.join("agent.yaml"))
-            .args(args)
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        anyhow::ensure!(out.status.success(), "ambit-agent {} failed: {text}", args.join(" "));
+        let (code, text) = self.agent_cli(i, args)?;
+        anyhow::ensure!(code == 0, "ambit-agent {} failed: {text}", args.join(" "));
         Ok(text)
     }
 
-    /// Runs `ambit-agent debug <args>` on node `i` with the node's agent config; returns its exit code and stdout.
-    pub fn debug(&self, i: usize, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    /// Runs `ambit-agent <args>` on node `i` with the node's agent config: its exit code, stdout then stderr.
+    fn agent_cli(&self, i: usize, args: &[&str]) -> anyhow::Result<(i32, String)> {
         let node = &self.nodes[i];
         let out = node
             .netns
             .command(binary("ambit-agent"))
             .arg("--config")
             .arg(node.dir.join("agent.yaml"))
-            .arg("debug")
             .args(args)
             .output()?;
-        let code = out.status.code().ok_or_else(|| anyhow::anyhow!("ambit-agent debug killed: {:?}", out.status))?;
+        let code = out.status.code().ok_or_else(|| anyhow::anyhow!("ambit-agent killed: {:?}", out.status))?;
         Ok((code, String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// Runs `ambit-agent debug <args>` on node `i` with the node's agent config; returns its exit code and output.
+    pub fn debug(&self, i: usize, args: &[&str]) -> anyhow::Result<(i32, String)> {
+        self.agent_cli(i, &[&["debug"], args].concat())
     }
 
     /// Waits until node `i`'s agent reports ready (plugin installed, a ztunnel connected).
