@@ -1,5 +1,6 @@
 //! Host-side helpers the node agent and ztunnel share (feature `transport`): the in-pod listening sockets
-//! both may create, the check that a descriptor is a network namespace, and a directory watch.
+//! both may create, the check that a descriptor is a network namespace, a directory watch, and the calling
+//! thread's netns's default gateways.
 
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -158,5 +159,66 @@ mod tests {
         assert!(w.changed(|n| n == Some(OsStr::new("conf"))));
         assert!(!w.changed(|_| true), "drained");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// The default gateways of the calling thread's netns (`/proc/thread-self/net/route` and `ipv6_route`: this
+/// thread's netns, not the process's), IPv4 first. In a pod, that is the node: where `ambit-agent debug`'s
+/// probes go to and come from.
+pub fn default_gateways() -> Vec<std::net::IpAddr> {
+    let mut v = Vec::new();
+    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/route") {
+        v.extend(gateways_v4(&t));
+    }
+    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/ipv6_route") {
+        v.extend(gateways_v6(&t));
+    }
+    v
+}
+
+fn gateways_v4(table: &str) -> Vec<std::net::IpAddr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Destination and mask 0: a default route; its gateway is little-endian hex.
+            if f.get(1) != Some(&"00000000") || f.get(7) != Some(&"00000000") {
+                return None;
+            }
+            let gw = u32::from_str_radix(f.get(2)?, 16).ok().filter(|g| *g != 0)?;
+            Some(std::net::IpAddr::from(gw.swap_bytes().to_be_bytes()))
+        })
+        .collect()
+}
+
+fn gateways_v6(table: &str) -> Vec<std::net::IpAddr> {
+    table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.first() != Some(&"00000000000000000000000000000000") || f.get(1) != Some(&"00") {
+                return None;
+            }
+            let gw = u128::from_str_radix(f.get(4)?, 16).ok().filter(|g| *g != 0)?;
+            Some(std::net::IpAddr::from(gw.to_be_bytes()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod gateway_tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_parse() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0101F40A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(gateways_v4(v4), vec!["10.244.1.1".parse::<std::net::IpAddr>().unwrap()]);
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000244000100000000000000000001 00000400 00000001 00000000 00000003 eth0\n\
+                  fd000244000100000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth0\n";
+        assert_eq!(gateways_v6(v6), vec!["fd00:244:1::1".parse::<std::net::IpAddr>().unwrap()]);
+        assert!(gateways_v4("").is_empty() && gateways_v6("garbage\n\n").is_empty());
     }
 }

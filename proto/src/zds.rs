@@ -20,8 +20,9 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE (mTLS) port inside every enrolled pod netns.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
-/// The destination port of `ambit-agent debug`'s outbound probe (sent to the pod's gateway, the node). Ambit's
-/// ztunnel closes such a connection once accepted, without dialing anywhere: the probe only proves capture.
+/// The port of `ambit-agent debug`'s probes: outbound from a pod to its gateway (the node), inbound from the
+/// node to the pod. Ambit's ztunnel closes such a connection once accepted, without dialing anywhere (the probe
+/// only proves capture); connections to this port from or to anything but the pod's node are proxied as usual.
 pub const DEBUG_PROBE_PORT: u16 = 15007;
 
 impl WorkloadRequest {

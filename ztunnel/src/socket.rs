@@ -59,6 +59,10 @@ pub trait PodSockets: Send + Sync + std::fmt::Debug {
     fn tcp(&self, ipv6: bool) -> std::io::Result<Socket>;
     /// A listener on `port` in the pod's netns.
     fn listener(&self, port: u16, opts: ambit_proto::host::ListenerOptions) -> std::io::Result<Socket>;
+    /// The pod's default gateways (its node), read once when the pod is served.
+    fn gateways(&self) -> Vec<std::net::IpAddr> {
+        Vec::new()
+    }
 }
 
 /// A new TCP socket in the pod's netns, marked so the pod's rules let it through, with Nagle off. It gets no

@@ -397,35 +397,7 @@ fn netns_facts(cfg: InpodConfig) -> NetnsFacts {
         .into_iter()
         .filter(|ip| !ip.is_loopback() && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
         .collect();
-    NetnsFacts { rules, routing, sockets, ips, gateways: default_gateways() }
-}
-
-/// The calling thread's netns's default gateways, IPv4 first.
-fn default_gateways() -> Vec<IpAddr> {
-    let mut v = Vec::new();
-    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/route") {
-        for l in t.lines().skip(1) {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.get(1) == Some(&"00000000")
-                && f.get(7) == Some(&"00000000")
-                && let Some(gw) = f.get(2).and_then(|g| u32::from_str_radix(g, 16).ok()).filter(|g| *g != 0)
-            {
-                v.push(IpAddr::from(gw.swap_bytes().to_be_bytes()));
-            }
-        }
-    }
-    if let Ok(t) = std::fs::read_to_string("/proc/thread-self/net/ipv6_route") {
-        for l in t.lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.first() == Some(&"00000000000000000000000000000000")
-                && f.get(1) == Some(&"00")
-                && let Some(gw) = f.get(4).and_then(|g| u128::from_str_radix(g, 16).ok()).filter(|g| *g != 0)
-            {
-                v.push(IpAddr::from(gw.to_be_bytes()));
-            }
-        }
-    }
-    v
+    NetnsFacts { rules, routing, sockets, ips, gateways: ambit_proto::host::default_gateways() }
 }
 
 /// The outbound probe, on a thread inside the pod's netns.

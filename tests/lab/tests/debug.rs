@@ -70,6 +70,9 @@ fn a_captured_pod_is_proven_captured_by_name_uid_and_netns() {
     // The probes reached ztunnel and nothing else: no connection was dialed for them.
     let log = lab.nodes[0].ztunnel.as_ref().unwrap().log();
     assert!(!log.contains(":15007"), "ztunnel dialed for a probe: {log}");
+    // An app's own traffic on the probe port, between pods, is proxied as any other.
+    let _echo2 = EchoServer::start(&server.netns, SocketAddr::new(server.ip, 15007)).unwrap();
+    assert!(reaches(&client, SocketAddr::new(server.ip, 15007)), "{}", lab.logs());
 
     for target in [client.uid.clone(), client.netns.path().display().to_string()] {
         let (code, r) = debug_pod(&lab, 0, &target, &[]);

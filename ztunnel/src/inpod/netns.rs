@@ -70,4 +70,8 @@ impl crate::socket::PodSockets for InpodNetns {
     fn listener(&self, port: u16, opts: ambit_proto::host::ListenerOptions) -> std::io::Result<socket2::Socket> {
         self.run(|| ambit_proto::host::inpod_listener(port, opts))?
     }
+
+    fn gateways(&self) -> Vec<std::net::IpAddr> {
+        self.run(ambit_proto::host::default_gateways).unwrap_or_default()
+    }
 }

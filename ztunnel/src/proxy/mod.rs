@@ -93,9 +93,20 @@ pub struct PodCtx {
     pub ctx: Arc<ProxyCtx>,
     /// The worker serving it.
     pub worker: tokio::runtime::Handle,
+    /// Its default gateways: its node, from where `ambit-agent debug`'s probes come and to where they go.
+    pub gateways: Vec<std::net::IpAddr>,
 }
 
 impl PodCtx {
+    /// Whether a connection is `ambit-agent debug` checking capture: to [`DEBUG_PROBE_PORT`] on the pod's own
+    /// node (outbound: `remote` is the destination; inbound: the source). Such a connection is answered by
+    /// being accepted; nothing is dialed for it, and nothing else on that port is affected.
+    ///
+    /// [`DEBUG_PROBE_PORT`]: ambit_proto::zds::DEBUG_PROBE_PORT
+    pub fn is_capture_probe(&self, remote: std::net::IpAddr, port: u16) -> bool {
+        port == ambit_proto::zds::DEBUG_PROBE_PORT && self.gateways.contains(&remote)
+    }
+
     /// The pod's workload entry in `snap`, if the workload file has it.
     pub fn workload(&self, snap: &Snapshot) -> Option<Arc<Workload>> {
         snap.local_workload(&self.ctx.cfg.node_name, &self.info.namespace, &self.info.name)
@@ -239,13 +250,14 @@ pub fn start_pod(
         identity: identity.clone(),
         tls_server: Arc::new(tls::server_config(CertStore::resolver(&ctx.certs, identity.clone()), ctx.roots.clone())),
         pool: Pool::new(connector(ctx.clone(), netns.clone()), ctx.cfg.pool_max_streams, ctx.cfg.pool_idle_timeout),
-        netns,
+        netns: netns.clone(),
         drain: Drain::new(),
         listeners: bound.iter().map(|(p, _, h)| (*p, *h)).collect(),
         listener_fds: std::sync::Mutex::new(listener_fds),
         info,
         ctx: ctx.clone(),
         worker: worker.clone(),
+        gateways: netns.gateways(),
     });
     for (port, l, _) in bound {
         ctx.tune(&l);

@@ -57,7 +57,7 @@ fn route(pod: &PodCtx, snap: &Snapshot, dst: SocketAddr) -> Result<Route, (NoUps
 /// Handles one captured outbound connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
-    if dst.port() == ambit_proto::zds::DEBUG_PROBE_PORT {
+    if pod.is_capture_probe(dst.ip(), dst.port()) {
         // `ambit-agent debug` checking capture: being accepted here was the answer; nothing is dialed.
         debug!(pod = %pod.name(), %peer, %dst, "capture probe answered");
         return;

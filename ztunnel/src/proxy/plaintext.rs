@@ -30,7 +30,7 @@ fn plaintext_from_mesh(pod: &PodCtx, w: &Workload, peer: SocketAddr) {
 /// Handles one captured inbound plaintext connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
     let Some(dst) = pod.original_dst(&tcp, peer) else { return };
-    if dst.port() == ambit_proto::zds::DEBUG_PROBE_PORT {
+    if pod.is_capture_probe(peer.ip(), dst.port()) {
         // `ambit-agent debug` checking inbound capture: being accepted here was the answer.
         tracing::debug!(pod = %pod.name(), %peer, %dst, "capture probe answered");
         return;
