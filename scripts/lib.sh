@@ -62,6 +62,14 @@ ensure_kubectl() {
     echo "$bin"
 }
 
+# The cluster tier: the runtime tier's parts, and kubelet, kube-controller-manager and kube-scheduler built once
+# from Debian's source package like the API server (one make for all that are missing; cached).
+ensure_cluster_tier() {
+    ensure_kubernetes_tier
+    ensure_runtime_tier
+    "$(ambit_root)/scripts/kube-build" kubelet kube-controller-manager kube-scheduler >/dev/null
+}
+
 # The runtime tier: containerd and runc from Debian, and what builds the test images.
 ensure_runtime_tier() {
     local missing=()

@@ -43,6 +43,8 @@ pub struct KubeApi {
     dir: PathBuf,
     /// The kubeconfig the agents use.
     pub kubeconfig: PathBuf,
+    /// The cluster tier: ServiceAccount admission on (pods get their tokens), kubelets reached by address.
+    pub cluster: bool,
 }
 
 fn write_keys(dir: &Path) -> anyhow::Result<()> {
@@ -71,7 +73,8 @@ impl KubeApi {
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{API_IP}:{API_PORT}\n    insecure-skip-tls-verify: true\nusers:\n- name: admin\n  user:\n    token: {TOKEN}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: admin}}\ncurrent-context: lab\n"
             ),
         )?;
-        let mut api = KubeApi { netns, etcd: None, apiserver: None, dir: dir.to_path_buf(), kubeconfig };
+        let mut api =
+            KubeApi { netns, etcd: None, apiserver: None, dir: dir.to_path_buf(), kubeconfig, cluster: false };
         api.start_etcd()?;
         api.start_apiserver()?;
         Ok(api)
@@ -113,7 +116,10 @@ impl KubeApi {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--enable-priority-and-fairness=false")
-            .arg("--disable-admission-plugins=ServiceAccount");
+            .arg("--kubelet-preferred-address-types=InternalIP");
+        if !self.cluster {
+            cmd.arg("--disable-admission-plugins=ServiceAccount");
+        }
         self.apiserver = Some(Proc::spawn("kube-apiserver", cmd, &self.dir.join("apiserver.log"))?);
         let apiserver = self.apiserver.as_ref().expect("just set");
         wait_for("the API server to serve", Duration::from_secs(60), || {
@@ -121,6 +127,23 @@ impl KubeApi {
         })
         .with_context(|| apiserver.log().lines().rev().take(30).collect::<Vec<_>>().join("\n"))?;
         Ok(())
+    }
+
+    /// Its netns (controller-manager and scheduler run there).
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// Its directory (keys, certificates, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Restarts the API server for the cluster tier (ServiceAccount admission on).
+    pub fn enable_cluster(&mut self) -> anyhow::Result<()> {
+        self.cluster = true;
+        self.stop_apiserver();
+        self.start_apiserver()
     }
 
     /// Stops the API server (etcd stays): the API becomes unreachable.

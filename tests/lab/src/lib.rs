@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod bench_cp;
 pub mod ca;
+pub mod cluster;
 pub mod cni;
 pub mod controlplane;
 pub mod demo;

@@ -79,11 +79,13 @@ pub struct Containerd {
     uids: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
-/// Removes the pod-level cgroups (`kubepods/besteffort/pod<uid>`) in every hierarchy: the kubelet creates and
+/// Removes the pod-level cgroups (`kubepods[/<qos>]/pod<uid>`) in every hierarchy: the kubelet creates and
 /// removes them, the runtime only the containers' cgroups inside.
 fn remove_pod_cgroups(uid: &str) {
     for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-        let _ = std::fs::remove_dir(h.path().join(format!("kubepods/besteffort/pod{uid}")));
+        for qos in ["kubepods/besteffort", "kubepods/burstable", "kubepods"] {
+            let _ = std::fs::remove_dir(h.path().join(qos).join(format!("pod{uid}")));
+        }
     }
 }
 
@@ -149,6 +151,20 @@ state = "{state}"
     }
 
     /// containerd's log.
+    /// Its CRI socket (what a kubelet is given).
+    pub fn socket(&self) -> &Path {
+        &self.sock
+    }
+
+    /// Imports an OCI archive into the `k8s.io` namespace as `name`.
+    pub fn import(&self, tar: &Path, name: &str) -> anyhow::Result<()> {
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args(["-n", "k8s.io", "images", "import", "--index-name", name])
+            .arg(tar))
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log()).unwrap_or_default()
     }
@@ -260,18 +276,21 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         // Sandboxes first (CNI DEL, shims, mounts), then containerd, then whatever a crash left: shims that name
         // our socket, and mounts under our directory.
+        let mut uids: Vec<String> = self.uids.lock().unwrap().values().cloned().collect();
         if let Ok(list) = self.list() {
             for s in list {
                 let _ = self.stop_pod_sandbox(&s.id);
                 let _ = self.remove_pod_sandbox(&s.id);
+                // A kubelet's sandboxes too (the cluster tier): their pod cgroups are the kubelet's to remove.
+                uids.extend(s.metadata.map(|m| m.uid));
             }
         }
         if let Some(mut p) = self.proc.take() {
             p.stop(Duration::from_secs(5));
         }
         cleanup_runtime_leftovers(&self.dir);
-        for uid in self.uids.lock().unwrap().values() {
-            remove_pod_cgroups(uid);
+        for uid in uids {
+            remove_pod_cgroups(&uid);
         }
     }
 }

@@ -459,18 +459,18 @@ impl Lab {
                 lab.wait_ready(i)?;
                 lab.wait_agent_ready(i)?;
             }
-            if config.runtime {
-                let pause = crate::runtime::build_pause_image(&dir.join("images"))?;
-                for n in &mut lab.nodes {
-                    let c = crate::runtime::Containerd::start(
-                        &n.netns,
-                        &n.dir.join("containerd"),
-                        &n.cni.bin_dir,
-                        &n.cni.conf_dir,
-                        &pause,
-                    )?;
-                    n.containerd = Some(c);
-                }
+        }
+        if config.runtime {
+            let pause = crate::runtime::build_pause_image(&dir.join("images"))?;
+            for n in &mut lab.nodes {
+                let c = crate::runtime::Containerd::start(
+                    &n.netns,
+                    &n.dir.join("containerd"),
+                    &n.cni.bin_dir,
+                    &n.cni.conf_dir,
+                    &pause,
+                )?;
+                n.containerd = Some(c);
             }
         }
         Ok(lab)
