@@ -64,6 +64,11 @@ impl StateStore {
         Ok(StateStore { dir: dir.to_path_buf() })
     }
 
+    /// The records in `dir` as they are, to read (`load_all`): nothing is created.
+    pub fn existing(dir: &Path) -> StateStore {
+        StateStore { dir: dir.to_path_buf() }
+    }
+
     fn path(&self, uid: &str) -> PathBuf {
         // UIDs are Kubernetes UUIDs or container ids; refuse anything that could escape the directory.
         let safe: String =

@@ -12,7 +12,7 @@
 //!   the node's probe SNAT leaves alone ([`DEBUG_PROBE_MARK`]), so it arrives as any client's connection does.
 //!   Captured, it lands on 15006, where the pod's socket table shows it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -78,13 +78,9 @@ where
     }
 }
 
+/// The agent's records, by namespace and name (read as the agent reads them; nothing is created).
 fn read_records(dir: &Path) -> Vec<PodRecord> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<PodRecord> = entries
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
-        .collect();
+    let (mut v, _unreadable) = crate::pods::StateStore::existing(dir).load_all();
     v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     v
 }
@@ -93,8 +89,18 @@ fn inode(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// Every netns on the node that has a path: the runtime's bind mounts and every process's (`proc`: the host's
-/// /proc, which is `/host/proc` in the agent's pod).
+/// Every process under `proc` (the host's /proc, which is `/host/proc` in the agent's pod): its pid and its
+/// directory.
+fn processes(proc: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(proc) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
+        .filter(|(pid, _)| pid.bytes().all(|b| b.is_ascii_digit()))
+        .collect()
+}
+
+/// Every netns on the node that has a path: the runtime's bind mounts and every process's.
 fn netns_candidates(proc: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for dir in ["/var/run/netns", "/run/netns"] {
@@ -102,13 +108,7 @@ fn netns_candidates(proc: &Path) -> Vec<PathBuf> {
             v.extend(entries.flatten().map(|e| e.path()));
         }
     }
-    if let Ok(entries) = std::fs::read_dir(proc) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                v.push(e.path().join("ns/net"));
-            }
-        }
-    }
+    v.extend(processes(proc).into_iter().map(|(_, dir)| dir.join("ns/net")));
     v
 }
 
@@ -280,14 +280,9 @@ fn socket_holders(proc: &Path, inodes: &[u64]) -> HashMap<u64, Vec<String>> {
     if inodes.is_empty() {
         return out;
     }
-    let Ok(procs) = std::fs::read_dir(proc) else { return out };
-    for p in procs.flatten() {
-        let pid = p.file_name().to_string_lossy().to_string();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        for ino in socket_inodes(&p.path()).into_iter().filter(|i| inodes.contains(i)) {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+    for (pid, dir) in processes(proc) {
+        for ino in socket_inodes(&dir).into_iter().filter(|i| inodes.contains(i)) {
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
             let who = format!("{}[{pid}]", comm.trim());
             let list = out.entry(ino).or_default();
             if !list.contains(&who) {
@@ -353,14 +348,6 @@ fn ruleset(backend: Backend, cfg: InpodConfig) -> Result<Vec<String>, String> {
             }
             Ok(v)
         }
-    }
-}
-
-fn backend_name(b: Backend) -> String {
-    match b {
-        Backend::Nftables => "nftables".into(),
-        Backend::Iptables(Flavor::Nft) => "iptables-nft".into(),
-        Backend::Iptables(Flavor::Legacy) => "iptables-legacy".into(),
     }
 }
 
@@ -516,64 +503,42 @@ async fn ztunnel_dumps(o: &Options) -> Vec<ZtunnelDump> {
     let own = own_netns_inode();
     let mut here = Vec::new();
     let mut elsewhere = Vec::new();
-    let proc = proc_root(o);
-    if let Ok(procs) = std::fs::read_dir(&proc) {
-        for p in procs.flatten() {
-            let pid = p.file_name().to_string_lossy().to_string();
-            if !pid.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            if std::fs::read_to_string(p.path().join("comm")).map(|c| c.trim() == "ztunnel").unwrap_or(false) {
-                if inode(&p.path().join("ns/net")) == own {
-                    here.push(pid)
-                } else if serves_our_agent(&p.path(), &o.config.zds_socket) {
-                    elsewhere.push(pid)
-                }
+    for (pid, dir) in processes(&proc_root(o)) {
+        if std::fs::read_to_string(dir.join("comm")).map(|c| c.trim() == "ztunnel").unwrap_or(false) {
+            if inode(&dir.join("ns/net")) == own {
+                here.push((pid, dir))
+            } else if serves_our_agent(&dir, &o.config.zds_socket) {
+                elsewhere.push((pid, dir))
             }
         }
     }
     let mut out = Vec::new();
-    for pid in &here {
-        let pid = pid.clone();
-        let dir = proc.join(&pid);
-        let found = tokio::task::spawn_blocking(move || {
-            let mut v = Vec::new();
-            // One admin endpoint per process (Istio's listens on 127.0.0.1 and ::1).
-            if let Some((addr, d)) =
-                loopback_listeners_of(&dir).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
-            {
-                v.push(ZtunnelDump { who: format!("ztunnel[{pid}] {addr}"), dump: Ok(d) });
-            }
-            if v.is_empty() {
-                v.push(ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err("no admin endpoint answered".into()) });
-            }
-            v
-        })
-        .await
-        .unwrap_or_default();
-        out.extend(found);
+    for (pid, dir) in here {
+        let found = tokio::task::spawn_blocking(move || first_dump(&dir, timeout)).await.ok().flatten();
+        out.push(match found {
+            Some((addr, d)) => ZtunnelDump { who: format!("ztunnel[{pid}] {addr}"), dump: Ok(d) },
+            None => ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err("no admin endpoint answered".into()) },
+        });
     }
     if out.is_empty() {
-        for pid in elsewhere {
-            let dir = proc.join(&pid);
+        for (pid, dir) in elsewhere {
             let path = dir.join("ns/net");
-            let r = in_netns(&path, timeout * 4, move || {
-                loopback_listeners_of(&dir).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
-            })
-            .await;
-            match r {
-                Ok(Some((addr, d))) => {
-                    out.push(ZtunnelDump { who: format!("ztunnel[{pid}] (its netns) {addr}"), dump: Ok(d) })
+            out.push(match in_netns(&path, timeout * 4, move || first_dump(&dir, timeout)).await {
+                Ok(Some((addr, d))) => ZtunnelDump { who: format!("ztunnel[{pid}] (its netns) {addr}"), dump: Ok(d) },
+                Ok(None) => {
+                    ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err("no admin endpoint answered".into()) }
                 }
-                Ok(None) => out.push(ZtunnelDump {
-                    who: format!("ztunnel[{pid}]"),
-                    dump: Err("no admin endpoint answered".into()),
-                }),
-                Err(e) => out.push(ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err(e) }),
-            }
+                Err(e) => ZtunnelDump { who: format!("ztunnel[{pid}]"), dump: Err(e) },
+            });
         }
     }
     out
+}
+
+/// The config dump of the ztunnel at `proc_dir` from the first of its loopback listeners that answers with one,
+/// in the calling thread's netns (one per process: Istio's listens on 127.0.0.1 and ::1).
+fn first_dump(proc_dir: &Path, timeout: Duration) -> Option<(SocketAddr, Value)> {
+    loopback_listeners_of(proc_dir).into_iter().find_map(|addr| get_dump(addr, timeout).ok().map(|d| (addr, d)))
 }
 
 /// Whether the ztunnel process at `proc_dir` (in another netns: a ztunnel pod) talks to this agent: its
@@ -584,7 +549,7 @@ fn serves_our_agent(proc_dir: &Path, zds_socket: &Path) -> bool {
         .split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(b"INPOD_UDS="))
         .map(|v| PathBuf::from(String::from_utf8_lossy(v).to_string()))
-        .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel/ztunnel.sock"));
+        .unwrap_or_else(|| PathBuf::from(ambit_proto::zds::DEFAULT_SOCKET));
     let theirs = proc_dir.join("root").join(uds.strip_prefix("/").unwrap_or(&uds));
     let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     id(&theirs).is_some() && id(&theirs) == id(zds_socket)
@@ -688,12 +653,33 @@ async fn agent_health(o: &Options) -> Agent {
     }
 }
 
+/// What every pod's inspection reads of the node, gathered once per run: the agent's records, its health and
+/// the ztunnels' dumps.
+struct NodeView {
+    records: Vec<PodRecord>,
+    agent: Agent,
+    dumps: Vec<ZtunnelDump>,
+    proc: PathBuf,
+}
+
+async fn node_view(o: &Options) -> NodeView {
+    NodeView {
+        records: read_records(&o.config.state_dir),
+        agent: agent_health(o).await,
+        dumps: ztunnel_dumps(o).await,
+        proc: proc_root(o),
+    }
+}
+
 /// Inspects one pod.
 pub async fn pod(target: &Target, o: &Options) -> PodReport {
+    inspect_pod(target, o, &node_view(o).await).await
+}
+
+async fn inspect_pod(target: &Target, o: &Options, view: &NodeView) -> PodReport {
     let mut r = PodReport::new(target);
     r.probed = o.probe;
-    let records = read_records(&o.config.state_dir);
-    let (mut id, record) = locate(target, &records, &proc_root(o));
+    let (mut id, record) = locate(target, &view.records, &view.proc);
     let (should, why) = match &record {
         Some(rec) => {
             let (should, why) = policy(o, &id).await;
@@ -707,8 +693,7 @@ pub async fn pod(target: &Target, o: &Options) -> PodReport {
         None => policy(o, &id).await,
     };
     r.enrolment = Enrolment { held: record.is_some(), should, why };
-    r.agent = agent_health(o).await;
-    let dumps = ztunnel_dumps(o).await;
+    r.agent = view.agent.clone();
     if let Some(path) = id.netns.clone() {
         let cfg = InpodConfig::for_ips(&id.ips);
         match in_netns(&path, o.timeout * 3, move || netns_facts(cfg)).await {
@@ -735,7 +720,7 @@ pub async fn pod(target: &Target, o: &Options) -> PodReport {
                     )),
                     Err(e) => Check::fail(format!("cannot read: {e}")),
                 });
-                let holders = socket_holders(&proc_root(o), &facts.sockets.iter().map(|s| s.inode).collect::<Vec<_>>());
+                let holders = socket_holders(&view.proc, &facts.sockets.iter().map(|s| s.inode).collect::<Vec<_>>());
                 r.sockets = facts
                     .sockets
                     .iter()
@@ -751,7 +736,7 @@ pub async fn pod(target: &Target, o: &Options) -> PodReport {
             }
         }
     }
-    r.ztunnel = ztunnel_view(&dumps, &id);
+    r.ztunnel = ztunnel_view(&view.dumps, &id);
     r.pod = id;
     super::judge(&mut r);
     r
@@ -761,19 +746,16 @@ async fn compare_rules(o: &Options, id: &PodId, facts: &NetnsFacts) -> Rules {
     let mut rules = Rules::default();
     for (b, lines) in &facts.rules {
         match lines {
-            Ok(l) if !l.is_empty() => rules.found.push(backend_name(*b)),
+            Ok(l) if !l.is_empty() => rules.found.push(b.to_string()),
             Ok(_) => {}
             // A tool that is not installed is a backend that is not in use.
             Err(e) if e.contains("cannot run") => {}
-            Err(e) => rules.error = Some(format!("{}: {e}", backend_name(*b))),
+            Err(e) => rules.error = Some(format!("{b}: {e}")),
         }
     }
-    let backend = BACKENDS
-        .iter()
-        .copied()
-        .find(|b| rules.found.contains(&backend_name(*b)))
-        .unwrap_or_else(|| o.config.backend());
-    rules.backend = backend_name(backend);
+    let backend =
+        BACKENDS.iter().copied().find(|b| rules.found.contains(&b.to_string())).unwrap_or_else(|| o.config.backend());
+    rules.backend = backend.to_string();
     let cfg = InpodConfig::for_ips(&id.ips);
     let expected = in_scratch_netns(o.timeout * 2, move || {
         backend.install_pod(cfg).map_err(|e| e.to_string())?;
@@ -876,11 +858,11 @@ pub async fn repair(o: &Options, pod: &PodId) -> Check {
 
 /// Inspects the node: every pod the agent holds (without probes), the CNI config, the plugin, the agent, ztunnel.
 pub async fn node(o: &Options) -> NodeReport {
-    let records = read_records(&o.config.state_dir);
-    let mut pods = Vec::new();
     let quiet = Options { probe: false, ..o.clone() };
-    for rec in &records {
-        let r = pod(&Target::Uid(rec.uid.clone()), &quiet).await;
+    let view = node_view(&quiet).await;
+    let mut pods = Vec::new();
+    for rec in &view.records {
+        let r = inspect_pod(&Target::Uid(rec.uid.clone()), &quiet, &view).await;
         pods.push(NodePod {
             pod: format!("{}/{}", rec.namespace, rec.name),
             uid: rec.uid.clone(),
@@ -917,10 +899,10 @@ pub async fn node(o: &Options) -> NodeReport {
         Ok(_) => Check::fail(format!("{} is not executable", bin.display())),
         Err(e) => Check::fail(format!("{}: {e}", bin.display())),
     };
-    let ztunnel = ztunnel_dumps(o)
-        .await
-        .into_iter()
-        .map(|d| match d.dump {
+    let ztunnel = view
+        .dumps
+        .iter()
+        .map(|d| match &d.dump {
             Ok(v) => {
                 let served = v["workloadState"].as_object().map_or(0, |m| m.len());
                 match v["ambit"]["inpod"]["ready"].as_bool() {
@@ -932,16 +914,7 @@ pub async fn node(o: &Options) -> NodeReport {
             Err(e) => Check::fail(format!("{}: {e}", d.who)),
         })
         .collect();
-    NodeReport { pods, cni, plugin_binary, agent: agent_health(o).await, ztunnel }
-}
-
-/// Counts of verdicts, for the summary line.
-pub fn summary(pods: &[NodePod]) -> BTreeMap<&'static str, usize> {
-    let mut m = BTreeMap::new();
-    for p in pods {
-        *m.entry(p.verdict.as_str()).or_default() += 1;
-    }
-    m
+    NodeReport { pods, cni, plugin_binary, agent: view.agent, ztunnel }
 }
 
 #[cfg(test)]
