@@ -847,12 +847,13 @@ impl Agent {
         let record = held.ok_or(EnrolError::NotHeld)?;
         let netns = PodNetns::open(&record.netns_path)?;
         let (backend, cfg) = (self.backend, record.inpod_config());
+        let pod = format!("{}/{}", record.namespace, record.name);
         netns.run(move || rules::repair_pod(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
-            pod: format!("{}/{}", record.namespace, record.name),
+            pod: pod.clone(),
             netns: record.netns_path.clone(),
             source: Box::new(source),
         })?;
-        info!(pod = %format!("{}/{}", record.namespace, record.name), %uid, "rules reinstalled on request (debug --repair)");
+        info!(pod = %pod, %uid, "rules reinstalled on request (debug --repair)");
         Ok(())
     }
 

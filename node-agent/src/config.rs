@@ -116,7 +116,7 @@ fn default_cni_socket() -> PathBuf {
     PathBuf::from(ambit_proto::cni_api::DEFAULT_SOCKET)
 }
 fn default_zds_socket() -> PathBuf {
-    PathBuf::from("/var/run/ztunnel/ztunnel.sock")
+    PathBuf::from(ambit_proto::zds::DEFAULT_SOCKET)
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/run/ambit/pods")

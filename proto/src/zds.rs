@@ -14,6 +14,8 @@ pub const MAX_PACKET: usize = 4096;
 
 /// The standard ports of an in-pod listener set, in the order Ambit passes them after the netns fd.
 pub const INPOD_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT];
+/// Where the node agent serves ZDS by default (Istio's `INPOD_UDS` default too).
+pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 /// Outbound capture port inside every enrolled pod netns.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Inbound plaintext capture port inside every enrolled pod netns.

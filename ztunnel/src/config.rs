@@ -199,7 +199,7 @@ impl Config {
             None => None,
         };
         let c = Config {
-            inpod_uds: PathBuf::from(get("INPOD_UDS").unwrap_or_else(|| "/var/run/ztunnel/ztunnel.sock".into())),
+            inpod_uds: PathBuf::from(get("INPOD_UDS").unwrap_or_else(|| ambit_proto::zds::DEFAULT_SOCKET.into())),
             node_name: get("NODE_NAME").unwrap_or_default(),
             local_xds_path,
             xds_address,

@@ -93,8 +93,9 @@ pub struct PodCtx {
     pub ctx: Arc<ProxyCtx>,
     /// The worker serving it.
     pub worker: tokio::runtime::Handle,
-    /// Its default gateways: its node, from where `ambit-agent debug`'s probes come and to where they go.
-    pub gateways: Vec<std::net::IpAddr>,
+    /// Its default gateways: its node, from where `ambit-agent debug`'s probes come and to where they go. Read
+    /// in the pod's netns at the first connection on the probe port, not when the pod is served.
+    pub gateways: std::sync::OnceLock<Vec<std::net::IpAddr>>,
 }
 
 impl PodCtx {
@@ -104,7 +105,8 @@ impl PodCtx {
     ///
     /// [`DEBUG_PROBE_PORT`]: ambit_proto::zds::DEBUG_PROBE_PORT
     pub fn is_capture_probe(&self, remote: std::net::IpAddr, port: u16) -> bool {
-        port == ambit_proto::zds::DEBUG_PROBE_PORT && self.gateways.contains(&remote)
+        port == ambit_proto::zds::DEBUG_PROBE_PORT
+            && self.gateways.get_or_init(|| self.netns.gateways()).contains(&remote)
     }
 
     /// The pod's workload entry in `snap`, if the workload file has it.
@@ -250,14 +252,14 @@ pub fn start_pod(
         identity: identity.clone(),
         tls_server: Arc::new(tls::server_config(CertStore::resolver(&ctx.certs, identity.clone()), ctx.roots.clone())),
         pool: Pool::new(connector(ctx.clone(), netns.clone()), ctx.cfg.pool_max_streams, ctx.cfg.pool_idle_timeout),
-        netns: netns.clone(),
+        netns,
         drain: Drain::new(),
         listeners: bound.iter().map(|(p, _, h)| (*p, *h)).collect(),
         listener_fds: std::sync::Mutex::new(listener_fds),
         info,
         ctx: ctx.clone(),
         worker: worker.clone(),
-        gateways: netns.gateways(),
+        gateways: std::sync::OnceLock::new(),
     });
     for (port, l, _) in bound {
         ctx.tune(&l);
