@@ -65,9 +65,10 @@ ensure_kubectl() {
 # The cluster tier: the runtime tier's parts, and kubelet, kube-controller-manager and kube-scheduler built once
 # from Debian's source package like the API server (one make for all that are missing; cached).
 ensure_cluster_tier() {
+    # All four first, so a fresh machine builds them in one make (the API server with them).
+    "$(ambit_root)/scripts/kube-build" kube-apiserver kubelet kube-controller-manager kube-scheduler >/dev/null
     ensure_kubernetes_tier
     ensure_runtime_tier
-    "$(ambit_root)/scripts/kube-build" kubelet kube-controller-manager kube-scheduler >/dev/null
 }
 
 # The runtime tier: containerd and runc from Debian, and what builds the test images.

@@ -19,7 +19,7 @@ use crate::Lab;
 use crate::proc::Proc;
 use crate::util::wait_for;
 
-/// A cached Kubernetes binary (`scripts/kube-build NAME`).
+/// A cached Kubernetes binary (`scripts/kube-build NAME`; `scripts/test` builds the missing ones).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let cache = std::env::var("AMBIT_CACHE").unwrap_or_else(|_| "/var/cache/ambit".into());
     let p = Path::new(&cache).join(format!("{name}-v1.20.2"));

@@ -19,20 +19,12 @@ pub const API_PORT: u16 = 6443;
 /// The admin token.
 pub const TOKEN: &str = "ambit-lab-admin-token";
 
-/// Where the API server binary is: `$AMBIT_KUBE_APISERVER`, or the cache `scripts/kube-apiserver` fills.
+/// Where the API server binary is: `$AMBIT_KUBE_APISERVER`, or the cache `scripts/kube-build` fills.
 pub fn apiserver_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("AMBIT_KUBE_APISERVER") {
-        return PathBuf::from(p);
+    match std::env::var_os("AMBIT_KUBE_APISERVER") {
+        Some(p) => PathBuf::from(p),
+        None => crate::cluster::binary("kube-apiserver").unwrap_or_else(|e| panic!("{e:#}")),
     }
-    let cache = std::env::var_os("AMBIT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/ambit"));
-    let p = cache.join("kube-apiserver-v1.20.2");
-    if !p.exists() {
-        panic!(
-            "{} is missing: build it once with scripts/kube-apiserver (scripts/test --tier kubernetes does)",
-            p.display()
-        );
-    }
-    p
 }
 
 /// A running etcd + kube-apiserver.
