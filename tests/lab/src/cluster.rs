@@ -151,3 +151,66 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Copies `bin` and every shared library `ldd` names for it into `rootfs` at the same paths.
+fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path) -> anyhow::Result<()> {
+    let target = rootfs.join(dest.strip_prefix("/").unwrap_or(dest));
+    std::fs::create_dir_all(target.parent().expect("a file path"))?;
+    std::fs::copy(bin, &target).with_context(|| format!("copying {}", bin.display()))?;
+    let out = std::process::Command::new("ldd").arg(bin).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+        let path = line.split("=>").last().unwrap_or(line).split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            let lib = Path::new(path);
+            let to = rootfs.join(path.trim_start_matches('/'));
+            if !to.exists() {
+                std::fs::create_dir_all(to.parent().expect("a file path"))?;
+                // Follow symlinks: the image holds the file under the name the loader asks for.
+                std::fs::copy(lib, &to).with_context(|| format!("copying {path}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds Ambit's image (`ambit/ambit:latest`, what `deploy/kubernetes` runs) as an OCI archive: the three
+/// binaries from this build, and `nft` with its libraries, in an otherwise empty root. The same content as
+/// `deploy/Containerfile`'s image, without a container engine.
+pub fn build_ambit_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
+    let run = |cmd: &mut std::process::Command| -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(())
+    };
+    std::fs::create_dir_all(dir)?;
+    let layout = dir.join("oci");
+    let image = format!("{}:latest", layout.display());
+    let bundle = dir.join("bundle");
+    let _ = std::fs::remove_dir_all(&layout);
+    let _ = std::fs::remove_dir_all(&bundle);
+    run(std::process::Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
+    run(std::process::Command::new("umoci").args(["new", "--image", &image]))?;
+    run(std::process::Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle))?;
+    let rootfs = bundle.join("rootfs");
+    for b in ["ambit-agent", "ambit-cni", "ztunnel"] {
+        copy_with_libs(&bin_dir.join(b), &rootfs, &Path::new("/usr/local/bin").join(b))?;
+    }
+    let nft = which("nft")?;
+    copy_with_libs(&nft, &rootfs, Path::new("/usr/sbin/nft"))?;
+    std::fs::create_dir_all(rootfs.join("tmp"))?;
+    run(std::process::Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
+    let tar = dir.join("ambit.tar");
+    run(std::process::Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg("."))?;
+    let _ = std::fs::remove_dir_all(&bundle);
+    Ok(tar)
+}
+
+fn which(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} is not installed"))
+}
