@@ -42,6 +42,8 @@ pub struct Cluster {
     controller_manager: Option<Proc>,
     scheduler: Option<Proc>,
     kubelets: Vec<Proc>,
+    /// The kubelets' root dirs, each a shared mount (see [`Cluster::start`]).
+    roots: Vec<PathBuf>,
     /// What was in kubelet's fixed log dirs before it started (the rest is removed at the end).
     logs_before: Vec<PathBuf>,
 }
@@ -74,7 +76,13 @@ impl Cluster {
             "--secure-port=0",
         ]);
         let scheduler = Some(Proc::spawn("kube-scheduler", sched, &d.join("scheduler.log"))?);
-        let mut c = Cluster { controller_manager, scheduler, kubelets: Vec::new(), logs_before: log_entries() };
+        let mut c = Cluster {
+            controller_manager,
+            scheduler,
+            kubelets: Vec::new(),
+            roots: Vec::new(),
+            logs_before: log_entries(),
+        };
         for n in &lab.nodes {
             let Some(containerd) = &n.containerd else { continue };
             let dir = n.dir.join("kubelet");
@@ -100,6 +108,17 @@ impl Cluster {
                 plugins = dir.join("plugins").display(),
             );
             std::fs::write(dir.join("config.yaml"), config)?;
+            // kubelet mounts the pods' volumes (secrets and projected tokens are tmpfs) under its root dir, in
+            // its own mount namespace: the root dir is a shared mount, so they propagate to the host's, where
+            // containerd mounts them into containers (/ is a private mount on this machine).
+            let root = dir.join("root");
+            std::fs::create_dir_all(&root)?;
+            use nix::mount::{MsFlags, mount};
+            mount(Some(&root), &root, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .context("binding kubelet's root")?;
+            c.roots.push(root.clone());
+            mount(None::<&str>, &root, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+                .context("sharing kubelet's root")?;
             let mut k = n.netns.command("unshare");
             k.args(["-m", "--propagation", "unchanged"])
                 .arg(&script)
@@ -132,6 +151,241 @@ impl Cluster {
     }
 }
 
+/// The image `deploy/kubernetes` runs, as containerd names it.
+pub const AMBIT_IMAGE: &str = "docker.io/ambit/ambit:latest";
+/// The tier's app image (`lab echo`).
+pub const TOOLS_IMAGE: &str = "docker.io/ambit/lab-tools:latest";
+/// Where the base puts Ambit.
+pub const AMBIT_NAMESPACE: &str = "ambit-system";
+
+/// The tier's overlay over `deploy/kubernetes`: only what differs from a real node. The lab's node keeps its
+/// CNI dirs and run dir under the lab's directory, not at /opt/cni/bin, /etc/cni/net.d and /var/run, so the
+/// hostPaths point there (the plugin, which runs on the host, is told where the agent's socket is on the
+/// host); the images are imported, not pulled; the agent runs in the node's netns, where no kube-proxy makes
+/// the `kubernetes` Service reachable, so it is given the API server's address, as kube-proxy-less clusters
+/// do; the netns dir is named by its real path, /run/netns (containerd checks that a HostToContainer source
+/// is a shared mount without resolving the /var/run symlink, and on this machine / is a private mount, where a
+/// systemd host's is shared); and the lab's control plane is istiod (its address as istiod's name, in ztunnel's /etc/hosts).
+fn tier_overlay(node: &crate::Node) -> Vec<(&'static str, String)> {
+    let d = node.dir.display();
+    let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nbases:\n- ../kubernetes\n\
+                         patchesStrategicMerge:\n- agent.yaml\n- ztunnel.yaml\n"
+        .to_string();
+    let agent = format!(
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: ambit-node
+  namespace: ambit-system
+data:
+  agent.yaml: |
+    mode: kubernetes
+    cniSocket: /var/run/ambit/cni.sock
+    zdsSocket: /var/run/ztunnel/ztunnel.sock
+    stateDir: /var/run/ambit/pods
+    ruleBackend: nftables
+    healthAddr: "[::]:15014"
+    kubernetes:
+      excludeNamespaces: [kube-system]
+      hostProc: /host/proc
+    install:
+      cniBinDir: /host/opt/cni/bin
+      cniConfDir: /host/etc/cni/net.d
+      pluginConfig:
+        agent_socket: {d}/run/ambit/cni.sock
+        log_level: debug
+        log_file: {d}/run/ambit/cni.log
+        exclude_namespaces: [kube-system]
+        agent_namespace: ambit-system
+        agent_pod_prefix: ambit-node-
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: ambit-node
+  namespace: ambit-system
+spec:
+  template:
+    spec:
+      containers:
+      - name: agent
+        imagePullPolicy: Never
+        env:
+        - {{name: KUBERNETES_SERVICE_HOST, value: "{api}"}}
+        - {{name: KUBERNETES_SERVICE_PORT, value: "{port}"}}
+        - {{name: RUST_LOG, value: debug}}
+      volumes:
+      - {{name: cni-bin, hostPath: {{path: {d}/cni-bin}}}}
+      - {{name: cni-conf, hostPath: {{path: {d}/net.d}}}}
+      - {{name: ambit-run, hostPath: {{path: {d}/run/ambit}}}}
+      - {{name: ztunnel-run, hostPath: {{path: {d}/run/ztunnel}}}}
+      - {{name: netns, hostPath: {{path: /run/netns}}}}
+"#,
+        api = crate::kube::API_IP,
+        port = crate::kube::API_PORT,
+    );
+    let ztunnel = format!(
+        r#"apiVersion: apps/v1
+kind: DaemonSet
+metadata:
+  name: ztunnel
+  namespace: ambit-system
+spec:
+  template:
+    spec:
+      hostAliases:
+      - ip: "{cp}"
+        hostnames: ["{istiod}"]
+      containers:
+      - name: ztunnel
+        imagePullPolicy: Never
+      volumes:
+      - {{name: ztunnel-run, hostPath: {{path: {d}/run/ztunnel}}}}
+"#,
+        cp = crate::controlplane::CP_IP,
+        istiod = crate::controlplane::CP_HOSTNAME,
+    );
+    vec![("kustomization.yaml", kustomization), ("agent.yaml", agent), ("ztunnel.yaml", ztunnel)]
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Installs Ambit as an operator does, on a one-node tier: its image (built here, imported into
+    /// containerd), `kubectl apply -k` of `deploy/kubernetes` under the tier's overlay, and the lab's control
+    /// plane as istiod (checking ztunnel's projected token with a TokenReview, publishing the mesh root as the
+    /// `istio-ca-root-cert` ConfigMap). Waits until the agent's and ztunnel's pods are Ready.
+    pub fn install_ambit(&self, lab: &mut Lab, bin_dir: &Path) -> anyhow::Result<()> {
+        anyhow::ensure!(lab.nodes.len() == 1, "the tier's overlay has one node's host paths");
+        let ambit = build_ambit_image(&lab.dir.join("images/ambit"), bin_dir)?;
+        let tools = build_tools_image(&lab.dir.join("images/tools"), bin_dir)?;
+        for n in &lab.nodes {
+            let c = n.containerd.as_ref().context("the tier needs the runtime")?;
+            c.import(&ambit, AMBIT_IMAGE)?;
+            c.import(&tools, TOOLS_IMAGE)?;
+            for d in ["run/ambit", "run/ztunnel"] {
+                std::fs::create_dir_all(n.dir.join(d))?;
+            }
+        }
+        let routes: Vec<(String, std::net::Ipv4Addr)> = lab.nodes.iter().map(|n| (n.pod_cidr.clone(), n.ip)).collect();
+        let auth = crate::controlplane::KubeAuth {
+            kubeconfig: lab.kube().kubeconfig.clone(),
+            trusted_node_accounts: vec![format!("{AMBIT_NAMESPACE}/ztunnel")],
+        };
+        let cp = lab.control_plane_mut();
+        cp.use_kubernetes(auth, &routes)?;
+        cp.restart()?;
+
+        let deploy = lab.dir.join("deploy");
+        copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes"), &deploy.join("kubernetes"))?;
+        std::fs::create_dir_all(deploy.join("tier"))?;
+        for (file, text) in tier_overlay(&lab.nodes[0]) {
+            std::fs::write(deploy.join("tier").join(file), text)?;
+        }
+        lab.kubectl(&["apply", "-k", &deploy.join("tier").display().to_string()])?;
+        // istiod writes its root into every namespace.
+        let root = std::fs::read_to_string(lab.dir.join("ca-cert.pem"))?;
+        lab.kube().run(move |c| async move {
+            use k8s_openapi::api::core::v1::ConfigMap;
+            let cms: kube::Api<ConfigMap> = kube::Api::namespaced(c, AMBIT_NAMESPACE);
+            let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "istio-ca-root-cert"},
+                "data": {"root-cert.pem": root},
+            }))?;
+            cms.create(&Default::default(), &cm).await?;
+            anyhow::Ok(())
+        })??;
+        for app in ["ambit-node", "ztunnel"] {
+            self.wait_ready_pod(lab, AMBIT_NAMESPACE, &format!("app={app}"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until one pod matching `selector` in `namespace` is Ready, and returns it.
+    pub fn wait_ready_pod(&self, lab: &Lab, namespace: &str, selector: &str) -> anyhow::Result<Pod> {
+        let (ns, sel) = (namespace.to_string(), selector.to_string());
+        wait_for(&format!("a Ready pod {selector} in {namespace}"), Duration::from_secs(90), || {
+            let (ns, sel) = (ns.clone(), sel.clone());
+            lab.kube()
+                .run(move |c| async move {
+                    let pods: kube::Api<Pod> = kube::Api::namespaced(c, &ns);
+                    let list = pods.list(&kube::api::ListParams::default().labels(&sel)).await.ok()?;
+                    list.items.into_iter().find(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                    })
+                })
+                .ok()
+                .flatten()
+        })
+        .with_context(|| self.describe(lab))
+    }
+
+    /// What to look at when the tier misbehaves: its pods, events and Ambit's containers' logs, and the
+    /// kubelets' last errors.
+    pub fn describe(&self, lab: &Lab) -> String {
+        let text = |r: anyhow::Result<String>| r.unwrap_or_else(|e| format!("{e:#}\n"));
+        let mut out = text(lab.kubectl(&["get", "pods", "-A", "-o", "wide"]));
+        out += &text(lab.kubectl(&["get", "events", "-A"]));
+        let pods = lab.kubectl(&["-n", AMBIT_NAMESPACE, "get", "pods", "-o", "name"]).unwrap_or_default();
+        for pod in pods.lines() {
+            for previous in ["--previous=false", "--previous=true"] {
+                out += &format!("--- {pod} {previous}\n");
+                out += &text(lab.kubectl(&["-n", AMBIT_NAMESPACE, "logs", pod, "--tail=25", previous]));
+            }
+        }
+        for k in &self.kubelets {
+            let log = k.log();
+            let errors: Vec<&str> = log.lines().filter(|l| l.starts_with('E')).collect();
+            out += &errors[errors.len().saturating_sub(10)..].join("\n");
+        }
+        out
+    }
+
+    /// The name of a live pod matching `selector` in `namespace`.
+    pub fn pod_by_label(&self, lab: &Lab, namespace: &str, selector: &str) -> anyhow::Result<String> {
+        let (ns, sel) = (namespace.to_string(), selector.to_string());
+        lab.kube().run(move |c| async move {
+            let pods: kube::Api<Pod> = kube::Api::namespaced(c, &ns);
+            let list = pods.list(&kube::api::ListParams::default().labels(&sel)).await?;
+            list.items
+                .into_iter()
+                .find(|p| p.metadata.deletion_timestamp.is_none())
+                .and_then(|p| p.metadata.name)
+                .ok_or_else(|| anyhow::anyhow!("no pod {sel} in {ns}"))
+        })?
+    }
+
+    /// The netns of a pod's sandbox on node `node` (what `kubectl exec` enters), found through CRI.
+    pub fn pod_netns(&self, lab: &Lab, node: usize, namespace: &str, name: &str) -> anyhow::Result<crate::Netns> {
+        let c = lab.nodes[node].containerd.as_ref().context("no runtime")?;
+        let sandbox = c
+            .list()?
+            .into_iter()
+            .filter(|s| s.state == 0) // SANDBOX_READY
+            .find(|s| s.metadata.as_ref().is_some_and(|m| m.namespace == namespace && m.name == name))
+            .with_context(|| format!("no ready sandbox of {namespace}/{name}"))?;
+        let (_, netns) = c.sandbox_network(&sandbox.id)?;
+        crate::Netns::open(&netns)
+    }
+}
+
+use k8s_openapi::api::core::v1::Pod;
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for mut k in self.kubelets.drain(..) {
@@ -140,6 +394,9 @@ impl Drop for Cluster {
         for p in [self.scheduler.take(), self.controller_manager.take()].into_iter().flatten() {
             let mut p = p;
             p.stop(Duration::from_secs(5));
+        }
+        for root in self.roots.drain(..) {
+            crate::runtime::unmount_under(&root);
         }
         let _ = std::fs::remove_dir_all("/var/lib/kubelet/device-plugins");
         let _ = std::fs::remove_dir("/var/lib/kubelet");
@@ -174,10 +431,9 @@ fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Builds Ambit's image (`ambit/ambit:latest`, what `deploy/kubernetes` runs) as an OCI archive: the three
-/// binaries from this build, and `nft` with its libraries, in an otherwise empty root. The same content as
-/// `deploy/Containerfile`'s image, without a container engine.
-pub fn build_ambit_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
+/// Builds an OCI image archive `dir/image.tar` holding `files` (source, path in the image) with the shared
+/// libraries each needs, in an otherwise empty root (plus `/tmp`).
+fn build_image(dir: &Path, files: &[(PathBuf, &str)]) -> anyhow::Result<PathBuf> {
     let run = |cmd: &mut std::process::Command| -> anyhow::Result<()> {
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -193,17 +449,34 @@ pub fn build_ambit_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> 
     run(std::process::Command::new("umoci").args(["new", "--image", &image]))?;
     run(std::process::Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle))?;
     let rootfs = bundle.join("rootfs");
-    for b in ["ambit-agent", "ambit-cni", "ztunnel"] {
-        copy_with_libs(&bin_dir.join(b), &rootfs, &Path::new("/usr/local/bin").join(b))?;
+    for (src, dest) in files {
+        copy_with_libs(src, &rootfs, Path::new(dest))?;
     }
-    let nft = which("nft")?;
-    copy_with_libs(&nft, &rootfs, Path::new("/usr/sbin/nft"))?;
     std::fs::create_dir_all(rootfs.join("tmp"))?;
     run(std::process::Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
-    let tar = dir.join("ambit.tar");
+    let tar = dir.join("image.tar");
     run(std::process::Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg("."))?;
     let _ = std::fs::remove_dir_all(&bundle);
+    let _ = std::fs::remove_dir_all(&layout);
     Ok(tar)
+}
+
+/// Builds Ambit's image (`ambit/ambit:latest`, what `deploy/kubernetes` runs) as an OCI archive: the three
+/// binaries from this build, and `nft` with its libraries. The content of `deploy/Containerfile`'s image that
+/// the agent and ztunnel use, without a container engine.
+pub fn build_ambit_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut files: Vec<(PathBuf, &str)> = vec![
+        (bin_dir.join("ambit-agent"), "/usr/local/bin/ambit-agent"),
+        (bin_dir.join("ambit-cni"), "/usr/local/bin/ambit-cni"),
+        (bin_dir.join("ztunnel"), "/usr/local/bin/ztunnel"),
+    ];
+    files.push((which("nft")?, "/usr/sbin/nft"));
+    build_image(dir, &files)
+}
+
+/// Builds the tier's app image: the `lab` binary (`lab echo` serves the tests' traffic).
+pub fn build_tools_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
+    build_image(dir, &[(bin_dir.join("lab"), "/usr/local/bin/lab")])
 }
 
 fn which(name: &str) -> anyhow::Result<PathBuf> {

@@ -9,10 +9,12 @@
 //! stream as a delta, with both types answered and `system_version_info` set to [`mesh_version`] of the file,
 //! so the lab can wait for a change to be in force everywhere.
 //!
-//! It authenticates callers as istiod does: a bearer token per node (istiod would check it with a
-//! TokenReview), and it signs a pod's identity for a node only if a pod with that identity is known to run on
-//! that node (istiod's node authorizer), from the pods file the lab writes before it runs the CNI chain, as
-//! the API server knows a pod before the kubelet starts it.
+//! It authenticates callers as istiod does: a bearer token per node, and it signs a pod's identity for a node
+//! only if a pod with that identity is known to run on that node (istiod's node authorizer). In the lab the
+//! tokens are a file of static tokens and the pods a file the lab writes before it runs the CNI chain, as the
+//! API server knows a pod before the kubelet starts it. In the cluster tier ([`KubeAuth`]) it does what istiod
+//! does against a real API server: a TokenReview of the caller's projected token (audience `istio-ca`), a
+//! trusted node account, the node of the pod named in the token, and that node's pods.
 //!
 //! For the tests of bad input it can misbehave on demand: the fault file names one CA fault (answers for
 //! another identity, expired or unrelated chains, garbage, hanging, refusing) and one-shot xDS pushes
@@ -108,7 +110,22 @@ pub struct Settings {
     pub faults: PathBuf,
     /// Trust domain.
     pub trust_domain: String,
+    /// The cluster tier: authenticate and authorize through a Kubernetes API server.
+    pub kubernetes: Option<KubeAuth>,
 }
+
+/// How the control plane checks callers against a Kubernetes API server, as istiod does.
+#[derive(Debug, Clone)]
+pub struct KubeAuth {
+    /// A kubeconfig with the rights istiod has (TokenReviews, pods).
+    pub kubeconfig: PathBuf,
+    /// The service accounts (`namespace/name`) trusted to ask for their node's pods' identities
+    /// (istiod's `CA_TRUSTED_NODE_ACCOUNTS`).
+    pub trusted_node_accounts: Vec<String>,
+}
+
+/// The audience node proxies' tokens are minted for (Istio's).
+pub const TOKEN_AUDIENCE: &str = "istio-ca";
 
 /// One type's resources: name → (version, encoded `Any`).
 type Resources = BTreeMap<String, (String, prost_types::Any)>;
@@ -146,6 +163,7 @@ struct Shared {
     push: watch::Receiver<Option<String>>,
     ca: LocalCa,
     nonce: std::sync::atomic::AtomicU64,
+    kube: Option<kube::Client>,
 }
 
 /// The faults in force: the fault file, or none when it is missing or unreadable.
@@ -162,8 +180,9 @@ impl Shared {
         self.nonce.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string()
     }
 
-    /// The node a request's bearer token belongs to.
-    fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// The node a request's bearer token belongs to: a static token of the tokens file or, in the cluster tier,
+    /// a service account token the API server vouches for.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<String, Status> {
         let token = req
             .metadata()
             .get("authorization")
@@ -171,13 +190,91 @@ impl Shared {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("no bearer token"))?;
         let tokens = std::fs::read_to_string(&self.settings.tokens).unwrap_or_default();
-        tokens
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .find(|(t, _)| *t == token)
-            .map(|(_, node)| node.trim().to_string())
-            .ok_or_else(|| Status::unauthenticated("unknown token"))
+        if let Some((_, node)) = tokens.lines().filter_map(|l| l.split_once(' ')).find(|(t, _)| *t == token) {
+            return Ok(node.trim().to_string());
+        }
+        match (&self.kube, &self.settings.kubernetes) {
+            (Some(client), Some(auth)) => review_token(client, auth, token).await,
+            _ => Err(Status::unauthenticated("unknown token")),
+        }
     }
+
+    /// Whether a pod of `id` runs on `node`: from the API server in the cluster tier, else from the pods file.
+    async fn runs_on(&self, id: &Identity, node: &str) -> Result<bool, Status> {
+        if let Some(client) = &self.kube {
+            let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &id.namespace);
+            let on_node = kube::api::ListParams::default().fields(&format!("spec.nodeName={node}"));
+            let list = pods.list(&on_node).await.map_err(|e| Status::unavailable(format!("listing pods: {e}")))?;
+            return Ok(list.items.iter().any(|p| {
+                let spec = p.spec.as_ref();
+                let sa = spec.and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
+                let done = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.as_deref())
+                    .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
+                sa == id.service_account && !done
+            }));
+        }
+        let Some(pods) = &self.settings.pods else { return Ok(true) };
+        let known: Vec<KnownPod> =
+            std::fs::read(pods).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Ok(known
+            .iter()
+            .any(|p| p.node == node && p.namespace == id.namespace && p.service_account == id.service_account))
+    }
+}
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// istiod's check of a node proxy: the API server reviews the token (for Istio's audience), its service
+/// account must be a trusted node account, and the node is that of the pod the token was minted for.
+async fn review_token(client: &kube::Client, auth: &KubeAuth, token: &str) -> Result<String, Status> {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![TOKEN_AUDIENCE.into()]) },
+        ..Default::default()
+    };
+    let reviews: kube::Api<TokenReview> = kube::Api::all(client.clone());
+    let status = reviews
+        .create(&Default::default(), &review)
+        .await
+        .map_err(|e| Status::unavailable(format!("TokenReview: {e}")))?
+        .status
+        .unwrap_or_default();
+    if status.authenticated != Some(true) {
+        return Err(Status::unauthenticated(format!(
+            "the API server does not vouch for the token: {}",
+            status.error.unwrap_or_default()
+        )));
+    }
+    let user = status.user.unwrap_or_default();
+    let username = user.username.unwrap_or_default();
+    let Some((ns, sa)) = username.strip_prefix("system:serviceaccount:").and_then(|r| r.split_once(':')) else {
+        return Err(Status::permission_denied(format!("{username} is not a service account")));
+    };
+    if !auth.trusted_node_accounts.iter().any(|a| *a == format!("{ns}/{sa}")) {
+        return Err(Status::permission_denied(format!("{ns}/{sa} is not a trusted node account")));
+    }
+    let extra = user.extra.unwrap_or_default();
+    let claim = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+    let (Some(pod_name), pod_uid) =
+        (claim("authentication.kubernetes.io/pod-name"), claim("authentication.kubernetes.io/pod-uid"))
+    else {
+        return Err(Status::permission_denied("the token is not bound to a pod"));
+    };
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), ns);
+    let pod = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(|e| Status::unavailable(format!("reading pod {ns}/{pod_name}: {e}")))?
+        .ok_or_else(|| Status::permission_denied(format!("the token's pod {ns}/{pod_name} is gone")))?;
+    if pod_uid.is_some() && pod.metadata.uid != pod_uid {
+        return Err(Status::permission_denied(format!("the token's pod {ns}/{pod_name} was replaced")));
+    }
+    pod.spec
+        .and_then(|s| s.node_name)
+        .ok_or_else(|| Status::permission_denied(format!("the token's pod {ns}/{pod_name} has no node")))
 }
 
 #[derive(Clone)]
@@ -190,7 +287,7 @@ impl IstioCertificateService for Ca {
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let s = &self.0;
-        let node = s.caller(&req)?;
+        let node = s.caller(&req).await?;
         let req = req.into_inner();
         let impersonated = req
             .metadata
@@ -206,15 +303,8 @@ impl IstioCertificateService for Ca {
         if id.trust_domain != s.settings.trust_domain {
             return Err(Status::permission_denied(format!("{id} is not in trust domain {}", s.settings.trust_domain)));
         }
-        if let Some(pods) = &s.settings.pods {
-            let known: Vec<KnownPod> =
-                std::fs::read(pods).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-            if !known
-                .iter()
-                .any(|p| p.node == node && p.namespace == id.namespace && p.service_account == id.service_account)
-            {
-                return Err(Status::permission_denied(format!("no pod of {id} runs on {node}")));
-            }
+        if !s.runs_on(&id, &node).await? {
+            return Err(Status::permission_denied(format!("no pod of {id} runs on {node}")));
         }
         let ttl = Duration::from_secs(req.validity_duration.clamp(5, 7 * 86400) as u64);
         let (signed_for, chain) =
@@ -302,7 +392,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let node = self.0.caller(&req)?;
+        let node = self.0.caller(&req).await?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(serve_stream(self.0.clone(), node, req.into_inner(), tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -586,7 +676,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let (mesh_tx, mesh_rx) = watch::channel(Arc::new(initial));
     let (push_tx, push_rx) = watch::channel(None);
-    let shared = Arc::new(Shared { settings: settings.clone(), mesh: mesh_rx, push: push_rx, ca, nonce: 1.into() });
+    let kube = match &settings.kubernetes {
+        Some(k) => {
+            let kc = kube::config::Kubeconfig::read_from(&k.kubeconfig).context("reading the kubeconfig")?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            Some(kube::Client::try_from(cfg)?)
+        }
+        None => None,
+    };
+    let shared =
+        Arc::new(Shared { settings: settings.clone(), mesh: mesh_rx, push: push_rx, ca, nonce: 1.into(), kube });
     // Follow the mesh file and the fault file.
     let watched = settings.clone();
     tokio::spawn(async move {
@@ -697,6 +796,7 @@ impl ControlPlane {
             tokens: dir.join("tokens"),
             faults: dir.join("faults.json"),
             trust_domain: crate::lab::TRUST_DOMAIN.to_string(),
+            kubernetes: None,
         }
     }
 
@@ -726,6 +826,12 @@ impl ControlPlane {
             .arg(&s.trust_domain);
         if let Some(p) = &s.pods {
             cmd.arg("--pods").arg(p);
+        }
+        if let Some(k) = &s.kubernetes {
+            cmd.arg("--kubeconfig").arg(&k.kubeconfig);
+            for a in &k.trusted_node_accounts {
+                cmd.arg("--trusted-node-account").arg(a);
+            }
         }
         let log = self.dir.join("control-plane.log");
         // The log is appended to across restarts: only this process's lines count.
@@ -765,6 +871,20 @@ impl ControlPlane {
     /// Tells the CA which pods run where (what istiod learns from the API server).
     pub fn set_known_pods(&self, pods: &[KnownPod]) -> anyhow::Result<()> {
         crate::cni::write_atomic(&self.dir.join("pods.json"), &serde_json::to_vec(pods)?)
+    }
+
+    /// Switches to the cluster tier's checks (see [`KubeAuth`]), and the route back to every node's pods (node
+    /// proxies in their own pods call from pod addresses); restart it to take effect.
+    pub fn use_kubernetes(
+        &mut self,
+        auth: KubeAuth,
+        pod_routes: &[(String, std::net::Ipv4Addr)],
+    ) -> anyhow::Result<()> {
+        for (cidr, via) in pod_routes {
+            self.netns.ip(&["route", "replace", cidr, "via", &via.to_string()])?;
+        }
+        self.settings.kubernetes = Some(auth);
+        Ok(())
     }
 
     /// Sets the faults (an empty [`Faults`] clears them).
@@ -813,11 +933,13 @@ mod tests {
                 tokens: "/nonexistent".into(),
                 faults: "/nonexistent".into(),
                 trust_domain: "cluster.local".into(),
+                kubernetes: None,
             },
             mesh,
             push,
             ca: LocalCa::from_pem(&cert, &key, Duration::from_secs(60)).unwrap(),
             nonce: 1.into(),
+            kube: None,
         };
         let mut sent = HashMap::new();
         let r = delta(&shared, &m1, ADDRESS_TYPE, &mut sent);

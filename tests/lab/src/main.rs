@@ -143,6 +143,12 @@ enum Cmd {
         faults: std::path::PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Check callers through this API server (TokenReview, pods), as istiod does.
+        #[arg(long)]
+        kubeconfig: Option<std::path::PathBuf>,
+        /// A service account (`namespace/name`) trusted to ask for its node's pods' identities.
+        #[arg(long)]
+        trusted_node_account: Vec<String>,
     },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
@@ -189,6 +195,8 @@ fn main() {
             tokens,
             faults,
             trust_domain,
+            kubeconfig,
+            trusted_node_account,
         } => {
             let settings = lab::controlplane::Settings {
                 listen,
@@ -199,6 +207,10 @@ fn main() {
                 tokens,
                 faults,
                 trust_domain,
+                kubernetes: kubeconfig.map(|kubeconfig| lab::controlplane::KubeAuth {
+                    kubeconfig,
+                    trusted_node_accounts: trusted_node_account,
+                }),
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             match rt.block_on(lab::controlplane::run(settings)) {

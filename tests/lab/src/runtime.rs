@@ -150,7 +150,6 @@ state = "{state}"
         Ok(c)
     }
 
-    /// containerd's log.
     /// Its CRI socket (what a kubelet is given).
     pub fn socket(&self) -> &Path {
         &self.sock
@@ -165,6 +164,7 @@ state = "{state}"
             .arg(tar))
     }
 
+    /// containerd's log.
     pub fn log(&self) -> String {
         self.proc.as_ref().map(|p| p.log()).unwrap_or_default()
     }
@@ -285,6 +285,9 @@ impl Drop for Containerd {
                 uids.extend(s.metadata.map(|m| m.uid));
             }
         }
+        // And every sandbox it ever ran (a kubelet's pods deleted earlier): the kubelet leaves their pod cgroup
+        // in the hierarchies it does not manage (cgroup2's, beside v1's).
+        uids.extend(sandbox_uids(&self.log()));
         if let Some(mut p) = self.proc.take() {
             p.stop(Duration::from_secs(5));
         }
@@ -293,6 +296,19 @@ impl Drop for Containerd {
             remove_pod_cgroups(&uid);
         }
     }
+}
+
+/// The pod UIDs of every `RunPodSandbox` in a containerd log (`…PodSandboxMetadata{Name:…,Uid:<uid>,…`).
+fn sandbox_uids(log: &str) -> Vec<String> {
+    let mut uids: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("RunPodSandbox for"))
+        .filter_map(|l| l.split("Uid:").nth(1)?.split(',').next().map(str::to_string))
+        .filter(|u| !u.is_empty())
+        .collect();
+    uids.sort();
+    uids.dedup();
+    uids
 }
 
 /// Kills containerd shims started for `dir`'s containerd and unmounts what is still mounted under `dir`.
@@ -306,11 +322,28 @@ pub fn cleanup_runtime_leftovers(dir: &Path) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
+    unmount_under(dir);
+}
+
+/// Unmounts everything mounted at or under `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let needle = dir.display().to_string();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut under: Vec<&str> =
         mounts.lines().filter_map(|l| l.split_whitespace().nth(4)).filter(|m| m.starts_with(needle.as_str())).collect();
     under.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in under {
         let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sandbox_uids_come_from_run_pod_sandbox_lines() {
+        let log = "time=\"x\" level=info msg=\"RunPodSandbox for &PodSandboxMetadata{Name:a,Uid:1111-2,Namespace:n,Attempt:0,}\"\n\
+                   time=\"x\" level=info msg=\"RunPodSandbox for &PodSandboxMetadata{Name:a,Uid:1111-2,Namespace:n,Attempt:0,} returns sandbox id \\\"abc\\\"\"\n\
+                   time=\"x\" level=info msg=\"StopPodSandbox for \\\"abc\\\"\"\n";
+        assert_eq!(super::sandbox_uids(log), ["1111-2"]);
     }
 }

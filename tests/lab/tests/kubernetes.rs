@@ -349,25 +349,7 @@ fn the_agent_uninstalls_only_when_its_daemonset_goes() {
 fn the_deploy_manifests_are_accepted_by_the_api_server() {
     let lab = Lab::start(LabConfig { kubernetes: true, nodes: 1, start_daemons: false, ..Default::default() }).unwrap();
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
-    // Debian's kubectl 1.20 (scripts/test unpacks it): a newer one cannot discover this API server's groups.
-    let kubectl_bin = std::env::var("AMBIT_KUBECTL").unwrap_or_else(|_| "/var/cache/ambit/kubectl-v1.20.2".into());
-    let kubectl = |args: &[&str]| -> String {
-        // From the node (the API server is on the lab's fabric), with a discovery cache of this lab's own: every
-        // lab's API server has the same address.
-        let out = lab.nodes[0]
-            .netns
-            .command(&kubectl_bin)
-            .arg("--kubeconfig")
-            .arg(&lab.kube().kubeconfig)
-            .arg("--cache-dir")
-            .arg(lab.dir.join("kubectl-cache"))
-            .args(args)
-            .output()
-            .expect("kubectl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "kubectl {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
-        text
-    };
+    let kubectl = |args: &[&str]| -> String { lab.kubectl(args).unwrap_or_else(|e| panic!("{e:#}")) };
     // The base, as kustomize renders it.
     let base = deploy.join("kubernetes").display().to_string();
     let docs: Vec<serde_json::Value> = kubectl(&["kustomize", &base])

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::*;
@@ -19,6 +20,27 @@ impl Lab {
     /// The Kubernetes API, to stop and start it.
     pub fn kube_mut(&mut self) -> &mut crate::kube::KubeApi {
         self.kube.as_mut().expect("the lab was started with kubernetes: true")
+    }
+
+    /// Runs Debian's kubectl 1.20 (`$AMBIT_KUBECTL`, or the one `scripts/test` unpacks into the cache; a newer
+    /// one cannot discover this API server's groups) against the lab's API server; its stdout, or an error
+    /// with both streams. It runs from node 1's netns (the API server is on the lab's fabric) with a discovery
+    /// cache of this lab's own: every lab's API server has the same address.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = std::env::var("AMBIT_KUBECTL").unwrap_or_else(|_| "/var/cache/ambit/kubectl-v1.20.2".into());
+        let out = self.nodes[0]
+            .netns
+            .command(&bin)
+            .arg("--kubeconfig")
+            .arg(&self.kube().kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"))
+            .args(args)
+            .output()
+            .with_context(|| format!("running {bin}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(out.status.success(), "kubectl {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        Ok(text)
     }
 
     /// Creates or relabels a namespace (`mode`: the `istio.io/dataplane-mode` label, `None` removes it).

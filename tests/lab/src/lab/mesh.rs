@@ -136,7 +136,7 @@ impl Lab {
     /// Waits until the ztunnel of every node in `nodes` has ACKed both xDS types at `version` of the mesh file
     /// in a push answered after `since` (see [`crate::controlplane::push_records_end`]), as the control plane saw it (any ztunnel ACKs only once a push is in force); fails with the NACK's
     /// error if one refused it.
-    pub(super) fn wait_pushed(&self, version: &str, nodes: &[bool], since: u64) -> anyhow::Result<()> {
+    pub fn wait_pushed(&self, version: &str, nodes: &[bool], since: u64) -> anyhow::Result<()> {
         use ambit_proto::control_plane::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
         let cp = self.control_plane();
         for (n, _) in self.nodes.iter().zip(nodes).filter(|(_, wait)| **wait) {
