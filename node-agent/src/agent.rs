@@ -811,15 +811,20 @@ impl Agent {
 
     async fn check(&self, req: &Request) -> Result<(), EnrolError> {
         let uid = pod_uid(req);
-        let held =
-            self.core.lock().unwrap().node.pod(&uid).map(|p| (p.record.inpod_config(), p.record.netns_path.clone()));
-        let Some((cfg, netns_path)) = held else {
+        let held = self
+            .core
+            .lock()
+            .unwrap()
+            .node
+            .pod(&uid)
+            .map(|p| (p.record.inpod_config(), p.record.netns_path.clone(), p.netns));
+        let Some((cfg, netns_path, inode)) = held else {
             return match self.policy().decide(&req.pod) {
                 Decision::Skip(_) => Ok(()),
                 Decision::Enrol { .. } => Err(EnrolError::NotHeld),
             };
         };
-        let netns = PodNetns::open(&netns_path)?;
+        let netns = open_held(&netns_path, inode)?;
         let backend = self.backend;
         let present =
             netns.run(move || rules::pod_present(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
@@ -843,9 +848,9 @@ impl Agent {
             uid => uid.to_string(),
         };
         let _guard = self.lock_pod(&uid).await;
-        let held = self.core.lock().unwrap().node.pod(&uid).map(|p| p.record.clone());
-        let record = held.ok_or(EnrolError::NotHeld)?;
-        let netns = PodNetns::open(&record.netns_path)?;
+        let held = self.core.lock().unwrap().node.pod(&uid).map(|p| (p.record.clone(), p.netns));
+        let (record, inode) = held.ok_or(EnrolError::NotHeld)?;
+        let netns = open_held(&record.netns_path, inode)?;
         let (backend, cfg) = (self.backend, record.inpod_config());
         let pod = format!("{}/{}", record.namespace, record.name);
         netns.run(move || rules::repair_pod(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
@@ -1123,10 +1128,35 @@ pub async fn uninstall(config: &Config) -> anyhow::Result<()> {
 
 /// Whether the netns at `path` is no longer the one the agent holds (inode `held`; `None`: the agent holds
 /// none, and then only a missing path counts). A netns it cannot inspect for another reason is kept.
+/// Opens a held pod's netns by its recorded path, refusing a path that now names another netns: the pod's is
+/// gone (the sweep drops it), and its rules must never be checked or installed in someone else's.
+fn open_held(path: &Path, held: Option<u64>) -> Result<PodNetns, NetnsError> {
+    let ns = PodNetns::open(path)?;
+    match held {
+        Some(h) if h != ns.inode() => Err(NetnsError::Gone(path.to_path_buf())),
+        _ => Ok(ns),
+    }
+}
+
 fn netns_vanished(path: &Path, held: Option<u64>) -> bool {
     match PodNetns::open(path) {
         Ok(ns) => held.is_some_and(|h| h != ns.inode()),
         Err(NetnsError::Gone(_)) => true,
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_netns_is_opened_only_if_its_path_still_names_it() {
+        let path = Path::new("/proc/self/ns/net");
+        let inode = PodNetns::open(path).unwrap().inode();
+        assert_eq!(open_held(path, Some(inode)).unwrap().inode(), inode);
+        assert!(open_held(path, None).is_ok(), "a record from before inodes were kept");
+        assert!(matches!(open_held(path, Some(inode + 1)), Err(NetnsError::Gone(_))));
+        assert!(matches!(open_held(Path::new("/nonexistent/netns"), Some(inode)), Err(NetnsError::Gone(_))));
     }
 }

@@ -134,6 +134,55 @@ fn chained(lab: &Lab) -> bool {
         .is_ok_and(|c| c["plugins"].as_array().is_some_and(|p| p.iter().any(|p| p["type"] == "ambit-cni")))
 }
 
+/// A token the API server mints for `namespace/sa` (TokenRequest), for `audiences`, bound to no pod.
+fn token_for(lab: &Lab, namespace: &str, sa: &str, audiences: &[&str]) -> String {
+    let (ns, sa) = (namespace.to_string(), sa.to_string());
+    let audiences: Vec<String> = audiences.iter().map(|a| a.to_string()).collect();
+    lab.kube()
+        .run(move |c| async move {
+            use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+            let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = kube::Api::namespaced(c, &ns);
+            let req = TokenRequest {
+                spec: TokenRequestSpec { audiences, expiration_seconds: Some(600), ..Default::default() },
+                ..Default::default()
+            };
+            sas.create_token_request(&sa, &Default::default(), &req).await.unwrap().status.unwrap().token
+        })
+        .unwrap()
+}
+
+/// What the control plane answers a node proxy's certificate request carrying `token`, from node 1.
+fn ask_ca(lab: &Lab, token: String, id: &str) -> String {
+    let root = lab.dir.join("ca-cert.pem");
+    let token_file = lab.dir.join(format!("token-{}", lab::util::unique_id()));
+    std::fs::write(&token_file, token).unwrap();
+    let id: ztunnel::identity::Identity = id.parse().unwrap();
+    let r = lab.nodes[0]
+        .netns
+        .run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let ca = ztunnel::controlplane::IstioCa::new(
+                    ztunnel::controlplane::Target {
+                        address: format!("https://{}:{}", lab::controlplane::CP_IP, lab::controlplane::CP_PORT),
+                        root_ca: root,
+                        alt_hostname: None,
+                        token: Some(token_file),
+                        cluster_id: "Kubernetes".into(),
+                    },
+                    Duration::from_secs(3600),
+                );
+                let req = ztunnel::ca::CertRequest::new(&id).unwrap();
+                ca.create_certificate(&id, &req.csr_pem).await
+            })
+        })
+        .unwrap();
+    match r {
+        Ok(_) => "signed".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Issue 14's cluster tier: Ambit installed by `kubectl apply -k` of its own manifests, run by a real kubelet;
 /// pods of an ambient namespace start captured and talk over HBONE; `debug pod` in the agent's pod says so; a
 /// rolling update of the agent changes nothing on the node; deleting the agent's DaemonSet removes Ambit.
@@ -151,6 +200,16 @@ fn ambit_installed_by_its_manifests_captures_pods_that_talk_over_hbone() {
     assert!(chained(&lab));
     let plugins = lab.nodes[0].cni.load_conflist().unwrap()["plugins"].clone();
     assert_eq!(plugins.as_array().unwrap().last().unwrap()["type"], "ambit-cni", "{plugins:#}");
+
+    // The control plane checks node proxies as istiod does: a token the API server minted for Istio's audience,
+    // of a trusted node account, bound to a pod on the node whose pods' identities it asks for.
+    let id = "spiffe://cluster.local/ns/ambit-system/sa/ztunnel";
+    let e = ask_ca(&lab, token_for(&lab, AMBIT_NAMESPACE, "ztunnel", &["https://kubernetes.default.svc"]), id);
+    assert!(e.contains("Unauthenticated") && e.contains("does not vouch"), "another audience: {e}");
+    let e = ask_ca(&lab, token_for(&lab, AMBIT_NAMESPACE, "ambit-node", &["istio-ca"]), id);
+    assert!(e.contains("PermissionDenied") && e.contains("not a trusted node account"), "the agent's account: {e}");
+    let e = ask_ca(&lab, token_for(&lab, AMBIT_NAMESPACE, "ztunnel", &["istio-ca"]), id);
+    assert!(e.contains("PermissionDenied") && e.contains("not bound to a pod"), "an unbound token: {e}");
 
     // Pods of an ambient namespace start captured.
     lab.k8s_namespace("demo", Some("ambient")).unwrap();
