@@ -94,13 +94,15 @@ pub struct MeshOpts {
     pub secs: f64,
     /// Round trips per latency measurement, over all rounds.
     pub round_trips: usize,
-    /// Rounds: each measures the mesh and direct once, alternating which goes first, so both see the same
-    /// moments of a shared machine.
+    /// Rounds: each measures every path once, the paths taking turns at going first, so all see the same
+    /// moments of a shared machine. Rounded up to a multiple of the number of paths, so that each goes first
+    /// equally often.
     pub rounds: usize,
-    /// Another ztunnel binary to measure under the same conditions.
-    pub ztunnel: Option<std::path::PathBuf>,
-    /// Extra environment for that ztunnel.
-    pub ztunnel_env: Vec<(String, String)>,
+    /// A drop-in peer ztunnel (Istio's, say), measured as a fourth path in the same rounds: two more nodes run
+    /// it, with a pod pair of their own.
+    pub peer: Option<std::path::PathBuf>,
+    /// Extra environment for the peer.
+    pub peer_env: Vec<(String, String)>,
     /// Enrolled pods for the idle memory figure.
     pub idle_pods: usize,
     /// Open idle connections for the memory figure.
@@ -131,9 +133,9 @@ impl Default for MeshOpts {
         MeshOpts {
             secs: 1.5,
             round_trips: 10_000,
-            rounds: 5,
-            ztunnel: None,
-            ztunnel_env: Vec::new(),
+            rounds: 6,
+            peer: None,
+            peer_env: Vec::new(),
             idle_pods: 100,
             idle_conns: 1000,
             phases: Vec::new(),
@@ -331,6 +333,8 @@ enum Path {
     Mesh,
     /// Capture off, through two bare relays ([`crate::relay`]) where the ztunnels would be.
     Relay,
+    /// Another pod pair, on two more nodes, through the peer's ztunnels.
+    Peer,
 }
 
 /// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
@@ -382,20 +386,29 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     use crate::load::{self, LoadServer, Mode};
     use std::net::SocketAddr;
     let lab = Lab::start(LabConfig {
+        nodes: if o.peer.is_some() { 4 } else { 2 },
         enrolled_namespaces: vec!["mesh".into()],
-        log_level: "warn".into(),
-        ztunnel: o.ztunnel.clone(),
-        ztunnel_env: o.ztunnel_env.clone(),
+        // As users run them: the default level, access logs on.
+        log_level: "info".into(),
+        peer: o.peer.clone().map(|binary| crate::PeerZtunnel { binary, env: o.peer_env.clone(), nodes: vec![2, 3] }),
         ..Default::default()
     })?;
     let zpid = |i: usize| lab.nodes[i].ztunnel.as_ref().map(|z| z.pid()).unwrap_or(0);
     let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
     let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;
+    // The peer's pair: the same pods on the peer's two nodes, served the same way.
+    let peer_pods = match o.peer {
+        Some(_) => Some((
+            lab.add_pod_as(2, "mesh", "peer-client", "client").map_err(cni_err)?,
+            lab.add_pod_as(3, "mesh", "peer-server", "server").map_err(cni_err)?,
+        )),
+        None => None,
+    };
     // Each connection run opens thousands of connections from one client to one address; their TIME_WAIT
     // entries (kept 60 s) would slow every later run's port search, more with each round. Load generators
     // reuse them (safe with TCP timestamps); both pods do, for the client and for ztunnel's connections to
     // the app.
-    for p in [&client, &server] {
+    for p in [&client, &server].into_iter().chain(peer_pods.iter().flat_map(|(c, s)| [c, s])) {
         p.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     }
     let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
@@ -404,6 +417,13 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // runs leave behind (same client, same address) would otherwise slow direct's port search and flatter
     // the mesh.
     let echo_direct = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5003), Mode::Echo)?;
+    let peer_servers = match &peer_pods {
+        Some((_, ps)) => Some((
+            LoadServer::start(&ps.netns, SocketAddr::new(ps.ip, 5001), Mode::Sink)?,
+            LoadServer::start(&ps.netns, SocketAddr::new(ps.ip, 5002), Mode::Echo)?,
+        )),
+        None => None,
+    };
 
     progress(&format!("  {} more enrolled pods on node1 (idle memory)…", o.idle_pods.saturating_sub(1)));
     let mut extra = Vec::new();
@@ -422,16 +442,23 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let direct_meters = Meters { pods: [&client.netns, &server.netns], proxies: Vec::new() };
     let relay_meters =
         Meters { pods: [&client.netns, &server.netns], proxies: relays.iter().map(crate::proc::Proc::pid).collect() };
-    let (mut m, mut d, mut f) = (Figures::default(), Figures::default(), Figures::default());
+    let peer_meters =
+        peer_pods.as_ref().map(|(pc, ps)| Meters { pods: [&pc.netns, &ps.netns], proxies: vec![zpid(2), zpid(3)] });
+    let (mut m, mut d, mut f, mut p) = (Figures::default(), Figures::default(), Figures::default(), Figures::default());
     let mut captured = true;
-    let rounds = o.rounds.max(1);
+    // Every path goes first equally often; the last round ends with the mesh (the memory figure needs it).
+    let mut paths = vec![Path::Direct, Path::Relay];
+    if peer_meters.is_some() {
+        paths.push(Path::Peer);
+    }
+    paths.push(Path::Mesh);
+    let rounds = o.rounds.max(1).div_ceil(paths.len()) * paths.len();
     for r in 0..rounds {
-        // Each path goes first in turn; the last round ends with the mesh (the memory figure needs it).
-        let mut order = [Path::Direct, Path::Relay, Path::Mesh];
-        order.rotate_left((rounds - 1 - r) % 3);
+        let mut order = paths.clone();
+        order.rotate_left((rounds - 1 - r) % paths.len());
         for path in order {
             let mesh = path == Path::Mesh;
-            if mesh != captured {
+            if path != Path::Peer && mesh != captured {
                 for p in [&client, &server] {
                     if mesh { lab.capture(p) } else { lab.uncapture(p) }.map_err(cni_err)?;
                 }
@@ -456,6 +483,14 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     ));
                     measure(&relay_meters, relay_sink, relay_echo, o, &mut f, progress)?;
                 }
+                Path::Peer => {
+                    let (Some(meters), Some((psink, pecho))) = (&peer_meters, &peer_servers) else { continue };
+                    progress(&format!(
+                        "  round {}/{rounds}, peer: the same path through the peer's ztunnels (node3 → node4)",
+                        r + 1
+                    ));
+                    measure(meters, psink.addr, pecho.addr, o, &mut p, progress)?;
+                }
             }
         }
     }
@@ -463,6 +498,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     m.finish();
     d.finish();
     f.finish();
+    p.finish();
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
     let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
@@ -490,6 +526,18 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let (r0, r1) = (load::proc_usage(zpid(0))?.0, load::proc_usage(zpid(1))?.0);
     progress(&format!("    ztunnel RSS: node1 {r0:.1} MiB, node2 {r1:.1} MiB"));
     drop(held);
+    // The peer's memory under the same idle connections.
+    let peer_rss = match (&peer_pods, &peer_servers) {
+        (Some((pc, _)), Some((_, pecho))) => {
+            let held = load::hold_idle(&pc.netns, pecho.addr, o.idle_conns)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let rss = load::proc_usage(zpid(2))?.0.max(load::proc_usage(zpid(3))?.0);
+            progress(&format!("    peer ztunnel RSS: {rss:.1} MiB"));
+            drop(held);
+            Some(rss)
+        }
+        _ => None,
+    };
 
     let (dt, dr, dc) = d.json();
     let (mt, mr, mc) = m.json();
@@ -513,11 +561,38 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         ),
     ]);
     drop(extra);
+    // The peer beside the mesh, measured in the same rounds; null without a peer.
+    let with_peer = |v: Value| if peer_meters.is_some() { v } else { Value::Null };
+    let (pt, pr, pc) = p.json();
+    let peer = with_peer(json!({
+        "ratios": p.against(&d),
+        "of_floor": {"throughput_1": round(p.tp(0) / f.tp(0), 2), "connect_rate": round(p.connect_rate() / f.connect_rate(), 2)},
+        "rss_mib_conns_1000": peer_rss.map(|r| round(r, 1)),
+        "mesh_of_peer": {
+            "throughput_1": round(m.tp(0) / p.tp(0), 2),
+            "throughput_8": round(m.tp(1) / p.tp(1), 2),
+            "rr_1b_p50": round(m.rr(0, 50.0) / p.rr(0, 50.0), 2),
+            "connect_rate": round(m.connect_rate() / p.connect_rate(), 2),
+            "cpu_per_gib": round(m.cost[BULK].cpu_per_unit().0 / p.cost[BULK].cpu_per_unit().0, 2),
+            "cpu_per_round_trip": round(m.cost[RR].cpu_per_unit().0 / p.cost[RR].cpu_per_unit().0, 2),
+        },
+    }));
+    // The proxies' CPU per unit of work, for every path that has proxies.
+    let cpu = |x: &Figures| {
+        json!({
+            "bulk_s_per_gib": round(x.cost[BULK].cpu_per_unit().0, 2),
+            "round_trip_us": round(x.cost[RR].cpu_per_unit().0 * 1e6, 1),
+            "connection_us": round(x.cost[CONNECT].cpu_per_unit().0 * 1e6, 1),
+        })
+    };
     Ok(json!({
         "rounds": rounds,
-        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft},
-        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr},
-        "connect": {"direct": dc, "mesh": mc, "floor": fc},
+        "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
+        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt)},
+        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr)},
+        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc)},
+        "cpu_per_unit": {"mesh": cpu(&m), "floor": cpu(&f), "peer": with_peer(cpu(&p))},
+        "peer": peer,
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "breakdown": breakdown,

@@ -25,6 +25,6 @@ pub mod runtime;
 pub mod soak;
 pub mod util;
 
-pub use lab::{Lab, LabConfig, Node, Pod, PodError, PrimaryCni};
+pub use lab::{Lab, LabConfig, Node, PeerZtunnel, Pod, PodError, PrimaryCni};
 pub use netns::Netns;
 pub use util::require_root;

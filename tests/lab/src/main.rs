@@ -42,13 +42,14 @@ enum Cmd {
         /// Seconds per throughput and connection-rate measurement, in each round.
         #[arg(long, default_value_t = 1.5)]
         secs: f64,
-        /// Rounds of mesh and direct, taking turns.
-        #[arg(long, default_value_t = 5)]
+        /// Rounds of every path, taking turns at going first (rounded up to a multiple of the paths).
+        #[arg(long, default_value_t = 6)]
         rounds: usize,
-        /// Measure another ztunnel binary (a drop-in peer) under the same conditions.
+        /// A drop-in peer ztunnel (Istio's, say), measured as a fourth path in the same rounds, on two more
+        /// nodes with the same pods and the same control plane.
         #[arg(long)]
         ztunnel: Option<std::path::PathBuf>,
-        /// Extra environment for that ztunnel (KEY=VALUE, repeatable).
+        /// Extra environment for the peer (KEY=VALUE, repeatable).
         #[arg(long = "ztunnel-env")]
         ztunnel_env: Vec<String>,
         /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect.
@@ -240,7 +241,8 @@ fn main() {
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            let opts = lab::bench::MeshOpts { secs, rounds, ztunnel, ztunnel_env: env, phases, ..Default::default() };
+            let opts =
+                lab::bench::MeshOpts { secs, rounds, peer: ztunnel, peer_env: env, phases, ..Default::default() };
             let xds =
                 lab::bench_cp::XdsOpts { workloads: xds_workloads, policies: xds_policies, changes: xds_changes, pods };
             bench(json, only.as_deref(), pods, opts, xds, keep)
@@ -312,7 +314,11 @@ fn bench(
     let mut out = serde_json::Map::new();
     out.insert("machine".into(), lab::bench::machine());
     if only.is_none_or(|o| o == "mesh") {
-        progress("mesh vs direct (two nodes, one client pod, one server pod)…");
+        progress(if opts.peer.is_some() {
+            "mesh vs direct, the floor and the peer (four nodes: one client and one server pod per ztunnel pair)…"
+        } else {
+            "mesh vs direct and the floor (two nodes, one client pod, one server pod)…"
+        });
         match lab::bench::mesh(&opts, &mut progress) {
             Ok(v) => {
                 if let Some(m) = v.as_object() {
@@ -341,6 +347,41 @@ fn bench(
                     f["mesh_of_floor"]["throughput_1"],
                     f["mesh_of_floor"]["connect_rate"],
                 ));
+                let c = &v["cpu_per_unit"];
+                progress(&format!(
+                    "  proxies' CPU per unit (bulk s/GiB, round trip µs, connection µs): mesh {} / {} / {}, floor {} / {} / {}",
+                    c["mesh"]["bulk_s_per_gib"],
+                    c["mesh"]["round_trip_us"],
+                    c["mesh"]["connection_us"],
+                    c["floor"]["bulk_s_per_gib"],
+                    c["floor"]["round_trip_us"],
+                    c["floor"]["connection_us"],
+                ));
+                let p = &v["peer"];
+                if !p.is_null() {
+                    let (pr, mp) = (&p["ratios"], &p["mesh_of_peer"]);
+                    progress(&format!(
+                        "  peer (same rounds, its own node pair): 1-stream throughput {}× direct, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs, connection rate {}×, CPU {} / {} / {}, RSS with 1000 idle connections {} MiB",
+                        pr["throughput_1"],
+                        pr["throughput_8"],
+                        pr["added_rr_1b_us_p50"],
+                        pr["added_rr_1b_us_p99"],
+                        pr["connect_rate"],
+                        c["peer"]["bulk_s_per_gib"],
+                        c["peer"]["round_trip_us"],
+                        c["peer"]["connection_us"],
+                        p["rss_mib_conns_1000"],
+                    ));
+                    progress(&format!(
+                        "  Ambit of the peer: 1-stream throughput {}×, 8 streams {}×, 1 B round trip p50 {}×, connection rate {}×, CPU per GiB {}×, per round trip {}×",
+                        mp["throughput_1"],
+                        mp["throughput_8"],
+                        mp["rr_1b_p50"],
+                        mp["connect_rate"],
+                        mp["cpu_per_gib"],
+                        mp["cpu_per_round_trip"],
+                    ));
+                }
             }
             Err(e) => {
                 eprintln!("mesh bench failed: {e:#}");

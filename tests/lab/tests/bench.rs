@@ -8,12 +8,23 @@ use lab::bench_cp::{XdsOpts, xds};
 
 #[test]
 fn mesh_bench_reports_every_figure_under_its_stable_key() {
-    let opts = MeshOpts { secs: 0.2, round_trips: 200, rounds: 2, idle_pods: 3, idle_conns: 20, ..Default::default() };
+    // The peer is Ambit's own ztunnel here (any drop-in ztunnel binary will do): what is checked is that it
+    // runs as a fourth path of the same rounds, on its own nodes, and reports under its keys.
+    let peer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/ztunnel");
+    let opts = MeshOpts {
+        secs: 0.2,
+        round_trips: 200,
+        rounds: 2,
+        idle_pods: 3,
+        idle_conns: 20,
+        peer: Some(peer),
+        ..Default::default()
+    };
     let v = mesh(&opts, &mut |_| {}).unwrap();
     let num = |path: &str| -> f64 {
         path.split('.').fold(&v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
     };
-    for side in ["direct", "mesh", "floor"] {
+    for side in ["direct", "mesh", "floor", "peer"] {
         for streams in ["1", "8"] {
             assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
         }
@@ -26,7 +37,21 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     }
     assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
-    assert_eq!(num("rounds"), 2.0);
+    // Rounded up so that each of the four paths goes first once.
+    assert_eq!(num("rounds"), 4.0);
+    assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "mesh"]));
+    for path in ["mesh", "floor", "peer"] {
+        for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us"] {
+            assert!(num(&format!("cpu_per_unit.{path}.{unit}")) > 0.0, "{path} {unit}: {v:#}");
+        }
+    }
+    for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "connect_rate"] {
+        num(&format!("peer.ratios.{ratio}"));
+    }
+    for ratio in ["throughput_1", "rr_1b_p50", "connect_rate", "cpu_per_gib", "cpu_per_round_trip"] {
+        assert!(num(&format!("peer.mesh_of_peer.{ratio}")) > 0.0, "{ratio}: {v:#}");
+    }
+    assert!(num("peer.rss_mib_conns_1000") > 0.0, "{v:#}");
     // Where the work goes: a TCP connection with a 1-byte echo is at least seven packets (handshake, byte,
     // echo, two FINs); the mesh carries each connection over more hops than direct, and each exchange too.
     let (direct, mesh) = (num("breakdown.packets_per_connection.direct"), num("breakdown.packets_per_connection.mesh"));

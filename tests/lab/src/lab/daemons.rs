@@ -122,13 +122,24 @@ impl Lab {
             ]);
         }
         env.extend(self.config.ztunnel_env.iter().cloned());
+        if let Some(peer) = self.config.peer.as_ref().filter(|p| p.nodes.contains(&i)) {
+            env.extend(peer.env.iter().cloned());
+        }
         env
+    }
+
+    /// The ztunnel binary of node `i`: the peer's on its nodes, else the configured one, else Ambit's.
+    pub fn ztunnel_binary(&self, i: usize) -> std::path::PathBuf {
+        match self.config.peer.as_ref().filter(|p| p.nodes.contains(&i)) {
+            Some(peer) => peer.binary.clone(),
+            None => self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel")),
+        }
     }
 
     /// Starts (or restarts) node `i`'s ztunnel (not waiting for readiness).
     pub fn start_ztunnel(&mut self, i: usize) -> anyhow::Result<()> {
         let env = self.ztunnel_env(i);
-        let bin = self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel"));
+        let bin = self.ztunnel_binary(i);
         let node = &mut self.nodes[i];
         if let Some(mut old) = node.ztunnel.take() {
             old.stop(Duration::from_secs(10));
@@ -160,7 +171,7 @@ impl Lab {
         env.push(("ADMIN_ADDR".into(), format!("127.0.0.1:{}", ADMIN_PORT + port_offset)));
         env.push(("STATS_ADDR".into(), format!("[::]:{}", METRICS_PORT + port_offset)));
         env.push(("READINESS_ADDR".into(), format!("[::]:{}", READY_PORT + port_offset)));
-        let bin = self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel"));
+        let bin = self.ztunnel_binary(i);
         let node = &self.nodes[i];
         let mut cmd = node.netns.command(bin);
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").envs(env);

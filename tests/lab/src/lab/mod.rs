@@ -80,6 +80,19 @@ pub struct LabConfig {
     /// CNIs do), both Debian's with `host-local`. The default comes from `AMBIT_LAB_CNI` (`bridge` when unset),
     /// so a whole test suite can run on either.
     pub primary_cni: PrimaryCni,
+    /// Another ztunnel on some nodes, instead of `ztunnel` (a drop-in peer measured beside Ambit's).
+    pub peer: Option<PeerZtunnel>,
+}
+
+/// A drop-in peer ztunnel (Istio's, say) on some of the lab's nodes.
+#[derive(Debug, Clone)]
+pub struct PeerZtunnel {
+    /// Its binary.
+    pub binary: PathBuf,
+    /// Extra environment for it (after the lab's and `ztunnel_env`).
+    pub env: Vec<(String, String)>,
+    /// The nodes (indexes) it runs on.
+    pub nodes: Vec<usize>,
 }
 
 /// The lab's primary CNI.
@@ -128,6 +141,7 @@ impl Default for LabConfig {
             control_plane: true,
             rule_backend: "nftables".into(),
             primary_cni: PrimaryCni::from_env(),
+            peer: None,
         }
     }
 }
