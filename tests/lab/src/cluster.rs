@@ -1,4 +1,4 @@
-//! The cluster tier (work in progress): a real kubelet per node, with kube-controller-manager and
+//! The cluster tier: a real kubelet per node, with kube-controller-manager and
 //! kube-scheduler beside the API server, all built from Debian's `kubernetes` source package
 //! (`scripts/kube-build`), and containerd + runc as the runtime.
 //!

@@ -1,5 +1,6 @@
-//! The cluster tier (work in progress): a real kubelet runs pods the API server schedules. Needs root and the
-//! Kubernetes binaries (`scripts/kube-build kube-apiserver kubelet kube-controller-manager kube-scheduler`).
+//! The cluster tier: a real kubelet runs the pods the API server schedules, and Ambit installed by its own
+//! manifests. Needs root, the Kubernetes binaries (`scripts/kube-build kube-apiserver kubelet
+//! kube-controller-manager kube-scheduler`) and Debian's kubectl 1.20 (`scripts/test` provides both).
 
 use std::time::Duration;
 
@@ -8,42 +9,7 @@ use lab::cluster::{AMBIT_NAMESPACE, Cluster, TOOLS_IMAGE};
 use lab::util::wait_for;
 use lab::{Lab, LabConfig};
 
-#[test]
-fn a_real_kubelet_runs_a_scheduled_pod() {
-    let mut lab =
-        Lab::start(LabConfig { kubernetes: true, runtime: true, nodes: 1, start_daemons: false, ..Default::default() })
-            .expect("lab starts");
-    let _cluster = Cluster::start(&mut lab).expect("the cluster starts");
-    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "p1", "namespace": "default"},
-        "spec": {"containers": [{"name": "c", "image": "docker.io/library/pause:latest", "imagePullPolicy": "Never"}]},
-    }))
-    .unwrap();
-    lab.kube()
-        .run(move |c| async move {
-            let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(c, "default");
-            pods.create(&Default::default(), &pod).await
-        })
-        .unwrap()
-        .unwrap();
-    let ip = wait_for("the pod to run", Duration::from_secs(60), || {
-        lab.kube()
-            .run(|c| async move {
-                let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(c, "default");
-                let p = pods.get("p1").await.ok()?;
-                let s = p.status?;
-                (s.phase.as_deref() == Some("Running")).then_some(s.pod_ip).flatten()
-            })
-            .ok()
-            .flatten()
-    })
-    .unwrap();
-    // Networked by the node's CNI chain: an address of the node's pod range, in a netns containerd made.
-    let ip: std::net::IpAddr = ip.parse().unwrap();
-    assert!(ip.to_string().starts_with("10.244.1."), "{ip}");
-}
-
-/// The pods of `namespace` through the API.
+/// A pod, through the API.
 fn api_pod(lab: &Lab, namespace: &str, name: &str) -> Option<Pod> {
     let (ns, name) = (namespace.to_string(), name.to_string());
     lab.kube()
@@ -183,15 +149,31 @@ fn ask_ca(lab: &Lab, token: String, id: &str) -> String {
     }
 }
 
+/// A one-node tier: the lab's node with containerd, the API server, controller-manager and scheduler, and a
+/// real kubelet.
+fn tier() -> (Lab, Cluster) {
+    let mut lab =
+        Lab::start(LabConfig { kubernetes: true, runtime: true, nodes: 1, start_daemons: false, ..Default::default() })
+            .expect("lab starts");
+    let cluster = Cluster::start(&mut lab).expect("the cluster starts");
+    (lab, cluster)
+}
+
+/// The tier alone, without Ambit: a pod created through the API server is scheduled, run by the kubelet over
+/// the node's CNI chain, and gets an address of the node's range.
+#[test]
+fn a_real_kubelet_runs_a_scheduled_pod() {
+    let (lab, cluster) = tier();
+    let pod = run_pod(&lab, &cluster, "default", "p1", "docker.io/library/pause:latest", &[]);
+    assert!(pod_ip(&pod).to_string().starts_with("10.244.1."), "{:?}", pod.status);
+}
+
 /// Issue 14's cluster tier: Ambit installed by `kubectl apply -k` of its own manifests, run by a real kubelet;
 /// pods of an ambient namespace start captured and talk over HBONE; `debug pod` in the agent's pod says so; a
 /// rolling update of the agent changes nothing on the node; deleting the agent's DaemonSet removes Ambit.
 #[test]
 fn ambit_installed_by_its_manifests_captures_pods_that_talk_over_hbone() {
-    let mut lab =
-        Lab::start(LabConfig { kubernetes: true, runtime: true, nodes: 1, start_daemons: false, ..Default::default() })
-            .expect("lab starts");
-    let cluster = Cluster::start(&mut lab).expect("the cluster starts");
+    let (mut lab, cluster) = tier();
     let bin_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug");
     cluster.install_ambit(&mut lab, &bin_dir).unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.describe(&lab)));
 
