@@ -1126,8 +1126,6 @@ pub async fn uninstall(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-/// Whether the netns at `path` is no longer the one the agent holds (inode `held`; `None`: the agent holds
-/// none, and then only a missing path counts). A netns it cannot inspect for another reason is kept.
 /// Opens a held pod's netns by its recorded path, refusing a path that now names another netns: the pod's is
 /// gone (the sweep drops it), and its rules must never be checked or installed in someone else's.
 fn open_held(path: &Path, held: Option<u64>) -> Result<PodNetns, NetnsError> {
@@ -1138,12 +1136,10 @@ fn open_held(path: &Path, held: Option<u64>) -> Result<PodNetns, NetnsError> {
     }
 }
 
+/// Whether the netns at `path` is no longer the one the agent holds (inode `held`; `None`: the agent holds
+/// none, and then only a missing path counts). A netns it cannot inspect for another reason is kept.
 fn netns_vanished(path: &Path, held: Option<u64>) -> bool {
-    match PodNetns::open(path) {
-        Ok(ns) => held.is_some_and(|h| h != ns.inode()),
-        Err(NetnsError::Gone(_)) => true,
-        Err(_) => false,
-    }
+    matches!(open_held(path, held), Err(NetnsError::Gone(_)))
 }
 
 #[cfg(test)]
