@@ -126,7 +126,7 @@ impl Cluster {
                 .arg(format!("--config={}", dir.join("config.yaml").display()))
                 .arg("--container-runtime=remote")
                 .arg(format!("--container-runtime-endpoint=unix://{}", containerd.socket().display()))
-                .arg(format!("--root-dir={}", dir.join("root").display()))
+                .arg(format!("--root-dir={}", root.display()))
                 .arg(format!("--cert-dir={}", dir.join("pki").display()))
                 .arg(format!("--hostname-override={}", n.name))
                 .arg(format!("--node-ip={}", n.ip));
@@ -166,39 +166,26 @@ pub const AMBIT_NAMESPACE: &str = "ambit-system";
 /// do; the netns dir is named by its real path, /run/netns (containerd checks that a HostToContainer source
 /// is a shared mount without resolving the /var/run symlink, and on this machine / is a private mount, where a
 /// systemd host's is shared); and the lab's control plane is istiod (its address as istiod's name, in ztunnel's /etc/hosts).
-fn tier_overlay(node: &crate::Node) -> Vec<(&'static str, String)> {
+fn tier_overlay(base: &Path, node: &crate::Node) -> anyhow::Result<Vec<(&'static str, String)>> {
     let d = node.dir.display();
+    // The agent's config is the base's own, with the plugin told the host's paths of the agent's socket and
+    // of its log, and logging at debug.
+    let manifest = std::fs::read_to_string(base.join("node/20-agent.yaml"))?;
+    let config_map = serde_yaml_ng::Deserializer::from_str(&manifest).next().context("an empty manifest")?;
+    let mut config_map = <serde_json::Value as serde::Deserialize>::deserialize(config_map)?;
+    let config = config_map["data"]["agent.yaml"].as_str().context("no agent.yaml in the agent's ConfigMap")?;
+    let mut config: serde_json::Value = serde_yaml_ng::from_str(config)?;
+    let plugin = &mut config["install"]["pluginConfig"];
+    plugin["agent_socket"] = format!("{d}/run/ambit/cni.sock").into();
+    plugin["log_file"] = format!("{d}/run/ambit/cni.log").into();
+    plugin["log_level"] = "debug".into();
+    config_map["data"]["agent.yaml"] = serde_yaml_ng::to_string(&config)?.into();
+    let agent_config = serde_yaml_ng::to_string(&config_map)?;
     let kustomization = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nbases:\n- ../kubernetes\n\
                          patchesStrategicMerge:\n- agent.yaml\n- ztunnel.yaml\n"
         .to_string();
     let agent = format!(
-        r#"apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: ambit-node
-  namespace: ambit-system
-data:
-  agent.yaml: |
-    mode: kubernetes
-    cniSocket: /var/run/ambit/cni.sock
-    zdsSocket: /var/run/ztunnel/ztunnel.sock
-    stateDir: /var/run/ambit/pods
-    ruleBackend: nftables
-    healthAddr: "[::]:15014"
-    kubernetes:
-      excludeNamespaces: [kube-system]
-      hostProc: /host/proc
-    install:
-      cniBinDir: /host/opt/cni/bin
-      cniConfDir: /host/etc/cni/net.d
-      pluginConfig:
-        agent_socket: {d}/run/ambit/cni.sock
-        log_level: debug
-        log_file: {d}/run/ambit/cni.log
-        exclude_namespaces: [kube-system]
-        agent_namespace: ambit-system
-        agent_pod_prefix: ambit-node-
----
+        r#"{config}---
 apiVersion: apps/v1
 kind: DaemonSet
 metadata:
@@ -221,6 +208,7 @@ spec:
       - {{name: ztunnel-run, hostPath: {{path: {d}/run/ztunnel}}}}
       - {{name: netns, hostPath: {{path: /run/netns}}}}
 "#,
+        config = agent_config,
         api = crate::kube::API_IP,
         port = crate::kube::API_PORT,
     );
@@ -245,7 +233,7 @@ spec:
         cp = crate::controlplane::CP_IP,
         istiod = crate::controlplane::CP_HOSTNAME,
     );
-    vec![("kustomization.yaml", kustomization), ("agent.yaml", agent), ("ztunnel.yaml", ztunnel)]
+    Ok(vec![("kustomization.yaml", kustomization), ("agent.yaml", agent), ("ztunnel.yaml", ztunnel)])
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -288,9 +276,10 @@ impl Cluster {
         cp.restart()?;
 
         let deploy = lab.dir.join("deploy");
-        copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes"), &deploy.join("kubernetes"))?;
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes");
+        copy_tree(&base, &deploy.join("kubernetes"))?;
         std::fs::create_dir_all(deploy.join("tier"))?;
-        for (file, text) in tier_overlay(&lab.nodes[0]) {
+        for (file, text) in tier_overlay(&base, &lab.nodes[0])? {
             std::fs::write(deploy.join("tier").join(file), text)?;
         }
         lab.kubectl(&["apply", "-k", &deploy.join("tier").display().to_string()])?;
@@ -409,58 +398,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Copies `bin` and every shared library `ldd` names for it into `rootfs` at the same paths.
-fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path) -> anyhow::Result<()> {
-    let target = rootfs.join(dest.strip_prefix("/").unwrap_or(dest));
-    std::fs::create_dir_all(target.parent().expect("a file path"))?;
-    std::fs::copy(bin, &target).with_context(|| format!("copying {}", bin.display()))?;
-    let out = std::process::Command::new("ldd").arg(bin).output()?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // `libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
-        let path = line.split("=>").last().unwrap_or(line).split_whitespace().next().unwrap_or_default();
-        if path.starts_with('/') {
-            let lib = Path::new(path);
-            let to = rootfs.join(path.trim_start_matches('/'));
-            if !to.exists() {
-                std::fs::create_dir_all(to.parent().expect("a file path"))?;
-                // Follow symlinks: the image holds the file under the name the loader asks for.
-                std::fs::copy(lib, &to).with_context(|| format!("copying {path}"))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Builds an OCI image archive `dir/image.tar` holding `files` (source, path in the image) with the shared
-/// libraries each needs, in an otherwise empty root (plus `/tmp`).
-fn build_image(dir: &Path, files: &[(PathBuf, &str)]) -> anyhow::Result<PathBuf> {
-    let run = |cmd: &mut std::process::Command| -> anyhow::Result<()> {
-        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-        anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        Ok(())
-    };
-    std::fs::create_dir_all(dir)?;
-    let layout = dir.join("oci");
-    let image = format!("{}:latest", layout.display());
-    let bundle = dir.join("bundle");
-    let _ = std::fs::remove_dir_all(&layout);
-    let _ = std::fs::remove_dir_all(&bundle);
-    run(std::process::Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
-    run(std::process::Command::new("umoci").args(["new", "--image", &image]))?;
-    run(std::process::Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle))?;
-    let rootfs = bundle.join("rootfs");
-    for (src, dest) in files {
-        copy_with_libs(src, &rootfs, Path::new(dest))?;
-    }
-    std::fs::create_dir_all(rootfs.join("tmp"))?;
-    run(std::process::Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
-    let tar = dir.join("image.tar");
-    run(std::process::Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg("."))?;
-    let _ = std::fs::remove_dir_all(&bundle);
-    let _ = std::fs::remove_dir_all(&layout);
-    Ok(tar)
-}
-
 /// Builds Ambit's image (`ambit/ambit:latest`, what `deploy/kubernetes` runs) as an OCI archive: the three
 /// binaries from this build, and `nft` with its libraries. The content of `deploy/Containerfile`'s image that
 /// the agent and ztunnel use, without a container engine.
@@ -471,12 +408,12 @@ pub fn build_ambit_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> 
         (bin_dir.join("ztunnel"), "/usr/local/bin/ztunnel"),
     ];
     files.push((which("nft")?, "/usr/sbin/nft"));
-    build_image(dir, &files)
+    crate::runtime::build_image(dir, &files, None)
 }
 
 /// Builds the tier's app image: the `lab` binary (`lab echo` serves the tests' traffic).
 pub fn build_tools_image(dir: &Path, bin_dir: &Path) -> anyhow::Result<PathBuf> {
-    build_image(dir, &[(bin_dir.join("lab"), "/usr/local/bin/lab")])
+    crate::runtime::build_image(dir, &[(bin_dir.join("lab"), "/usr/local/bin/lab")], None)
 }
 
 fn which(name: &str) -> anyhow::Result<PathBuf> {

@@ -44,19 +44,57 @@ pub fn build_pause_image(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("pause.c"), PAUSE_C)?;
     run(Command::new("gcc").args(["-static", "-O2", "-o"]).arg(dir.join("pause")).arg(dir.join("pause.c")))?;
+    build_image(dir, &[(dir.join("pause"), "/pause")], Some("/pause"))
+}
+
+/// Builds an OCI image archive `dir/image.tar` holding `files` (source, path in the image) with the shared
+/// libraries each needs, in an otherwise empty root (plus `/tmp`), with `entrypoint` if given.
+pub fn build_image(dir: &Path, files: &[(PathBuf, &str)], entrypoint: Option<&str>) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
     let layout = dir.join("oci");
     let image = format!("{}:latest", layout.display());
     let bundle = dir.join("bundle");
+    let _ = std::fs::remove_dir_all(&layout);
+    let _ = std::fs::remove_dir_all(&bundle);
     run(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
     run(Command::new("umoci").args(["new", "--image", &image]))?;
     run(Command::new("umoci").args(["unpack", "--image", &image]).arg(&bundle))?;
-    std::fs::copy(dir.join("pause"), bundle.join("rootfs/pause"))?;
+    let rootfs = bundle.join("rootfs");
+    for (src, dest) in files {
+        copy_with_libs(src, &rootfs, Path::new(dest))?;
+    }
+    std::fs::create_dir_all(rootfs.join("tmp"))?;
     run(Command::new("umoci").args(["repack", "--image", &image]).arg(&bundle))?;
-    run(Command::new("umoci").args(["config", "--image", &image, "--config.entrypoint", "/pause"]))?;
-    let tar = dir.join("pause.tar");
+    if let Some(e) = entrypoint {
+        run(Command::new("umoci").args(["config", "--image", &image, "--config.entrypoint", e]))?;
+    }
+    let tar = dir.join("image.tar");
     run(Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg("."))?;
     let _ = std::fs::remove_dir_all(&bundle);
+    let _ = std::fs::remove_dir_all(&layout);
     Ok(tar)
+}
+
+/// Copies `bin` and every shared library `ldd` names for it into `rootfs` at the same paths.
+fn copy_with_libs(bin: &Path, rootfs: &Path, dest: &Path) -> anyhow::Result<()> {
+    let target = rootfs.join(dest.strip_prefix("/").unwrap_or(dest));
+    std::fs::create_dir_all(target.parent().expect("a file path"))?;
+    std::fs::copy(bin, &target).with_context(|| format!("copying {}", bin.display()))?;
+    let out = std::process::Command::new("ldd").arg(bin).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // `libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`.
+        let path = line.split("=>").last().unwrap_or(line).split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            let lib = Path::new(path);
+            let to = rootfs.join(path.trim_start_matches('/'));
+            if !to.exists() {
+                std::fs::create_dir_all(to.parent().expect("a file path"))?;
+                // Follow symlinks: the image holds the file under the name the loader asks for.
+                std::fs::copy(lib, &to).with_context(|| format!("copying {path}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A sandbox containerd runs.
