@@ -303,23 +303,13 @@ impl Cluster {
 
     /// Waits until one pod matching `selector` in `namespace` is Ready, and returns it.
     pub fn wait_ready_pod(&self, lab: &Lab, namespace: &str, selector: &str) -> anyhow::Result<Pod> {
-        let (ns, sel) = (namespace.to_string(), selector.to_string());
         wait_for(&format!("a Ready pod {selector} in {namespace}"), Duration::from_secs(90), || {
-            let (ns, sel) = (ns.clone(), sel.clone());
-            lab.kube()
-                .run(move |c| async move {
-                    let pods: kube::Api<Pod> = kube::Api::namespaced(c, &ns);
-                    let list = pods.list(&kube::api::ListParams::default().labels(&sel)).await.ok()?;
-                    list.items.into_iter().find(|p| {
-                        p.metadata.deletion_timestamp.is_none()
-                            && p.status
-                                .as_ref()
-                                .and_then(|s| s.conditions.as_ref())
-                                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-                    })
-                })
-                .ok()
-                .flatten()
+            live_pods(lab, namespace, selector).ok()?.into_iter().find(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
         })
         .with_context(|| self.describe(lab))
     }
@@ -347,16 +337,10 @@ impl Cluster {
 
     /// The name of a live pod matching `selector` in `namespace`.
     pub fn pod_by_label(&self, lab: &Lab, namespace: &str, selector: &str) -> anyhow::Result<String> {
-        let (ns, sel) = (namespace.to_string(), selector.to_string());
-        lab.kube().run(move |c| async move {
-            let pods: kube::Api<Pod> = kube::Api::namespaced(c, &ns);
-            let list = pods.list(&kube::api::ListParams::default().labels(&sel)).await?;
-            list.items
-                .into_iter()
-                .find(|p| p.metadata.deletion_timestamp.is_none())
-                .and_then(|p| p.metadata.name)
-                .ok_or_else(|| anyhow::anyhow!("no pod {sel} in {ns}"))
-        })?
+        live_pods(lab, namespace, selector)?
+            .into_iter()
+            .find_map(|p| p.metadata.name)
+            .ok_or_else(|| anyhow::anyhow!("no pod {selector} in {namespace}"))
     }
 
     /// The netns of a pod's sandbox on node `node` (what `kubectl exec` enters), found through CRI.
@@ -374,6 +358,16 @@ impl Cluster {
 }
 
 use k8s_openapi::api::core::v1::Pod;
+
+/// The pods matching `selector` in `namespace` that are not being deleted.
+fn live_pods(lab: &Lab, namespace: &str, selector: &str) -> anyhow::Result<Vec<Pod>> {
+    let (ns, sel) = (namespace.to_string(), selector.to_string());
+    lab.kube().run(move |c| async move {
+        let pods: kube::Api<Pod> = kube::Api::namespaced(c, &ns);
+        let list = pods.list(&kube::api::ListParams::default().labels(&sel)).await?;
+        anyhow::Ok(list.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect())
+    })?
+}
 
 impl Drop for Cluster {
     fn drop(&mut self) {
