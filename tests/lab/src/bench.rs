@@ -264,6 +264,16 @@ impl Figures {
         .unwrap_or_default()
     }
 
+    /// The proxies' CPU per unit of work in each phase: seconds per GiB of bulk, µs per round trip and per
+    /// connection.
+    fn cpu_json(&self) -> Value {
+        json!({
+            "bulk_s_per_gib": round(self.cost[BULK].cpu_per_unit().0, 2),
+            "round_trip_us": round(self.cost[RR].cpu_per_unit().0 * 1e6, 1),
+            "connection_us": round(self.cost[CONNECT].cpu_per_unit().0 * 1e6, 1),
+        })
+    }
+
     fn json(&self) -> (Value, Value, Value) {
         (
             json!({"1": round(self.tp(0) / 1e9, 2), "8": round(self.tp(1) / 1e9, 2)}),
@@ -377,6 +387,14 @@ fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// The peer's path: a pod pair on the peer's two nodes and their load servers.
+struct PeerPair {
+    client: crate::Pod,
+    server: crate::Pod,
+    sink: crate::load::LoadServer,
+    echo: crate::load::LoadServer,
+}
+
 /// The mesh against direct TCP between the same two pods on two nodes, plus ztunnel's memory and CPU.
 ///
 /// Direct and mesh take turns, in rounds (capture is switched off and on again between them with
@@ -397,18 +415,23 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
     let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;
     // The peer's pair: the same pods on the peer's two nodes, served the same way.
-    let peer_pods = match o.peer {
-        Some(_) => Some((
-            lab.add_pod_as(2, "mesh", "peer-client", "client").map_err(cni_err)?,
-            lab.add_pod_as(3, "mesh", "peer-server", "server").map_err(cni_err)?,
-        )),
+    let peer = match o.peer {
+        Some(_) => {
+            let (client, server) = (
+                lab.add_pod_as(2, "mesh", "peer-client", "client").map_err(cni_err)?,
+                lab.add_pod_as(3, "mesh", "peer-server", "server").map_err(cni_err)?,
+            );
+            let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
+            let echo = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5002), Mode::Echo)?;
+            Some(PeerPair { client, server, sink, echo })
+        }
         None => None,
     };
     // Each connection run opens thousands of connections from one client to one address; their TIME_WAIT
     // entries (kept 60 s) would slow every later run's port search, more with each round. Load generators
     // reuse them (safe with TCP timestamps); both pods do, for the client and for ztunnel's connections to
     // the app.
-    for p in [&client, &server].into_iter().chain(peer_pods.iter().flat_map(|(c, s)| [c, s])) {
+    for p in [&client, &server].into_iter().chain(peer.iter().flat_map(|pp| [&pp.client, &pp.server])) {
         p.netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     }
     let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
@@ -417,13 +440,6 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // runs leave behind (same client, same address) would otherwise slow direct's port search and flatter
     // the mesh.
     let echo_direct = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5003), Mode::Echo)?;
-    let peer_servers = match &peer_pods {
-        Some((_, ps)) => Some((
-            LoadServer::start(&ps.netns, SocketAddr::new(ps.ip, 5001), Mode::Sink)?,
-            LoadServer::start(&ps.netns, SocketAddr::new(ps.ip, 5002), Mode::Echo)?,
-        )),
-        None => None,
-    };
 
     progress(&format!("  {} more enrolled pods on node1 (idle memory)…", o.idle_pods.saturating_sub(1)));
     let mut extra = Vec::new();
@@ -443,7 +459,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let relay_meters =
         Meters { pods: [&client.netns, &server.netns], proxies: relays.iter().map(crate::proc::Proc::pid).collect() };
     let peer_meters =
-        peer_pods.as_ref().map(|(pc, ps)| Meters { pods: [&pc.netns, &ps.netns], proxies: vec![zpid(2), zpid(3)] });
+        peer.as_ref().map(|pp| Meters { pods: [&pp.client.netns, &pp.server.netns], proxies: vec![zpid(2), zpid(3)] });
     let (mut m, mut d, mut f, mut p) = (Figures::default(), Figures::default(), Figures::default(), Figures::default());
     let mut captured = true;
     // Every path goes first equally often; the last round ends with the mesh (the memory figure needs it).
@@ -484,12 +500,12 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     measure(&relay_meters, relay_sink, relay_echo, o, &mut f, progress)?;
                 }
                 Path::Peer => {
-                    let (Some(meters), Some((psink, pecho))) = (&peer_meters, &peer_servers) else { continue };
+                    let (Some(pp), Some(meters)) = (&peer, &peer_meters) else { continue };
                     progress(&format!(
                         "  round {}/{rounds}, peer: the same path through the peer's ztunnels (node3 → node4)",
                         r + 1
                     ));
-                    measure(meters, psink.addr, pecho.addr, o, &mut p, progress)?;
+                    measure(meters, pp.sink.addr, pp.echo.addr, o, &mut p, progress)?;
                 }
             }
         }
@@ -527,16 +543,16 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     progress(&format!("    ztunnel RSS: node1 {r0:.1} MiB, node2 {r1:.1} MiB"));
     drop(held);
     // The peer's memory under the same idle connections.
-    let peer_rss = match (&peer_pods, &peer_servers) {
-        (Some((pc, _)), Some((_, pecho))) => {
-            let held = load::hold_idle(&pc.netns, pecho.addr, o.idle_conns)?;
+    let peer_rss = match &peer {
+        Some(pp) => {
+            let held = load::hold_idle(&pp.client.netns, pp.echo.addr, o.idle_conns)?;
             std::thread::sleep(Duration::from_millis(500));
             let rss = load::proc_usage(zpid(2))?.0.max(load::proc_usage(zpid(3))?.0);
             progress(&format!("    peer ztunnel RSS: {rss:.1} MiB"));
             drop(held);
             Some(rss)
         }
-        _ => None,
+        None => None,
     };
 
     let (dt, dr, dc) = d.json();
@@ -578,13 +594,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         },
     }));
     // The proxies' CPU per unit of work, for every path that has proxies.
-    let cpu = |x: &Figures| {
-        json!({
-            "bulk_s_per_gib": round(x.cost[BULK].cpu_per_unit().0, 2),
-            "round_trip_us": round(x.cost[RR].cpu_per_unit().0 * 1e6, 1),
-            "connection_us": round(x.cost[CONNECT].cpu_per_unit().0 * 1e6, 1),
-        })
-    };
+    let cpu = Figures::cpu_json;
     Ok(json!({
         "rounds": rounds,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
@@ -604,9 +614,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
 /// Where the work goes, per phase: packets on the path (both paths) and the ztunnels' CPU with its kernel
 /// share (mesh). With busy polling on, the per-round-trip and per-connection CPU includes the polling.
 fn breakdown(d: &Figures, m: &Figures) -> Value {
-    let (bulk, bulk_k) = m.cost[BULK].cpu_per_unit();
-    let (rr, rr_k) = m.cost[RR].cpu_per_unit();
-    let (conn, conn_k) = m.cost[CONNECT].cpu_per_unit();
+    let share = |phase: usize| round(m.cost[phase].cpu_per_unit().1, 2);
+    let mut ztunnel_cpu = m.cpu_json();
+    ztunnel_cpu["kernel_share"] = json!({"bulk": share(BULK), "round_trip": share(RR), "connection": share(CONNECT)});
     json!({
         "packets_per_connection": {
             "direct": round(d.cost[CONNECT].packets_per_unit(), 1),
@@ -620,12 +630,7 @@ fn breakdown(d: &Figures, m: &Figures) -> Value {
             "direct": round(d.cost[BULK].packets_per_unit() / 1024.0, 1),
             "mesh": round(m.cost[BULK].packets_per_unit() / 1024.0, 1),
         },
-        "ztunnel_cpu": {
-            "bulk_s_per_gib": round(bulk, 2),
-            "round_trip_us": round(rr * 1e6, 1),
-            "connection_us": round(conn * 1e6, 1),
-            "kernel_share": {"bulk": round(bulk_k, 2), "round_trip": round(rr_k, 2), "connection": round(conn_k, 2)},
-        },
+        "ztunnel_cpu": ztunnel_cpu,
     })
 }
 
