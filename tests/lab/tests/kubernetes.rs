@@ -232,16 +232,12 @@ fn a_restarted_agent_rebuilds_from_the_api_and_proc() {
         std::fs::remove_file(e.path()).unwrap();
     }
     lab.start_agent(0).unwrap();
-    wait_for("the agent to re-adopt the pod", Duration::from_secs(20), || {
-        let records = std::fs::read_dir(lab.nodes[0].dir.join("state")).ok()?.count();
-        (records == 1).then_some(())
+    let rec_path = wait_for("the agent to re-adopt the pod", Duration::from_secs(20), || {
+        let records = lab.nodes[0].pod_records();
+        (records.len() == 1).then(|| records[0].clone())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().next().unwrap().unwrap().path())
-            .unwrap(),
-    )
-    .unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(rec_path).unwrap()).unwrap();
     assert!(rec["netnsPath"].as_str().unwrap().starts_with("/proc/"), "{rec}");
     assert_eq!(p.nft_ruleset().unwrap().matches("table inet ambit").count(), 1);
     assert!(served(&lab, &p));
@@ -255,7 +251,7 @@ fn a_pod_whose_recorded_netns_went_stale_stays_served_across_a_restart() {
     wait_state(&lab, &p, true);
     lab.nodes[0].agent.as_mut().unwrap().stop(Duration::from_secs(5));
     // The recorded netns path no longer leads to the pod's netns.
-    let rec_path = std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().next().unwrap().unwrap().path();
+    let rec_path = lab.nodes[0].pod_records().remove(0);
     let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
     rec["netnsPath"] = serde_json::json!("/proc/999999999/ns/net");
     std::fs::write(&rec_path, serde_json::to_vec(&rec).unwrap()).unwrap();

@@ -209,8 +209,8 @@ fn a_ztunnel_that_nacks_fails_the_pod_and_leaves_nothing() {
         }
     }
     assert_eq!(fake.join().unwrap(), 3);
-    let records: Vec<_> = std::fs::read_dir(lab.nodes[0].dir.join("state")).unwrap().collect();
-    assert!(records.is_empty(), "the agent recorded refused pods");
+    let records = lab.nodes[0].pod_records();
+    assert!(records.is_empty(), "the agent recorded refused pods: {records:?}");
     let set = lab.nodes[0].netns.exec("nft", &["list", "set", "inet", "ambit-host", "probes-v4"]).unwrap();
     assert!(!set.contains("10.244."), "refused pods in the probe set: {set}");
     let fds_after = open_fds(agent_pid);

@@ -183,6 +183,16 @@ impl Node {
         self.dir.join("run/ztunnel.sock")
     }
 
+    /// The agent's pod records: whole `UID.json` files only. A record being written is a `.json.tmp` until it
+    /// is renamed, so counting every file of the directory would catch a half-written one.
+    pub fn pod_records(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("state")) else { return Vec::new() };
+        let mut records: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        records.sort();
+        records
+    }
+
     /// GET on ztunnel's admin or metrics port, from inside the node.
     pub fn ztunnel_get(&self, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         http_get(&self.netns, SocketAddr::from((Ipv4Addr::LOCALHOST, port)), path)
