@@ -1,17 +1,23 @@
-//! Adaptive busy polling: after I/O activity, a worker keeps polling its sockets (instead of sleeping in
+//! Adaptive busy polling: after I/O activity, a worker may keep polling its sockets (instead of sleeping in
 //! `epoll_wait`) for a short window, so the next packet of a conversation is picked up without a wakeup.
 //!
 //! On virtual machines a wakeup of a sleeping thread costs tens of microseconds (the vCPU halts and must be
 //! interrupted back), and a packet crossing the mesh passes two proxies, so each round trip would pay several
 //! of them. The polling happens where the worker's current-thread runtime would otherwise go to sleep — its
-//! park hook, [`on_idle`], which runs only once every task that was ready has run: there, within `window`
-//! of the last activity, it offers the CPU to any other runnable thread (the pod's app, the peer proxy)
+//! park hook, [`on_idle`], which runs only once every task that was ready has run: there, within the window
+//! after the last activity, it offers the CPU to any other runnable thread (the pod's app, the peer proxy)
 //! with `sched_yield` and has the runtime poll its I/O driver without waiting instead of blocking. Spinning
-//! thus uses only time nobody else wants, never delays work of its own worker, and stops `window` after the
-//! last event, so an idle ztunnel sleeps. (A task that yielded in a loop did the same less well: after
-//! polling its driver the runtime polls its `block_on` future before the tasks the driver woke, and tasks
-//! woken by tasks queue behind a spinning task, so the spinner gave the CPU away with work still waiting —
-//! a scheduler round, tens of µs, per packet.)
+//! thus uses only time nobody else wants and never delays work of its own worker. (A task that yielded in a
+//! loop did the same less well: after polling its driver the runtime polls its `block_on` future before the
+//! tasks the driver woke, and tasks woken by tasks queue behind a spinning task, so the spinner gave the CPU
+//! away with work still waiting — a scheduler round, tens of µs, per packet.)
+//!
+//! Polling pays only when the next event comes within the window: a poll that ends in sleep anyway spent its
+//! whole window for nothing. So each worker chooses its window from the gaps it observes between going idle
+//! and the next event ([`Window`]): the window that would have saved the most over the recent gaps, a saved
+//! wakeup being worth at most `AMBIT_BUSY_POLL` of polling, or none. Traffic whose events come back to back
+//! is polled for; a conversation that pauses between requests is polled for only across the short gaps of a
+//! request crossing the proxies, not through its pauses; traffic that only pauses costs no CPU while it waits.
 //!
 //! Each worker also watches its traffic for pauses ([`watch_pauses`]) to return a burst's memory
 //! ([`crate::heap`]).
@@ -25,7 +31,8 @@ use tokio::sync::Notify;
 /// One worker's state. Only its own thread uses it; the fields are atomics (relaxed: plain loads and stores
 /// on x86 and arm64) so that its tasks can be ordinary `Send` tasks of the worker's runtime.
 pub struct Spinner {
-    window: Duration,
+    /// The longest window (`AMBIT_BUSY_POLL`).
+    max: Duration,
     activity: AtomicU64,
     /// The pause watcher waits for traffic to start.
     sleeping: AtomicBool,
@@ -34,10 +41,106 @@ pub struct Spinner {
     poll: Notify,
 }
 
+/// The polling window of one worker, chosen from the gaps it observed between going idle and the next event.
+///
+/// Polling for a gap that ends within the window saves a wakeup and spends the gap; a gap longer than the
+/// window spends the whole window and saves nothing. With a saved wakeup valued at the longest window `max`
+/// (`AMBIT_BUSY_POLL`: the most a worker may spend to save one), the window is the candidate (10 µs doubling
+/// up to `max`) that would have saved the most, net, over the recent gaps: Σ (max − gap) over the gaps it
+/// covers, less the window for each gap it does not; none (no polling) when no candidate comes out ahead. A
+/// conversation whose events come back to back is polled for; a request every millisecond is not (it would
+/// spend the window on every pause); traffic with both — short gaps while a request crosses the proxies, a
+/// long pause between requests — gets a window that covers the short gaps only. Recent gaps weigh most: each
+/// new one discounts the older ones by 1/32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    max: Duration,
+    /// How many candidate windows there are ([`Window::candidate`]).
+    n: usize,
+    /// For each candidate, the (discounted) number of recent gaps it is the smallest to cover, and their total
+    /// length in µs; the last entry is the gaps longer than `max`.
+    count: [f32; CANDIDATES + 1],
+    total_us: [f32; CANDIDATES + 1],
+    current: Duration,
+}
+
+/// At most this many candidate windows (10 µs doubled 23 times is over a minute).
+const CANDIDATES: usize = 24;
+
+/// How much each new gap discounts the ones before it.
+const DISCOUNT: f32 = 31.0 / 32.0;
+
+impl Window {
+    /// The smallest window worth opening.
+    pub const START: Duration = Duration::from_micros(10);
+
+    /// A closed window of at most `max`; it opens once it has seen gaps worth polling for.
+    pub fn new(max: Duration) -> Window {
+        let mut n = 0;
+        while n < CANDIDATES && !max.is_zero() {
+            n += 1;
+            if Self::START * (1 << (n - 1)) >= max {
+                break;
+            }
+        }
+        Window { max, n, count: [0.0; CANDIDATES + 1], total_us: [0.0; CANDIDATES + 1], current: Duration::ZERO }
+    }
+
+    /// Candidate window `i`: [`Window::START`] doubled `i` times, at most `max`.
+    fn candidate(&self, i: usize) -> Duration {
+        (Self::START * (1 << i)).min(self.max)
+    }
+
+    /// How long to poll after going idle now.
+    pub fn current(&self) -> Duration {
+        self.current
+    }
+
+    /// The next event came `gap` after the worker went idle: takes it into account and chooses the window
+    /// anew.
+    pub fn observe(&mut self, gap: Duration) {
+        if self.n == 0 {
+            return;
+        }
+        for (c, t) in self.count.iter_mut().zip(&mut self.total_us) {
+            *c *= DISCOUNT;
+            *t *= DISCOUNT;
+        }
+        let slot = (0..self.n).find(|&i| gap <= self.candidate(i)).unwrap_or(self.n);
+        self.count[slot] += 1.0;
+        self.total_us[slot] += gap.as_secs_f32() * 1e6;
+        let worth = self.max.as_secs_f32() * 1e6;
+        let all: f32 = self.count[..=self.n].iter().sum();
+        let (mut covered, mut covered_us) = (0.0, 0.0);
+        let (mut best, mut best_net) = (Duration::ZERO, 0.0);
+        for i in 0..self.n {
+            covered += self.count[i];
+            covered_us += self.total_us[i];
+            let window = self.candidate(i);
+            let net = covered * worth - covered_us - (all - covered) * window.as_secs_f32() * 1e6;
+            if net > best_net {
+                (best, best_net) = (window, net);
+            }
+        }
+        self.current = best;
+    }
+}
+
+/// What [`on_idle`] keeps between calls, on its worker's thread.
+#[derive(Debug, Clone, Copy)]
+struct Polling {
+    /// The activity count it last saw.
+    seen: u64,
+    /// When the worker last went idle after activity.
+    idle_since: Option<Instant>,
+    /// Until when it polls; `None` once it stopped (and sleeps), or when it does not poll.
+    until: Option<Instant>,
+    window: Window,
+}
+
 thread_local! {
     static LOCAL: Cell<Option<&'static Spinner>> = const { Cell::new(None) };
-    /// [`on_idle`]'s own: the activity count it last saw, and until when the worker keeps polling.
-    static POLLING: Cell<(u64, Option<Instant>)> = const { Cell::new((0, None)) };
+    static POLLING: Cell<Option<Polling>> = const { Cell::new(None) };
 }
 
 #[cfg(test)]
@@ -48,19 +151,26 @@ thread_local! {
     pub(crate) static POLLED_AFTER: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Makes the calling thread a worker that busy-polls for `window` after activity (`Duration::ZERO`: never).
+/// Makes the calling thread a worker that busy-polls for up to `max` after activity (`Duration::ZERO`: never).
 /// Its runtime must call [`on_idle`] when it parks and run [`poller`] and [`watch_pauses`].
-pub fn install(window: Duration) -> &'static Spinner {
+pub fn install(max: Duration) -> &'static Spinner {
     // Leaked once per worker thread (they live as long as the process).
     let s: &'static Spinner = Box::leak(Box::new(Spinner {
-        window,
+        max,
         activity: AtomicU64::new(0),
         sleeping: AtomicBool::new(false),
         wake: Notify::new(),
         poll: Notify::new(),
     }));
     LOCAL.with(|l| l.set(Some(s)));
+    POLLING.set(Some(Polling { seen: 0, idle_since: None, until: None, window: Window::new(max) }));
     s
+}
+
+/// The calling worker's polling window now (tests and diagnostics).
+#[cfg(test)]
+pub fn window() -> Option<Window> {
+    POLLING.get().map(|p| p.window)
 }
 
 /// Notes I/O activity on this worker (a no-op on threads that are not workers).
@@ -76,26 +186,39 @@ pub fn activity() {
     });
 }
 
-/// The worker runtime's park hook: the worker has nothing left to run. Within the polling window it wakes
-/// [`poller`], so the runtime polls its driver without blocking; right after activity at once (the tasks
-/// that just ran may have made more work ready: a connect that completed on loopback, a reply already
-/// queued), otherwise after offering the CPU to other threads once.
+/// The worker runtime's park hook: the worker has nothing left to run. After activity it first feeds the gap
+/// since it last went idle to its [`Window`]; then, while the window lasts, it wakes [`poller`], so the runtime
+/// polls its driver without blocking: right after activity at once (the tasks that just ran may have made
+/// more work ready: a connect that completed on loopback, a reply already queued), otherwise after offering
+/// the CPU to other threads once.
 pub fn on_idle() {
     let Some(s) = LOCAL.with(Cell::get) else { return };
-    if s.window.is_zero() {
+    if s.max.is_zero() {
         return;
     }
+    let Some(mut p) = POLLING.get() else { return };
     let seen = s.activity.load(Relaxed);
-    let (last, until) = POLLING.get();
-    if seen != last {
-        POLLING.set((seen, Some(Instant::now() + s.window)));
-        s.poll.notify_one();
+    if seen != p.seen {
+        let now = Instant::now();
+        if let Some(idle_since) = p.idle_since {
+            p.window.observe(now - idle_since);
+        }
+        p.seen = seen;
+        p.idle_since = Some(now);
+        let window = p.window.current();
+        p.until = (!window.is_zero()).then(|| now + window);
+        POLLING.set(Some(p));
+        if p.until.is_some() {
+            s.poll.notify_one();
+        }
         return;
     }
-    // Not polling (the window passed with no activity): let the runtime sleep, without reading the clock.
-    let Some(until) = until else { return };
+    // Not polling (the window passed with no activity, or is closed): let the runtime sleep, without reading
+    // the clock.
+    let Some(until) = p.until else { return };
     if Instant::now() >= until {
-        POLLING.set((seen, None));
+        p.until = None;
+        POLLING.set(Some(p));
         return;
     }
     #[cfg(test)]
@@ -156,6 +279,61 @@ mod tests {
     use super::*;
     use crate::heap::tests::rss_mib;
     use crate::heap::tune_allocator;
+
+    const US: Duration = Duration::from_micros(1);
+
+    fn fed(max: Duration, gaps: impl IntoIterator<Item = Duration>) -> Window {
+        let mut w = Window::new(max);
+        for g in gaps {
+            w.observe(g);
+        }
+        w
+    }
+
+    #[test]
+    fn the_window_covers_back_to_back_gaps_and_closes_for_pauses() {
+        let w = Window::new(250 * US);
+        assert_eq!(w.current(), Duration::ZERO, "closed until it has seen gaps");
+        // Events 60 µs apart: polled for, with the smallest window that covers them.
+        assert_eq!(fed(250 * US, [60 * US; 40]).current(), 80 * US);
+        assert_eq!(fed(250 * US, [8 * US; 40]).current(), Window::START);
+        // A request every millisecond: every window would be spent for nothing.
+        assert_eq!(fed(250 * US, [1000 * US; 40]).current(), Duration::ZERO);
+        // Gaps near the maximum save little: the window never passes it.
+        assert_eq!(fed(250 * US, [200 * US; 40]).current(), 250 * US);
+    }
+
+    #[test]
+    fn traffic_that_pauses_between_requests_is_polled_for_across_its_short_gaps_only() {
+        // A request crossing the proxies: gaps of 30 µs; a millisecond between requests.
+        let bimodal = (0..40).map(|i| if i % 2 == 0 { 30 * US } else { 1000 * US });
+        assert_eq!(fed(250 * US, bimodal).current(), 40 * US);
+        // Mostly pauses: the short gaps caught are not worth polling through every pause.
+        let sparse = (0..40).map(|i| if i % 10 == 0 { 30 * US } else { 1000 * US });
+        assert_eq!(fed(250 * US, sparse).current(), Duration::ZERO);
+    }
+
+    #[test]
+    fn recent_gaps_decide() {
+        let mut w = fed(250 * US, [60 * US; 40]);
+        for _ in 0..40 {
+            w.observe(1000 * US);
+        }
+        assert_eq!(w.current(), Duration::ZERO, "the traffic started pausing");
+        for _ in 0..40 {
+            w.observe(60 * US);
+        }
+        assert_eq!(w.current(), 80 * US, "and came back to back again");
+    }
+
+    #[test]
+    fn a_maximum_below_the_start_is_the_only_window_and_zero_never_polls() {
+        assert_eq!(fed(4 * US, [3 * US; 10]).current(), 4 * US);
+        assert_eq!(fed(Duration::ZERO, [US; 10]).current(), Duration::ZERO);
+        // A maximum of an hour still has at most 24 candidates: 10 µs doubled up to 84 s.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(fed(hour, [Duration::from_secs(50); 10]).current(), Window::START * (1 << 23));
+    }
 
     #[cfg(target_env = "gnu")]
     #[test]

@@ -74,8 +74,9 @@ pub struct Config {
     pub readiness_addr: SocketAddr,
     /// `ZTUNNEL_WORKER_THREADS`: worker threads (N or N% of the CPUs), each an event loop serving its pods.
     pub worker_threads: usize,
-    /// `AMBIT_BUSY_POLL`: how long a worker keeps polling after its last I/O event before it sleeps (0: never
-    /// poll). Trades a little CPU while traffic flows for wakeup-free latency.
+    /// `AMBIT_BUSY_POLL`: the longest a worker polls after its last I/O event before it sleeps, and what it may
+    /// spend to save one wakeup (0: never poll). Each worker chooses its window up to this from the gaps it
+    /// observes ([`crate::busy_poll`]).
     pub busy_poll: Duration,
     /// `CONNECTION_TERMINATION_DEADLINE`: how long draining waits for open connections.
     pub termination_deadline: Duration,

@@ -88,6 +88,46 @@ mod tests {
         assert_eq!(late, 0, "{late} times the worker yielded its CPU before running a task the driver had woken");
     }
 
+    /// A worker polls while its events come back to back, and stops once they come further apart than its
+    /// longest window: it would spend the whole window before each event for nothing, then sleep anyway.
+    #[test]
+    fn a_worker_stops_polling_when_its_events_come_further_apart_than_its_longest_window() {
+        let workers = Workers::start(1, Duration::from_micros(500)).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.pick().spawn(async move {
+            let b = tokio::net::UnixStream::from_std(b).unwrap();
+            let mut buf = [0u8; 64];
+            // After each packet: yields so far, and the window.
+            let mut seen = Vec::new();
+            let mut got = 0;
+            while got < 140 {
+                b.readable().await.unwrap();
+                crate::busy_poll::activity();
+                while let Ok(n @ 1..) = b.try_read(&mut buf) {
+                    got += n;
+                }
+                seen.push((YIELDS.get(), crate::busy_poll::window().unwrap().current()));
+            }
+            tx.send(seen).unwrap();
+        });
+        // Back to back first (gaps well under 500 µs), then 3 ms apart: the recent gaps weigh most, so the
+        // window closes within a few dozen pauses.
+        for i in 0..140 {
+            std::thread::sleep(Duration::from_micros(if i < 40 { 50 } else { 3000 }));
+            std::io::Write::write_all(&mut &a, b"x").unwrap();
+        }
+        let seen = rx.recv_timeout(Duration::from_secs(30)).expect("the worker read every packet");
+        assert!(seen.len() >= 120, "{seen:?}");
+        let (at_40, open) = seen[seen.len() - 101];
+        assert!(!open.is_zero() && at_40 > 0, "it polled while the packets came back to back: {seen:?}");
+        let (end, closed) = seen[seen.len() - 1];
+        assert_eq!(closed, Duration::ZERO, "the window closed: {seen:?}");
+        let (at_60, _) = seen[seen.len() - 21];
+        assert_eq!(end - at_60, 0, "the worker still polled between the last 20 packets: {seen:?}");
+    }
+
     /// After activity the worker polls again before it offers its CPU: work its own tasks just made ready
     /// (here a packet sent to itself; in the proxy a loopback connect) is picked up without waiting a turn.
     #[test]

@@ -94,6 +94,8 @@ pub struct MeshOpts {
     pub secs: f64,
     /// Round trips per latency measurement, over all rounds.
     pub round_trips: usize,
+    /// Paced round trips ([`PACE`] apart), over all rounds.
+    pub paced_round_trips: usize,
     /// Rounds: each measures every path once, the paths taking turns at going first, so all see the same
     /// moments of a shared machine. Rounded up to a multiple of the number of paths, so that each goes first
     /// equally often.
@@ -120,7 +122,13 @@ pub enum Phase {
     RoundTrip,
     /// New connections with a 1-byte echo.
     Connect,
+    /// 1-byte round trips spaced [`PACE`] apart: the CPU a proxy spends waiting between requests.
+    Paced,
 }
+
+/// The pause between paced round trips: longer than any busy-polling window, as between the requests of most
+/// real traffic.
+pub const PACE: Duration = Duration::from_millis(1);
 
 impl MeshOpts {
     fn runs(&self, p: Phase) -> bool {
@@ -133,6 +141,7 @@ impl Default for MeshOpts {
         MeshOpts {
             secs: 1.5,
             round_trips: 10_000,
+            paced_round_trips: 1_000,
             rounds: 6,
             peer: None,
             peer_env: Vec::new(),
@@ -154,16 +163,19 @@ struct Figures {
     conns: (usize, f64),
     /// Connection samples in µs.
     connect: Vec<f64>,
+    /// Paced round-trip samples in µs.
+    paced: Vec<f64>,
     /// Bytes moved by the throughput runs.
     bytes: u64,
-    /// Where the work went, per phase ([`BULK`], [`RR`], [`CONNECT`]).
-    cost: [Cost; 3],
+    /// Where the work went, per phase ([`BULK`], [`RR`], [`CONNECT`], [`PACED`]).
+    cost: [Cost; 4],
 }
 
 /// Phases of one measurement, for [`Cost`].
 const BULK: usize = 0;
 const RR: usize = 1;
 const CONNECT: usize = 2;
+const PACED: usize = 3;
 
 /// What one phase cost: packets sent inside the two pods' netns (every hop of the path: loopback inside a
 /// pod, the pod's veth), the proxies' CPU (ztunnels or relays; none direct), and how many units of work (GiB, round trips,
@@ -244,7 +256,7 @@ impl Figures {
     }
 
     fn finish(&mut self) {
-        for v in self.rr.iter_mut().chain([&mut self.connect]) {
+        for v in self.rr.iter_mut().chain([&mut self.connect, &mut self.paced]) {
             v.sort_by(f64::total_cmp);
         }
     }
@@ -257,6 +269,7 @@ impl Figures {
             "throughput_8": round(self.tp(1) / d.tp(1), 2),
             "added_rr_1b_us_p50": round(self.rr(0, 50.0) - d.rr(0, 50.0), 1),
             "added_rr_1b_us_p99": round(self.rr(0, 99.0) - d.rr(0, 99.0), 1),
+            "added_paced_rr_1b_us_p50": round(percentile(&self.paced, 50.0) - percentile(&d.paced, 50.0), 1),
             "connect_rate": round(self.connect_rate() / d.connect_rate(), 2),
         })
         .as_object()
@@ -271,6 +284,7 @@ impl Figures {
             "bulk_s_per_gib": round(self.cost[BULK].cpu_per_unit().0, 2),
             "round_trip_us": round(self.cost[RR].cpu_per_unit().0 * 1e6, 1),
             "connection_us": round(self.cost[CONNECT].cpu_per_unit().0 * 1e6, 1),
+            "paced_round_trip_us": round(self.cost[PACED].cpu_per_unit().0 * 1e6, 1),
         })
     }
 
@@ -280,6 +294,7 @@ impl Figures {
             json!({
                 "1b": {"p50": round(self.rr(0, 50.0), 1), "p99": round(self.rr(0, 99.0), 1)},
                 "1k": {"p50": round(self.rr(1, 50.0), 1), "p99": round(self.rr(1, 99.0), 1)},
+                "paced_1b": {"p50": round(percentile(&self.paced, 50.0), 1), "p99": round(percentile(&self.paced, 99.0), 1)},
             }),
             json!({"per_s": round(self.connect_rate(), 0), "p50_us": round(percentile(&self.connect, 50.0), 1)}),
         )
@@ -321,16 +336,27 @@ fn measure(
     }
     let c2 = meters.read()?;
     f.cost[RR].add(c1, c2, exchanges as f64);
-    if !o.runs(Phase::Connect) {
-        return Ok(());
+    if o.runs(Phase::Connect) {
+        let (rate, mut v) = load::connect_rate(ns, echo, o.secs)?;
+        f.cost[CONNECT].add(c2, meters.read()?, v.len() as f64);
+        f.conns.0 += v.len();
+        // The run's own duration (connections / rate).
+        f.conns.1 += v.len() as f64 / rate.max(1e-9);
+        progress(&format!("      connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
+        f.connect.append(&mut v);
     }
-    let (rate, mut v) = load::connect_rate(ns, echo, o.secs)?;
-    f.cost[CONNECT].add(c2, meters.read()?, v.len() as f64);
-    f.conns.0 += v.len();
-    // The run's own duration (connections / rate).
-    f.conns.1 += v.len() as f64 / rate.max(1e-9);
-    progress(&format!("      connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
-    f.connect.append(&mut v);
+    if o.runs(Phase::Paced) {
+        let c3 = meters.read()?;
+        let mut v = load::paced_round_trips(ns, echo, o.paced_round_trips.div_ceil(o.rounds.max(1)), PACE)?;
+        f.cost[PACED].add(c3, meters.read()?, v.len() as f64);
+        progress(&format!(
+            "      1 B round trips {} ms apart: p50 {:.0} µs, p99 {:.0} µs",
+            PACE.as_millis(),
+            percentile(&v, 50.0),
+            percentile(&v, 99.0)
+        ));
+        f.paced.append(&mut v);
+    }
     Ok(())
 }
 
@@ -572,7 +598,14 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             "mesh_of_floor".to_string(),
             json!({
                 "throughput_1": round(m.tp(0) / f.tp(0), 2),
+                "throughput_8": round(m.tp(1) / f.tp(1), 2),
                 "connect_rate": round(m.connect_rate() / f.connect_rate(), 2),
+                // The mesh's added 1 B p50 less the floor's (both against direct, same rounds).
+                "added_rr_1b_us_p50_over_floor": round(m.rr(0, 50.0) - f.rr(0, 50.0), 1),
+                "cpu_per_gib": round(m.cost[BULK].cpu_per_unit().0 / f.cost[BULK].cpu_per_unit().0, 2),
+                "cpu_per_round_trip": round(m.cost[RR].cpu_per_unit().0 / floor_rr, 2),
+                "cpu_per_connection": round(m.cost[CONNECT].cpu_per_unit().0 / floor_conn, 2),
+                "cpu_per_paced_round_trip": round(m.cost[PACED].cpu_per_unit().0 / f.cost[PACED].cpu_per_unit().0, 2),
             }),
         ),
     ]);
@@ -591,6 +624,8 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             "connect_rate": round(m.connect_rate() / p.connect_rate(), 2),
             "cpu_per_gib": round(m.cost[BULK].cpu_per_unit().0 / p.cost[BULK].cpu_per_unit().0, 2),
             "cpu_per_round_trip": round(m.cost[RR].cpu_per_unit().0 / p.cost[RR].cpu_per_unit().0, 2),
+            "paced_rr_1b_p50": round(percentile(&m.paced, 50.0) / percentile(&p.paced, 50.0), 2),
+            "cpu_per_paced_round_trip": round(m.cost[PACED].cpu_per_unit().0 / p.cost[PACED].cpu_per_unit().0, 2),
         },
     }));
     // The proxies' CPU per unit of work, for every path that has proxies.

@@ -128,6 +128,27 @@ pub fn round_trips(ns: &Netns, addr: SocketAddr, size: usize, n: usize) -> anyho
     Ok(v)
 }
 
+/// `n` round trips of 1 byte on one connection, each `every` after the last one's answer: traffic that pauses
+/// between requests, where a proxy that busy-polls spends CPU waiting. Returns sorted microseconds each.
+pub fn paced_round_trips(ns: &Netns, addr: SocketAddr, n: usize, every: Duration) -> anyhow::Result<Vec<f64>> {
+    let mut c = connect(ns, addr)?;
+    let mut back = [0u8; 1];
+    for _ in 0..n.min(20) {
+        c.write_all(b"x")?;
+        c.read_exact(&mut back)?;
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        std::thread::sleep(every);
+        let t = Instant::now();
+        c.write_all(b"x")?;
+        c.read_exact(&mut back)?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v)
+}
+
 /// Serial connection rate for `secs`: a new connection and a one-byte echo each. Returns connections per
 /// second and sorted microseconds per connection.
 pub fn connect_rate(ns: &Netns, addr: SocketAddr, secs: f64) -> anyhow::Result<(f64, Vec<f64>)> {

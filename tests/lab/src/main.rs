@@ -326,60 +326,74 @@ fn bench(
                 }
                 let r = &v["ratios"];
                 progress(&format!(
-                    "  ratios: 1-stream throughput {}× direct (target ≥ 0.5), 8 streams {}×, added 1 B round trip p50 {} µs (≤ 25) p99 {} µs (≤ 200), connection rate {}× (≥ 0.6), RSS with 1000 idle connections {} MiB (≤ 16)",
+                    "  mesh against direct: 1-stream throughput {}×, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs ({} µs paced {} ms apart), connection rate {}×; ztunnel RSS with 1000 idle connections {} MiB",
                     r["throughput_1"],
                     r["throughput_8"],
                     r["added_rr_1b_us_p50"],
                     r["added_rr_1b_us_p99"],
+                    r["added_paced_rr_1b_us_p50"],
+                    lab::bench::PACE.as_millis(),
                     r["connect_rate"],
                     v["ztunnel_rss_mib"]["conns_1000"]
                 ));
                 let f = &v["floor"];
                 progress(&format!(
-                    "  floor (a bare relay over the same three TCP connections, no TLS or HTTP/2): 1-stream throughput {}× direct, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs, connection rate {}×; relay CPU {} s per GiB in bulk (kernel {}); the mesh reaches {}× the floor's throughput and {}× its connection rate",
+                    "  floor (a bare relay over the same three TCP connections, no TLS or HTTP/2) against direct: 1-stream throughput {}×, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs, connection rate {}×",
                     f["throughput_1"],
                     f["throughput_8"],
                     f["added_rr_1b_us_p50"],
                     f["added_rr_1b_us_p99"],
                     f["connect_rate"],
-                    f["relay_cpu_s_per_gib"],
-                    f["relay_kernel_share"],
-                    f["mesh_of_floor"]["throughput_1"],
-                    f["mesh_of_floor"]["connect_rate"],
+                ));
+                let of = &f["mesh_of_floor"];
+                progress(&format!(
+                    "  mesh against the floor (targets): 1-stream throughput {}× (≥ 0.7), connection rate {}× (≥ 1.0), added 1 B p50 +{} µs over the floor's (≤ 15), CPU per GiB {}× (≤ 1.3), per round trip {}× (≤ 1.0), per paced round trip {}×, per connection {}×; RSS with 1000 idle connections {} MiB (≤ 16)",
+                    of["throughput_1"],
+                    of["connect_rate"],
+                    of["added_rr_1b_us_p50_over_floor"],
+                    of["cpu_per_gib"],
+                    of["cpu_per_round_trip"],
+                    of["cpu_per_paced_round_trip"],
+                    of["cpu_per_connection"],
+                    v["ztunnel_rss_mib"]["conns_1000"]
                 ));
                 let c = &v["cpu_per_unit"];
+                let cpu = |path: &str| {
+                    let c = &c[path];
+                    format!(
+                        "{} / {} / {} / {}",
+                        c["bulk_s_per_gib"], c["round_trip_us"], c["paced_round_trip_us"], c["connection_us"]
+                    )
+                };
                 progress(&format!(
-                    "  proxies' CPU per unit (bulk s/GiB, round trip µs, connection µs): mesh {} / {} / {}, floor {} / {} / {}",
-                    c["mesh"]["bulk_s_per_gib"],
-                    c["mesh"]["round_trip_us"],
-                    c["mesh"]["connection_us"],
-                    c["floor"]["bulk_s_per_gib"],
-                    c["floor"]["round_trip_us"],
-                    c["floor"]["connection_us"],
+                    "  proxies' CPU per unit (bulk s/GiB, round trip µs, paced round trip µs, connection µs): mesh {}, floor {}",
+                    cpu("mesh"),
+                    cpu("floor"),
                 ));
                 let p = &v["peer"];
                 if !p.is_null() {
                     let (pr, mp) = (&p["ratios"], &p["mesh_of_peer"]);
                     progress(&format!(
-                        "  peer (same rounds, its own node pair): 1-stream throughput {}× direct, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs, connection rate {}×, CPU {} / {} / {}, RSS with 1000 idle connections {} MiB",
+                        "  peer (same rounds, its own node pair) against direct: 1-stream throughput {}×, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs ({} µs paced), connection rate {}×, CPU {}, RSS with 1000 idle connections {} MiB",
                         pr["throughput_1"],
                         pr["throughput_8"],
                         pr["added_rr_1b_us_p50"],
                         pr["added_rr_1b_us_p99"],
+                        pr["added_paced_rr_1b_us_p50"],
                         pr["connect_rate"],
-                        c["peer"]["bulk_s_per_gib"],
-                        c["peer"]["round_trip_us"],
-                        c["peer"]["connection_us"],
+                        cpu("peer"),
                         p["rss_mib_conns_1000"],
                     ));
                     progress(&format!(
-                        "  Ambit of the peer: 1-stream throughput {}×, 8 streams {}×, 1 B round trip p50 {}×, connection rate {}×, CPU per GiB {}×, per round trip {}×",
+                        "  Ambit of the peer: 1-stream throughput {}×, 8 streams {}×, 1 B round trip p50 {}× ({}× paced), connection rate {}×, CPU per GiB {}×, per round trip {}×, per paced round trip {}×",
                         mp["throughput_1"],
                         mp["throughput_8"],
                         mp["rr_1b_p50"],
+                        mp["paced_rr_1b_p50"],
                         mp["connect_rate"],
                         mp["cpu_per_gib"],
                         mp["cpu_per_round_trip"],
+                        mp["cpu_per_paced_round_trip"],
                     ));
                 }
             }

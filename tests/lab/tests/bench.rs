@@ -14,6 +14,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     let opts = MeshOpts {
         secs: 0.2,
         round_trips: 200,
+        paced_round_trips: 40,
         rounds: 2,
         idle_pods: 3,
         idle_conns: 20,
@@ -28,7 +29,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         for streams in ["1", "8"] {
             assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
         }
-        for size in ["1b", "1k"] {
+        for size in ["1b", "1k", "paced_1b"] {
             let (p50, p99) =
                 (num(&format!("rr_latency_us.{side}.{size}.p50")), num(&format!("rr_latency_us.{side}.{size}.p99")));
             assert!(p50 > 0.0 && p99 >= p50, "{v:#}");
@@ -41,14 +42,22 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     assert_eq!(num("rounds"), 4.0);
     assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "mesh"]));
     for path in ["mesh", "floor", "peer"] {
-        for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us"] {
+        for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"] {
             assert!(num(&format!("cpu_per_unit.{path}.{unit}")) > 0.0, "{path} {unit}: {v:#}");
         }
     }
     for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "connect_rate"] {
         num(&format!("peer.ratios.{ratio}"));
     }
-    for ratio in ["throughput_1", "rr_1b_p50", "connect_rate", "cpu_per_gib", "cpu_per_round_trip"] {
+    for ratio in [
+        "throughput_1",
+        "rr_1b_p50",
+        "paced_rr_1b_p50",
+        "connect_rate",
+        "cpu_per_gib",
+        "cpu_per_round_trip",
+        "cpu_per_paced_round_trip",
+    ] {
         assert!(num(&format!("peer.mesh_of_peer.{ratio}")) > 0.0, "{ratio}: {v:#}");
     }
     assert!(num("peer.rss_mib_conns_1000") > 0.0, "{v:#}");
@@ -63,13 +72,32 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     let share = num("breakdown.ztunnel_cpu.kernel_share.bulk");
     assert!((0.0..=1.0).contains(&share), "{v:#}");
     assert!(num("breakdown.ztunnel_cpu.round_trip_us") >= 0.0 && num("breakdown.ztunnel_cpu.connection_us") >= 0.0);
-    for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "added_rr_1b_us_p99", "connect_rate"] {
+    for ratio in [
+        "throughput_1",
+        "throughput_8",
+        "added_rr_1b_us_p50",
+        "added_rr_1b_us_p99",
+        "added_paced_rr_1b_us_p50",
+        "connect_rate",
+    ] {
         num(&format!("ratios.{ratio}"));
         num(&format!("floor.{ratio}"));
     }
     // The floor's relays are processes of their own, measured like the ztunnels.
     assert!(num("floor.relay_cpu_s_per_gib") > 0.0 && num("floor.relay_cpu_connection_us") > 0.0, "{v:#}");
-    assert!(num("floor.mesh_of_floor.throughput_1") > 0.0 && num("floor.mesh_of_floor.connect_rate") > 0.0);
+    // The mesh against the floor, one key per target of the bench.
+    for ratio in [
+        "throughput_1",
+        "throughput_8",
+        "connect_rate",
+        "cpu_per_gib",
+        "cpu_per_round_trip",
+        "cpu_per_connection",
+        "cpu_per_paced_round_trip",
+    ] {
+        assert!(num(&format!("floor.mesh_of_floor.{ratio}")) > 0.0, "{ratio}: {v:#}");
+    }
+    num("floor.mesh_of_floor.added_rr_1b_us_p50_over_floor");
 }
 
 /// The control-plane part, shrunk: a small mesh, a few changes, a few pods' certificates.
