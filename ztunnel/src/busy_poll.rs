@@ -141,6 +141,10 @@ struct Polling {
 thread_local! {
     static LOCAL: Cell<Option<&'static Spinner>> = const { Cell::new(None) };
     static POLLING: Cell<Option<Polling>> = const { Cell::new(None) };
+    /// Set when the worker goes idle; the first activity after it takes the time, which ends the gap. (The
+    /// next park would end it only after the tasks that activity woke have run.)
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+    static WOKE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 #[cfg(test)]
@@ -179,6 +183,10 @@ pub fn activity() {
     LOCAL.with(|l| {
         if let Some(s) = l.get() {
             s.activity.store(s.activity.load(Relaxed).wrapping_add(1), Relaxed);
+            if ARMED.get() {
+                ARMED.set(false);
+                WOKE.set(Some(Instant::now()));
+            }
             if s.sleeping.swap(false, Relaxed) {
                 s.wake.notify_one();
             }
@@ -187,7 +195,7 @@ pub fn activity() {
 }
 
 /// The worker runtime's park hook: the worker has nothing left to run. After activity it first feeds the gap
-/// since it last went idle to its [`Window`]; then, while the window lasts, it wakes [`poller`], so the runtime
+/// from when it last went idle to the first activity since to its [`Window`]; then, while the window lasts, it wakes [`poller`], so the runtime
 /// polls its driver without blocking: right after activity at once (the tasks that just ran may have made
 /// more work ready: a connect that completed on loopback, a reply already queued), otherwise after offering
 /// the CPU to other threads once.
@@ -200,11 +208,13 @@ pub fn on_idle() {
     let seen = s.activity.load(Relaxed);
     if seen != p.seen {
         let now = Instant::now();
+        let woke = WOKE.take().unwrap_or(now);
         if let Some(idle_since) = p.idle_since {
-            p.window.observe(now - idle_since);
+            p.window.observe(woke.saturating_duration_since(idle_since));
         }
         p.seen = seen;
         p.idle_since = Some(now);
+        ARMED.set(true);
         let window = p.window.current();
         p.until = (!window.is_zero()).then(|| now + window);
         POLLING.set(Some(p));

@@ -236,9 +236,13 @@ impl Cost {
     }
 
     /// ztunnel CPU seconds per unit, and the kernel's share of it.
+    /// NaN (null in the JSON) for a phase that did not run.
     fn cpu_per_unit(&self) -> (f64, f64) {
         let total = self.cpu_s();
-        (total / self.units.max(1e-9), if total > 0.0 { self.used.sys_s / total } else { f64::NAN })
+        if self.units <= 0.0 {
+            return (f64::NAN, f64::NAN);
+        }
+        (total / self.units, if total > 0.0 { self.used.sys_s / total } else { f64::NAN })
     }
 }
 
