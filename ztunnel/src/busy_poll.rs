@@ -22,7 +22,7 @@
 //! Each worker also watches its traffic for pauses ([`watch_pauses`]) to return a burst's memory
 //! ([`crate::heap`]).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -126,8 +126,9 @@ impl Window {
     }
 }
 
-/// What [`on_idle`] keeps between calls, on its worker's thread.
-#[derive(Debug, Clone, Copy)]
+/// What [`on_idle`] keeps between calls, on its worker's thread (updated in place: it holds the window's
+/// history, a few hundred bytes, and the hook runs at every park).
+#[derive(Debug)]
 struct Polling {
     /// The activity count it last saw.
     seen: u64,
@@ -140,7 +141,7 @@ struct Polling {
 
 thread_local! {
     static LOCAL: Cell<Option<&'static Spinner>> = const { Cell::new(None) };
-    static POLLING: Cell<Option<Polling>> = const { Cell::new(None) };
+    static POLLING: RefCell<Option<Polling>> = const { RefCell::new(None) };
     /// Set when the worker goes idle; the first activity after it takes the time, which ends the gap. (The
     /// next park would end it only after the tasks that activity woke have run.)
     static ARMED: Cell<bool> = const { Cell::new(false) };
@@ -174,7 +175,7 @@ pub fn install(max: Duration) -> &'static Spinner {
 /// The calling worker's polling window now (tests and diagnostics).
 #[cfg(test)]
 pub fn window() -> Option<Window> {
-    POLLING.get().map(|p| p.window)
+    POLLING.with_borrow(|p| p.as_ref().map(|p| p.window))
 }
 
 /// Notes I/O activity on this worker (a no-op on threads that are not workers).
@@ -194,47 +195,47 @@ pub fn activity() {
     });
 }
 
-/// The worker runtime's park hook: the worker has nothing left to run. After activity it first feeds the gap
-/// from when it last went idle to the first activity since to its [`Window`]; then, while the window lasts, it wakes [`poller`], so the runtime
-/// polls its driver without blocking: right after activity at once (the tasks that just ran may have made
-/// more work ready: a connect that completed on loopback, a reply already queued), otherwise after offering
-/// the CPU to other threads once.
+/// The worker runtime's park hook: the worker has nothing left to run. After activity it first feeds its
+/// [`Window`] the gap from when it last went idle to the first activity since; then, while the window lasts,
+/// it wakes [`poller`], so the runtime polls its driver without blocking: right after activity at once (the
+/// tasks that just ran may have made more work ready: a connect that completed on loopback, a reply already
+/// queued), otherwise after offering the CPU to other threads once.
 pub fn on_idle() {
     let Some(s) = LOCAL.with(Cell::get) else { return };
     if s.max.is_zero() {
         return;
     }
-    let Some(mut p) = POLLING.get() else { return };
-    let seen = s.activity.load(Relaxed);
-    if seen != p.seen {
-        let now = Instant::now();
-        let woke = WOKE.take().unwrap_or(now);
-        if let Some(idle_since) = p.idle_since {
-            p.window.observe(woke.saturating_duration_since(idle_since));
+    let poll = POLLING.with_borrow_mut(|p| {
+        let Some(p) = p else { return false };
+        let seen = s.activity.load(Relaxed);
+        if seen != p.seen {
+            let now = Instant::now();
+            let woke = WOKE.take().unwrap_or(now);
+            if let Some(idle_since) = p.idle_since {
+                p.window.observe(woke.saturating_duration_since(idle_since));
+            }
+            p.seen = seen;
+            p.idle_since = Some(now);
+            ARMED.set(true);
+            let window = p.window.current();
+            p.until = (!window.is_zero()).then(|| now + window);
+            return p.until.is_some();
         }
-        p.seen = seen;
-        p.idle_since = Some(now);
-        ARMED.set(true);
-        let window = p.window.current();
-        p.until = (!window.is_zero()).then(|| now + window);
-        POLLING.set(Some(p));
-        if p.until.is_some() {
-            s.poll.notify_one();
+        // Not polling (the window passed with no activity, or is closed): let the runtime sleep, without
+        // reading the clock.
+        let Some(until) = p.until else { return false };
+        if Instant::now() >= until {
+            p.until = None;
+            return false;
         }
-        return;
+        #[cfg(test)]
+        YIELDS.set(YIELDS.get() + 1);
+        std::thread::yield_now();
+        true
+    });
+    if poll {
+        s.poll.notify_one();
     }
-    // Not polling (the window passed with no activity, or is closed): let the runtime sleep, without reading
-    // the clock.
-    let Some(until) = p.until else { return };
-    if Instant::now() >= until {
-        p.until = None;
-        POLLING.set(Some(p));
-        return;
-    }
-    #[cfg(test)]
-    YIELDS.set(YIELDS.get() + 1);
-    std::thread::yield_now();
-    s.poll.notify_one();
 }
 
 /// A task that [`on_idle`] wakes to keep its worker polling; it does nothing else. (Queued before the
