@@ -281,6 +281,27 @@ impl Figures {
         .unwrap_or_default()
     }
 
+    /// This path's figures over `other`'s, measured in the same rounds: throughput, connection rate, the 1 B
+    /// round trip's p50 (back to back and paced) and the proxies' CPU per unit of each phase.
+    fn of(&self, other: &Figures) -> serde_json::Map<String, Value> {
+        let cpu = |f: &Figures, phase: usize| f.cost[phase].cpu_per_unit().0;
+        let cpu_ratio = |phase: usize| round(cpu(self, phase) / cpu(other, phase), 2);
+        json!({
+            "throughput_1": round(self.tp(0) / other.tp(0), 2),
+            "throughput_8": round(self.tp(1) / other.tp(1), 2),
+            "connect_rate": round(self.connect_rate() / other.connect_rate(), 2),
+            "rr_1b_p50": round(self.rr(0, 50.0) / other.rr(0, 50.0), 2),
+            "paced_rr_1b_p50": round(percentile(&self.paced, 50.0) / percentile(&other.paced, 50.0), 2),
+            "cpu_per_gib": cpu_ratio(BULK),
+            "cpu_per_round_trip": cpu_ratio(RR),
+            "cpu_per_connection": cpu_ratio(CONNECT),
+            "cpu_per_paced_round_trip": cpu_ratio(PACED),
+        })
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+    }
+
     /// The proxies' CPU per unit of work in each phase: seconds per GiB of bulk, µs per round trip and per
     /// connection.
     fn cpu_json(&self) -> Value {
@@ -329,7 +350,7 @@ fn measure(
     f.cost[BULK].add(c0, c1, moved as f64 / (1u64 << 30) as f64);
     let mut exchanges = 0;
     for (i, size) in [1usize, 1024].into_iter().enumerate().filter(|_| o.runs(Phase::RoundTrip)) {
-        let mut v = load::round_trips(ns, echo, size, o.round_trips.div_ceil(o.rounds.max(1)))?;
+        let mut v = load::round_trips(ns, echo, size, o.round_trips.div_ceil(o.rounds.max(1)), Duration::ZERO)?;
         progress(&format!(
             "      {size} B round trip: p50 {:.0} µs, p99 {:.0} µs",
             percentile(&v, 50.0),
@@ -351,7 +372,7 @@ fn measure(
     }
     if o.runs(Phase::Paced) {
         let c3 = meters.read()?;
-        let mut v = load::paced_round_trips(ns, echo, o.paced_round_trips.div_ceil(o.rounds.max(1)), PACE)?;
+        let mut v = load::round_trips(ns, echo, 1, o.paced_round_trips.div_ceil(o.rounds.max(1)), PACE)?;
         f.cost[PACED].add(c3, meters.read()?, v.len() as f64);
         progress(&format!(
             "      1 B round trips {} ms apart: p50 {:.0} µs, p99 {:.0} µs",
@@ -591,27 +612,16 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let (floor_cpu, floor_kernel) = f.cost[BULK].cpu_per_unit();
     let (floor_rr, floor_conn) = (f.cost[RR].cpu_per_unit().0, f.cost[CONNECT].cpu_per_unit().0);
     // What the bare relays reach: the bound of the in-pod design on this machine, and how close the mesh
-    // comes to it.
+    // comes to it (and the mesh's added 1 B p50 less the floor's, both against direct).
+    let mut mesh_of_floor = m.of(&f);
+    mesh_of_floor.insert("added_rr_1b_us_p50_over_floor".into(), json!(round(m.rr(0, 50.0) - f.rr(0, 50.0), 1)));
     let mut floor = f.against(&d);
     floor.extend([
         ("relay_cpu_s_per_gib".to_string(), json!(round(floor_cpu, 2))),
         ("relay_kernel_share".to_string(), json!(round(floor_kernel, 2))),
         ("relay_cpu_round_trip_us".to_string(), json!(round(floor_rr * 1e6, 1))),
         ("relay_cpu_connection_us".to_string(), json!(round(floor_conn * 1e6, 1))),
-        (
-            "mesh_of_floor".to_string(),
-            json!({
-                "throughput_1": round(m.tp(0) / f.tp(0), 2),
-                "throughput_8": round(m.tp(1) / f.tp(1), 2),
-                "connect_rate": round(m.connect_rate() / f.connect_rate(), 2),
-                // The mesh's added 1 B p50 less the floor's (both against direct, same rounds).
-                "added_rr_1b_us_p50_over_floor": round(m.rr(0, 50.0) - f.rr(0, 50.0), 1),
-                "cpu_per_gib": round(m.cost[BULK].cpu_per_unit().0 / f.cost[BULK].cpu_per_unit().0, 2),
-                "cpu_per_round_trip": round(m.cost[RR].cpu_per_unit().0 / floor_rr, 2),
-                "cpu_per_connection": round(m.cost[CONNECT].cpu_per_unit().0 / floor_conn, 2),
-                "cpu_per_paced_round_trip": round(m.cost[PACED].cpu_per_unit().0 / f.cost[PACED].cpu_per_unit().0, 2),
-            }),
-        ),
+        ("mesh_of_floor".to_string(), Value::Object(mesh_of_floor)),
     ]);
     drop(extra);
     // The peer beside the mesh, measured in the same rounds; null without a peer.
@@ -619,18 +629,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let (pt, pr, pc) = p.json();
     let peer = with_peer(json!({
         "ratios": p.against(&d),
-        "of_floor": {"throughput_1": round(p.tp(0) / f.tp(0), 2), "connect_rate": round(p.connect_rate() / f.connect_rate(), 2)},
+        "of_floor": p.of(&f),
         "rss_mib_conns_1000": peer_rss.map(|r| round(r, 1)),
-        "mesh_of_peer": {
-            "throughput_1": round(m.tp(0) / p.tp(0), 2),
-            "throughput_8": round(m.tp(1) / p.tp(1), 2),
-            "rr_1b_p50": round(m.rr(0, 50.0) / p.rr(0, 50.0), 2),
-            "connect_rate": round(m.connect_rate() / p.connect_rate(), 2),
-            "cpu_per_gib": round(m.cost[BULK].cpu_per_unit().0 / p.cost[BULK].cpu_per_unit().0, 2),
-            "cpu_per_round_trip": round(m.cost[RR].cpu_per_unit().0 / p.cost[RR].cpu_per_unit().0, 2),
-            "paced_rr_1b_p50": round(percentile(&m.paced, 50.0) / percentile(&p.paced, 50.0), 2),
-            "cpu_per_paced_round_trip": round(m.cost[PACED].cpu_per_unit().0 / p.cost[PACED].cpu_per_unit().0, 2),
-        },
+        "mesh_of_peer": m.of(&p),
     }));
     // The proxies' CPU per unit of work, for every path that has proxies.
     let cpu = Figures::cpu_json;

@@ -293,7 +293,7 @@ fn delete_cleans_up(lab: &Lab, client: Pod) -> anyhow::Result<String> {
         let pods = dump["ambit"]["inpod"]["pods"].as_array()?;
         (!pods.iter().any(|p| p["uid"] == client.uid)).then_some(())
     })?;
-    let records = node.pod_records();
+    let records = node.state_files();
     anyhow::ensure!(records.is_empty(), "the agent still records {} pod(s)", records.len());
     // DEL again is fine (idempotent).
     lab.cni_del(&client).map_err(|e| anyhow::anyhow!("second DEL: {e}"))?;

@@ -108,8 +108,10 @@ pub fn throughput(ns: &Netns, addr: SocketAddr, streams: usize, secs: f64) -> an
     Ok((bytes as f64 * 8.0 / elapsed, bytes))
 }
 
-/// Request/response latency on one connection: `n` exchanges of `size` bytes; returns sorted microseconds.
-pub fn round_trips(ns: &Netns, addr: SocketAddr, size: usize, n: usize) -> anyhow::Result<Vec<f64>> {
+/// `n` round trips of `size` bytes on one connection, after a warm-up; each `pace` after the last one's answer
+/// (`Duration::ZERO`: back to back; a pause is traffic that waits between requests, where a proxy that
+/// busy-polls spends CPU waiting). Returns sorted microseconds each.
+pub fn round_trips(ns: &Netns, addr: SocketAddr, size: usize, n: usize, pace: Duration) -> anyhow::Result<Vec<f64>> {
     let mut c = connect(ns, addr)?;
     let msg = vec![0x42u8; size];
     let mut back = vec![0u8; size];
@@ -119,29 +121,11 @@ pub fn round_trips(ns: &Netns, addr: SocketAddr, size: usize, n: usize) -> anyho
     }
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
         let t = Instant::now();
         c.write_all(&msg)?;
-        c.read_exact(&mut back)?;
-        v.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    v.sort_by(f64::total_cmp);
-    Ok(v)
-}
-
-/// `n` round trips of 1 byte on one connection, each `every` after the last one's answer: traffic that pauses
-/// between requests, where a proxy that busy-polls spends CPU waiting. Returns sorted microseconds each.
-pub fn paced_round_trips(ns: &Netns, addr: SocketAddr, n: usize, every: Duration) -> anyhow::Result<Vec<f64>> {
-    let mut c = connect(ns, addr)?;
-    let mut back = [0u8; 1];
-    for _ in 0..n.min(20) {
-        c.write_all(b"x")?;
-        c.read_exact(&mut back)?;
-    }
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        std::thread::sleep(every);
-        let t = Instant::now();
-        c.write_all(b"x")?;
         c.read_exact(&mut back)?;
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }

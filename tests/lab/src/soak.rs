@@ -420,20 +420,21 @@ pub fn run(opts: &SoakOpts, progress: &mut dyn std::io::Write) -> anyhow::Result
         let mine: HashSet<String> =
             anchors.iter().filter(|p| p.node == node).map(|p| format!("{}.json", p.uid)).collect();
         let settled = wait_for(&format!("{}'s records and proxies to settle", n.name), Duration::from_secs(15), || {
-            let records: HashSet<String> = std::fs::read_dir(n.dir.join("state"))
-                .ok()?
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+            let records: HashSet<String> = n
+                .state_files()
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|f| f.to_string_lossy().into_owned())
                 .collect();
             let served = n.config_dump().ok()?["ambit"]["inpod"]["pods"].as_array()?.len();
             (records == mine && served == mine.len()).then_some(())
         });
         if settled.is_err() {
-            let records: Vec<String> = std::fs::read_dir(n.dir.join("state"))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+            let records: Vec<String> = n
+                .state_files()
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|f| f.to_string_lossy().into_owned())
                 .filter(|r| !mine.contains(r))
                 .collect();
             let proxies: Vec<String> = n.config_dump().unwrap_or_default()["ambit"]["inpod"]["pods"]

@@ -197,7 +197,7 @@ fn ambit_plugin_conf(lab: &Lab, node: usize) -> Value {
 
 fn assert_nothing_held(lab: &Lab, node: usize) {
     let n = &lab.nodes[node];
-    let records = n.pod_records();
+    let records = n.state_files();
     assert!(records.is_empty(), "the agent recorded {records:?}");
     let dump = n.config_dump().unwrap();
     assert_eq!(dump["ambit"]["inpod"]["pods"], json!([]), "ztunnel serves pods: {dump}");
@@ -303,7 +303,7 @@ fn a_pod_whose_netns_vanished_without_del_is_swept() {
         (pods.len() == 1 && pods[0]["uid"] == kept.uid.as_str()).then_some(())
     })
     .unwrap();
-    let records = n.pod_records();
+    let records = n.state_files();
     assert_eq!(records.len(), 1, "only the living pod keeps a record");
     // Nothing holds the netns any more: no process of the lab has it open.
     wait_for("the orphan's netns to be freed", Duration::from_secs(5), || {
@@ -483,7 +483,7 @@ fn check_status_and_gc_reach_the_agent() {
     let uids: Vec<&str> =
         dump["ambit"]["inpod"]["pods"].as_array().unwrap().iter().filter_map(|p| p["uid"].as_str()).collect();
     assert!(uids.contains(&other.uid.as_str()) && !uids.contains(&web.uid.as_str()), "{uids:?}");
-    let records = lab.nodes[0].pod_records().len();
+    let records = lab.nodes[0].state_files().len();
     assert_eq!(records, 1);
 }
 
@@ -535,6 +535,6 @@ fn an_agent_killed_during_add_fails_it_and_leaves_nothing() {
     lab.start_agent(0).unwrap();
     lab.start_ztunnel(0).unwrap();
     lab.wait_ready(0).unwrap();
-    assert_eq!(lab.nodes[0].pod_records(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(lab.nodes[0].state_files(), Vec::<std::path::PathBuf>::new());
     assert_eq!(lab.nodes[0].config_dump().unwrap()["ambit"]["inpod"]["pods"], json!([]));
 }

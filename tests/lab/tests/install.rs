@@ -107,7 +107,7 @@ fn restart_keeps_the_installation_and_uninstall_removes_everything() {
     assert_eq!(pod.nft_ruleset().unwrap().trim(), "");
     assert!(!pod.netns.ip(&["rule", "show"]).unwrap().contains("0x111"));
     assert!(lab.nodes[0].netns.exec("nft", &["list", "table", "inet", "ambit-host"]).is_err());
-    assert!(lab.nodes[0].pod_records().is_empty());
+    assert!(lab.nodes[0].state_files().is_empty());
     let v: Value = serde_json::from_slice(&std::fs::read(primary(&lab, 0)).unwrap()).unwrap();
     assert_eq!(v["plugins"].as_array().unwrap().len(), 1, "the primary's own plugin stays: {v}");
 }

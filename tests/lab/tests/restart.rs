@@ -209,7 +209,7 @@ fn a_ztunnel_that_nacks_fails_the_pod_and_leaves_nothing() {
         }
     }
     assert_eq!(fake.join().unwrap(), 3);
-    let records = lab.nodes[0].pod_records();
+    let records = lab.nodes[0].state_files();
     assert!(records.is_empty(), "the agent recorded refused pods: {records:?}");
     let set = lab.nodes[0].netns.exec("nft", &["list", "set", "inet", "ambit-host", "probes-v4"]).unwrap();
     assert!(!set.contains("10.244."), "refused pods in the probe set: {set}");

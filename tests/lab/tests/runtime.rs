@@ -64,7 +64,7 @@ fn containerd_runs_the_chain_and_enrolled_sandboxes_are_meshed() {
     wait_for("ztunnel to drop the stopped sandbox", Duration::from_secs(10), || (!served(&lab, 0, &cu)).then_some(()))
         .unwrap();
     rt(0).remove_pod_sandbox(&client.id).unwrap();
-    let records = lab.nodes[0].pod_records();
+    let records = lab.nodes[0].state_files();
     assert!(records.is_empty(), "the agent still records the removed sandbox: {records:?}");
 }
 
@@ -83,7 +83,7 @@ fn a_failed_enrolment_fails_run_pod_sandbox() {
             .iter()
             .all(|s| s.metadata.as_ref().map(|m| m.name.as_str()) != Some("blocked") || s.state != 0)
     );
-    assert!(lab.nodes[0].pod_records().is_empty());
+    assert!(lab.nodes[0].state_files().is_empty());
     // With ztunnel back, the kubelet's retry succeeds.
     lab.start_ztunnel(0).unwrap();
     lab.wait_ready(0).unwrap();

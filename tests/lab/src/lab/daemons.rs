@@ -122,15 +122,20 @@ impl Lab {
             ]);
         }
         env.extend(self.config.ztunnel_env.iter().cloned());
-        if let Some(peer) = self.config.peer.as_ref().filter(|p| p.nodes.contains(&i)) {
+        if let Some(peer) = self.peer_on(i) {
             env.extend(peer.env.iter().cloned());
         }
         env
     }
 
+    /// The peer ztunnel, if node `i` runs it.
+    fn peer_on(&self, i: usize) -> Option<&crate::PeerZtunnel> {
+        self.config.peer.as_ref().filter(|p| p.nodes.contains(&i))
+    }
+
     /// The ztunnel binary of node `i`: the peer's on its nodes, else the configured one, else Ambit's.
     pub fn ztunnel_binary(&self, i: usize) -> std::path::PathBuf {
-        match self.config.peer.as_ref().filter(|p| p.nodes.contains(&i)) {
+        match self.peer_on(i) {
             Some(peer) => peer.binary.clone(),
             None => self.config.ztunnel.clone().unwrap_or_else(|| binary("ztunnel")),
         }

@@ -183,13 +183,20 @@ impl Node {
         self.dir.join("run/ztunnel.sock")
     }
 
-    /// The agent's pod records: whole `UID.json` files only. A record being written is a `.json.tmp` until it
-    /// is renamed, so counting every file of the directory would catch a half-written one.
-    pub fn pod_records(&self) -> Vec<PathBuf> {
+    /// Every file in the agent's state dir, records being written (`UID.json.tmp`) included: for checking that
+    /// nothing is left.
+    pub fn state_files(&self) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(self.dir.join("state")) else { return Vec::new() };
-        let mut records: Vec<PathBuf> =
-            entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
-        records.sort();
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        files
+    }
+
+    /// The agent's pod records: whole `UID.json` files only. A record being written is a `.json.tmp` until it
+    /// is renamed, so reading every file of the directory would catch a half-written one.
+    pub fn pod_records(&self) -> Vec<PathBuf> {
+        let mut records = self.state_files();
+        records.retain(|p| p.extension().is_some_and(|x| x == "json"));
         records
     }
 
