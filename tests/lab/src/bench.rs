@@ -111,6 +111,9 @@ pub struct MeshOpts {
     pub idle_conns: usize,
     /// Only these phases (all when empty): for profiling one of them; the others' figures are null.
     pub phases: Vec<Phase>,
+    /// Also measure the floor with its in-pod legs short-cut by an eBPF sockmap ([`crate::sockmap`]), as a
+    /// fifth path of the same rounds.
+    pub sockmap: bool,
 }
 
 /// A phase of each round's measurement.
@@ -148,6 +151,7 @@ impl Default for MeshOpts {
             idle_pods: 100,
             idle_conns: 1000,
             phases: Vec::new(),
+            sockmap: false,
         }
     }
 }
@@ -169,6 +173,10 @@ struct Figures {
     bytes: u64,
     /// Where the work went, per phase ([`BULK`], [`RR`], [`CONNECT`], [`PACED`]).
     cost: [Cost; 4],
+    /// The most memory the machine's TCP sockets held during a bulk run, in MiB.
+    tcp_mem_peak_mib: f64,
+    /// Phases that failed (the sockmap path only, whose failures are a finding, not the bench's).
+    failures: Vec<String>,
 }
 
 /// Phases of one measurement, for [`Cost`].
@@ -203,6 +211,22 @@ struct Meters<'a> {
 }
 
 impl Meters<'_> {
+    /// Waits until the pods send nothing for 200 ms (at most a minute): bytes that a failed run left queued
+    /// have drained.
+    fn settle(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = self.read()?.packets;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = self.read()?.packets;
+            if now == last {
+                return Ok(());
+            }
+            last = now;
+        }
+        anyhow::bail!("the pods were still sending a minute after a failed run")
+    }
+
     fn read(&self) -> anyhow::Result<Counters> {
         let mut c = Counters::default();
         for ns in self.pods {
@@ -247,8 +271,9 @@ impl Cost {
 }
 
 impl Figures {
+    /// The mean over the rounds; NaN (null in the JSON) when no run succeeded.
     fn tp(&self, i: usize) -> f64 {
-        self.tp[i].iter().sum::<f64>() / self.tp[i].len().max(1) as f64
+        self.tp[i].iter().sum::<f64>() / self.tp[i].len() as f64
     }
 
     fn rr(&self, i: usize, p: f64) -> f64 {
@@ -340,10 +365,13 @@ fn measure(
     let c0 = meters.read()?;
     let mut moved = 0;
     for (i, streams) in [1, 8].into_iter().enumerate().filter(|_| o.runs(Phase::Bulk)) {
+        let peak = load::TcpMemPeak::start();
         let (tp, bytes) = load::throughput(ns, sink, streams, o.secs)?;
+        let peak = peak.stop();
         f.tp[i].push(tp);
+        f.tcp_mem_peak_mib = f.tcp_mem_peak_mib.max(peak);
         moved += bytes;
-        progress(&format!("      {streams} stream(s): {:.2} Gbit/s", tp / 1e9));
+        progress(&format!("      {streams} stream(s): {:.2} Gbit/s, TCP memory up to {peak:.0} MiB", tp / 1e9));
     }
     f.bytes += moved;
     let c1 = meters.read()?;
@@ -396,6 +424,8 @@ enum Path {
     Relay,
     /// Another pod pair, on two more nodes, through the peer's ztunnels.
     Peer,
+    /// The floor's relays with their two in-pod legs short-cut by the sockmap ([`crate::sockmap`]).
+    Sockmap,
 }
 
 /// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
@@ -511,12 +541,18 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         Meters { pods: [&client.netns, &server.netns], proxies: relays.iter().map(crate::proc::Proc::pid).collect() };
     let peer_meters =
         peer.as_ref().map(|pp| Meters { pods: [&pp.client.netns, &pp.server.netns], proxies: vec![zpid(2), zpid(3)] });
+    // Loaded before the rounds, so that a kernel without sockmap fails the run at once.
+    let mut shortcut = if o.sockmap { Some(crate::sockmap::Shortcut::load()?) } else { None };
     let (mut m, mut d, mut f, mut p) = (Figures::default(), Figures::default(), Figures::default(), Figures::default());
+    let mut k = Figures::default();
     let mut captured = true;
     // Every path goes first equally often; the last round ends with the mesh (the memory figure needs it).
     let mut paths = vec![Path::Direct, Path::Relay];
     if peer_meters.is_some() {
         paths.push(Path::Peer);
+    }
+    if shortcut.is_some() {
+        paths.push(Path::Sockmap);
     }
     paths.push(Path::Mesh);
     let rounds = o.rounds.max(1).div_ceil(paths.len()) * paths.len();
@@ -558,14 +594,41 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     ));
                     measure(meters, pp.sink.addr, pp.echo.addr, o, &mut p, progress)?;
                 }
+                Path::Sockmap => {
+                    let Some(s) = shortcut.as_mut() else { continue };
+                    progress(&format!(
+                        "  round {}/{rounds}, sockmap: the floor with its in-pod legs short-cut by sk_msg",
+                        r + 1
+                    ));
+                    for pod in [&client, &server] {
+                        s.enable(&pod.netns)?;
+                    }
+                    // Phase by phase: one that fails is recorded and the others still run. Its bulk phase
+                    // can fail, as the README says; it goes last, and whatever it left queued drains before
+                    // the next path's turn.
+                    for phase in [Phase::RoundTrip, Phase::Connect, Phase::Paced, Phase::Bulk] {
+                        if !o.runs(phase) {
+                            continue;
+                        }
+                        let one = MeshOpts { phases: vec![phase], ..o.clone() };
+                        if let Err(e) = measure(&relay_meters, relay_sink, relay_echo, &one, &mut k, progress) {
+                            progress(&format!("      {phase:?} failed: {e:#}"));
+                            k.failures.push(format!("round {}, {phase:?}: {e:#}", r + 1));
+                        }
+                    }
+                    relay_meters.settle()?;
+                    for pod in [&client, &server] {
+                        s.disable(&pod.netns)?;
+                    }
+                }
             }
         }
     }
     drop(relays);
-    m.finish();
-    d.finish();
-    f.finish();
-    p.finish();
+    drop(shortcut);
+    for x in [&mut m, &mut d, &mut f, &mut p, &mut k] {
+        x.finish();
+    }
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
     let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
     progress(&format!(
@@ -633,16 +696,63 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         "rss_mib_conns_1000": peer_rss.map(|r| round(r, 1)),
         "mesh_of_peer": m.of(&p),
     }));
+    // The floor with the sockmap short-cut, over the floor: the experiment's outcome (issue 16 asks for a
+    // 25% lift of the floor's throughput or round trip before it is built into Ambit). Null unless measured.
+    let with_sockmap = |v: Value| if o.sockmap { v } else { Value::Null };
+    let (kt, kr, kc) = k.json();
+    let sockmap = with_sockmap({
+        let of_floor = k.of(&f);
+        let lift = |key: &str| of_floor.get(key).and_then(Value::as_f64).unwrap_or(0.0);
+        // Throughput up, or the round trip's time down, by a quarter.
+        let lifts = lift("throughput_1") >= 1.25
+            || lift("throughput_8") >= 1.25
+            || (lift("rr_1b_p50") > 0.0 && lift("rr_1b_p50") <= 0.8);
+        // Proof that the short-cut was in effect: its in-pod legs take no packets per exchange.
+        let packets = json!({
+            "floor": round(f.cost[RR].packets_per_unit(), 1),
+            "sockmap": round(k.cost[RR].packets_per_unit(), 1),
+        });
+        json!({
+            "of_floor": of_floor,
+            "ratios": k.against(&d),
+            "lifts_floor_by_25_percent": lifts,
+            "packets_per_round_trip": packets,
+            // What the short-cut costs in socket memory: the kernel queues redirected bytes on the receiving
+            // socket without a window, so a sender that outruns its receiver piles them up there.
+            "tcp_mem_peak_mib": {"floor": round(f.tcp_mem_peak_mib, 0), "sockmap": round(k.tcp_mem_peak_mib, 0)},
+            "failures": k.failures,
+        })
+    });
+    if o.sockmap {
+        progress(&format!(
+            "  sockmap over the floor: throughput {}× (1 stream), {}× (8), 1 B round trip p50 {}×, connection rate {}×: {}",
+            sockmap["of_floor"]["throughput_1"],
+            sockmap["of_floor"]["throughput_8"],
+            sockmap["of_floor"]["rr_1b_p50"],
+            sockmap["of_floor"]["connect_rate"],
+            if sockmap["lifts_floor_by_25_percent"] == json!(true) {
+                "lifts the floor by 25% or more"
+            } else {
+                "lifts the floor by less than 25%"
+            }
+        ));
+    }
     // The proxies' CPU per unit of work, for every path that has proxies.
     let cpu = Figures::cpu_json;
     Ok(json!({
         "rounds": rounds,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
-        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt)},
-        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr)},
-        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc)},
-        "cpu_per_unit": {"mesh": cpu(&m), "floor": cpu(&f), "peer": with_peer(cpu(&p))},
+        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt)},
+        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr)},
+        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc), "sockmap": with_sockmap(kc)},
+        "cpu_per_unit": {
+            "mesh": cpu(&m),
+            "floor": cpu(&f),
+            "peer": with_peer(cpu(&p)),
+            "sockmap": with_sockmap(cpu(&k)),
+        },
         "peer": peer,
+        "sockmap": sockmap,
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "breakdown": breakdown,

@@ -23,6 +23,7 @@ pub mod proc;
 pub mod relay;
 pub mod runtime;
 pub mod soak;
+pub mod sockmap;
 pub mod util;
 
 pub use lab::{Lab, LabConfig, Node, PeerZtunnel, Pod, PodError, PrimaryCni};

@@ -100,9 +100,16 @@ pub fn throughput(ns: &Netns, addr: SocketAddr, streams: usize, secs: f64) -> an
             })
         })
         .collect();
-    let mut bytes = 0;
+    // Every stream ends before this returns, failed or not, so nothing of this run overlaps the next.
+    let (mut bytes, mut failed) = (0, None);
     for h in handles {
-        bytes += h.join().map_err(|_| anyhow::anyhow!("a stream panicked"))??;
+        match h.join().map_err(|_| anyhow::anyhow!("a stream panicked")).and_then(|r| r) {
+            Ok(n) => bytes += n,
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     let elapsed = start.elapsed().as_secs_f64();
     Ok((bytes as f64 * 8.0 / elapsed, bytes))
@@ -197,6 +204,52 @@ fn sum_tx_packets(dev: &str) -> anyhow::Result<u64> {
         total += tx.parse::<u64>().with_context(|| format!("bad packet count in {line:?}"))?;
     }
     Ok(total)
+}
+
+/// The memory all TCP sockets of the machine hold, in pages (`/proc/net/sockstat`'s `TCP: ... mem`; one
+/// count for every netns).
+pub fn tcp_mem_pages() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").context("reading /proc/net/sockstat")?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|n| n.parse().ok())
+        .context("no TCP mem in /proc/net/sockstat")
+}
+
+/// Samples [`tcp_mem_pages`] every 10 ms on a thread of its own until dropped; [`TcpMemPeak::stop`] gives the
+/// highest sample in MiB.
+pub struct TcpMemPeak {
+    stop: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl TcpMemPeak {
+    pub fn start() -> TcpMemPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !s.load(Ordering::Relaxed) {
+                peak = peak.max(tcp_mem_pages().unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        TcpMemPeak { stop, sampler: Some(sampler) }
+    }
+
+    pub fn stop(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let pages = self.sampler.take().and_then(|h| h.join().ok()).unwrap_or(0);
+        pages as f64 * 4096.0 / (1 << 20) as f64
+    }
+}
+
+impl Drop for TcpMemPeak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A process's resident memory in MiB and its CPU seconds (user + system).

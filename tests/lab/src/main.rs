@@ -52,9 +52,14 @@ enum Cmd {
         /// Extra environment for the peer (KEY=VALUE, repeatable).
         #[arg(long = "ztunnel-env")]
         ztunnel_env: Vec<String>,
-        /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect.
+        /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect,
+        /// paced.
         #[arg(long = "phase", value_enum)]
         phases: Vec<lab::bench::Phase>,
+        /// Also measure the floor with its two in-pod legs short-cut by an eBPF sockmap (an experiment; loads
+        /// BPF programs, which need a kernel with sockmap and a cgroup-v2 mount).
+        #[arg(long)]
+        sockmap: bool,
         /// Leave the CNI lab running afterwards, with its logs.
         #[arg(long)]
         keep: bool,
@@ -234,6 +239,7 @@ fn main() {
             ztunnel,
             ztunnel_env,
             phases,
+            sockmap,
             keep,
         } => {
             let env = ztunnel_env
@@ -241,8 +247,15 @@ fn main() {
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            let opts =
-                lab::bench::MeshOpts { secs, rounds, peer: ztunnel, peer_env: env, phases, ..Default::default() };
+            let opts = lab::bench::MeshOpts {
+                secs,
+                rounds,
+                peer: ztunnel,
+                peer_env: env,
+                phases,
+                sockmap,
+                ..Default::default()
+            };
             let xds =
                 lab::bench_cp::XdsOpts { workloads: xds_workloads, policies: xds_policies, changes: xds_changes, pods };
             bench(json, only.as_deref(), pods, opts, xds, keep)
