@@ -38,6 +38,8 @@ pub(crate) mod workers;
 
 pub use admin::LogControl;
 pub use metrics::Metrics;
+#[doc(hidden)]
+pub use metrics::{BenchVariant, bench_conn_records};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! Prometheus metrics (Istio's `istio_tcp_*` with Istio's labels, and ztunnel's own) and the per-connection
 //! record that feeds them and the access log.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -190,6 +192,78 @@ pub struct Metrics {
     /// `ztunnel_connections_shed_total{port}`: connections accepted only to be reset at once because ztunnel
     /// had no file descriptor left for them (see `socket::shed_one`).
     pub connections_shed: Family<PortLabels, Counter>,
+    /// The TCP counters of each peer pair seen lately, by [`PairKey::hash_of`] (see [`Metrics::pair`]).
+    pairs: Mutex<HashMap<u64, (PairKey, Arc<PairCounters>)>>,
+}
+
+/// At most this many peer pairs keep their counters at hand; past it the cache starts again empty.
+const MAX_PAIRS: usize = 4096;
+
+/// The `istio_tcp_*` counters of one peer pair (direction, security, both ends) for connections that close
+/// without a response flag: Istio's two dozen labels are built and hashed once per pair rather than twice
+/// per connection.
+#[derive(Debug)]
+struct PairCounters {
+    opened: Counter,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
+/// What a pair's labels are made of. Workloads and services are compared by address: the key holds them, so
+/// an address cannot be reused while the key lives, and a workload that xDS replaced is a new pair.
+#[derive(Debug)]
+struct PairKey {
+    direction: Direction,
+    mtls: bool,
+    src: PeerKey,
+    dst: PeerKey,
+}
+
+#[derive(Debug)]
+struct PeerKey {
+    workload: Option<Arc<Workload>>,
+    identity: Option<Identity>,
+    service: Option<Arc<Service>>,
+}
+
+impl PeerKey {
+    fn of(p: &Peer) -> PeerKey {
+        PeerKey { workload: p.workload.clone(), identity: p.identity.clone(), service: p.service.clone() }
+    }
+
+    fn is(&self, p: &Peer) -> bool {
+        fn same<T>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        same(&self.workload, &p.workload) && self.identity == p.identity && same(&self.service, &p.service)
+    }
+
+    fn hash(p: &Peer, h: &mut impl Hasher) {
+        p.workload.as_ref().map(Arc::as_ptr).hash(h);
+        p.identity.hash(h);
+        p.service.as_ref().map(Arc::as_ptr).hash(h);
+    }
+}
+
+impl PairKey {
+    /// The hash of the pair `(src, dst)` would have as a key, computed from borrowed parts: a lookup that
+    /// hits allocates nothing.
+    fn hash_of(direction: Direction, mtls: bool, src: &Peer, dst: &Peer) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (direction, mtls).hash(&mut h);
+        PeerKey::hash(src, &mut h);
+        PeerKey::hash(dst, &mut h);
+        h.finish()
+    }
+
+    fn is(&self, direction: Direction, mtls: bool, src: &Peer, dst: &Peer) -> bool {
+        self.direction == direction && self.mtls == mtls && self.src.is(src) && self.dst.is(dst)
+    }
 }
 
 /// A listener's port.
@@ -323,6 +397,7 @@ impl Metrics {
                 "Connections reset at once because ztunnel had no file descriptor left",
                 Family::default(),
             ),
+            pairs: Mutex::default(),
             registry: r,
         })
     }
@@ -334,6 +409,31 @@ impl Metrics {
         out
     }
 
+    /// The counters of the pair `(src, dst)`: from the cache, or registered under Istio's labels (built
+    /// once, here) and cached.
+    fn pair(&self, direction: Direction, mtls: bool, src: &Peer, dst: &Peer) -> Arc<PairCounters> {
+        let hash = PairKey::hash_of(direction, mtls, src, dst);
+        let mut pairs = self.pairs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((key, counters)) = pairs.get(&hash)
+            && key.is(direction, mtls, src, dst)
+        {
+            return counters.clone();
+        }
+        let labels = tcp_labels(direction, mtls, src, dst, ResponseFlags::None);
+        let counters = Arc::new(PairCounters {
+            opened: self.tcp_opened.get_or_create(&labels).clone(),
+            closed: self.tcp_closed.get_or_create(&labels).clone(),
+            received: self.tcp_received.get_or_create(&labels).clone(),
+            sent: self.tcp_sent.get_or_create(&labels).clone(),
+        });
+        if pairs.len() >= MAX_PAIRS {
+            pairs.clear();
+        }
+        let key = PairKey { direction, mtls, src: PeerKey::of(src), dst: PeerKey::of(dst) };
+        pairs.insert(hash, (key, counters.clone()));
+        counters
+    }
+
     /// Counts a failed TLS handshake; `true` the first time for this direction and reason (log it then, and
     /// only then at a visible level: a peer retrying a bad certificate must not flood the log).
     pub fn tls_failure(&self, direction: &str, reason: &str) -> bool {
@@ -342,7 +442,7 @@ impl Metrics {
 }
 
 /// Which side of a connection this ztunnel is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// From a local pod (we are the source's ztunnel).
     Outbound,
@@ -383,6 +483,7 @@ pub struct ConnRecord {
     dst: Peer,
     start: Instant,
     active: Gauge,
+    pair: Arc<PairCounters>,
 }
 
 /// The labels describing one end of a connection (`unknown` where nothing is known).
@@ -436,7 +537,9 @@ impl ConnRecord {
         let active =
             metrics.active_connections.get_or_create(&DirectionLabels { direction: direction.as_str().into() }).clone();
         active.inc();
-        let rec = ConnRecord {
+        let pair = metrics.pair(direction, mtls, &src, &dst);
+        pair.opened.inc();
+        ConnRecord {
             metrics: metrics.clone(),
             mtls,
             direction,
@@ -447,55 +550,62 @@ impl ConnRecord {
             dst,
             start: Instant::now(),
             active,
-        };
-        metrics.tcp_opened.get_or_create(&rec.labels(ResponseFlags::None.as_str())).inc();
-        rec
-    }
-
-    /// Istio's labels for this connection. Built when counting rather than kept: an open connection holds
-    /// only its peers (shared), not two dozen strings.
-    fn labels(&self, response_flags: &str) -> TcpLabels {
-        let (sv, dv) = (Side::of(&self.src), Side::of(&self.dst));
-        let service = self.dst.service.as_ref();
-        TcpLabels {
-            reporter: match self.direction {
-                Direction::Outbound => "source",
-                Direction::Inbound => "destination",
-            }
-            .into(),
-            source_canonical_service: sv.app.clone(),
-            source_canonical_revision: sv.revision.clone(),
-            source_workload: sv.workload,
-            source_workload_namespace: sv.namespace,
-            source_principal: sv.principal,
-            source_app: sv.app,
-            source_version: sv.revision,
-            source_cluster: sv.cluster,
-            destination_service: service.map_or("unknown".into(), |s| s.hostname.clone()),
-            destination_service_namespace: service.map_or("unknown".into(), |s| s.namespace.clone()),
-            destination_service_name: service.map_or("unknown".into(), |s| s.name.clone()),
-            destination_canonical_service: dv.app.clone(),
-            destination_canonical_revision: dv.revision.clone(),
-            destination_workload: dv.workload,
-            destination_workload_namespace: dv.namespace,
-            destination_principal: dv.principal,
-            destination_app: dv.app,
-            destination_version: dv.revision,
-            destination_cluster: dv.cluster,
-            request_protocol: "tcp".into(),
-            response_flags: response_flags.into(),
-            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" }.into(),
+            pair,
         }
     }
+}
 
+/// Istio's labels for a connection from `src` to `dst`. Built when counting rather than kept: an open
+/// connection holds only its peers (shared) and its pair's counters, not two dozen strings.
+fn tcp_labels(direction: Direction, mtls: bool, src: &Peer, dst: &Peer, flags: ResponseFlags) -> TcpLabels {
+    let (sv, dv) = (Side::of(src), Side::of(dst));
+    let service = dst.service.as_ref();
+    TcpLabels {
+        reporter: match direction {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+        .into(),
+        source_canonical_service: sv.app.clone(),
+        source_canonical_revision: sv.revision.clone(),
+        source_workload: sv.workload,
+        source_workload_namespace: sv.namespace,
+        source_principal: sv.principal,
+        source_app: sv.app,
+        source_version: sv.revision,
+        source_cluster: sv.cluster,
+        destination_service: service.map_or("unknown".into(), |s| s.hostname.clone()),
+        destination_service_namespace: service.map_or("unknown".into(), |s| s.namespace.clone()),
+        destination_service_name: service.map_or("unknown".into(), |s| s.name.clone()),
+        destination_canonical_service: dv.app.clone(),
+        destination_canonical_revision: dv.revision.clone(),
+        destination_workload: dv.workload,
+        destination_workload_namespace: dv.namespace,
+        destination_principal: dv.principal,
+        destination_app: dv.app,
+        destination_version: dv.revision,
+        destination_cluster: dv.cluster,
+        request_protocol: "tcp".into(),
+        response_flags: flags.as_str().into(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+    }
+}
+
+impl ConnRecord {
     /// Records the outcome and writes the access log line. `received` is client → server bytes, `sent`
     /// server → client.
     pub fn close(self, received: u64, sent: u64, error: Option<&dyn std::fmt::Display>, flags: ResponseFlags) {
-        let labels = self.labels(flags.as_str());
-        let m = &self.metrics;
-        m.tcp_closed.get_or_create(&labels).inc();
-        m.tcp_received.get_or_create(&labels).inc_by(received);
-        m.tcp_sent.get_or_create(&labels).inc_by(sent);
+        if flags == ResponseFlags::None {
+            self.pair.closed.inc();
+            self.pair.received.inc_by(received);
+            self.pair.sent.inc_by(sent);
+        } else {
+            let labels = tcp_labels(self.direction, self.mtls, &self.src, &self.dst, flags);
+            let m = &self.metrics;
+            m.tcp_closed.get_or_create(&labels).inc();
+            m.tcp_received.get_or_create(&labels).inc_by(received);
+            m.tcp_sent.get_or_create(&labels).inc_by(sent);
+        }
         self.active.dec();
         let id = |p: &Peer| p.identity.as_ref().map(ToString::to_string).unwrap_or_default();
         let wl = |p: &Peer| p.workload.as_ref().map(|w| w.name.clone()).unwrap_or_default();
@@ -571,9 +681,140 @@ impl ResponseFlags {
     }
 }
 
+/// How [`bench_conn_records`] counts each connection.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchVariant {
+    /// Every connection of one pair: its counters come from the cache.
+    KnownPair,
+    /// Each connection from a new workload value (as after every xDS update of it): labels built each time.
+    NewPair,
+    /// What counting cost before the cache, for reference: labels built at open and at close, and looked
+    /// up in the four families.
+    LabelsPerConnection,
+}
+
+/// For `benches/conn_record.rs`: opens and closes `n` connection records as `variant` says and returns the
+/// nanoseconds per connection (the access log line is not written: no subscriber).
+#[doc(hidden)]
+pub fn bench_conn_records(n: usize, variant: BenchVariant) -> f64 {
+    let m = Metrics::new();
+    let wl = |name: &str| -> Arc<Workload> {
+        let w = serde_json::json!({"uid": format!("Kubernetes//Pod/demo/{name}"), "name": name, "namespace": "demo",
+            "canonicalName": name, "canonicalRevision": "v1", "serviceAccount": name, "clusterId": "Kubernetes"});
+        Arc::new(serde_json::from_value(w).expect("a workload"))
+    };
+    let peer = |w: &Arc<Workload>| Peer {
+        workload: Some(w.clone()),
+        identity: Some(Identity::new("cluster.local", "demo", &w.name)),
+        service: None,
+    };
+    let (client, server) = (wl("client"), wl("server"));
+    let (a, b): (SocketAddr, SocketAddr) = (([10, 0, 0, 1], 40000).into(), ([10, 0, 0, 2], 80).into());
+    let start = Instant::now();
+    for _ in 0..n {
+        let client = match variant {
+            BenchVariant::NewPair => Arc::new((*client).clone()),
+            _ => client.clone(),
+        };
+        let (src, dst) = (peer(&client), peer(&server));
+        if variant == BenchVariant::LabelsPerConnection {
+            let labels = tcp_labels(Direction::Inbound, true, &src, &dst, ResponseFlags::None);
+            m.tcp_opened.get_or_create(&labels).inc();
+            let labels = tcp_labels(Direction::Inbound, true, &src, &dst, ResponseFlags::None);
+            m.tcp_closed.get_or_create(&labels).inc();
+            m.tcp_received.get_or_create(&labels).inc_by(1);
+            m.tcp_sent.get_or_create(&labels).inc_by(1);
+        } else {
+            ConnRecord::open(&m, Direction::Inbound, a, b, None, src, dst, true).close(1, 1, None, ResponseFlags::None);
+        }
+    }
+    start.elapsed().as_nanos() as f64 / n.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn workload(name: &str, app: &str) -> Arc<Workload> {
+        let w = serde_json::json!({"uid": format!("c//Pod/demo/{name}"), "name": name, "namespace": "demo",
+            "canonicalName": app, "serviceAccount": "default"});
+        Arc::new(serde_json::from_value(w).unwrap())
+    }
+
+    fn peer(w: &Arc<Workload>) -> Peer {
+        Peer {
+            workload: Some(w.clone()),
+            identity: Some(Identity::new("cluster.local", "demo", "default")),
+            service: None,
+        }
+    }
+
+    /// The value of `family` (a counter) for the label set that has every `label="value"` in `has`.
+    fn count(text: &str, family: &str, has: &[&str]) -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}_total{{")) && has.iter().all(|h| l.contains(h)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn connect(m: &Arc<Metrics>, src: &Peer, dst: &Peer, flags: ResponseFlags, bytes: u64) {
+        let a: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        ConnRecord::open(m, Direction::Inbound, a, b, None, src.clone(), dst.clone(), true).close(
+            bytes,
+            2 * bytes,
+            None,
+            flags,
+        );
+    }
+
+    /// Connections of one pair count under the labels built for the first; a flagged close gets its own
+    /// label set; a workload that xDS replaced (a new value, here with another app) is a new pair with its
+    /// own labels, never the cached ones of the old value.
+    #[test]
+    fn connections_count_under_their_pairs_labels_built_once_per_pair() {
+        let m = Metrics::new();
+        let (client, server) = (workload("client", "shop"), workload("server", "db"));
+        for _ in 0..3 {
+            connect(&m, &peer(&client), &peer(&server), ResponseFlags::None, 10);
+        }
+        connect(&m, &peer(&client), &peer(&server), ResponseFlags::Deny, 0);
+        let renamed = workload("client", "checkout");
+        connect(&m, &peer(&renamed), &peer(&server), ResponseFlags::None, 5);
+        let text = m.encode();
+        let shop = ["source_app=\"shop\"", "destination_app=\"db\"", "reporter=\"destination\""];
+        assert_eq!(count(&text, "istio_tcp_connections_opened", &shop), 4, "{text}");
+        let ok = [shop.as_slice(), &["response_flags=\"-\""]].concat();
+        assert_eq!(count(&text, "istio_tcp_connections_closed", &ok), 3, "{text}");
+        assert_eq!(count(&text, "istio_tcp_received_bytes", &ok), 30, "{text}");
+        assert_eq!(count(&text, "istio_tcp_sent_bytes", &ok), 60, "{text}");
+        let deny = [shop.as_slice(), &["response_flags=\"DENY\""]].concat();
+        assert_eq!(count(&text, "istio_tcp_connections_closed", &deny), 1, "{text}");
+        let checkout = ["source_app=\"checkout\"", "response_flags=\"-\""];
+        assert_eq!(count(&text, "istio_tcp_connections_opened", &checkout), 1, "{text}");
+        assert_eq!(count(&text, "istio_tcp_received_bytes", &checkout), 5, "{text}");
+        // Two pairs, one entry each.
+        assert_eq!(m.pairs.lock().unwrap().len(), 2);
+    }
+
+    /// The cache is bounded: past [`MAX_PAIRS`] pairs it starts again, and nothing is miscounted.
+    #[test]
+    fn the_pair_cache_stays_bounded_and_counts_stay_right() {
+        let m = Metrics::new();
+        let server = workload("server", "db");
+        let client = workload("client", "shop");
+        for _ in 0..MAX_PAIRS + 10 {
+            // A new value each time: a new pair (the same labels).
+            let w = Arc::new((*client).clone());
+            connect(&m, &peer(&w), &peer(&server), ResponseFlags::None, 1);
+        }
+        assert!(m.pairs.lock().unwrap().len() <= MAX_PAIRS);
+        let text = m.encode();
+        let n = (MAX_PAIRS + 10) as u64;
+        assert_eq!(count(&text, "istio_tcp_connections_closed", &["source_app=\"shop\""]), n, "{text}");
+        assert_eq!(count(&text, "istio_tcp_received_bytes", &["source_app=\"shop\""]), n, "{text}");
+    }
 
     #[test]
     fn response_flags_render_as_istio_names_them() {

@@ -630,10 +630,13 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         x.finish();
     }
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
-    let cpu_per_gib = mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64);
-    progress(&format!(
-        "  ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, every mesh run incl. latency and connects)"
-    ));
+    // Null without a bulk phase (--phase), as every other per-unit figure.
+    let cpu_per_gib = if m.bytes > 0 { mesh_cpu / (m.bytes as f64 / (1u64 << 30) as f64) } else { f64::NAN };
+    if m.bytes > 0 {
+        progress(&format!(
+            "  ztunnel CPU: {cpu_per_gib:.2} s per GiB (both ztunnels, every mesh run incl. latency and connects)"
+        ));
+    }
     let breakdown = breakdown(&d, &m);
     progress(&format!(
         "  where the work goes: packets per connection {} direct, {} mesh; per 1 B/1 KiB round trip {} / {}; \
