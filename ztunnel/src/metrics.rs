@@ -196,8 +196,9 @@ pub struct Metrics {
     pairs: Mutex<HashMap<u64, (PairKey, Arc<PairCounters>)>>,
 }
 
-/// At most this many peer pairs keep their counters at hand; past it the cache starts again empty.
-const MAX_PAIRS: usize = 4096;
+/// At most this many peer pairs keep their counters at hand; past it the cache starts again empty. Each
+/// entry holds its two workloads, so this also bounds the replaced workloads it keeps alive.
+const MAX_PAIRS: usize = 1024;
 
 /// The `istio_tcp_*` counters of one peer pair (direction, security, both ends) for connections that close
 /// without a response flag: Istio's two dozen labels are built and hashed once per pair rather than twice
