@@ -1,9 +1,9 @@
 //! What TLS costs the bulk path per GiB, apart from the kernel: for issue 16's "find the remaining cost per
 //! GiB". HBONE's records are TLS 1.3 AES-128-GCM (ring, the suite ztunnel prefers) of up to 16 KiB; every
 //! byte is sealed once by the client's ztunnel and opened once by the server's. Prints, per GiB, the seconds
-//! of one seal plus one open in place (the crypto alone), of one 16 KiB copy (what a record costs each time
-//! it moves between buffers), and their sum with the copies the current path makes (rustls copies a record
-//! in when sealing and out when opening).
+//! of one seal plus one open in place (the crypto alone), of one 16 KiB copy hot in cache (a lower bound of
+//! what a record costs each time it moves between buffers: the proxy's copies miss the cache), and the sum
+//! with the two copies the current path makes (rustls copies a record in when sealing and out when opening).
 //!
 //! `cargo bench -p ztunnel --bench record_crypto`
 
@@ -61,6 +61,6 @@ fn main() {
     let (crypto, copy) = (median(crypto), median(copies));
     println!("per GiB of HBONE payload, median of {ROUNDS} rounds of 1 GiB, one core:");
     println!("  AES-128-GCM seal + open in place:   {crypto:.3} s");
-    println!("  one 16 KiB record copy:             {copy:.3} s");
-    println!("  seal + open with rustls's two copies: {:.3} s", crypto + 2.0 * copy);
+    println!("  one 16 KiB record copy, hot in cache: {copy:.3} s");
+    println!("  seal + open + two such copies (a lower bound of the TLS layer's work): {:.3} s", crypto + 2.0 * copy);
 }
