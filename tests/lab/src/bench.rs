@@ -705,11 +705,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let (kt, kr, kc) = k.json();
     let sockmap = with_sockmap({
         let of_floor = k.of(&f);
-        let lift = |key: &str| of_floor.get(key).and_then(Value::as_f64).unwrap_or(0.0);
-        // Throughput up, or the round trip's time down, by a quarter.
-        let lifts = lift("throughput_1") >= 1.25
-            || lift("throughput_8") >= 1.25
-            || (lift("rr_1b_p50") > 0.0 && lift("rr_1b_p50") <= 0.8);
+        // Throughput up, or the round trip's time down, by a quarter (from the unrounded figures; a figure
+        // that no run produced, NaN, lifts nothing).
+        let lifts = k.tp(0) >= 1.25 * f.tp(0) || k.tp(1) >= 1.25 * f.tp(1) || k.rr(0, 50.0) <= 0.8 * f.rr(0, 50.0);
         // Proof that the short-cut was in effect: its in-pod legs take no packets per exchange.
         let packets = json!({
             "floor": round(f.cost[RR].packets_per_unit(), 1),
