@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use crate::lab::{Lab, LabConfig};
@@ -105,6 +106,11 @@ pub struct MeshOpts {
     pub peer: Option<std::path::PathBuf>,
     /// Extra environment for the peer.
     pub peer_env: Vec<(String, String)>,
+    /// Sysctls set in the peer pair's two pods (KEY, VALUE). In in-pod mode every socket a ztunnel opens for
+    /// a pod lives in that pod's netns, so with Ambit's own binary as the peer this measures a kernel choice
+    /// (autocorking, socket buffer sizes) against the default in the same rounds. The apps' sockets in those
+    /// pods get it too.
+    pub peer_sysctls: Vec<(String, String)>,
     /// Enrolled pods for the idle memory figure.
     pub idle_pods: usize,
     /// Open idle connections for the memory figure.
@@ -148,6 +154,7 @@ impl Default for MeshOpts {
             rounds: 6,
             peer: None,
             peer_env: Vec::new(),
+            peer_sysctls: Vec::new(),
             idle_pods: 100,
             idle_conns: 1000,
             phases: Vec::new(),
@@ -498,12 +505,23 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
     let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;
     // The peer's pair: the same pods on the peer's two nodes, served the same way.
+    let mut peer_sysctls = serde_json::Map::new();
     let peer = match o.peer {
         Some(_) => {
             let (client, server) = (
                 lab.add_pod_as(2, "mesh", "peer-client", "client").map_err(cni_err)?,
                 lab.add_pod_as(3, "mesh", "peer-server", "server").map_err(cni_err)?,
             );
+            // Read back, so the report says what was in force rather than what was asked.
+            for (k, v) in &o.peer_sysctls {
+                let mut got = Vec::new();
+                for p in [&client, &server] {
+                    p.netns.sysctl(k, v).with_context(|| format!("setting {k} in the peer's pods"))?;
+                    got.push(p.netns.read_sysctl(k)?);
+                }
+                anyhow::ensure!(got[0] == got[1], "{k} reads {got:?} in the peer's two pods");
+                peer_sysctls.insert(k.clone(), json!(got[0]));
+            }
             let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
             let echo = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5002), Mode::Echo)?;
             Some(PeerPair { client, server, sink, echo })
@@ -700,6 +718,8 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         "of_floor": p.of(&f),
         "rss_mib_conns_1000": peer_rss.map(|r| round(r, 1)),
         "mesh_of_peer": m.of(&p),
+        // What `peer_sysctls` set in the peer's pods, as read back from them.
+        "sysctls": peer_sysctls,
     }));
     // The floor with the sockmap short-cut, over the floor: the experiment's outcome (issue 16 asks for a
     // 25% lift of the floor's throughput or round trip before it is built into Ambit). Null unless measured.

@@ -52,6 +52,10 @@ enum Cmd {
         /// Extra environment for the peer (KEY=VALUE, repeatable).
         #[arg(long = "ztunnel-env")]
         ztunnel_env: Vec<String>,
+        /// A sysctl set in the peer's two pods (KEY=VALUE, repeatable), where its ztunnel's sockets live: with
+        /// Ambit's own binary as `--ztunnel`, measures a kernel choice against the default in the same rounds.
+        #[arg(long = "peer-sysctl")]
+        peer_sysctls: Vec<String>,
         /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect,
         /// paced.
         #[arg(long = "phase", value_enum)]
@@ -238,20 +242,36 @@ fn main() {
             rounds,
             ztunnel,
             ztunnel_env,
+            peer_sysctls,
             phases,
             sockmap,
             keep,
         } => {
-            let env = ztunnel_env
-                .iter()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            let pairs = |kvs: &[String]| -> Result<Vec<(String, String)>, String> {
+                kvs.iter()
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                        _ => Err(format!("{kv:?} is not KEY=VALUE")),
+                    })
+                    .collect()
+            };
+            if ztunnel.is_none() && !(ztunnel_env.is_empty() && peer_sysctls.is_empty()) {
+                eprintln!("bench: --ztunnel-env and --peer-sysctl apply to the peer path: they need --ztunnel");
+                std::process::exit(2);
+            }
+            let (env, peer_sysctls) = match (pairs(&ztunnel_env), pairs(&peer_sysctls)) {
+                (Ok(e), Ok(s)) => (e, s),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("bench: {e}");
+                    std::process::exit(2);
+                }
+            };
             let opts = lab::bench::MeshOpts {
                 secs,
                 rounds,
                 peer: ztunnel,
                 peer_env: env,
+                peer_sysctls,
                 phases,
                 sockmap,
                 ..Default::default()
@@ -386,6 +406,11 @@ fn bench(
                 let p = &v["peer"];
                 if !p.is_null() {
                     let (pr, mp) = (&p["ratios"], &p["mesh_of_peer"]);
+                    if let Some(set) = p["sysctls"].as_object().filter(|s| !s.is_empty()) {
+                        let set: Vec<String> =
+                            set.iter().map(|(k, v)| format!("{k} = {}", v.as_str().unwrap_or(""))).collect();
+                        progress(&format!("  the peer's pods ran with {}", set.join(", ")));
+                    }
                     progress(&format!(
                         "  peer (same rounds, its own node pair) against direct: 1-stream throughput {}×, 8 streams {}×, added 1 B round trip p50 {} µs p99 {} µs ({} µs paced), connection rate {}×, CPU {}, RSS with 1000 idle connections {} MiB",
                         pr["throughput_1"],

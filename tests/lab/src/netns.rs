@@ -134,6 +134,14 @@ impl Netns {
         self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {}", path.display())))?
     }
 
+    /// Reads a sysctl of this netns (`net.ipv4.tcp_rmem`, say), its fields separated by single spaces.
+    pub fn read_sysctl(&self, key: &str) -> anyhow::Result<String> {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        let v =
+            self.run(move || std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display())))??;
+        Ok(v.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
     /// Deletes the netns now (also done on drop).
     pub fn delete(mut self) -> anyhow::Result<()> {
         self.remove()

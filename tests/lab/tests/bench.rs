@@ -19,6 +19,8 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         idle_pods: 3,
         idle_conns: 20,
         peer: Some(peer),
+        // A kernel choice measured on the peer's pods only; the mesh's keep the default (on).
+        peer_sysctls: vec![("net.ipv4.tcp_autocorking".into(), "0".into())],
         sockmap: true,
         ..Default::default()
     };
@@ -67,6 +69,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         assert!(num(&format!("peer.mesh_of_peer.{ratio}")) > 0.0, "{ratio}: {v:#}");
     }
     assert!(num("peer.rss_mib_conns_1000") > 0.0, "{v:#}");
+    assert_eq!(v["peer"]["sysctls"], serde_json::json!({"net.ipv4.tcp_autocorking": "0"}), "{v:#}");
     // Where the work goes: a TCP connection with a 1-byte echo is at least seven packets (handshake, byte,
     // echo, two FINs); the mesh carries each connection over more hops than direct, and each exchange too.
     let (direct, mesh) = (num("breakdown.packets_per_connection.direct"), num("breakdown.packets_per_connection.mesh"));
