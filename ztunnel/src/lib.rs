@@ -40,6 +40,8 @@ pub use admin::LogControl;
 pub use metrics::Metrics;
 #[doc(hidden)]
 pub use metrics::{BenchVariant, bench_conn_records};
+#[doc(hidden)]
+pub use proxy::bench::{DataPath, PathCost, bench_data_path};
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! - 15008 [`inbound`]: HBONE from other ztunnels; mTLS, then one CONNECT stream per connection to the app.
 //! - 15006 [`plaintext`]: plain TCP from outside the mesh to the app.
 
+pub mod bench;
 pub mod copy;
 pub mod drain;
 pub mod inbound;
