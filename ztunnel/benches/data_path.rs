@@ -37,12 +37,17 @@ fn main() {
             bulk[i].push(c.bulk_s_per_gib);
         }
     }
+    let range = |v: &[f64]| (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
+    let (rt_range, bulk_range) = (rt.each_ref().map(|v| range(v)), bulk.each_ref().map(|v| range(v)));
     let rt = rt.map(median);
     let bulk = bulk.map(median);
-    println!("CPU per unit, one thread, medians of {ROUNDS} rounds ({ROUND_TRIPS} round trips, 1 GiB each):");
-    println!("  {:8} {:>16} {:>14}", "path", "1 B round trip", "bulk");
+    println!(
+        "CPU per unit, one thread, medians [and ranges] of {ROUNDS} rounds ({ROUND_TRIPS} round trips, 1 GiB each):"
+    );
+    println!("  {:8} {:>28} {:>30}", "path", "1 B round trip", "bulk");
     for (i, name) in names.iter().enumerate() {
-        println!("  {name:8} {:>13.1} µs {:>10.3} s/GiB", rt[i], bulk[i]);
+        let ((rl, rh), (bl, bh)) = (rt_range[i], bulk_range[i]);
+        println!("  {name:8} {:>6.1} µs [{rl:5.1}–{rh:5.1}] {:>8.3} s/GiB [{bl:.3}–{bh:.3}]", rt[i], bulk[i]);
     }
     println!(
         "  hbone / relay: {:.2}x per round trip (+{:.1} µs), {:.2}x per GiB (+{:.3} s)",

@@ -231,6 +231,8 @@ async fn round_trip(c: &mut TcpStream) -> io::Result<()> {
 /// Measures `path`: `round_trips` 1-byte round trips on one connection, then `bulk_bytes` sent on another
 /// (timed until the server has read them all). Each after a warm-up on its connection.
 pub fn bench_data_path(path: DataPath, round_trips: usize, bulk_bytes: u64) -> io::Result<PathCost> {
+    // The allocator as the proxy runs it (freed buffers kept while traffic flows).
+    crate::heap::tune_allocator();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let echo = echo_server().await?;
