@@ -285,15 +285,13 @@ pub fn bench_data_path(path: DataPath, round_trips: usize, bulk_bytes: u64) -> i
 mod tests {
     use super::*;
 
-    /// Every path carries the bytes (the sink's count is checked inside), and the work grows with the hops.
+    /// Every path carries the bytes (the sink's count is checked inside) and yields a figure. How the
+    /// figures compare is the benchmark's to say, not a test's: CPU time on a shared machine is no assertion.
     #[test]
-    fn every_path_carries_the_bytes_and_hbone_costs_more_than_a_bare_relay() {
-        let cost = |p| bench_data_path(p, 300, 64 << 20).unwrap();
-        let (direct, relay, hbone) = (cost(DataPath::Direct), cost(DataPath::Relay), cost(DataPath::Hbone));
-        for c in [direct, relay, hbone] {
-            assert!(c.round_trip_us > 0.0 && c.bulk_s_per_gib > 0.0, "{c:?}");
+    fn every_path_carries_the_bytes() {
+        for path in [DataPath::Direct, DataPath::Relay, DataPath::Hbone] {
+            let c = bench_data_path(path, 300, 64 << 20).unwrap();
+            assert!(c.round_trip_us > 0.0 && c.bulk_s_per_gib > 0.0, "{path:?}: {c:?}");
         }
-        assert!(relay.round_trip_us > direct.round_trip_us, "{direct:?} {relay:?}");
-        assert!(hbone.bulk_s_per_gib > relay.bulk_s_per_gib, "TLS costs something: {relay:?} {hbone:?}");
     }
 }
