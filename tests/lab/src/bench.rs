@@ -120,6 +120,9 @@ pub struct MeshOpts {
     /// Also measure the floor with its in-pod legs short-cut by an eBPF sockmap ([`crate::sockmap`]), as a
     /// fifth path of the same rounds.
     pub sockmap: bool,
+    /// Also measure the captured floor: the floor's relays taking the connections that the pods' capture
+    /// rules (the agent's) redirect, as ztunnel does; what capture itself adds to the floor.
+    pub captured_floor: bool,
 }
 
 /// A phase of each round's measurement.
@@ -159,6 +162,7 @@ impl Default for MeshOpts {
             idle_conns: 1000,
             phases: Vec::new(),
             sockmap: false,
+            captured_floor: false,
         }
     }
 }
@@ -435,6 +439,8 @@ enum Path {
     Peer,
     /// The floor's relays with their two in-pod legs short-cut by the sockmap ([`crate::sockmap`]).
     Sockmap,
+    /// The floor's relays behind the pods' capture rules, where ztunnel would be ([`start_captured`]).
+    Captured,
 }
 
 /// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
@@ -446,31 +452,98 @@ fn start_relays(
     server: &crate::Pod,
     ports: [(u16, u16, u16); 2],
 ) -> anyhow::Result<(Vec<crate::proc::Proc>, [std::net::SocketAddr; 2])> {
-    let lab_bin = crate::util::binary("lab");
-    let route = |listen: std::net::SocketAddr, to: std::net::SocketAddr| format!("{listen}={to}");
+    let route = |listen: std::net::SocketAddr, to: std::net::SocketAddr| format!("--route={listen}={to}");
     let at = |ip, port| std::net::SocketAddr::new(ip, port);
-    let mut relays = Vec::new();
-    for (pod, name, routes) in [
-        (
+    let relays = vec![
+        spawn_relay(
+            lab,
             client,
             "relay-client",
-            ports.map(|(l, b, _)| route(at(std::net::Ipv4Addr::LOCALHOST.into(), l), at(server.ip, b))),
-        ),
-        (server, "relay-server", ports.map(|(_, b, a)| route(at(server.ip, b), at(server.ip, a)))),
-    ] {
-        let mut cmd = pod.netns.command(&lab_bin);
-        cmd.arg("relay");
-        for r in routes {
-            cmd.args(["--route", &r]);
-        }
-        let log = lab.dir.join(format!("{name}.log"));
-        let p = crate::proc::Proc::spawn(name, cmd, &log)?;
-        crate::util::wait_for(&format!("{name} to listen (log {})", log.display()), Duration::from_secs(10), || {
-            p.log().contains("ready").then_some(())
-        })?;
-        relays.push(p);
-    }
+            ports.map(|(l, b, _)| route(at(std::net::Ipv4Addr::LOCALHOST.into(), l), at(server.ip, b))).to_vec(),
+        )?,
+        spawn_relay(
+            lab,
+            server,
+            "relay-server",
+            ports.map(|(_, b, a)| route(at(server.ip, b), at(server.ip, a))).to_vec(),
+        )?,
+    ];
     Ok((relays, ports.map(|(l, _, _)| at(std::net::Ipv4Addr::LOCALHOST.into(), l))))
+}
+
+/// Runs `lab relay args…` in `pod`'s netns and waits until it listens.
+fn spawn_relay(lab: &Lab, pod: &crate::Pod, name: &str, args: Vec<String>) -> anyhow::Result<crate::proc::Proc> {
+    let mut cmd = pod.netns.command(crate::util::binary("lab"));
+    cmd.arg("relay").args(args);
+    let log = lab.dir.join(format!("{name}.log"));
+    let p = crate::proc::Proc::spawn(name, cmd, &log)?;
+    crate::util::wait_for(&format!("{name} to listen (log {})", log.display()), Duration::from_secs(10), || {
+        p.log().contains("ready").then_some(())
+    })?;
+    Ok(p)
+}
+
+/// The agent's capture rules and routing in the two pods' netns, installed by the lab while capture is off
+/// (so that no ztunnel holds the pods' ports); removed on drop.
+struct CaptureRules<'a> {
+    pods: Vec<&'a crate::Netns>,
+}
+
+impl<'a> CaptureRules<'a> {
+    fn install(pods: [&'a crate::Pod; 2]) -> anyhow::Result<CaptureRules<'a>> {
+        let mut rules = CaptureRules { pods: Vec::new() };
+        for pod in pods {
+            let cfg = ambit_agent::rules::InpodConfig::for_ips(&[pod.ip]);
+            pod.netns
+                .run(move || ambit_agent::rules::install_pod(ambit_agent::rules::Backend::Nftables, cfg))?
+                .with_context(|| format!("installing the capture rules in {}", pod.netns.name()))?;
+            rules.pods.push(&pod.netns);
+        }
+        Ok(rules)
+    }
+}
+
+impl Drop for CaptureRules<'_> {
+    fn drop(&mut self) {
+        for ns in &self.pods {
+            let cfg = ambit_agent::rules::InpodConfig { ipv4: true, ipv6: false };
+            let r = ns.run(move || ambit_agent::rules::remove_pod(ambit_agent::rules::Backend::Nftables, cfg));
+            if !matches!(r, Ok(Ok(()))) {
+                eprintln!("lab bench: the capture rules stay in {}: {r:?}", ns.name());
+            }
+        }
+    }
+}
+
+/// The captured floor: the agent's capture rules in both pods, and a relay where they redirect, as ztunnel
+/// would be. The client's connections to each `(app, between)` route's app are redirected to its pod's relay
+/// on 15001, which connects to the server pod on `between`; that connection is redirected to the server
+/// pod's relay on 15006, which connects to the app. The relays' own connections carry ztunnel's mark, so the
+/// rules let them through. Unlike the mesh's HBONE connections (to 15008, which is not redirected), the
+/// connection between the relays is redirected once more, on its way into the server pod.
+fn start_captured<'a>(
+    lab: &Lab,
+    client: &'a crate::Pod,
+    server: &'a crate::Pod,
+    routes: [(std::net::SocketAddr, u16); 2],
+    round: usize,
+) -> anyhow::Result<(CaptureRules<'a>, Vec<crate::proc::Proc>)> {
+    let rules = CaptureRules::install([client, server])?;
+    let between = |port| std::net::SocketAddr::new(server.ip, port);
+    let relays = vec![
+        // A log of its own each round: the previous relay's "ready" must not count.
+        spawn_relay(lab, client, &format!("relay-captured-client-{round}"), {
+            let mut a = vec!["--redirected-at=0.0.0.0:15001".to_string()];
+            a.extend(routes.map(|(app, b)| format!("--route={app}={}", between(b))));
+            a
+        })?,
+        spawn_relay(lab, server, &format!("relay-captured-server-{round}"), {
+            let mut a = vec!["--redirected-at=0.0.0.0:15006".to_string()];
+            a.extend(routes.map(|(app, b)| format!("--route={}={app}", between(b))));
+            a
+        })?,
+    ];
+    Ok((rules, relays))
 }
 
 fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
@@ -541,6 +614,12 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // runs leave behind (same client, same address) would otherwise slow direct's port search and flatter
     // the mesh.
     let echo_direct = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5003), Mode::Echo)?;
+    // And the captured floor on its own, for the same reason (and because its connections, redirected, share
+    // their conntrack entries' original tuples with direct's).
+    let echo_captured = match o.captured_floor {
+        true => Some(LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5004), Mode::Echo)?),
+        false => None,
+    };
 
     progress(&format!("  {} more enrolled pods on node1 (idle memory)…", o.idle_pods.saturating_sub(1)));
     let mut extra = Vec::new();
@@ -564,7 +643,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // Loaded before the rounds, so that a kernel without sockmap fails the run at once.
     let mut shortcut = if o.sockmap { Some(crate::sockmap::Shortcut::load()?) } else { None };
     let (mut m, mut d, mut f, mut p) = (Figures::default(), Figures::default(), Figures::default(), Figures::default());
-    let mut k = Figures::default();
+    let (mut k, mut c) = (Figures::default(), Figures::default());
     let mut captured = true;
     // Every path goes first equally often; the last round ends with the mesh (the memory figure needs it).
     let mut paths = vec![Path::Direct, Path::Relay];
@@ -573,6 +652,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     }
     if shortcut.is_some() {
         paths.push(Path::Sockmap);
+    }
+    if echo_captured.is_some() {
+        paths.push(Path::Captured);
     }
     paths.push(Path::Mesh);
     let rounds = o.rounds.max(1).div_ceil(paths.len()) * paths.len();
@@ -614,6 +696,24 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     ));
                     measure(meters, pp.sink.addr, pp.echo.addr, o, &mut p, progress)?;
                 }
+                Path::Captured => {
+                    let Some(echo_c) = &echo_captured else { continue };
+                    progress(&format!(
+                        "  round {}/{rounds}, captured floor: the floor's relays behind the pods' capture rules",
+                        r + 1
+                    ));
+                    // Started each round: the relays take the ports that ztunnel holds while the pods are
+                    // captured.
+                    let (rules, relays) =
+                        start_captured(&lab, &client, &server, [(sink.addr, 7101), (echo_c.addr, 7104)], r + 1)?;
+                    let meters = Meters {
+                        pods: [&client.netns, &server.netns],
+                        proxies: relays.iter().map(crate::proc::Proc::pid).collect(),
+                    };
+                    measure(&meters, sink.addr, echo_c.addr, o, &mut c, progress)?;
+                    drop(relays);
+                    drop(rules);
+                }
                 Path::Sockmap => {
                     let Some(s) = shortcut.as_mut() else { continue };
                     progress(&format!(
@@ -646,7 +746,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     }
     drop(relays);
     drop(shortcut);
-    for x in [&mut m, &mut d, &mut f, &mut p, &mut k] {
+    for x in [&mut m, &mut d, &mut f, &mut p, &mut k, &mut c] {
         x.finish();
     }
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
@@ -760,22 +860,63 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             }
         ));
     }
+    // The captured floor: what the capture rules add to the floor, and how close the mesh comes to it. The
+    // relays really were behind the rules: each exchange crossed their three connections, as the floor's do.
+    let with_captured = |v: Value| if o.captured_floor { v } else { Value::Null };
+    if o.captured_floor && o.runs(Phase::RoundTrip) {
+        let (floor, captured) = (f.cost[RR].packets_per_unit(), c.cost[RR].packets_per_unit());
+        anyhow::ensure!(
+            captured >= 0.8 * floor,
+            "the captured floor's round trips sent {captured:.1} packets each, the floor's {floor:.1}: \
+             the capture rules did not send them through the relays"
+        );
+    }
+    let (ct, cr, cc) = c.json();
+    let captured_floor = with_captured({
+        let mut of_floor = c.of(&f);
+        of_floor.insert("added_rr_1b_us_p50".into(), json!(round(c.rr(0, 50.0) - f.rr(0, 50.0), 1)));
+        let mut mesh_of = m.of(&c);
+        mesh_of.insert("added_rr_1b_us_p50".into(), json!(round(m.rr(0, 50.0) - c.rr(0, 50.0), 1)));
+        json!({
+            "ratios": c.against(&d),
+            "of_floor": of_floor,
+            "mesh_of_captured_floor": mesh_of,
+            "packets_per_round_trip": {
+                "floor": round(f.cost[RR].packets_per_unit(), 1),
+                "captured_floor": round(c.cost[RR].packets_per_unit(), 1),
+            },
+        })
+    });
+    if o.captured_floor {
+        progress(&format!(
+            "  captured floor over the floor: throughput {}× (1 stream), 1 B round trip p50 +{} µs, connection \
+             rate {}×; the mesh over the captured floor: throughput {}×, p50 +{} µs, connection rate {}×",
+            captured_floor["of_floor"]["throughput_1"],
+            captured_floor["of_floor"]["added_rr_1b_us_p50"],
+            captured_floor["of_floor"]["connect_rate"],
+            captured_floor["mesh_of_captured_floor"]["throughput_1"],
+            captured_floor["mesh_of_captured_floor"]["added_rr_1b_us_p50"],
+            captured_floor["mesh_of_captured_floor"]["connect_rate"],
+        ));
+    }
     // The proxies' CPU per unit of work, for every path that has proxies.
     let cpu = Figures::cpu_json;
     Ok(json!({
         "rounds": rounds,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
-        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt)},
-        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr)},
-        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc), "sockmap": with_sockmap(kc)},
+        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt), "captured_floor": with_captured(ct)},
+        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr), "captured_floor": with_captured(cr)},
+        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc), "sockmap": with_sockmap(kc), "captured_floor": with_captured(cc)},
         "cpu_per_unit": {
             "mesh": cpu(&m),
             "floor": cpu(&f),
             "peer": with_peer(cpu(&p)),
             "sockmap": with_sockmap(cpu(&k)),
+            "captured_floor": with_captured(cpu(&c)),
         },
         "peer": peer,
         "sockmap": sockmap,
+        "captured_floor": captured_floor,
         "ztunnel_rss_mib": {"idle_100_pods": round(rss_idle, 1), "conns_1000": round(r0.max(r1), 1), "conns_1000_by_node": [round(r0, 1), round(r1, 1)]},
         "ztunnel_cpu_s_per_gib": round(cpu_per_gib, 2),
         "breakdown": breakdown,

@@ -64,6 +64,10 @@ enum Cmd {
         /// BPF programs, which need a kernel with sockmap and a cgroup-v2 mount).
         #[arg(long)]
         sockmap: bool,
+        /// Also measure the captured floor: the floor's relays behind the pods' capture rules (the agent's),
+        /// where ztunnel would be; what capture adds to the floor.
+        #[arg(long)]
+        captured_floor: bool,
         /// Leave the CNI lab running afterwards, with its logs.
         #[arg(long)]
         keep: bool,
@@ -126,6 +130,15 @@ enum Cmd {
         /// LISTEN=TO socket addresses (repeatable).
         #[arg(long = "route", required = true)]
         routes: Vec<lab::relay::Route>,
+        /// Take every route's connections on this one address, where the pod's capture rules redirect them,
+        /// each by its original destination (a route's LISTEN); the relay's own connections then carry
+        /// `--mark`.
+        #[arg(long)]
+        redirected_at: Option<std::net::SocketAddr>,
+        /// The mark on the relay's own connections with `--redirected-at` (ztunnel's, which the rules let
+        /// through).
+        #[arg(long, default_value_t = 0x539)]
+        mark: u32,
         /// Busy-poll for this many µs after activity (0: never).
         #[arg(long, default_value_t = 250)]
         spin_us: u64,
@@ -245,6 +258,7 @@ fn main() {
             peer_sysctls,
             phases,
             sockmap,
+            captured_floor,
             keep,
         } => {
             let pairs = |kvs: &[String]| -> Result<Vec<(String, String)>, String> {
@@ -274,13 +288,18 @@ fn main() {
                 peer_sysctls,
                 phases,
                 sockmap,
+                captured_floor,
                 ..Default::default()
             };
             let xds =
                 lab::bench_cp::XdsOpts { workloads: xds_workloads, policies: xds_policies, changes: xds_changes, pods };
             bench(json, only.as_deref(), pods, opts, xds, keep)
         }
-        Cmd::Relay { routes, spin_us } => match lab::relay::run(&routes, std::time::Duration::from_micros(spin_us)) {
+        Cmd::Relay { routes, redirected_at, mark, spin_us } => match lab::relay::run(
+            &routes,
+            redirected_at.map(|at| lab::relay::Capture { at, mark }),
+            std::time::Duration::from_micros(spin_us),
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("relay: {e:#}");

@@ -5,6 +5,11 @@
 //! costs and more, so the relay's figures, measured in the same run, bound what any in-pod proxy can reach
 //! on the machine.
 //!
+//! With [`Capture`], it takes the connections the pods' capture rules redirect, as ztunnel does: one listener
+//! where the rules send them, each connection routed by its original destination, and the relay's own
+//! connections marked so that the rules let them through. The bench runs it so, with the agent's rules in
+//! force, to measure what capture adds to the floor.
+//!
 //! Like ztunnel's workers it runs one single-threaded event loop and may busy-poll after activity (a wakeup
 //! costs tens of µs on a VM), so its latency and connection-rate floors are not handicapped against ztunnel.
 
@@ -40,6 +45,16 @@ impl std::str::FromStr for Route {
     }
 }
 
+/// Redirected connections: accepted on `at`, where the capture rules send them, routed by their original
+/// destination (a route's `listen`), and forwarded from sockets carrying `mark`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capture {
+    /// Where the rules redirect connections to.
+    pub at: SocketAddr,
+    /// The mark of the relay's own connections (ztunnel's, which the rules never capture).
+    pub mark: u32,
+}
+
 thread_local! {
     /// When this thread last moved bytes or accepted a connection.
     static ACTIVE: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -53,9 +68,10 @@ fn activity() {
 }
 
 /// Serves `routes` on the calling thread until the process ends; prints `ready` once every listener is bound.
+/// With `capture`, every route is taken on its one listener and chosen by the original destination.
 /// With a non-zero `spin`, for that long after activity the thread offers its CPU to others and polls its
 /// sockets again instead of sleeping in `epoll_wait`.
-pub fn run(routes: &[Route], spin: Duration) -> anyhow::Result<()> {
+pub fn run(routes: &[Route], capture: Option<Capture>, spin: Duration) -> anyhow::Result<()> {
     let mut rt = tokio::runtime::Builder::new_current_thread();
     rt.enable_all();
     if !spin.is_zero() {
@@ -67,22 +83,79 @@ pub fn run(routes: &[Route], spin: Duration) -> anyhow::Result<()> {
         });
     }
     let rt = rt.build()?;
+    let routes: std::sync::Arc<[Route]> = routes.into();
     rt.block_on(async {
         tokio::spawn(async {
             loop {
                 POKE.notified().await;
             }
         });
-        for r in routes {
-            let l = TcpListener::bind(r.listen).await.with_context(|| format!("binding {}", r.listen))?;
-            tokio::spawn(accept(l, r.to));
+        match capture {
+            Some(c) => {
+                // Marked like ztunnel's listeners, so the replies of the app's connection are too.
+                let l = listener(c.at, c.mark).with_context(|| format!("binding {}", c.at))?;
+                tokio::spawn(accept(l, Dst::Original(routes.clone()), c.mark));
+            }
+            None => {
+                for r in routes.iter() {
+                    let l = TcpListener::bind(r.listen).await.with_context(|| format!("binding {}", r.listen))?;
+                    tokio::spawn(accept(l, Dst::Fixed(r.to), 0));
+                }
+            }
         }
         println!("ready");
         std::future::pending::<anyhow::Result<()>>().await
     })
 }
 
-async fn accept(l: TcpListener, to: SocketAddr) {
+/// Where an accepted connection goes.
+enum Dst {
+    /// Always there.
+    Fixed(SocketAddr),
+    /// By the connection's original destination (SO_ORIGINAL_DST), to the route listed for it.
+    Original(std::sync::Arc<[Route]>),
+}
+
+impl Dst {
+    fn of(&self, c: &TcpStream) -> std::io::Result<SocketAddr> {
+        match self {
+            Dst::Fixed(to) => Ok(*to),
+            Dst::Original(routes) => {
+                let o = nix::sys::socket::getsockopt(c, nix::sys::socket::sockopt::OriginalDst)?;
+                let orig = SocketAddr::from((
+                    std::net::Ipv4Addr::from(u32::from_be(o.sin_addr.s_addr)),
+                    u16::from_be(o.sin_port),
+                ));
+                routes
+                    .iter()
+                    .find(|r| r.listen == orig)
+                    .map(|r| r.to)
+                    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no route for {orig}")))
+            }
+        }
+    }
+}
+
+/// A listener on `at` whose sockets carry `mark`.
+fn listener(at: SocketAddr, mark: u32) -> std::io::Result<TcpListener> {
+    let s = if at.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    s.set_reuseaddr(true)?;
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Mark, &mark)?;
+    s.bind(at)?;
+    s.listen(1024)
+}
+
+/// Connects to `to` from a socket carrying `mark` (none when 0).
+async fn connect(to: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let s = if to.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }?;
+    if mark != 0 {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Mark, &mark)?;
+    }
+    s.connect(to).await
+}
+
+async fn accept(l: TcpListener, dst: Dst, mark: u32) {
+    let dst = std::sync::Arc::new(dst);
     loop {
         let Ok((c, _)) = l.accept().await else {
             // Out of descriptors or memory: back off rather than spin on the error.
@@ -90,8 +163,10 @@ async fn accept(l: TcpListener, to: SocketAddr) {
             continue;
         };
         activity();
+        let dst = dst.clone();
         tokio::spawn(async move {
-            let Ok(up) = TcpStream::connect(to).await else { return };
+            let Ok(to) = dst.of(&c) else { return };
+            let Ok(up) = connect(to, mark).await else { return };
             let _ = (c.set_nodelay(true), up.set_nodelay(true));
             relay(c, up).await;
         });
@@ -144,7 +219,7 @@ mod tests {
         let to = server.local_addr().unwrap();
         // A free port for the relay.
         let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        std::thread::spawn(move || run(&[Route { listen, to }], Duration::from_micros(100)));
+        std::thread::spawn(move || run(&[Route { listen, to }], None, Duration::from_micros(100)));
         let echo = std::thread::spawn(move || {
             let (mut c, _) = server.accept().unwrap();
             let mut got = Vec::new();

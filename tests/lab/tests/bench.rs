@@ -22,6 +22,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         // A kernel choice measured on the peer's pods only; the mesh's keep the default (on).
         peer_sysctls: vec![("net.ipv4.tcp_autocorking".into(), "0".into())],
         sockmap: true,
+        captured_floor: true,
         ..Default::default()
     };
     let v = mesh(&opts, &mut |_| {}).unwrap();
@@ -30,7 +31,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     };
     // The sockmap path's bulk runs may fail (see the README); that is recorded, and its figures are then null.
     let sockmap_bulk_failed = v["sockmap"]["failures"].as_array().is_some_and(|f| !f.is_empty());
-    for side in ["direct", "mesh", "floor", "peer", "sockmap"] {
+    for side in ["direct", "mesh", "floor", "peer", "sockmap", "captured_floor"] {
         for streams in ["1", "8"].into_iter().filter(|_| side != "sockmap" || !sockmap_bulk_failed) {
             assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
         }
@@ -43,10 +44,10 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     }
     assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
-    // Rounded up so that each of the five paths goes first once.
-    assert_eq!(num("rounds"), 5.0);
-    assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "mesh"]));
-    for path in ["mesh", "floor", "peer", "sockmap"] {
+    // Rounded up so that each of the six paths goes first once.
+    assert_eq!(num("rounds"), 6.0);
+    assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "captured", "mesh"]));
+    for path in ["mesh", "floor", "peer", "sockmap", "captured_floor"] {
         for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"]
             .into_iter()
             .filter(|u| path != "sockmap" || !sockmap_bulk_failed || *u != "bulk_s_per_gib")
@@ -118,6 +119,20 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     for f in v["sockmap"]["failures"].as_array().into_iter().flatten() {
         assert!(f.as_str().is_some_and(|f| f.contains("Bulk")), "only the bulk phase may fail: {v:#}");
     }
+    // The captured floor: the relays behind the agent's capture rules (the bench itself fails if the rules
+    // did not send the round trips through them), over the floor, and the mesh over it.
+    for ratio in ["throughput_1", "connect_rate", "rr_1b_p50", "cpu_per_round_trip", "cpu_per_connection"] {
+        assert!(num(&format!("captured_floor.of_floor.{ratio}")) > 0.0, "{ratio}: {v:#}");
+        assert!(num(&format!("captured_floor.mesh_of_captured_floor.{ratio}")) > 0.0, "{ratio}: {v:#}");
+    }
+    num("captured_floor.of_floor.added_rr_1b_us_p50");
+    num("captured_floor.mesh_of_captured_floor.added_rr_1b_us_p50");
+    num("captured_floor.ratios.connect_rate");
+    assert!(
+        num("captured_floor.packets_per_round_trip.captured_floor")
+            >= 2.0 * num("breakdown.packets_per_round_trip.direct"),
+        "{v:#}"
+    );
     assert!(v["sockmap"]["lifts_floor_by_25_percent"].is_boolean(), "{v:#}");
     // It was in effect: the floor's round trip crosses each pod's loopback twice (four packets plus their
     // ACKs), the short-cut one only the node link.
