@@ -112,7 +112,8 @@ pub fn run(routes: &[Route], capture: Option<Capture>, spin: Duration) -> anyhow
 enum Dst {
     /// Always there.
     Fixed(SocketAddr),
-    /// By the connection's original destination (SO_ORIGINAL_DST), to the route listed for it.
+    /// By the connection's original destination (SO_ORIGINAL_DST, IPv4 as the bench's pods), to the route
+    /// listed for it.
     Original(std::sync::Arc<[Route]>),
 }
 
