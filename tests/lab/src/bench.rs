@@ -486,7 +486,8 @@ fn spawn_relay(lab: &Lab, pod: &crate::Pod, name: &str, args: Vec<String>) -> an
 /// The agent's capture rules and routing in the two pods' netns, installed by the lab while capture is off
 /// (so that no ztunnel holds the pods' ports); removed on drop.
 struct CaptureRules<'a> {
-    pods: Vec<&'a crate::Netns>,
+    /// Each pod's netns and the rules' config there, as installed.
+    pods: Vec<(&'a crate::Netns, ambit_agent::rules::InpodConfig)>,
 }
 
 impl<'a> CaptureRules<'a> {
@@ -497,7 +498,7 @@ impl<'a> CaptureRules<'a> {
             pod.netns
                 .run(move || ambit_agent::rules::install_pod(ambit_agent::rules::Backend::Nftables, cfg))?
                 .with_context(|| format!("installing the capture rules in {}", pod.netns.name()))?;
-            rules.pods.push(&pod.netns);
+            rules.pods.push((&pod.netns, cfg));
         }
         Ok(rules)
     }
@@ -505,8 +506,7 @@ impl<'a> CaptureRules<'a> {
 
 impl Drop for CaptureRules<'_> {
     fn drop(&mut self) {
-        for ns in &self.pods {
-            let cfg = ambit_agent::rules::InpodConfig { ipv4: true, ipv6: false };
+        for &(ns, cfg) in &self.pods {
             let r = ns.run(move || ambit_agent::rules::remove_pod(ambit_agent::rules::Backend::Nftables, cfg));
             if !matches!(r, Ok(Ok(()))) {
                 eprintln!("lab bench: the capture rules stay in {}: {r:?}", ns.name());
