@@ -625,6 +625,17 @@ async fn futures_join_all<F: std::future::Future<Output = ()>>(futs: impl IntoIt
     .await
 }
 
+/// A new self-signed root CA, for tests and benchmarks that need a throwaway one: (certificate PEM, key PEM).
+pub(crate) fn self_signed_ca(org: &str, common_name: DnValue) -> Result<(String, String), rcgen::Error> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::OrganizationName, org);
+    p.distinguished_name.push(DnType::CommonName, common_name);
+    p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    Ok((p.self_signed(&key)?.pem(), key.serialize_pem()))
+}
+
 /// A uniform number in [0, 1) for jitter.
 pub(crate) fn jitter() -> f64 {
     let mut b = [0u8; 8];
@@ -648,13 +659,7 @@ pub(crate) mod tests {
     use crate::tls::{TrustRoots, client_config, server_config};
 
     pub(crate) fn test_ca(org: &str) -> (String, String) {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::OrganizationName, org);
-        p.distinguished_name.push(DnType::CommonName, DnValue::PrintableString("Test Root".try_into().unwrap()));
-        p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+        self_signed_ca(org, DnValue::PrintableString("Test Root".try_into().unwrap())).unwrap()
     }
 
     #[tokio::test]

@@ -140,7 +140,7 @@ struct Hbone {
 impl Hbone {
     async fn start() -> io::Result<Hbone> {
         let td = "cluster.local";
-        let (ca_cert, ca_key) = local_ca().map_err(other)?;
+        let (ca_cert, ca_key) = crate::certs::self_signed_ca(td, "Ambit data path bench".into()).map_err(other)?;
         let ca = LocalCa::from_pem(&ca_cert, &ca_key, Duration::from_secs(3600)).map_err(other)?;
         let roots = Arc::new(TrustRoots::new(&[ca.ca_cert()], td).map_err(other)?);
         let store = CertStore::local(ca, td);
@@ -209,17 +209,6 @@ impl Hbone {
         });
         Ok(addr)
     }
-}
-
-/// A throwaway CA for the benchmark's certificates: (certificate PEM, key PEM).
-fn local_ca() -> Result<(String, String), rcgen::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name.push(rcgen::DnType::OrganizationName, "cluster.local");
-    p.distinguished_name.push(rcgen::DnType::CommonName, "Ambit data path bench");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
-    Ok((p.self_signed(&key)?.pem(), key.serialize_pem()))
 }
 
 async fn round_trip(c: &mut TcpStream) -> io::Result<()> {
