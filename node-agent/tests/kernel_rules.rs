@@ -124,6 +124,11 @@ fn connect(ns: &Netns, dst: SocketAddr, mark: Option<u32>, src: Option<IpAddr>) 
     .unwrap()
 }
 
+/// The connection's MSS (TCP_MAXSEG).
+fn mss(s: &TcpStream) -> u32 {
+    socket2::SockRef::from(s).tcp_mss().unwrap()
+}
+
 fn original_dst(s: &TcpStream) -> SocketAddr {
     let r = socket2::SockRef::from(s);
     // A dual-stack listener's IPv4 connections have v4-mapped local addresses but IPv4 conntrack entries.
@@ -162,11 +167,18 @@ fn check_family(t: &Topo, pl: &PodListeners, a: &Addrs) {
     let quiet = Duration::from_millis(100);
     let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
 
-    // Outbound TCP from the app is captured on 15001 with its original destination.
-    let _c = connect(&t.pod, at(a.remote, 9000), None, None).unwrap();
+    // Outbound TCP from the app is captured on 15001 with its original destination, and crosses loopback
+    // with loopback's segment size, not the pod interface's (1500 bytes here).
+    let c = connect(&t.pod, at(a.remote, 9000), None, None).unwrap();
     let (s, _) = accept_within(&outbound, wait).expect("outbound capture");
     assert_eq!(original_dst(&s), at(a.remote, 9000));
     assert!(accept_within(&remote, quiet).is_none(), "uncaptured outbound leaked");
+    assert!(mss(&c) > 1500 && mss(&s) > 1500, "the app's captured connection has MSS {} and {}", mss(&c), mss(&s));
+    // Uncaptured, the same connection is cut to the interface's MTU: that is what the loopback route changes.
+    let z = connect(&t.pod, at(a.remote, 9000), Some(rules::ZTUNNEL_MARK), None).unwrap();
+    assert!(mss(&z) < 1500, "a connection over the pod's interface has MSS {}", mss(&z));
+    drop(z);
+    let _ = accept_within(&remote, wait);
 
     // ztunnel's own sockets (mark 0x539) go out untouched.
     let _c = connect(&t.pod, at(a.remote, 9000), Some(rules::ZTUNNEL_MARK), None).unwrap();
@@ -204,6 +216,8 @@ fn check_family(t: &Topo, pl: &PodListeners, a: &Addrs) {
     let mut buf = [0u8; 4];
     z.read_exact(&mut buf).expect("the reply came back to ztunnel");
     assert_eq!(&buf, b"pong");
+    // The app answers another pod's address, yet through loopback with loopback's segment size.
+    assert!(mss(&s) > 1500 && mss(&z) > 1500, "ztunnel's connection to the app has MSS {} and {}", mss(&s), mss(&z));
     let _ = a.node;
 }
 
@@ -263,6 +277,7 @@ async fn full_cycle(backend: Backend) {
     assert_eq!(first, normalized(&ruleset(&t, backend)), "re-applying changed the ruleset");
     let ip_rules = t.pod.ip(&["rule", "show"]).unwrap();
     assert_eq!(ip_rules.matches("fwmark 0x111/0xfff lookup 100").count(), 1, "{ip_rules}");
+    assert_eq!(ip_rules.matches("ipproto tcp lookup 101").count(), 1, "{ip_rules}");
     assert!(handle.run(move || backend.pod_present(DUAL).unwrap() && routing::present(DUAL).unwrap()).await.unwrap());
 
     let pl = handle.run(|| PodListeners::bind_here(true)).await.unwrap().unwrap();
@@ -282,8 +297,12 @@ async fn full_cycle(backend: Backend) {
         .unwrap();
     let left = ruleset(&t, backend);
     assert!(!left.contains("ambit") && !left.contains("AMBIT"), "rules remain:\n{left}");
-    assert!(!t.pod.ip(&["rule", "show"]).unwrap().contains("0x111"));
-    assert_eq!(t.pod.ip(&["route", "show", "table", "100"]).unwrap().trim(), "");
+    let ip_rules = t.pod.ip(&["rule", "show"]).unwrap() + &t.pod.ip(&["-6", "rule", "show"]).unwrap();
+    assert!(!ip_rules.contains("0x111") && !ip_rules.contains("lookup 101"), "{ip_rules}");
+    for table in ["100", "101"] {
+        assert_eq!(t.pod.ip(&["route", "show", "table", table]).unwrap().trim(), "");
+        assert_eq!(t.pod.ip(&["-6", "route", "show", "table", table]).unwrap().trim(), "");
+    }
     assert!(!handle.run(move || backend.pod_present(DUAL).unwrap()).await.unwrap());
     drop(pl);
     let remote = listen(&t.remote, "10.78.0.2".parse().unwrap(), 9000);

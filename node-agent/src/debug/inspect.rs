@@ -706,17 +706,20 @@ async fn inspect_pod(target: &Target, o: &Options, view: &NodeView) -> PodReport
                 r.rules = Some(compare_rules(o, &id, &facts).await);
                 r.routing = Some(match &facts.routing {
                     Ok(true) => Check::pass(format!(
-                        "fwmark {:#x}/{:#x} lookup {} and local default dev lo table {}: present",
+                        "fwmark {:#x}/{:#x} lookup {} and fwmark 0/{:#x} ipproto tcp lookup {}: present",
                         rules::CONNMARK,
                         rules::MARK_MASK,
                         rules::ROUTE_TABLE,
-                        rules::ROUTE_TABLE
+                        rules::MARK_MASK,
+                        rules::LOOPBACK_TABLE
                     )),
                     Ok(false) => Check::fail(format!(
-                        "the fwmark {:#x}/{:#x} rule or table {}'s local route is missing",
+                        "a routing rule is missing: fwmark {:#x}/{:#x} lookup {} or fwmark 0/{:#x} ipproto tcp lookup {}",
                         rules::CONNMARK,
                         rules::MARK_MASK,
-                        rules::ROUTE_TABLE
+                        rules::ROUTE_TABLE,
+                        rules::MARK_MASK,
+                        rules::LOOPBACK_TABLE
                     )),
                     Err(e) => Check::fail(format!("cannot read: {e}")),
                 });

@@ -283,7 +283,7 @@ pub struct PodReport {
     pub netns: Option<Check>,
     /// Rules.
     pub rules: Option<Rules>,
-    /// Policy routing (`fwmark 0x111/0xfff lookup 100`, `local default dev lo table 100`).
+    /// Policy routing (`fwmark 0x111/0xfff lookup 100`, `fwmark 0/0xfff ipproto tcp lookup 101`).
     pub routing: Option<Check>,
     /// Listening sockets on 15001, 15006 and 15008.
     pub sockets: Vec<Socket>,

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use super::{CONNMARK, DEBUG_PROBE_MARK, Family, MARK_MASK, ZTUNNEL_MARK};
+use super::{CONNMARK, DEBUG_PROBE_MARK, Family, MARK_MASK, UNCAPTURED_MARK, ZTUNNEL_MARK};
 
 /// Ambit's chain hooked from PREROUTING (mangle and nat).
 pub const PRERT: &str = "AMBIT_PRERT";
@@ -101,6 +101,12 @@ pub fn pod_restore(f: Family, existing: &Existing) -> String {
         w,
         "-A {OUTPUT} -m connmark --mark {CONNMARK:#x}/{MARK_MASK:#x} -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
     );
+    // The app's TCP leaves by lo (the loopback table); on connections that capture let through, by the pod's
+    // own routes (mangle's OUTPUT routes a packet again when its mark changes).
+    let _ = writeln!(
+        w,
+        "-A {OUTPUT} -o lo -p tcp -m tcp ! --syn -m mark --mark 0x0/{MARK_MASK:#x} -m conntrack ! --ctstate DNAT -m addrtype ! --dst-type LOCAL -j MARK --set-xmark {UNCAPTURED_MARK:#x}/{MARK_MASK:#x}"
+    );
     let _ = writeln!(w, "COMMIT");
     let _ = writeln!(w, "*nat");
     let _ = writeln!(w, ":{PRERT} - [0:0]");
@@ -113,7 +119,7 @@ pub fn pod_restore(f: Family, existing: &Existing) -> String {
     );
     let _ = writeln!(w, "-A {OUTPUT} -d {probe} -p tcp -j ACCEPT");
     let _ = writeln!(w, "-A {OUTPUT} -p tcp -m mark --mark {CONNMARK:#x}/{MARK_MASK:#x} -j ACCEPT");
-    let _ = writeln!(w, "-A {OUTPUT} ! -d {lo} -o lo -j ACCEPT");
+    let _ = writeln!(w, "-A {OUTPUT} -m addrtype --dst-type LOCAL -j ACCEPT");
     // Only first segments (--syn): connections open before enrolment, picked up mid-stream, are left alone.
     let _ = writeln!(w, "-A {OUTPUT} ! -d {lo} -p tcp -m tcp --syn {not_mark} -j REDIRECT --to-ports {OUTBOUND_PORT}");
     let _ = writeln!(w, "COMMIT");

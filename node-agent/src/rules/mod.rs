@@ -9,6 +9,16 @@
 //!   ztunnel even though they are addressed to another pod's IP;
 //! - outbound TCP not to loopback is redirected to 15001, inbound TCP not to 15008 to 15006;
 //! - kubelet probes, SNATed on the node to 169.254.7.127, bypass capture.
+//!
+//! Ambit adds one thing to that contract, for speed: the app's own TCP is routed through `lo`
+//! (`fwmark 0/0xfff ipproto tcp lookup 101`, `default dev lo table 101`). The redirect rewrites a connection's
+//! destination only after its socket has chosen a route; routed by the pod's interface, an app's socket would
+//! cut its segments to ztunnel to that interface's MTU (1448 bytes on a 1500-byte pod network) although they
+//! only cross loopback. Through `lo` they are up to 64 KiB, both ways: the app's socket to 15001, and the
+//! server app's socket that ztunnel connects to (it answers an address of another pod). The app's packets on
+//! connections that capture lets through (open before enrolment, kubelet's probes) are marked
+//! [`UNCAPTURED_MARK`] and so take the pod's own routes again. ztunnel's sockets are marked and never take the
+//! loopback route. Needs Linux 4.17 (`ipproto` in routing rules).
 
 pub mod apply;
 pub mod backend;
@@ -36,6 +46,13 @@ pub const DEBUG_PROBE_MARK: u32 = 0x53a;
 pub const ROUTE_TABLE: u32 = 100;
 /// Priority of the policy routing rule.
 pub const RULE_PRIORITY: u32 = 32764;
+/// Routing table that sends the app's TCP through `lo`, where capture hands it to ztunnel.
+pub const LOOPBACK_TABLE: u32 = 101;
+/// Priority of the rule for [`LOOPBACK_TABLE`]: after the replies' rule, before the main table.
+pub const LOOPBACK_RULE_PRIORITY: u32 = 32765;
+/// Mark of the app's packets on connections that capture let through (open before the pod was enrolled,
+/// kubelet's probes): it keeps them off [`LOOPBACK_TABLE`], on the pod's own routes.
+pub const UNCAPTURED_MARK: u32 = 0x53b;
 /// Where the node SNATs kubelet probes to, IPv4.
 pub const PROBE_SNAT_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 /// Where the node SNATs kubelet probes to, IPv6.
@@ -151,9 +168,12 @@ pub fn repair_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
 }
 
 /// Removes a pod's rules and routing from the calling thread's netns (absent is fine).
+///
+/// Routing goes first, as it came last: the loopback route without the redirect behind it would take the app's
+/// new connections nowhere, while the redirect without the route still captures them.
 pub fn remove_pod(backend: Backend, cfg: InpodConfig) -> Result<(), RuleError> {
-    backend.remove_pod(cfg)?;
     routing::remove(cfg)?;
+    backend.remove_pod(cfg)?;
     Ok(())
 }
 

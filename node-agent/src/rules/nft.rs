@@ -5,7 +5,10 @@ use std::net::IpAddr;
 
 use ambit_proto::zds::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
-use super::{CONNMARK, DEBUG_PROBE_MARK, Family, InpodConfig, MARK_MASK, NFT_TABLE, ROUTE_TABLE, ZTUNNEL_MARK};
+use super::{
+    CONNMARK, DEBUG_PROBE_MARK, Family, InpodConfig, LOOPBACK_TABLE, MARK_MASK, NFT_TABLE, ROUTE_TABLE,
+    UNCAPTURED_MARK, ZTUNNEL_MARK,
+};
 
 /// Only a connection's first segment is redirected. Connections that were open before the pod was enrolled
 /// are picked up by conntrack mid-stream once rules exist; redirecting those would reset them.
@@ -73,6 +76,15 @@ fn pod_script(cfg: InpodConfig, replace: bool) -> String {
         "    # Replies on those connections carry the mark, so table {ROUTE_TABLE} returns them to ztunnel."
     );
     let _ = writeln!(w, "    ct mark & {MARK_MASK:#x} == {CONNMARK:#x} meta mark set ct mark");
+    let _ = writeln!(
+        w,
+        "    # The app's TCP leaves by lo (table {LOOPBACK_TABLE}); connections that capture lets through (no redirect) take the pod's own routes after their first segment."
+    );
+    let _ = writeln!(
+        w,
+        "    meta l4proto tcp meta mark & {MARK_MASK:#x} == 0 oifname \"lo\" tcp flags & (fin | syn | rst | ack) != syn ct status & dnat == 0 fib daddr type != local meta mark set meta mark & {:#x} | {UNCAPTURED_MARK:#x}",
+        !MARK_MASK
+    );
     let _ = writeln!(w, "  }}");
 
     let _ = writeln!(w, "  chain prerouting_nat {{");
@@ -96,9 +108,8 @@ fn pod_script(cfg: InpodConfig, replace: bool) -> String {
         let _ = writeln!(w, "    meta l4proto tcp {} daddr {} accept", sel(f), f.probe_snat());
     }
     let _ = writeln!(w, "    meta l4proto tcp meta mark & {MARK_MASK:#x} == {CONNMARK:#x} accept");
-    for &f in &fams {
-        let _ = writeln!(w, "    oifname \"lo\" {} daddr != {} accept", sel(f), f.loopback());
-    }
+    // The pod's own addresses stay local. (Not "by lo": the app's TCP to anywhere leaves by lo.)
+    let _ = writeln!(w, "    fib daddr type local accept");
     for &f in &fams {
         let _ = writeln!(
             w,

@@ -1,18 +1,21 @@
 //! The policy routing half of the in-pod rules (netlink), run on a thread inside the pod netns.
 //!
-//! `ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` and `ip route add local default dev lo table 100`, for
-//! each address family the pod has. Adding is idempotent (an existing identical rule or route is kept) and
-//! removing tolerates their absence.
+//! For each address family the pod has: `ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` with
+//! `ip route add local default dev lo table 100` (ztunnel's connections' replies), and
+//! `ip rule add fwmark 0/0xfff ipproto tcp pref 32765 lookup 101` with `ip route add default dev lo table 101`
+//! (the app's TCP through `lo`, see [`super`]). Adding is idempotent (an existing identical rule or route is
+//! kept) and removing tolerates their absence.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::IpProtocol;
 use rtnetlink::packet_route::route::{RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::{CONNMARK, InpodConfig, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
+use super::{CONNMARK, InpodConfig, LOOPBACK_RULE_PRIORITY, LOOPBACK_TABLE, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
 
 /// Why routing could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -37,15 +40,25 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-fn rule_message(family: AddressFamily) -> RuleMessage {
-    let mut m = RuleMessage::default();
-    m.header.family = family;
-    m.header.table = ROUTE_TABLE as u8;
-    m.header.action = RuleAction::ToTable;
-    m.attributes.push(RuleAttribute::FwMark(CONNMARK));
-    m.attributes.push(RuleAttribute::FwMask(MARK_MASK));
-    m.attributes.push(RuleAttribute::Priority(RULE_PRIORITY));
-    m
+/// The pod's routing rules of one family, each with what `ip rule` would show of it.
+fn rule_messages(family: AddressFamily) -> [(RuleMessage, String); 2] {
+    let rule = |table: u32, mark: u32, priority: u32| {
+        let mut m = RuleMessage::default();
+        m.header.family = family;
+        m.header.table = table as u8;
+        m.header.action = RuleAction::ToTable;
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(MARK_MASK));
+        m.attributes.push(RuleAttribute::Priority(priority));
+        m
+    };
+    let replies = rule(ROUTE_TABLE, CONNMARK, RULE_PRIORITY);
+    let mut app = rule(LOOPBACK_TABLE, 0, LOOPBACK_RULE_PRIORITY);
+    app.attributes.push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
+    [
+        (replies, format!("fwmark {CONNMARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}")),
+        (app, format!("fwmark 0/{MARK_MASK:#x} ipproto tcp lookup {LOOPBACK_TABLE}")),
+    ]
 }
 
 fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)> {
@@ -59,6 +72,14 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)
             .scope(RouteScope::Host)
             .build();
         v.push((m, "local 0.0.0.0/0 dev lo table 100"));
+        // No source: the kernel picks the pod's address, as for the pod's own default route.
+        let m = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .output_interface(lo)
+            .table_id(LOOPBACK_TABLE)
+            .scope(RouteScope::Link)
+            .build();
+        v.push((m, "0.0.0.0/0 dev lo table 101"));
     }
     if cfg.ipv6 {
         let m = RouteMessageBuilder::<Ipv6Addr>::new()
@@ -69,6 +90,12 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)
             .scope(RouteScope::Host)
             .build();
         v.push((m, "local ::/0 dev lo table 100"));
+        let m = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .output_interface(lo)
+            .table_id(LOOPBACK_TABLE)
+            .build();
+        v.push((m, "::/0 dev lo table 101"));
     }
     v
 }
@@ -110,7 +137,7 @@ async fn loopback_index(handle: &Handle) -> Result<u32, RoutingError> {
     }
 }
 
-/// Installs the rule and routes (idempotent).
+/// Installs the rules and routes (idempotent).
 pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
         let lo = loopback_index(&handle).await?;
@@ -124,17 +151,14 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
                 .map_err(|e| RoutingError::Netlink { what: format!("add route {what}"), source: e })?;
         }
         for fam in rule_families(cfg) {
-            let mut req = handle.rule().add();
-            *req.message_mut() = rule_message(fam);
-            match req.execute().await {
-                Ok(()) => {}
-                // The same rule is already there (NLM_F_EXCL): nothing to do.
-                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(RoutingError::Netlink {
-                        what: format!("add rule fwmark {CONNMARK:#x}/{MARK_MASK:#x}"),
-                        source: e,
-                    });
+            for (rule, what) in rule_messages(fam) {
+                let mut req = handle.rule().add();
+                *req.message_mut() = rule;
+                match req.execute().await {
+                    Ok(()) => {}
+                    // The same rule is already there (NLM_F_EXCL): nothing to do.
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(RoutingError::Netlink { what: format!("add rule {what}"), source: e }),
                 }
             }
         }
@@ -142,16 +166,18 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
     })
 }
 
-/// Removes the rule and routes; absent ones are fine.
+/// Removes the rules and routes; absent ones are fine.
 pub fn remove(cfg: InpodConfig) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
         for fam in rule_families(cfg) {
-            // Delete every copy, in case something added duplicates.
-            loop {
-                match handle.rule().del(rule_message(fam)).execute().await {
-                    Ok(()) => continue,
-                    Err(e) if errno(&e) == Some(libc::ENOENT) => break,
-                    Err(e) => return Err(RoutingError::Netlink { what: "delete rule".into(), source: e }),
+            for (rule, what) in rule_messages(fam) {
+                // Delete every copy, in case something added duplicates.
+                loop {
+                    match handle.rule().del(rule.clone()).execute().await {
+                        Ok(()) => continue,
+                        Err(e) if errno(&e) == Some(libc::ENOENT) => break,
+                        Err(e) => return Err(RoutingError::Netlink { what: format!("delete rule {what}"), source: e }),
+                    }
                 }
             }
         }
@@ -170,7 +196,7 @@ pub fn remove(cfg: InpodConfig) -> Result<(), RoutingError> {
     })
 }
 
-/// Whether the rule and the routes are all present (for CHECK).
+/// Whether the rules are all present (for CHECK).
 pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
     with_netlink(|handle| async move {
         for fam in rule_families(cfg) {
@@ -182,12 +208,19 @@ pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
                 .try_collect()
                 .await
                 .map_err(|e| RoutingError::Netlink { what: "list rules".into(), source: e })?;
-            let want = rule_message(fam);
-            let found = rules.iter().any(|r| {
-                r.header.table == want.header.table && want.attributes.iter().all(|a| r.attributes.contains(a))
-            });
-            if !found {
-                return Ok(false);
+            for (want, _) in rule_messages(fam) {
+                // The kernel leaves a mark of 0 out of its dump: a mask without a mark is that.
+                let found = rules.iter().any(|r| {
+                    r.header.table == want.header.table
+                        && want
+                            .attributes
+                            .iter()
+                            .filter(|a| **a != RuleAttribute::FwMark(0))
+                            .all(|a| r.attributes.contains(a))
+                });
+                if !found {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)

@@ -111,6 +111,9 @@ pub struct MeshOpts {
     /// (autocorking, socket buffer sizes) against the default in the same rounds. The apps' sockets in those
     /// pods get it too.
     pub peer_sysctls: Vec<(String, String)>,
+    /// Take the agent's loopback route out of the peer's pods ([`without_lo_route`]): with Ambit's own binary
+    /// as the peer, what that route gains, in the same rounds.
+    pub peer_without_lo_route: bool,
     /// Enrolled pods for the idle memory figure.
     pub idle_pods: usize,
     /// Open idle connections for the memory figure.
@@ -158,6 +161,7 @@ impl Default for MeshOpts {
             peer: None,
             peer_env: Vec::new(),
             peer_sysctls: Vec::new(),
+            peer_without_lo_route: false,
             idle_pods: 100,
             idle_conns: 1000,
             phases: Vec::new(),
@@ -546,6 +550,33 @@ fn start_captured<'a>(
     Ok((rules, relays))
 }
 
+/// `--peer-without-lo-route`, in one pod: the agent's routing rule that sends the app's TCP through `lo`
+/// ([`ambit_agent::rules`]) taken out again, so that the app's redirected sockets take the pod interface's
+/// route and MTU, as before Ambit had that rule. Nothing else of the rules changes meaning: the packets they
+/// match by `lo` then never leave by `lo`.
+fn without_lo_route(pod: &crate::Pod) -> anyhow::Result<()> {
+    let family = if pod.ip.is_ipv4() { "-4" } else { "-6" };
+    let pref = ambit_agent::rules::LOOPBACK_RULE_PRIORITY.to_string();
+    pod.netns.ip(&[family, "rule", "del", "pref", &pref])?;
+    Ok(())
+}
+
+/// The MSS of an app's connection from `client` to `server_addr` (TCP_MAXSEG of the client's socket), and of
+/// the server app's side of it (as `ss` shows it in the server pod): 1448 where the pods' interfaces have a
+/// 1500-byte MTU and the connection's legs cross loopback with the interface's MTU.
+fn app_mss(client: &crate::Pod, server: &crate::Pod, server_addr: std::net::SocketAddr) -> anyhow::Result<(u32, u32)> {
+    let conn = client.netns.run(move || std::net::TcpStream::connect(server_addr))??;
+    let mss = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::TcpMaxSeg).context("TCP_MAXSEG")?;
+    // The server app's socket: its MSS once the connection has reached it (through the mesh, a moment later).
+    let filter = format!("sport = :{}", server_addr.port());
+    let server_mss = crate::util::wait_for("the server app's end of the MSS probe", Duration::from_secs(5), || {
+        let out = server.netns.exec("ss", &["-tinH", "state", "established", &filter]).ok()?;
+        out.split_whitespace().find_map(|w| w.strip_prefix("mss:")?.parse::<u32>().ok())
+    })?;
+    drop(conn);
+    Ok((mss as u32, server_mss))
+}
+
 fn cni_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
@@ -597,6 +628,11 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             }
             let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
             let echo = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5002), Mode::Echo)?;
+            if o.peer_without_lo_route {
+                for p in [&client, &server] {
+                    without_lo_route(p)?;
+                }
+            }
             Some(PeerPair { client, server, sink, echo })
         }
         None => None,
@@ -614,6 +650,17 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // runs leave behind (same client, same address) would otherwise slow direct's port search and flatter
     // the mesh.
     let echo_direct = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5003), Mode::Echo)?;
+    // The MSS of the apps' sockets through each captured path (the pods are captured here): loopback's with
+    // the agent's loopback route, the pod interface's without it.
+    let mss_mesh = app_mss(&client, &server, sink.addr)?;
+    let mss_peer = match &peer {
+        Some(pp) => Some(app_mss(&pp.client, &pp.server, pp.sink.addr)?),
+        None => None,
+    };
+    if o.peer_without_lo_route {
+        let (c, s) = mss_peer.unwrap_or_default();
+        anyhow::ensure!(c < 1500 && s < 1500, "the peer's pods still route through lo: its apps' MSS is {c} and {s}");
+    }
     // And the captured floor on its own, for the same reason (and because its connections, redirected, share
     // their conntrack entries' original tuples with direct's).
     let echo_captured = match o.captured_floor {
@@ -820,6 +867,9 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         "mesh_of_peer": m.of(&p),
         // What `peer_sysctls` set in the peer's pods, as read back from them.
         "sysctls": peer_sysctls,
+        "without_lo_route": o.peer_without_lo_route,
+        // The client and server apps' MSS on each path's connection (TCP_MAXSEG, `ss`).
+        "app_mss": { "mesh": [mss_mesh.0, mss_mesh.1], "peer": mss_peer.map(|(c, s)| [c, s]) },
     }));
     // The floor with the sockmap short-cut, over the floor: the experiment's outcome (issue 16 asks for a
     // 25% lift of the floor's throughput or round trip before it is built into Ambit). Null unless measured.

@@ -56,6 +56,11 @@ enum Cmd {
         /// Ambit's own binary as `--ztunnel`, measures a kernel choice against the default in the same rounds.
         #[arg(long = "peer-sysctl")]
         peer_sysctls: Vec<String>,
+        /// Take the agent's loopback route out of the peer's two pods, so that the apps' redirected sockets
+        /// take the pod interface's MTU: with Ambit's own binary as `--ztunnel`, what that route gains, in the
+        /// same rounds.
+        #[arg(long)]
+        peer_without_lo_route: bool,
         /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect,
         /// paced.
         #[arg(long = "phase", value_enum)]
@@ -256,6 +261,7 @@ fn main() {
             ztunnel,
             ztunnel_env,
             peer_sysctls,
+            peer_without_lo_route,
             phases,
             sockmap,
             captured_floor,
@@ -269,8 +275,10 @@ fn main() {
                     })
                     .collect()
             };
-            if ztunnel.is_none() && !(ztunnel_env.is_empty() && peer_sysctls.is_empty()) {
-                eprintln!("bench: --ztunnel-env and --peer-sysctl apply to the peer path: they need --ztunnel");
+            if ztunnel.is_none() && !(ztunnel_env.is_empty() && peer_sysctls.is_empty() && !peer_without_lo_route) {
+                eprintln!(
+                    "bench: --ztunnel-env, --peer-sysctl and --peer-without-lo-route apply to the peer path: they need --ztunnel"
+                );
                 std::process::exit(2);
             }
             let (env, peer_sysctls) = match (pairs(&ztunnel_env), pairs(&peer_sysctls)) {
@@ -286,6 +294,7 @@ fn main() {
                 peer: ztunnel,
                 peer_env: env,
                 peer_sysctls,
+                peer_without_lo_route,
                 phases,
                 sockmap,
                 captured_floor,

@@ -21,6 +21,8 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         peer: Some(peer),
         // A kernel choice measured on the peer's pods only; the mesh's keep the default (on).
         peer_sysctls: vec![("net.ipv4.tcp_autocorking".into(), "0".into())],
+        // And the capture rules as they were before the loopback route, likewise.
+        peer_without_lo_route: true,
         sockmap: true,
         captured_floor: true,
         ..Default::default()
@@ -71,6 +73,15 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     }
     assert!(num("peer.rss_mib_conns_1000") > 0.0, "{v:#}");
     assert_eq!(v["peer"]["sysctls"], serde_json::json!({"net.ipv4.tcp_autocorking": "0"}), "{v:#}");
+    // Through the agent's loopback route, the apps' captured connections have loopback's MSS; without it (the
+    // peer's pods here), the pod interface's.
+    assert_eq!(v["peer"]["without_lo_route"], true, "{v:#}");
+    for (path, big) in [("mesh", true), ("peer", false)] {
+        for i in 0..2 {
+            let mss = v["peer"]["app_mss"][path][i].as_f64().unwrap_or_else(|| panic!("no MSS {path}.{i}: {v:#}"));
+            assert_eq!(mss > 1500.0, big, "{path}'s app MSS {mss}: {v:#}");
+        }
+    }
     // Where the work goes: a TCP connection with a 1-byte echo is at least seven packets (handshake, byte,
     // echo, two FINs); the mesh carries each connection over more hops than direct, and each exchange too.
     let (direct, mesh) = (num("breakdown.packets_per_connection.direct"), num("breakdown.packets_per_connection.mesh"));
