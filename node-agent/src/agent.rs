@@ -281,7 +281,7 @@ impl Agent {
         } else {
             None
         };
-        info!(%backend, probe_snat = probes.is_some(), "rule backend ready");
+        info!(%backend, probe_snat = probes.is_some(), loopback_route = config.loopback_route, "rule backend ready");
         let metrics = Metrics::new();
         metrics.pods_enrolled.set(core.node.pod_count() as i64);
         let install_state =
@@ -548,7 +548,7 @@ impl Agent {
         cfg: InpodConfig,
         bind: bool,
     ) -> (Result<(), EnrolError>, Option<PodListeners>) {
-        let backend = self.backend;
+        let (backend, cfg) = (self.backend, self.configured(cfg));
         let file = match file {
             Ok(f) => f,
             Err(source) => return (Err(NetnsError::Io { path, source }.into()), None),
@@ -575,7 +575,7 @@ impl Agent {
                 .map(|p| {
                     let uid = p.record.uid.clone();
                     let file = p.netns.and_then(|i| core.netns.get(&(uid.clone(), i))).and_then(|n| n.file().ok());
-                    (uid, p.record.inpod_config(), p.record.netns_path.clone(), file)
+                    (uid, self.configured(p.record.inpod_config()), p.record.netns_path.clone(), file)
                 })
                 .collect()
         };
@@ -632,6 +632,12 @@ impl Agent {
         if let Some(p) = self.probes.clone() {
             let _ = tokio::task::spawn_blocking(move || p.remove(&uid, &ips)).await;
         }
+    }
+
+    /// A pod's rule configuration with the agent's settings applied (the loopback route). Removal needs none:
+    /// it takes out everything either setting installs.
+    fn configured(&self, cfg: InpodConfig) -> InpodConfig {
+        cfg.with_loopback_route(self.config.loopback_route)
     }
 
     /// The rule backend in use.
@@ -817,7 +823,7 @@ impl Agent {
             .unwrap()
             .node
             .pod(&uid)
-            .map(|p| (p.record.inpod_config(), p.record.netns_path.clone(), p.netns));
+            .map(|p| (self.configured(p.record.inpod_config()), p.record.netns_path.clone(), p.netns));
         let Some((cfg, netns_path, inode)) = held else {
             return match self.policy().decide(&req.pod) {
                 Decision::Skip(_) => Ok(()),
@@ -851,7 +857,7 @@ impl Agent {
         let held = self.core.lock().unwrap().node.pod(&uid).map(|p| (p.record.clone(), p.netns));
         let (record, inode) = held.ok_or(EnrolError::NotHeld)?;
         let netns = open_held(&record.netns_path, inode)?;
-        let (backend, cfg) = (self.backend, record.inpod_config());
+        let (backend, cfg) = (self.backend, self.configured(record.inpod_config()));
         let pod = format!("{}/{}", record.namespace, record.name);
         netns.run(move || rules::repair_pod(backend, cfg)).await?.map_err(|source| EnrolError::Rules {
             pod: pod.clone(),

@@ -48,6 +48,12 @@ pub struct Config {
     /// capture. On by default; off for clusters whose probes must keep their source address.
     #[serde(default = "default_true")]
     pub host_probe_snat: bool,
+    /// Route each enrolled pod's own TCP through `lo` (`ip rule fwmark 0/0xfff ipproto tcp lookup 101`), so its
+    /// captured connections cross loopback in 64 KiB segments rather than the pod interface's. On by default;
+    /// off for pods whose own policy routing it would conflict with. A change takes effect on the pods already
+    /// enrolled when the agent restarts (or repairs them).
+    #[serde(default = "default_true")]
+    pub loopback_route: bool,
     /// Installing and chaining the CNI plugin.
     #[serde(default)]
     pub install: crate::installer::InstallConfig,
@@ -176,5 +182,8 @@ mod tests {
         let c = Config::parse("ruleBackend: iptables\niptablesFlavor: legacy\nhostProbeSnat: false").unwrap();
         assert_eq!(c.backend(), crate::rules::Backend::Iptables(crate::rules::Flavor::Legacy));
         assert!(!c.host_probe_snat);
+        assert!(c.loopback_route, "the loopback route is on by default");
+        assert!(!Config::parse("loopbackRoute: false").unwrap().loopback_route);
+        assert!(Config::parse("loopbackRoute: maybe").is_err());
     }
 }

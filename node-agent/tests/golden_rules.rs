@@ -19,11 +19,18 @@ fn check(name: &str, actual: &str) {
 
 #[test]
 fn nft_pod() {
-    check("nft_ipv4.nft", &nft::nft_apply_script(InpodConfig { ipv4: true, ipv6: false }));
-    check("nft_ipv6.nft", &nft::nft_apply_script(InpodConfig { ipv4: false, ipv6: true }));
-    check("nft_dual.nft", &nft::nft_apply_script(InpodConfig { ipv4: true, ipv6: true }));
+    check("nft_ipv4.nft", &nft::nft_apply_script(InpodConfig { ipv4: true, ipv6: false, loopback_route: true }));
+    check("nft_ipv6.nft", &nft::nft_apply_script(InpodConfig { ipv4: false, ipv6: true, loopback_route: true }));
+    check("nft_dual.nft", &nft::nft_apply_script(InpodConfig { ipv4: true, ipv6: true, loopback_route: true }));
     check("nft_delete.nft", &nft::nft_delete_script());
-    check("nft_dual_replace.nft", &nft::nft_replace_script(InpodConfig { ipv4: true, ipv6: true }));
+    check(
+        "nft_dual_replace.nft",
+        &nft::nft_replace_script(InpodConfig { ipv4: true, ipv6: true, loopback_route: true }),
+    );
+    // The loopback route is routing alone: the rules are the same without it (their mark for uncaptured
+    // connections then changes nothing), so switching it needs no new ruleset.
+    let dual = InpodConfig { ipv4: true, ipv6: true, loopback_route: true };
+    assert_eq!(nft::nft_apply_script(dual), nft::nft_apply_script(dual.with_loopback_route(false)));
 }
 
 #[test]

@@ -138,7 +138,7 @@ fn original_dst(s: &TcpStream) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
-const DUAL: InpodConfig = InpodConfig { ipv4: true, ipv6: true };
+const DUAL: InpodConfig = InpodConfig { ipv4: true, ipv6: true, loopback_route: true };
 
 async fn install(pod: &PodNetns, backend: Backend) {
     pod.run(move || {
@@ -361,4 +361,60 @@ async fn a_table_from_an_older_agent_is_replaced() {
     install(&handle, Backend::Nftables).await;
     let now = t.pod.exec("nft", &["list", "table", "inet", "ambit"]).unwrap();
     assert!(now.contains("priority dstnat;") && !now.contains("leftover"), "{now}");
+}
+
+/// `loopbackRoute: false`: the route's rule and route are left out, and taken out of a pod that has them;
+/// capture works as before, with the pod interface's segment size; removal under either setting leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loopback_route_can_be_switched_off() {
+    let t = topo();
+    let backend = Backend::Nftables;
+    let (on, off) = (DUAL, DUAL.with_loopback_route(false));
+    let handle = PodNetns::open(&t.pod.path()).unwrap();
+    let rules_shown = || t.pod.ip(&["rule", "show"]).unwrap() + &t.pod.ip(&["-6", "rule", "show"]).unwrap();
+    let table = |fam: &str, n: &str| t.pod.ip(&[fam, "route", "show", "table", n]).unwrap().trim().to_string();
+    let present = |cfg: InpodConfig| handle.run(move || routing::present(cfg).unwrap());
+
+    install(&handle, backend).await;
+    assert_eq!(rules_shown().matches("ipproto tcp lookup 101").count(), 2, "{}", rules_shown());
+    // Switching off (the agent re-applying a pod's rules with the setting changed) takes the route out.
+    handle.run(move || rules::install_pod(backend, off).unwrap()).await.unwrap();
+    let shown = rules_shown();
+    assert_eq!(shown.matches("fwmark 0x111/0xfff lookup 100").count(), 2, "{shown}");
+    assert!(!shown.contains("lookup 101"), "{shown}");
+    for fam in ["-4", "-6"] {
+        assert_eq!(table(fam, "101"), "", "table 101 ({fam}) is left");
+        assert_ne!(table(fam, "100"), "", "table 100 ({fam}) is gone");
+    }
+    assert!(present(off).await.unwrap() && !present(on).await.unwrap());
+    assert!(handle.run(move || rules::pod_present(backend, off).unwrap()).await.unwrap());
+
+    // Capture and ztunnel's return path do not depend on it; the app's segments are the interface's again.
+    let pl = handle.run(|| PodListeners::bind_here(true)).await.unwrap().unwrap();
+    let outbound = TcpListener::from(pl.fds()[0].try_clone_to_owned().unwrap());
+    outbound.set_nonblocking(true).unwrap();
+    let a = v4();
+    let remote = listen(&t.remote, a.remote, 9000);
+    let app = listen(&t.pod, a.pod, 8080);
+    let c = connect(&t.pod, SocketAddr::new(a.remote, 9000), None, None).unwrap();
+    let (s, _) = accept_within(&outbound, Duration::from_secs(2)).expect("outbound capture without the route");
+    assert_eq!(original_dst(&s), SocketAddr::new(a.remote, 9000));
+    assert!(accept_within(&remote, Duration::from_millis(100)).is_none(), "uncaptured outbound leaked");
+    assert!(mss(&c) < 1500, "without the route the app's captured connection has MSS {}", mss(&c));
+    let mut z = connect(&t.pod, SocketAddr::new(a.pod, 8080), Some(rules::ZTUNNEL_MARK), Some(a.remote)).unwrap();
+    let (mut srv, _) = accept_within(&app, Duration::from_secs(2)).expect("app accepts ztunnel's connection");
+    srv.write_all(b"pong").unwrap();
+    z.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 4];
+    z.read_exact(&mut buf).expect("the reply came back to ztunnel");
+
+    // On again, and then removed under the other setting: nothing is left.
+    handle.run(move || rules::install_pod(backend, on).unwrap()).await.unwrap();
+    assert!(present(on).await.unwrap() && !present(off).await.unwrap());
+    handle.run(move || rules::remove_pod(backend, off).unwrap()).await.unwrap();
+    let shown = rules_shown();
+    assert!(!shown.contains("0x111") && !shown.contains("lookup 101"), "{shown}");
+    for (fam, n) in [("-4", "100"), ("-4", "101"), ("-6", "100"), ("-6", "101")] {
+        assert_eq!(table(fam, n), "", "table {n} ({fam}) is left");
+    }
 }

@@ -695,7 +695,7 @@ async fn inspect_pod(target: &Target, o: &Options, view: &NodeView) -> PodReport
     r.enrolment = Enrolment { held: record.is_some(), should, why };
     r.agent = view.agent.clone();
     if let Some(path) = id.netns.clone() {
-        let cfg = InpodConfig::for_ips(&id.ips);
+        let cfg = InpodConfig::for_ips(&id.ips).with_loopback_route(o.config.loopback_route);
         match in_netns(&path, o.timeout * 3, move || netns_facts(cfg)).await {
             Err(e) => r.netns = Some(Check::fail(e)),
             Ok(facts) => {
@@ -704,23 +704,10 @@ async fn inspect_pod(target: &Target, o: &Options, view: &NodeView) -> PodReport
                     id.ips = facts.ips.clone();
                 }
                 r.rules = Some(compare_rules(o, &id, &facts).await);
+                let want = rules::routing::describe(cfg);
                 r.routing = Some(match &facts.routing {
-                    Ok(true) => Check::pass(format!(
-                        "fwmark {:#x}/{:#x} lookup {} and fwmark 0/{:#x} ipproto tcp lookup {}: present",
-                        rules::CONNMARK,
-                        rules::MARK_MASK,
-                        rules::ROUTE_TABLE,
-                        rules::MARK_MASK,
-                        rules::LOOPBACK_TABLE
-                    )),
-                    Ok(false) => Check::fail(format!(
-                        "a routing rule is missing: fwmark {:#x}/{:#x} lookup {} or fwmark 0/{:#x} ipproto tcp lookup {}",
-                        rules::CONNMARK,
-                        rules::MARK_MASK,
-                        rules::ROUTE_TABLE,
-                        rules::MARK_MASK,
-                        rules::LOOPBACK_TABLE
-                    )),
+                    Ok(true) => Check::pass(format!("{want}: as the agent installs it")),
+                    Ok(false) => Check::fail(format!("not as the agent installs it: {want}")),
                     Err(e) => Check::fail(format!("cannot read: {e}")),
                 });
                 let holders = socket_holders(&view.proc, &facts.sockets.iter().map(|s| s.inode).collect::<Vec<_>>());

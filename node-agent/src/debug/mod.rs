@@ -283,7 +283,8 @@ pub struct PodReport {
     pub netns: Option<Check>,
     /// Rules.
     pub rules: Option<Rules>,
-    /// Policy routing (`fwmark 0x111/0xfff lookup 100`, `fwmark 0/0xfff ipproto tcp lookup 101`).
+    /// Policy routing (`fwmark 0x111/0xfff lookup 100`, and `fwmark 0/0xfff ipproto tcp lookup 101` unless the
+    /// agent's `loopbackRoute` is off).
     pub routing: Option<Check>,
     /// Listening sockets on 15001, 15006 and 15008.
     pub sockets: Vec<Socket>,

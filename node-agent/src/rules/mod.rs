@@ -18,7 +18,9 @@
 //! server app's socket that ztunnel connects to (it answers an address of another pod). The app's packets on
 //! connections that capture lets through (open before enrolment, kubelet's probes) are marked
 //! [`UNCAPTURED_MARK`] and so take the pod's own routes again. ztunnel's sockets are marked and never take the
-//! loopback route. Needs Linux 4.17 (`ipproto` in routing rules).
+//! loopback route. Needs Linux 4.17 (`ipproto` in routing rules). The agent's `loopbackRoute: false` leaves it
+//! out (and takes it out of pods that have it), for pods whose own policy routing it would conflict with; the
+//! rules stay the same, as the mark they give uncaptured connections then only changes nothing.
 
 pub mod apply;
 pub mod backend;
@@ -67,14 +69,21 @@ pub struct InpodConfig {
     pub ipv4: bool,
     /// The pod has IPv6 addresses.
     pub ipv6: bool,
+    /// The app's TCP is routed through `lo` ([`LOOPBACK_TABLE`]); the agent's `loopbackRoute`, on by default.
+    pub loopback_route: bool,
 }
 
 impl InpodConfig {
-    /// The config for a pod with these addresses (IPv4 only when none are known).
+    /// The config for a pod with these addresses (IPv4 only when none are known), with the loopback route.
     pub fn for_ips(ips: &[IpAddr]) -> InpodConfig {
         let ipv6 = ips.iter().any(IpAddr::is_ipv6);
         let ipv4 = ips.iter().any(IpAddr::is_ipv4) || !ipv6;
-        InpodConfig { ipv4, ipv6 }
+        InpodConfig { ipv4, ipv6, loopback_route: true }
+    }
+
+    /// The same config, with the loopback route on or off.
+    pub fn with_loopback_route(self, on: bool) -> InpodConfig {
+        InpodConfig { loopback_route: on, ..self }
     }
 }
 
@@ -130,10 +139,12 @@ mod tests {
     fn family_choice() {
         let v4: IpAddr = "10.0.0.1".parse().unwrap();
         let v6: IpAddr = "fd00::1".parse().unwrap();
-        assert_eq!(InpodConfig::for_ips(&[v4]), InpodConfig { ipv4: true, ipv6: false });
-        assert_eq!(InpodConfig::for_ips(&[v6]), InpodConfig { ipv4: false, ipv6: true });
-        assert_eq!(InpodConfig::for_ips(&[v4, v6]), InpodConfig { ipv4: true, ipv6: true });
-        assert_eq!(InpodConfig::for_ips(&[]), InpodConfig { ipv4: true, ipv6: false });
+        let c = |ipv4, ipv6| InpodConfig { ipv4, ipv6, loopback_route: true };
+        assert_eq!(InpodConfig::for_ips(&[v4]), c(true, false));
+        assert_eq!(InpodConfig::for_ips(&[v6]), c(false, true));
+        assert_eq!(InpodConfig::for_ips(&[v4, v6]), c(true, true));
+        assert_eq!(InpodConfig::for_ips(&[]), c(true, false));
+        assert!(!InpodConfig::for_ips(&[v4]).with_loopback_route(false).loopback_route);
     }
 }
 

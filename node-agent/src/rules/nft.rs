@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn scripts_are_deterministic() {
-        let c = InpodConfig { ipv4: true, ipv6: true };
+        let c = InpodConfig { ipv4: true, ipv6: true, loopback_route: true };
         assert_eq!(nft_apply_script(c), nft_apply_script(c));
         assert!(nft_apply_script(c).starts_with("add table inet ambit\nflush table inet ambit\n"));
         assert!(nft_replace_script(c).starts_with("add table inet ambit\ndelete table inet ambit\n"));

@@ -3,8 +3,8 @@
 //! For each address family the pod has: `ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` with
 //! `ip route add local default dev lo table 100` (ztunnel's connections' replies), and
 //! `ip rule add fwmark 0/0xfff ipproto tcp pref 32765 lookup 101` with `ip route add default dev lo table 101`
-//! (the app's TCP through `lo`, see [`super`]). Adding is idempotent (an existing identical rule or route is
-//! kept) and removing tolerates their absence.
+//! (the app's TCP through `lo`, see [`super`]; the agent's `loopbackRoute: false` leaves these two out). Adding
+//! is idempotent (an existing identical rule or route is kept) and removing tolerates their absence.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -40,8 +40,17 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-/// The pod's routing rules of one family, each with what `ip rule` would show of it.
-fn rule_messages(family: AddressFamily) -> [(RuleMessage, String); 2] {
+/// One of the pod's routing rules.
+struct PodRule {
+    msg: RuleMessage,
+    /// What `ip rule` shows of it.
+    what: String,
+    /// It is the loopback route's (wanted only with [`InpodConfig::loopback_route`]).
+    loopback: bool,
+}
+
+/// The pod's routing rules of one family, all of them (whether `cfg` wants the loopback route or not).
+fn rule_messages(family: AddressFamily) -> [PodRule; 2] {
     let rule = |table: u32, mark: u32, priority: u32| {
         let mut m = RuleMessage::default();
         m.header.family = family;
@@ -56,12 +65,33 @@ fn rule_messages(family: AddressFamily) -> [(RuleMessage, String); 2] {
     let mut app = rule(LOOPBACK_TABLE, 0, LOOPBACK_RULE_PRIORITY);
     app.attributes.push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
     [
-        (replies, format!("fwmark {CONNMARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}")),
-        (app, format!("fwmark 0/{MARK_MASK:#x} ipproto tcp lookup {LOOPBACK_TABLE}")),
+        PodRule {
+            msg: replies,
+            what: format!("fwmark {CONNMARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}"),
+            loopback: false,
+        },
+        PodRule {
+            msg: app,
+            what: format!("fwmark 0/{MARK_MASK:#x} ipproto tcp lookup {LOOPBACK_TABLE}"),
+            loopback: true,
+        },
     ]
 }
 
-fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)> {
+/// The pod's routing rules as `cfg` wants them, as `ip rule` would show them (each family has the same), for
+/// messages: "fwmark 0x111/0xfff lookup 100 and fwmark 0/0xfff ipproto tcp lookup 101", or with the loopback
+/// route off, the first and "without" the second.
+pub fn describe(cfg: InpodConfig) -> String {
+    let [replies, app] = rule_messages(AddressFamily::Inet);
+    if cfg.loopback_route {
+        format!("{} and {}", replies.what, app.what)
+    } else {
+        format!("{} without {} (loopbackRoute: false)", replies.what, app.what)
+    }
+}
+
+/// The pod's routes, all of them, each with what `ip route` shows of it and whether it is the loopback route's.
+fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str, bool)> {
     let mut v = Vec::new();
     if cfg.ipv4 {
         let m = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -71,7 +101,7 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
             .build();
-        v.push((m, "local 0.0.0.0/0 dev lo table 100"));
+        v.push((m, "local 0.0.0.0/0 dev lo table 100", false));
         // No source: the kernel picks the pod's address, as for the pod's own default route.
         let m = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
@@ -79,7 +109,7 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)
             .table_id(LOOPBACK_TABLE)
             .scope(RouteScope::Link)
             .build();
-        v.push((m, "0.0.0.0/0 dev lo table 101"));
+        v.push((m, "0.0.0.0/0 dev lo table 101", true));
     }
     if cfg.ipv6 {
         let m = RouteMessageBuilder::<Ipv6Addr>::new()
@@ -89,13 +119,13 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
             .build();
-        v.push((m, "local ::/0 dev lo table 100"));
+        v.push((m, "local ::/0 dev lo table 100", false));
         let m = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
             .output_interface(lo)
             .table_id(LOOPBACK_TABLE)
             .build();
-        v.push((m, "::/0 dev lo table 101"));
+        v.push((m, "::/0 dev lo table 101", true));
     }
     v
 }
@@ -137,11 +167,36 @@ async fn loopback_index(handle: &Handle) -> Result<u32, RoutingError> {
     }
 }
 
-/// Installs the rules and routes (idempotent).
+/// Deletes every copy of `rule` (in case something added duplicates); absent is fine.
+async fn delete_rule(handle: &Handle, rule: &PodRule) -> Result<(), RoutingError> {
+    loop {
+        match handle.rule().del(rule.msg.clone()).execute().await {
+            Ok(()) => continue,
+            Err(e) if errno(&e) == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(RoutingError::Netlink { what: format!("delete rule {}", rule.what), source: e }),
+        }
+    }
+}
+
+/// Deletes a route; absent is fine.
+async fn delete_route(handle: &Handle, route: RouteMessage, what: &str) -> Result<(), RoutingError> {
+    match handle.route().del(route).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(errno(&e), Some(libc::ESRCH) | Some(libc::ENOENT)) => Ok(()),
+        Err(e) => Err(RoutingError::Netlink { what: format!("delete route {what}"), source: e }),
+    }
+}
+
+/// Installs the rules and routes `cfg` wants (idempotent). With the loopback route off, takes out the loopback
+/// route's rule and route if an agent with it on left them, so that switching it off takes effect when the
+/// agent re-applies a pod's rules (at its start, or on repair).
 pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
         let lo = loopback_index(&handle).await?;
-        for (route, what) in route_messages(cfg, lo) {
+        for (route, what, loopback) in route_messages(cfg, lo) {
+            if loopback && !cfg.loopback_route {
+                continue;
+            }
             handle
                 .route()
                 .add(route)
@@ -151,52 +206,51 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
                 .map_err(|e| RoutingError::Netlink { what: format!("add route {what}"), source: e })?;
         }
         for fam in rule_families(cfg) {
-            for (rule, what) in rule_messages(fam) {
+            for rule in rule_messages(fam) {
+                if rule.loopback && !cfg.loopback_route {
+                    delete_rule(&handle, &rule).await?;
+                    continue;
+                }
                 let mut req = handle.rule().add();
-                *req.message_mut() = rule;
+                *req.message_mut() = rule.msg;
                 match req.execute().await {
                     Ok(()) => {}
                     // The same rule is already there (NLM_F_EXCL): nothing to do.
                     Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(RoutingError::Netlink { what: format!("add rule {what}"), source: e }),
+                    Err(e) => return Err(RoutingError::Netlink { what: format!("add rule {}", rule.what), source: e }),
                 }
+            }
+        }
+        if !cfg.loopback_route {
+            for (route, what, _) in route_messages(cfg, lo).into_iter().filter(|r| r.2) {
+                delete_route(&handle, route, what).await?;
             }
         }
         Ok(())
     })
 }
 
-/// Removes the rules and routes; absent ones are fine.
+/// Removes the rules and routes, the loopback route's too whatever `cfg` says of it; absent ones are fine.
 pub fn remove(cfg: InpodConfig) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
         for fam in rule_families(cfg) {
-            for (rule, what) in rule_messages(fam) {
-                // Delete every copy, in case something added duplicates.
-                loop {
-                    match handle.rule().del(rule.clone()).execute().await {
-                        Ok(()) => continue,
-                        Err(e) if errno(&e) == Some(libc::ENOENT) => break,
-                        Err(e) => return Err(RoutingError::Netlink { what: format!("delete rule {what}"), source: e }),
-                    }
-                }
+            for rule in rule_messages(fam) {
+                delete_rule(&handle, &rule).await?;
             }
         }
         let lo = match loopback_index(&handle).await {
             Ok(lo) => lo,
             Err(_) => return Ok(()),
         };
-        for (route, what) in route_messages(cfg, lo) {
-            match handle.route().del(route).execute().await {
-                Ok(()) => {}
-                Err(e) if matches!(errno(&e), Some(libc::ESRCH) | Some(libc::ENOENT)) => {}
-                Err(e) => return Err(RoutingError::Netlink { what: format!("delete route {what}"), source: e }),
-            }
+        for (route, what, _) in route_messages(cfg, lo) {
+            delete_route(&handle, route, what).await?;
         }
         Ok(())
     })
 }
 
-/// Whether the rules are all present (for CHECK).
+/// Whether the rules are as `cfg` wants them (for CHECK): all of its rules present, and with the loopback
+/// route off, that route's rule absent.
 pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
     with_netlink(|handle| async move {
         for fam in rule_families(cfg) {
@@ -208,17 +262,18 @@ pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
                 .try_collect()
                 .await
                 .map_err(|e| RoutingError::Netlink { what: "list rules".into(), source: e })?;
-            for (want, _) in rule_messages(fam) {
+            for want in rule_messages(fam) {
                 // The kernel leaves a mark of 0 out of its dump: a mask without a mark is that.
                 let found = rules.iter().any(|r| {
-                    r.header.table == want.header.table
+                    r.header.table == want.msg.header.table
                         && want
+                            .msg
                             .attributes
                             .iter()
                             .filter(|a| **a != RuleAttribute::FwMark(0))
                             .all(|a| r.attributes.contains(a))
                 });
-                if !found {
+                if found != (!want.loopback || cfg.loopback_route) {
                     return Ok(false);
                 }
             }
@@ -247,4 +302,28 @@ pub fn addresses() -> Result<Vec<std::net::IpAddr>, RoutingError> {
             })
             .collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_description_follows_the_setting_and_the_rules() {
+        let on = InpodConfig { ipv4: true, ipv6: false, loopback_route: true };
+        assert_eq!(describe(on), "fwmark 0x111/0xfff lookup 100 and fwmark 0/0xfff ipproto tcp lookup 101");
+        assert_eq!(
+            describe(on.with_loopback_route(false)),
+            "fwmark 0x111/0xfff lookup 100 without fwmark 0/0xfff ipproto tcp lookup 101 (loopbackRoute: false)"
+        );
+        // Exactly one rule of each family is the loopback route's, and it is the one for its table.
+        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let rules = rule_messages(fam);
+            assert_eq!(rules.iter().filter(|r| r.loopback).count(), 1);
+            for r in rules {
+                assert_eq!(r.loopback, r.msg.header.table == LOOPBACK_TABLE as u8, "{}", r.what);
+                assert_eq!(r.msg.header.family, fam);
+            }
+        }
+    }
 }

@@ -111,8 +111,8 @@ pub struct MeshOpts {
     /// (autocorking, socket buffer sizes) against the default in the same rounds. The apps' sockets in those
     /// pods get it too.
     pub peer_sysctls: Vec<(String, String)>,
-    /// Take the agent's loopback route out of the peer's pods ([`without_lo_route`]): with Ambit's own binary
-    /// as the peer, what that route gains, in the same rounds.
+    /// The peer's nodes' agents run with `loopbackRoute: false`, so the peer's pods have no loopback route:
+    /// with Ambit's own binary as the peer, what that route gains, in the same rounds.
     pub peer_without_lo_route: bool,
     /// Enrolled pods for the idle memory figure.
     pub idle_pods: usize,
@@ -550,17 +550,6 @@ fn start_captured<'a>(
     Ok((rules, relays))
 }
 
-/// `--peer-without-lo-route`, in one pod: the agent's routing rule that sends the app's TCP through `lo`
-/// ([`ambit_agent::rules`]) taken out again, so that the app's redirected sockets take the pod interface's
-/// route and MTU, as before Ambit had that rule. Nothing else of the rules changes meaning: the packets they
-/// match by `lo` then never leave by `lo`.
-fn without_lo_route(pod: &crate::Pod) -> anyhow::Result<()> {
-    let family = if pod.ip.is_ipv4() { "-4" } else { "-6" };
-    let pref = ambit_agent::rules::LOOPBACK_RULE_PRIORITY.to_string();
-    pod.netns.ip(&[family, "rule", "del", "pref", &pref])?;
-    Ok(())
-}
-
 /// The MSS of an app's connection from `client` to `server_addr` (TCP_MAXSEG of the client's socket), and of
 /// the server app's side of it (as `ss` shows it in the server pod): 1448 where the pods' interfaces have a
 /// 1500-byte MTU and the connection's legs cross loopback with the interface's MTU.
@@ -602,7 +591,12 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         enrolled_namespaces: vec!["mesh".into()],
         // As users run them: the default level, access logs on.
         log_level: "info".into(),
-        peer: o.peer.clone().map(|binary| crate::PeerZtunnel { binary, env: o.peer_env.clone(), nodes: vec![2, 3] }),
+        peer: o.peer.clone().map(|binary| crate::PeerZtunnel {
+            binary,
+            env: o.peer_env.clone(),
+            nodes: vec![2, 3],
+            loopback_route: !o.peer_without_lo_route,
+        }),
         ..Default::default()
     })?;
     let zpid = |i: usize| lab.nodes[i].ztunnel.as_ref().map(|z| z.pid()).unwrap_or(0);
@@ -628,11 +622,6 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             }
             let sink = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5001), Mode::Sink)?;
             let echo = LoadServer::start(&server.netns, SocketAddr::new(server.ip, 5002), Mode::Echo)?;
-            if o.peer_without_lo_route {
-                for p in [&client, &server] {
-                    without_lo_route(p)?;
-                }
-            }
             Some(PeerPair { client, server, sink, echo })
         }
         None => None,

@@ -56,9 +56,9 @@ enum Cmd {
         /// Ambit's own binary as `--ztunnel`, measures a kernel choice against the default in the same rounds.
         #[arg(long = "peer-sysctl")]
         peer_sysctls: Vec<String>,
-        /// Take the agent's loopback route out of the peer's two pods, so that the apps' redirected sockets
-        /// take the pod interface's MTU: with Ambit's own binary as `--ztunnel`, what that route gains, in the
-        /// same rounds.
+        /// Run the peer's nodes' agents with `loopbackRoute: false`, so that the apps' redirected sockets in
+        /// the peer's pods take the pod interface's MTU: with Ambit's own binary as `--ztunnel`, what that
+        /// route gains, in the same rounds.
         #[arg(long)]
         peer_without_lo_route: bool,
         /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect,

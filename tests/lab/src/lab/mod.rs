@@ -93,6 +93,8 @@ pub struct PeerZtunnel {
     pub env: Vec<(String, String)>,
     /// The nodes (indexes) it runs on.
     pub nodes: Vec<usize>,
+    /// Those nodes' agents' `loopbackRoute` (the other nodes' keep the default, on).
+    pub loopback_route: bool,
 }
 
 /// The lab's primary CNI.

@@ -52,8 +52,10 @@ impl Lab {
             .iter()
             .map(|((ns, name), sa)| json!({"namespace": ns, "name": name, "serviceAccount": sa}))
             .collect();
+        let peer_node = self.config.peer.as_ref().filter(|p| p.nodes.contains(&i));
         let agent_conf = json!({
             "nodeName": n.name,
+            "loopbackRoute": peer_node.is_none_or(|p| p.loopback_route),
             "cniSocket": n.dir.join("run/cni.sock"),
             "zdsSocket": n.dir.join("run/ztunnel.sock"),
             "stateDir": n.dir.join("state"),
