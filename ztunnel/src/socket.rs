@@ -9,11 +9,12 @@ use tokio::net::{TcpSocket, TcpStream};
 /// How long a connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The original destination of a redirected connection (SO_ORIGINAL_DST, IPv4 or IPv6).
-pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddr> {
+/// The original destination of a redirected connection (SO_ORIGINAL_DST, IPv4 or IPv6), whose peer is `peer`
+/// (as accepted: the peer's family, an IPv4-mapped address being IPv4, is the connection's, so no
+/// `getsockname` is needed to tell which table to ask).
+pub fn original_dst(s: &TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
     let r = SockRef::from(s);
-    let local = s.local_addr()?;
-    let a = if local.is_ipv4() || matches!(local.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+    let a = if peer.is_ipv4() || matches!(peer.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
         r.original_dst_v4()
     } else {
         r.original_dst_v6()

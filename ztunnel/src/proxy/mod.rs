@@ -127,7 +127,7 @@ impl PodCtx {
 
     /// Where a redirected connection was going; `None` (logged) when the kernel has no record of it.
     pub fn original_dst(&self, tcp: &TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
-        socket::original_dst(tcp)
+        socket::original_dst(tcp, peer)
             .inspect_err(|e| debug!(pod = %self.name(), %peer, error = %e, "no original destination; dropping"))
             .ok()
     }
