@@ -19,8 +19,8 @@
 //! connections that capture lets through (open before enrolment, kubelet's probes) are marked
 //! [`UNCAPTURED_MARK`] and so take the pod's own routes again. ztunnel's sockets are marked and never take the
 //! loopback route. Needs Linux 4.17 (`ipproto` in routing rules). The agent's `loopbackRoute: false` leaves it
-//! out (and takes it out of pods that have it), for pods whose own policy routing it would conflict with; the
-//! rules stay the same, as the mark they give uncaptured connections then only changes nothing.
+//! out (and takes it out of pods that have it), for pods whose own policy routing it would conflict with. The
+//! rules stay the same: without the route, the mark they give uncaptured connections changes nothing.
 
 pub mod apply;
 pub mod backend;
