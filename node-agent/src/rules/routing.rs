@@ -45,8 +45,12 @@ struct PodRule {
     msg: RuleMessage,
     /// What `ip rule` shows of it.
     what: String,
-    /// It is the loopback route's (wanted only with [`InpodConfig::loopback_route`]).
-    loopback: bool,
+}
+
+/// Whether `cfg` wants the rules and routes of routing table `table`: all but the loopback route's, which only
+/// with [`InpodConfig::loopback_route`].
+fn wanted(cfg: InpodConfig, table: u8) -> bool {
+    u32::from(table) != LOOPBACK_TABLE || cfg.loopback_route
 }
 
 /// The pod's routing rules of one family, all of them (whether `cfg` wants the loopback route or not).
@@ -65,16 +69,8 @@ fn rule_messages(family: AddressFamily) -> [PodRule; 2] {
     let mut app = rule(LOOPBACK_TABLE, 0, LOOPBACK_RULE_PRIORITY);
     app.attributes.push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
     [
-        PodRule {
-            msg: replies,
-            what: format!("fwmark {CONNMARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}"),
-            loopback: false,
-        },
-        PodRule {
-            msg: app,
-            what: format!("fwmark 0/{MARK_MASK:#x} ipproto tcp lookup {LOOPBACK_TABLE}"),
-            loopback: true,
-        },
+        PodRule { msg: replies, what: format!("fwmark {CONNMARK:#x}/{MARK_MASK:#x} lookup {ROUTE_TABLE}") },
+        PodRule { msg: app, what: format!("fwmark 0/{MARK_MASK:#x} ipproto tcp lookup {LOOPBACK_TABLE}") },
     ]
 }
 
@@ -90,8 +86,9 @@ pub fn describe(cfg: InpodConfig) -> String {
     }
 }
 
-/// The pod's routes, all of them, each with what `ip route` shows of it and whether it is the loopback route's.
-fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str, bool)> {
+/// The pod's routes, all of them (whether `cfg` wants the loopback route or not), each with what `ip route`
+/// shows of it.
+fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str)> {
     let mut v = Vec::new();
     if cfg.ipv4 {
         let m = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -101,7 +98,7 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str,
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
             .build();
-        v.push((m, "local 0.0.0.0/0 dev lo table 100", false));
+        v.push((m, "local 0.0.0.0/0 dev lo table 100"));
         // No source: the kernel picks the pod's address, as for the pod's own default route.
         let m = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
@@ -109,7 +106,7 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str,
             .table_id(LOOPBACK_TABLE)
             .scope(RouteScope::Link)
             .build();
-        v.push((m, "0.0.0.0/0 dev lo table 101", true));
+        v.push((m, "0.0.0.0/0 dev lo table 101"));
     }
     if cfg.ipv6 {
         let m = RouteMessageBuilder::<Ipv6Addr>::new()
@@ -119,13 +116,13 @@ fn route_messages(cfg: InpodConfig, lo: u32) -> Vec<(RouteMessage, &'static str,
             .kind(RouteType::Local)
             .scope(RouteScope::Host)
             .build();
-        v.push((m, "local ::/0 dev lo table 100", false));
+        v.push((m, "local ::/0 dev lo table 100"));
         let m = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
             .output_interface(lo)
             .table_id(LOOPBACK_TABLE)
             .build();
-        v.push((m, "::/0 dev lo table 101", true));
+        v.push((m, "::/0 dev lo table 101"));
     }
     v
 }
@@ -193,8 +190,8 @@ async fn delete_route(handle: &Handle, route: RouteMessage, what: &str) -> Resul
 pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
     with_netlink(|handle| async move {
         let lo = loopback_index(&handle).await?;
-        for (route, what, loopback) in route_messages(cfg, lo) {
-            if loopback && !cfg.loopback_route {
+        for (route, what) in route_messages(cfg, lo) {
+            if !wanted(cfg, route.header.table) {
                 continue;
             }
             handle
@@ -207,7 +204,7 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
         }
         for fam in rule_families(cfg) {
             for rule in rule_messages(fam) {
-                if rule.loopback && !cfg.loopback_route {
+                if !wanted(cfg, rule.msg.header.table) {
                     delete_rule(&handle, &rule).await?;
                     continue;
                 }
@@ -221,10 +218,8 @@ pub fn install(cfg: InpodConfig) -> Result<(), RoutingError> {
                 }
             }
         }
-        if !cfg.loopback_route {
-            for (route, what, _) in route_messages(cfg, lo).into_iter().filter(|r| r.2) {
-                delete_route(&handle, route, what).await?;
-            }
+        for (route, what) in route_messages(cfg, lo).into_iter().filter(|(r, _)| !wanted(cfg, r.header.table)) {
+            delete_route(&handle, route, what).await?;
         }
         Ok(())
     })
@@ -242,7 +237,7 @@ pub fn remove(cfg: InpodConfig) -> Result<(), RoutingError> {
             Ok(lo) => lo,
             Err(_) => return Ok(()),
         };
-        for (route, what, _) in route_messages(cfg, lo) {
+        for (route, what) in route_messages(cfg, lo) {
             delete_route(&handle, route, what).await?;
         }
         Ok(())
@@ -273,7 +268,7 @@ pub fn present(cfg: InpodConfig) -> Result<bool, RoutingError> {
                             .filter(|a| **a != RuleAttribute::FwMark(0))
                             .all(|a| r.attributes.contains(a))
                 });
-                if found != (!want.loopback || cfg.loopback_route) {
+                if found != wanted(cfg, want.msg.header.table) {
                     return Ok(false);
                 }
             }
@@ -316,14 +311,22 @@ mod tests {
             describe(on.with_loopback_route(false)),
             "fwmark 0x111/0xfff lookup 100 without fwmark 0/0xfff ipproto tcp lookup 101 (loopbackRoute: false)"
         );
-        // Exactly one rule of each family is the loopback route's, and it is the one for its table.
+        // With the route off, exactly the loopback route's rule of each family and its route of each family are
+        // unwanted (the tables are read from the messages' headers).
+        let off = InpodConfig { ipv4: true, ipv6: true, loopback_route: false };
         for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
             let rules = rule_messages(fam);
-            assert_eq!(rules.iter().filter(|r| r.loopback).count(), 1);
-            for r in rules {
-                assert_eq!(r.loopback, r.msg.header.table == LOOPBACK_TABLE as u8, "{}", r.what);
-                assert_eq!(r.msg.header.family, fam);
-            }
+            let unwanted: Vec<&str> =
+                rules.iter().filter(|r| !wanted(off, r.msg.header.table)).map(|r| r.what.as_str()).collect();
+            assert_eq!(unwanted, ["fwmark 0/0xfff ipproto tcp lookup 101"]);
+            assert!(
+                rules
+                    .iter()
+                    .all(|r| r.msg.header.family == fam && wanted(off.with_loopback_route(true), r.msg.header.table))
+            );
         }
+        let unwanted: Vec<&str> =
+            route_messages(off, 1).into_iter().filter(|(r, _)| !wanted(off, r.header.table)).map(|(_, w)| w).collect();
+        assert_eq!(unwanted, ["0.0.0.0/0 dev lo table 101", "::/0 dev lo table 101"]);
     }
 }
