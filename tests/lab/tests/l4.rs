@@ -203,6 +203,13 @@ fn a_broken_local_file_keeps_the_last_good_config_and_says_why() {
     let _echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT)).unwrap();
     let to = SocketAddr::new(server.ip, APP_PORT);
     let good = std::fs::read_to_string(lab.workloads_path()).unwrap();
+    // Every ztunnel has loaded both workloads before the file breaks: that is the last good config they keep.
+    for node in &lab.nodes {
+        wait_for("both workloads in config_dump", T, || {
+            (node.config_dump().ok()?["workloads"].as_array()?.len() == 2).then_some(())
+        })
+        .unwrap();
+    }
     for broken in [
         "workloads: [ {name: x".to_string(),
         format!("{good}\npolicies:\n- {{name: p, namespace: mesh, scope: Sideways, action: Deny}}\n"),
