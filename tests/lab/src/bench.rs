@@ -126,7 +126,16 @@ pub struct MeshOpts {
     /// Also measure the captured floor: the floor's relays taking the connections that the pods' capture
     /// rules (the agent's) redirect, as ztunnel does; what capture itself adds to the floor.
     pub captured_floor: bool,
+    /// How long the floor's relays busy-poll after activity (zero: never). With polling on both sides, a
+    /// proxy that polls through back-to-back round trips spends about their wall time in CPU; with it off on
+    /// the floor (and `AMBIT_BUSY_POLL=0` for Ambit's own binary as the peer), the CPU per unit is each
+    /// proxy's work alone.
+    pub relay_spin: Duration,
 }
+
+/// The floor's relays' busy-polling window by default: the most that ztunnel's workers poll
+/// (`AMBIT_BUSY_POLL`'s default).
+pub const RELAY_SPIN: Duration = Duration::from_micros(250);
 
 /// A phase of each round's measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -167,6 +176,7 @@ impl Default for MeshOpts {
             phases: Vec::new(),
             sockmap: false,
             captured_floor: false,
+            relay_spin: RELAY_SPIN,
         }
     }
 }
@@ -350,6 +360,14 @@ impl Figures {
             "round_trip_us": round(self.cost[RR].cpu_per_unit().0 * 1e6, 1),
             "connection_us": round(self.cost[CONNECT].cpu_per_unit().0 * 1e6, 1),
             "paced_round_trip_us": round(self.cost[PACED].cpu_per_unit().0 * 1e6, 1),
+            // The kernel's part of each (system time over user + system), so that two paths' CPU can be
+            // compared in user space and in the kernel apart.
+            "kernel_share": {
+                "bulk": round(self.cost[BULK].cpu_per_unit().1, 2),
+                "round_trip": round(self.cost[RR].cpu_per_unit().1, 2),
+                "connection": round(self.cost[CONNECT].cpu_per_unit().1, 2),
+                "paced_round_trip": round(self.cost[PACED].cpu_per_unit().1, 2),
+            },
         })
     }
 
@@ -455,6 +473,7 @@ fn start_relays(
     client: &crate::Pod,
     server: &crate::Pod,
     ports: [(u16, u16, u16); 2],
+    spin: Duration,
 ) -> anyhow::Result<(Vec<crate::proc::Proc>, [std::net::SocketAddr; 2])> {
     let route = |listen: std::net::SocketAddr, to: std::net::SocketAddr| format!("--route={listen}={to}");
     let at = |ip, port| std::net::SocketAddr::new(ip, port);
@@ -464,21 +483,30 @@ fn start_relays(
             client,
             "relay-client",
             ports.map(|(l, b, _)| route(at(std::net::Ipv4Addr::LOCALHOST.into(), l), at(server.ip, b))).to_vec(),
+            spin,
         )?,
         spawn_relay(
             lab,
             server,
             "relay-server",
             ports.map(|(_, b, a)| route(at(server.ip, b), at(server.ip, a))).to_vec(),
+            spin,
         )?,
     ];
     Ok((relays, ports.map(|(l, _, _)| at(std::net::Ipv4Addr::LOCALHOST.into(), l))))
 }
 
-/// Runs `lab relay args…` in `pod`'s netns and waits until it listens.
-fn spawn_relay(lab: &Lab, pod: &crate::Pod, name: &str, args: Vec<String>) -> anyhow::Result<crate::proc::Proc> {
+/// Runs `lab relay args…` in `pod`'s netns, busy-polling for `spin` after activity, and waits until it
+/// listens.
+fn spawn_relay(
+    lab: &Lab,
+    pod: &crate::Pod,
+    name: &str,
+    args: Vec<String>,
+    spin: Duration,
+) -> anyhow::Result<crate::proc::Proc> {
     let mut cmd = pod.netns.command(crate::util::binary("lab"));
-    cmd.arg("relay").args(args);
+    cmd.arg("relay").args(args).arg(format!("--spin-us={}", spin.as_micros()));
     let log = lab.dir.join(format!("{name}.log"));
     let p = crate::proc::Proc::spawn(name, cmd, &log)?;
     crate::util::wait_for(&format!("{name} to listen (log {})", log.display()), Duration::from_secs(10), || {
@@ -531,21 +559,18 @@ fn start_captured<'a>(
     server: &'a crate::Pod,
     routes: [(std::net::SocketAddr, u16); 2],
     round: usize,
+    spin: Duration,
 ) -> anyhow::Result<(CaptureRules<'a>, Vec<crate::proc::Proc>)> {
     let rules = CaptureRules::install([client, server])?;
     let between = |port| std::net::SocketAddr::new(server.ip, port);
+    let mut client_args = vec!["--redirected-at=0.0.0.0:15001".to_string()];
+    client_args.extend(routes.map(|(app, b)| format!("--route={app}={}", between(b))));
+    let mut server_args = vec!["--redirected-at=0.0.0.0:15006".to_string()];
+    server_args.extend(routes.map(|(app, b)| format!("--route={}={app}", between(b))));
     let relays = vec![
         // A log of its own each round: the previous relay's "ready" must not count.
-        spawn_relay(lab, client, &format!("relay-captured-client-{round}"), {
-            let mut a = vec!["--redirected-at=0.0.0.0:15001".to_string()];
-            a.extend(routes.map(|(app, b)| format!("--route={app}={}", between(b))));
-            a
-        })?,
-        spawn_relay(lab, server, &format!("relay-captured-server-{round}"), {
-            let mut a = vec!["--redirected-at=0.0.0.0:15006".to_string()];
-            a.extend(routes.map(|(app, b)| format!("--route={}={app}", between(b))));
-            a
-        })?,
+        spawn_relay(lab, client, &format!("relay-captured-client-{round}"), client_args, spin)?,
+        spawn_relay(lab, server, &format!("relay-captured-server-{round}"), server_args, spin)?,
     ];
     Ok((rules, relays))
 }
@@ -667,8 +692,26 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     progress(&format!("    ztunnel RSS with {} pods: {rss_idle:.1} MiB", o.idle_pods));
 
     // The floor: the same three TCP connections with a bare relay in each ztunnel's place (capture off).
-    let (relays, [relay_sink, relay_echo]) =
-        start_relays(&lab, &client, &server, [(6001, 7001, sink.addr.port()), (6003, 7003, echo_direct.addr.port())])?;
+    let (relays, [relay_sink, relay_echo]) = start_relays(
+        &lab,
+        &client,
+        &server,
+        [(6001, 7001, sink.addr.port()), (6003, 7003, echo_direct.addr.port())],
+        o.relay_spin,
+    )?;
+    // What the relays say they poll, so that the JSON reports the floor that was measured.
+    let relay_spin_us = relays
+        .iter()
+        .map(|r| {
+            let log = r.log();
+            let us = log.split("busy-polling ").nth(1).and_then(|t| t.split(' ').next()?.parse::<u64>().ok());
+            us.with_context(|| format!("a relay's polling window is not in its log: {log:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        relay_spin_us.iter().all(|us| *us == relay_spin_us[0]),
+        "the relays poll differently: {relay_spin_us:?}"
+    );
 
     let mesh_meters = Meters { pods: [&client.netns, &server.netns], proxies: vec![zpid(0), zpid(1)] };
     let direct_meters = Meters { pods: [&client.netns, &server.netns], proxies: Vec::new() };
@@ -740,8 +783,14 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                     ));
                     // Started each round: the relays take the ports that ztunnel holds while the pods are
                     // captured.
-                    let (rules, relays) =
-                        start_captured(&lab, &client, &server, [(sink.addr, 7101), (echo_c.addr, 7104)], r + 1)?;
+                    let (rules, relays) = start_captured(
+                        &lab,
+                        &client,
+                        &server,
+                        [(sink.addr, 7101), (echo_c.addr, 7104)],
+                        r + 1,
+                        o.relay_spin,
+                    )?;
                     let meters = Meters {
                         pods: [&client.netns, &server.netns],
                         proxies: relays.iter().map(crate::proc::Proc::pid).collect(),
@@ -843,6 +892,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         ("relay_kernel_share".to_string(), json!(round(floor_kernel, 2))),
         ("relay_cpu_round_trip_us".to_string(), json!(round(floor_rr * 1e6, 1))),
         ("relay_cpu_connection_us".to_string(), json!(round(floor_conn * 1e6, 1))),
+        ("relay_spin_us".to_string(), json!(relay_spin_us[0])),
         ("mesh_of_floor".to_string(), Value::Object(mesh_of_floor)),
     ]);
     drop(extra);

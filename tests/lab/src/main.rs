@@ -73,6 +73,11 @@ enum Cmd {
         /// where ztunnel would be; what capture adds to the floor.
         #[arg(long)]
         captured_floor: bool,
+        /// How long the floor's relays busy-poll after activity, in µs (0: never). With 0, and
+        /// `--ztunnel-env AMBIT_BUSY_POLL=0` for Ambit's own binary as `--ztunnel`, the CPU per unit is each
+        /// proxy's work without polling.
+        #[arg(long, default_value_t = lab::bench::RELAY_SPIN.as_micros() as u64)]
+        relay_spin_us: u64,
         /// Leave the CNI lab running afterwards, with its logs.
         #[arg(long)]
         keep: bool,
@@ -265,6 +270,7 @@ fn main() {
             phases,
             sockmap,
             captured_floor,
+            relay_spin_us,
             keep,
         } => {
             let pairs = |kvs: &[String]| -> Result<Vec<(String, String)>, String> {
@@ -298,6 +304,7 @@ fn main() {
                 phases,
                 sockmap,
                 captured_floor,
+                relay_spin: std::time::Duration::from_micros(relay_spin_us),
                 ..Default::default()
             };
             let xds =

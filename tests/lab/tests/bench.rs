@@ -25,6 +25,8 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         peer_without_lo_route: true,
         sockmap: true,
         captured_floor: true,
+        // The floor's relays poll for less than the default; the JSON reports what they said they do.
+        relay_spin: std::time::Duration::from_micros(100),
         ..Default::default()
     };
     let v = mesh(&opts, &mut |_| {}).unwrap();
@@ -48,6 +50,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
     // Rounded up so that each of the six paths goes first once.
     assert_eq!(num("rounds"), 6.0);
+    assert_eq!(num("floor.relay_spin_us"), 100.0, "{v:#}");
     assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "captured", "mesh"]));
     for path in ["mesh", "floor", "peer", "sockmap", "captured_floor"] {
         for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"]
@@ -55,6 +58,13 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
             .filter(|u| path != "sockmap" || !sockmap_bulk_failed || *u != "bulk_s_per_gib")
         {
             assert!(num(&format!("cpu_per_unit.{path}.{unit}")) > 0.0, "{path} {unit}: {v:#}");
+        }
+        for phase in ["bulk", "round_trip", "connection", "paced_round_trip"]
+            .into_iter()
+            .filter(|p| path != "sockmap" || !sockmap_bulk_failed || *p != "bulk")
+        {
+            let share = num(&format!("cpu_per_unit.{path}.kernel_share.{phase}"));
+            assert!((0.0..=1.0).contains(&share), "{path} {phase}: {v:#}");
         }
     }
     for ratio in ["throughput_1", "throughput_8", "added_rr_1b_us_p50", "connect_rate"] {
