@@ -1017,9 +1017,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
 /// Where the work goes, per phase: packets on the path (both paths) and the ztunnels' CPU with its kernel
 /// share (mesh). With busy polling on, the per-round-trip and per-connection CPU includes the polling.
 fn breakdown(d: &Figures, m: &Figures) -> Value {
-    let share = |phase: usize| round(m.cost[phase].cpu_per_unit().1, 2);
-    let mut ztunnel_cpu = m.cpu_json();
-    ztunnel_cpu["kernel_share"] = json!({"bulk": share(BULK), "round_trip": share(RR), "connection": share(CONNECT)});
+    let ztunnel_cpu = m.cpu_json();
     json!({
         "packets_per_connection": {
             "direct": round(d.cost[CONNECT].packets_per_unit(), 1),

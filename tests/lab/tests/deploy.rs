@@ -14,7 +14,9 @@ fn the_containerfile_builds_with_a_profile_of_the_workspace_and_copies_its_binar
     });
     assert!(cargo_toml.contains(&format!("[profile.{profile}]")), "no [profile.{profile}] in Cargo.toml");
     let copy = containerfile.lines().find(|l| l.starts_with("COPY --from=build")).expect("a COPY of the binaries");
-    let sources: Vec<&str> = copy.split_whitespace().skip(2).collect::<Vec<_>>().split_last().unwrap().1.to_vec();
+    // `COPY --from=build <sources…> <destination>`
+    let words: Vec<&str> = copy.split_whitespace().collect();
+    let sources = &words[2..words.len() - 1];
     assert_eq!(sources.len(), 3, "{copy}");
     for (src, bin) in sources.iter().zip(["ambit-agent", "ambit-cni", "ztunnel"]) {
         assert_eq!(*src, format!("/src/target/{profile}/{bin}"), "{copy}");
