@@ -147,7 +147,7 @@ pub fn authorize(
         selected_by: me.map(|w| w.authorization_policies.as_slice()).unwrap_or_default(),
     };
     let v = snap.policies.check(target, conn);
-    let client = conn.src_identity.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into());
+    let client = OrDash(conn.src_identity.as_ref());
     for d in &v.dry_run_matches {
         info!(pod = %pod.name(), src = %conn.src, %client, dst = %conn.dst, policy = %d.policy, action = ?d.action,
               "dry-run policy matched (not enforced)");
@@ -163,6 +163,19 @@ pub fn authorize(
               "connection refused: {d}");
     }
     v.result
+}
+
+/// A value in a log line, `-` when there is none. Formatted only when a line is written: most connections log
+/// nothing at authorization.
+struct OrDash<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 fn identity_for(cfg: &Config, info: &WorkloadInfo) -> Identity {
@@ -359,5 +372,17 @@ async fn handle(pod: Arc<PodCtx>, stream: TcpStream, peer: SocketAddr, port: u16
         INBOUND_PLAINTEXT_PORT => Box::pin(plaintext::handle(pod, stream, peer)).await,
         INBOUND_HBONE_PORT => Box::pin(inbound::serve_connection(pod, stream, peer)).await,
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_value_is_its_display_or_a_dash() {
+        let id = Identity::new("cluster.local", "ns", "sa");
+        assert_eq!(OrDash(Some(&id)).to_string(), "spiffe://cluster.local/ns/ns/sa/sa");
+        assert_eq!(OrDash::<Identity>(None).to_string(), "-");
     }
 }
