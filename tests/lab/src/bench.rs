@@ -101,6 +101,9 @@ pub struct MeshOpts {
     /// moments of a shared machine. Rounded up to a multiple of the number of paths, so that each goes first
     /// equally often.
     pub rounds: usize,
+    /// The mesh's ztunnel binary; Ambit's from the lab's binary directory when `None`. The build that ships
+    /// (`target/production/ztunnel`), say, with the lab's other binaries from a quick release build.
+    pub mesh_ztunnel: Option<std::path::PathBuf>,
     /// A drop-in peer ztunnel (Istio's, say), measured as a fourth path in the same rounds: two more nodes run
     /// it, with a pod pair of their own.
     pub peer: Option<std::path::PathBuf>,
@@ -167,6 +170,7 @@ impl Default for MeshOpts {
             round_trips: 10_000,
             paced_round_trips: 1_000,
             rounds: 6,
+            mesh_ztunnel: None,
             peer: None,
             peer_env: Vec::new(),
             peer_sysctls: Vec::new(),
@@ -616,6 +620,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         enrolled_namespaces: vec!["mesh".into()],
         // As users run them: the default level, access logs on.
         log_level: "info".into(),
+        ztunnel: o.mesh_ztunnel.clone(),
         peer: o.peer.clone().map(|binary| crate::PeerZtunnel {
             binary,
             env: o.peer_env.clone(),
@@ -625,6 +630,14 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         ..Default::default()
     })?;
     let zpid = |i: usize| lab.nodes[i].ztunnel.as_ref().map(|z| z.pid()).unwrap_or(0);
+    // Which binaries ran, as their processes were started (argv[0]), so that the report names what was measured.
+    let ran = |i: usize| -> Value {
+        std::fs::read(format!("/proc/{}/cmdline", zpid(i)))
+            .ok()
+            .and_then(|c| c.split(|b| *b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()))
+            .map_or(Value::Null, Value::from)
+    };
+    let ztunnel_binaries = json!({"mesh": ran(0), "peer": if o.peer.is_some() { ran(2) } else { Value::Null }});
     let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
     let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;
     // The peer's pair: the same pods on the peer's two nodes, served the same way.
@@ -992,6 +1005,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     let cpu = Figures::cpu_json;
     Ok(json!({
         "rounds": rounds,
+        "ztunnel_binaries": ztunnel_binaries,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
         "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt), "captured_floor": with_captured(ct)},
         "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr), "captured_floor": with_captured(cr)},

@@ -45,6 +45,10 @@ enum Cmd {
         /// Rounds of every path, taking turns at going first (rounded up to a multiple of the paths).
         #[arg(long, default_value_t = 6)]
         rounds: usize,
+        /// The mesh's ztunnel binary (default: Ambit's, beside the lab's other binaries): the build that ships,
+        /// `target/production/ztunnel`, say.
+        #[arg(long)]
+        mesh_ztunnel: Option<std::path::PathBuf>,
         /// A drop-in peer ztunnel (Istio's, say), measured as a fourth path in the same rounds, on two more
         /// nodes with the same pods and the same control plane.
         #[arg(long)]
@@ -263,6 +267,7 @@ fn main() {
             pods,
             secs,
             rounds,
+            mesh_ztunnel,
             ztunnel,
             ztunnel_env,
             peer_sysctls,
@@ -287,6 +292,12 @@ fn main() {
                 );
                 std::process::exit(2);
             }
+            for (flag, path) in [("--mesh-ztunnel", &mesh_ztunnel), ("--ztunnel", &ztunnel)] {
+                if let Some(p) = path.as_ref().filter(|p| !p.is_file()) {
+                    eprintln!("bench: {flag} {}: no such file", p.display());
+                    std::process::exit(2);
+                }
+            }
             let (env, peer_sysctls) = match (pairs(&ztunnel_env), pairs(&peer_sysctls)) {
                 (Ok(e), Ok(s)) => (e, s),
                 (Err(e), _) | (_, Err(e)) => {
@@ -297,6 +308,7 @@ fn main() {
             let opts = lab::bench::MeshOpts {
                 secs,
                 rounds,
+                mesh_ztunnel,
                 peer: ztunnel,
                 peer_env: env,
                 peer_sysctls,

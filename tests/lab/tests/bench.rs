@@ -11,6 +11,12 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     // The peer is Ambit's own ztunnel here (any drop-in ztunnel binary will do): what is checked is that it
     // runs as a fourth path of the same rounds, on its own nodes, and reports under its keys.
     let peer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/ztunnel");
+    // The mesh's ztunnel named by another path (as `--mesh-ztunnel target/production/ztunnel` would): the
+    // report must name the binary that ran.
+    let dir = TempDir(std::env::temp_dir().join(format!("ambit-bench-test-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let mesh_ztunnel = dir.0.join("ztunnel");
+    std::os::unix::fs::symlink(lab::util::binary("ztunnel"), &mesh_ztunnel).unwrap();
     let opts = MeshOpts {
         secs: 0.2,
         round_trips: 200,
@@ -18,7 +24,8 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         rounds: 2,
         idle_pods: 3,
         idle_conns: 20,
-        peer: Some(peer),
+        mesh_ztunnel: Some(mesh_ztunnel.clone()),
+        peer: Some(peer.clone()),
         // A kernel choice measured on the peer's pods only; the mesh's keep the default (on).
         peer_sysctls: vec![("net.ipv4.tcp_autocorking".into(), "0".into())],
         // And the capture rules as they were before the loopback route, likewise.
@@ -51,6 +58,8 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     // Rounded up so that each of the six paths goes first once.
     assert_eq!(num("rounds"), 6.0);
     assert_eq!(num("floor.relay_spin_us"), 100.0, "{v:#}");
+    assert_eq!(v["ztunnel_binaries"]["mesh"], mesh_ztunnel.display().to_string(), "{v:#}");
+    assert_eq!(v["ztunnel_binaries"]["peer"], peer.display().to_string(), "{v:#}");
     assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "captured", "mesh"]));
     for path in ["mesh", "floor", "peer", "sockmap", "captured_floor"] {
         for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"]
@@ -178,4 +187,13 @@ fn xds_bench_reports_every_figure_under_its_stable_key() {
     assert_eq!(num("certificates.pods"), 6.0);
     assert_eq!(num("certificates.add_to_certificate_ms.n"), 6.0, "every pod got its certificate: {v:#}");
     assert!(num("certificates.add_to_certificate_ms.p99") >= num("certificates.add_to_certificate_ms.p50"));
+}
+
+/// A directory removed when the test ends, passed or failed.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
