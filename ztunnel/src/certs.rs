@@ -774,13 +774,10 @@ pub(crate) mod tests {
             async move {
                 let (a, b) = tokio::io::duplex(64 * 1024);
                 let server = tokio::spawn(async move {
-                    tokio_rustls::TlsAcceptor::from(sc)
-                        .accept(a)
-                        .await
-                        .map(|s| s.get_ref().1.peer_certificates().map(|c| c[0].clone()))
+                    crate::tls::record::accept(sc, a).await.map(|s| s.peer_certificates().map(|c| c[0].clone()))
                 });
                 let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-                let client = tokio_rustls::TlsConnector::from(cc).connect(name, b).await;
+                let client = crate::tls::record::connect(cc, name, b).await;
                 (client.map(|_| ()), server.await.unwrap())
             }
         };

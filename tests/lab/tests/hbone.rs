@@ -180,3 +180,45 @@ fn certificates_out_of_validity_or_for_the_wrong_identity_are_refused() {
     lab.publish(&server).unwrap();
     EchoClient::connect(&client.netns, echo.addr(), Duration::from_secs(5)).unwrap().round_trip(b"right").unwrap();
 }
+
+/// Ambit's ztunnel and Istio's on two nodes of one lab: HBONE carries a 4 MiB echo each way (hundreds of TLS
+/// records, sealed and opened by Ambit's own record layer on one side and by rustls on the other), and Ambit's
+/// ztunnel counts both connections as mutual TLS. Istio's ztunnel is not built here: give its path.
+#[test]
+#[ignore = "needs Istio's ztunnel binary: AMBIT_PEER_ZTUNNEL=PATH cargo nextest run -p lab --test hbone --run-ignored all"]
+fn hbone_interoperates_with_istios_ztunnel_both_ways() {
+    let path = std::env::var("AMBIT_PEER_ZTUNNEL").expect("AMBIT_PEER_ZTUNNEL: the path of Istio's ztunnel");
+    let lab = Lab::start(LabConfig {
+        enrolled_namespaces: vec![MESH_NS.into()],
+        peer: Some(lab::PeerZtunnel { binary: path.clone().into(), env: vec![], nodes: vec![1], loopback_route: true }),
+        ..Default::default()
+    })
+    .expect("lab starts");
+    // Which binary each node runs, as its process was started.
+    let argv0 = |node: usize| {
+        let pid = lab.nodes[node].ztunnel.as_ref().expect("a ztunnel runs").pid();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap()).into_owned()
+    };
+    assert_eq!(argv0(1), path, "node2 runs Istio's ztunnel");
+    assert_ne!(argv0(0), path, "node1 runs Ambit's");
+    let ambit = lab.add_pod_as(0, MESH_NS, "ambit-side", "client").unwrap();
+    let istio = lab.add_pod_as(1, MESH_NS, "istio-side", "server").unwrap();
+    let _e0 = EchoServer::start(&ambit.netns, SocketAddr::new(ambit.ip, APP_PORT)).unwrap();
+    let _e1 = EchoServer::start(&istio.netns, SocketAddr::new(istio.ip, APP_PORT)).unwrap();
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    for (from, to) in [(&ambit, &istio), (&istio, &ambit)] {
+        let mut c = EchoClient::connect(&from.netns, SocketAddr::new(to.ip, APP_PORT), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
+        assert_eq!(c.seen_ip(), from.ip.to_string(), "the server sees the client's own address");
+        for chunk in data.chunks(256 * 1024) {
+            c.round_trip(chunk).unwrap_or_else(|e| panic!("{} -> {}: {e:#}\n{}", from.ip, to.ip, lab.logs()));
+        }
+    }
+    let m = lab.nodes[0].metrics().unwrap();
+    for reporter in ["source", "destination"] {
+        let labels = [&format!("reporter=\"{reporter}\"") as &str, "connection_security_policy=\"mutual_tls\""];
+        let sent = lab::util::metric(&m, "istio_tcp_sent_bytes_total", &labels);
+        assert!(sent >= data.len() as f64, "Ambit's ztunnel as the {reporter}: {sent} bytes sent\n{m}");
+    }
+}

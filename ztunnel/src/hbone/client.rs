@@ -31,17 +31,13 @@ pub async fn connect(
 ) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), (Stage, &'static str, String)> {
     let tls_cfg = Arc::new(tls::client_config(cert.clone(), key.dst.clone(), roots.clone()));
     let name = rustls::pki_types::ServerName::IpAddress(key.addr.ip().into());
-    let mut tls = tokio::time::timeout(
-        super::HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsConnector::from(tls_cfg).connect(name, super::tls_io(tcp)),
-    )
-    .await
-    .map_err(|_| (Stage::Tls, "TLS handshake with", "timed out".to_string()))?
-    .map_err(|e| {
-        let _ = metrics.tls_failure("outbound", super::tls_reason(&e));
-        (Stage::Tls, "TLS handshake with", e.to_string())
-    })?;
-    tls.get_mut().1.set_buffer_limit(Some(super::TLS_WRITE_BUFFER));
+    let tls = tokio::time::timeout(super::HANDSHAKE_TIMEOUT, tls::record::connect(tls_cfg, name, tcp))
+        .await
+        .map_err(|_| (Stage::Tls, "TLS handshake with", "timed out".to_string()))?
+        .map_err(|e| {
+            let _ = metrics.tls_failure("outbound", super::tls_reason(&e));
+            (Stage::Tls, "TLS handshake with", e.to_string())
+        })?;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(cfg.h2_stream_window)
         .initial_connection_window_size(cfg.h2_connection_window)

@@ -7,25 +7,11 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-
 pub mod client;
-pub mod readbuf;
 pub mod server;
 
 /// How long a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The transport under an HBONE connection's TLS: reads through a buffer that exists only while bytes flow
-/// ([`readbuf`]).
-pub fn tls_io(tcp: TcpStream) -> readbuf::BurstReader<TcpStream> {
-    readbuf::BurstReader::new(tcp)
-}
-
-/// Encrypted bytes rustls may hold for an HBONE connection before its writes must wait for the socket.
-/// rustls's default (64 KiB) cuts each of our data frames (up to 256 KiB plus a 9-byte header) into five
-/// writes, the last of them a lone 9-byte TLS record and TCP packet; this takes a whole frame in one `writev`.
-pub const TLS_WRITE_BUFFER: usize = 512 * 1024;
 
 /// Sends an HTTP/2 PING every `interval`; returns (with why) when one goes unanswered for `timeout`. When the
 /// connection is going away anyway (a PING cannot be sent), it never returns and lets the connection end.

@@ -201,17 +201,13 @@ impl Hbone {
         let cfg = Arc::new(Config::from_vars(|_| None).map_err(other)?);
 
         // The server side: TLS, HTTP/2, and each stream to the address it names.
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(
-            CertStore::resolver(&store, server_id.clone()),
-            roots.clone(),
-        )));
+        let server_tls = Arc::new(tls::server_config(CertStore::resolver(&store, server_id.clone()), roots.clone()));
         let (l, hbone_addr) = listener().await?;
         let server_cfg = cfg.clone();
         tokio::spawn(async move {
             let Ok((tcp, _)) = l.accept().await else { return };
             let _ = tcp.set_nodelay(true);
-            let Ok(mut tls) = acceptor.accept(crate::hbone::tls_io(tcp)).await else { return };
-            tls.get_mut().1.set_buffer_limit(Some(crate::hbone::TLS_WRITE_BUFFER));
+            let Ok(tls) = tls::record::accept(server_tls, tcp).await else { return };
             let Ok(mut conn) = crate::hbone::server::handshake(tls, &server_cfg).await else { return };
             while let Some(Ok((req, mut respond))) = conn.accept().await {
                 tokio::spawn(async move {

@@ -54,8 +54,7 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         warn!(pod = %pod.name(), %peer, error = %e, "no certificate to answer an HBONE connection with");
         return;
     }
-    let acceptor = tokio_rustls::TlsAcceptor::from(pod.tls_server.clone());
-    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(hbone::tls_io(tcp))).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::record::accept(pod.tls_server.clone(), tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = hbone::tls_reason(&e);
@@ -69,12 +68,11 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
             return;
         }
     };
-    let Some(client_id) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(tls::identity_of) else {
+    let Some(client_id) = tls.peer_certificates().and_then(|c| c.first()).and_then(tls::identity_of) else {
         let first = pod.ctx.metrics.tls_failure("inbound", "identity");
         log_once!(first, pod = %pod.name(), %peer, "client certificate without a workload identity");
         return;
     };
-    tls.get_mut().1.set_buffer_limit(Some(hbone::TLS_WRITE_BUFFER));
     let c = &pod.ctx.cfg;
     let mut conn = match hbone::server::handshake(tls, c).await {
         Ok(c) => c,

@@ -7,6 +7,7 @@
 //!   policy.
 
 pub mod der;
+pub mod record;
 
 use std::sync::Arc;
 
@@ -265,6 +266,8 @@ pub fn server_config(
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     c.send_tls13_tickets = 0;
+    // The records after the handshake are ztunnel's own (`record`), with rustls keeping the key schedule.
+    c.enable_secret_extraction = true;
     c
 }
 
@@ -280,5 +283,6 @@ pub fn client_config(cert: Arc<CertifiedKey>, expected: Vec<Identity>, roots: Ar
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     c.enable_sni = false;
     c.resumption = rustls::client::Resumption::disabled();
+    c.enable_secret_extraction = true;
     c
 }
