@@ -631,12 +631,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     })?;
     let zpid = |i: usize| lab.nodes[i].ztunnel.as_ref().map(|z| z.pid()).unwrap_or(0);
     // Which binaries ran, as their processes were started (argv[0]), so that the report names what was measured.
-    let ran = |i: usize| -> Value {
-        std::fs::read(format!("/proc/{}/cmdline", zpid(i)))
-            .ok()
-            .and_then(|c| c.split(|b| *b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned()))
-            .map_or(Value::Null, Value::from)
-    };
+    let ran = |i: usize| -> Value { crate::util::argv0(zpid(i)).map_or(Value::Null, Value::from) };
     let ztunnel_binaries = json!({"mesh": ran(0), "peer": if o.peer.is_some() { ran(2) } else { Value::Null }});
     let client = lab.add_pod_as(0, "mesh", "client", "client").map_err(cni_err)?;
     let server = lab.add_pod_as(1, "mesh", "server", "server").map_err(cni_err)?;

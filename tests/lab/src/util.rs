@@ -63,6 +63,13 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The program a process was started as (its argv[0], from `/proc`), so that a report or a test names what
+/// actually ran; `None` when the process is gone.
+pub fn argv0(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    cmdline.split(|b| *b == 0).next().map(|a| String::from_utf8_lossy(a).into_owned())
+}
+
 /// The sum of the samples of metric `name` in Prometheus text whose lines contain every one of `labels`
 /// (e.g. `reason="expired"`); 0 when there are none.
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {

@@ -196,9 +196,7 @@ fn hbone_interoperates_with_istios_ztunnel_both_ways() {
     .expect("lab starts");
     // Which binary each node runs, as its process was started.
     let argv0 = |node: usize| {
-        let pid = lab.nodes[node].ztunnel.as_ref().expect("a ztunnel runs").pid();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-        String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap()).into_owned()
+        lab::util::argv0(lab.nodes[node].ztunnel.as_ref().expect("a ztunnel runs").pid()).expect("it is running")
     };
     assert_eq!(argv0(1), path, "node2 runs Istio's ztunnel");
     assert_ne!(argv0(0), path, "node1 runs Ambit's");

@@ -152,7 +152,7 @@ pub struct TlsStream<T> {
     /// We sent `close_notify` (or a fatal alert): writes fail.
     write_closed: bool,
     /// The connection failed; every later read or write fails with this.
-    failed: Option<(io::ErrorKind, String)>,
+    failed: Option<rustls::Error>,
 }
 
 impl<T> std::fmt::Debug for TlsStream<T> {
@@ -171,11 +171,13 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// The two unbuffered connections, for one handshake driver.
+/// The two unbuffered connections, for one handshake driver and one hand-over to the record layer.
 trait Unbuffered {
     type Data;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn common(&self) -> &rustls::CommonState;
+    /// The traffic secrets, and rustls's side of the connection from now on.
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error>;
 }
 
 impl Unbuffered for UnbufferedClientConnection {
@@ -186,6 +188,9 @@ impl Unbuffered for UnbufferedClientConnection {
     fn common(&self) -> &rustls::CommonState {
         self
     }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Client(k)))
+    }
 }
 
 impl Unbuffered for UnbufferedServerConnection {
@@ -195,6 +200,9 @@ impl Unbuffered for UnbufferedServerConnection {
     }
     fn common(&self) -> &rustls::CommonState {
         self
+    }
+    fn into_kernel(self) -> Result<(rustls::ExtractedSecrets, Kernel), rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Server(k)))
     }
 }
 
@@ -306,25 +314,28 @@ where
 pub async fn connect<T: AsyncRead + AsyncWrite + Unpin>(
     config: std::sync::Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
-    mut io: T,
+    io: T,
 ) -> io::Result<TlsStream<T>> {
-    let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-    let done = drive(&mut conn, &mut io).await?;
-    let peer = conn.peer_certificates().map(<[_]>::to_vec);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(io, Kernel::Client(kernel), secrets, peer, done)
+    establish(UnbufferedClientConnection::new(config, name).map_err(tls_error)?, io).await
 }
 
 /// Accepts a TLS 1.3 connection over `io`. `config` must enable secret extraction.
 pub async fn accept<T: AsyncRead + AsyncWrite + Unpin>(
     config: std::sync::Arc<rustls::ServerConfig>,
+    io: T,
+) -> io::Result<TlsStream<T>> {
+    establish(UnbufferedServerConnection::new(config).map_err(tls_error)?, io).await
+}
+
+/// Runs `conn`'s handshake over `io`, then hands the connection to the record layer.
+async fn establish<C: Unbuffered, T: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: C,
     mut io: T,
 ) -> io::Result<TlsStream<T>> {
-    let mut conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let done = drive(&mut conn, &mut io).await?;
-    let peer = conn.peer_certificates().map(<[_]>::to_vec);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_error)?;
-    TlsStream::new(io, Kernel::Server(kernel), secrets, peer, done)
+    let peer = conn.common().peer_certificates().map(<[_]>::to_vec);
+    let (secrets, kernel) = conn.into_kernel().map_err(tls_error)?;
+    TlsStream::new(io, kernel, secrets, peer, done)
 }
 
 impl<T> TlsStream<T> {
@@ -456,12 +467,12 @@ impl<T> TlsStream<T> {
                 let _ = self.seal(ALERT, |b| b.extend_from_slice(&[2, d]));
             }
         }
-        self.failed = Some((io::ErrorKind::InvalidData, e.to_string()));
+        self.failed = Some(e.clone());
         tls_error(e)
     }
 
     fn failure(&self) -> Option<io::Error> {
-        self.failed.as_ref().map(|(kind, msg)| io::Error::new(*kind, msg.clone()))
+        self.failed.clone().map(tls_error)
     }
 
     /// Opens the next record in the read buffer, if a whole one is there, and acts on it. Returns whether it
@@ -649,13 +660,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 // Room for more: open the next record if the buffer holds a whole one.
                 continue;
             }
-            if handed {
-                // A failure or the end shows on the next call, after the data before it.
-                if this.failed.is_some() || this.read_closed {
-                    return Poll::Ready(Ok(()));
-                }
-            } else if let Some(e) = this.failure() {
-                return Poll::Ready(Err(e));
+            if let Some(e) = this.failure() {
+                // A failure shows on the next call, after the data before it.
+                return Poll::Ready(if handed { Ok(()) } else { Err(e) });
             }
             if this.read_closed || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -686,7 +693,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 this.rbuf.truncate(this.rbuf.len() - this.rpos);
                 this.rpos = 0;
             }
-            this.plain = 0..0;
             if this.rbuf.capacity() - this.rbuf.len() < MAX_RECORD {
                 this.rbuf.reserve_exact((READ_CAPACITY + MAX_RECORD).saturating_sub(this.rbuf.len()));
             }
