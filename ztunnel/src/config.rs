@@ -44,6 +44,9 @@ pub struct Config {
     pub auth_token: PathBuf,
     /// `CLUSTER_ID`: sent as the `clusterid` header.
     pub cluster_id: String,
+    /// `NETWORK`: the network of this node's pods (empty: the default network). Endpoints and waypoints on
+    /// another network are reachable only through a network gateway, which Ambit does not support.
+    pub network: String,
     /// `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`: who this ztunnel is, for its xDS node id.
     pub instance_ip: String,
     /// `POD_NAME`.
@@ -213,6 +216,7 @@ impl Config {
                 nonempty("AUTH_TOKEN").unwrap_or_else(|| "./var/run/secrets/tokens/istio-token".into()),
             ),
             cluster_id: nonempty("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            network: nonempty("NETWORK").unwrap_or_default(),
             instance_ip: nonempty("INSTANCE_IP").unwrap_or_else(|| "1.1.1.1".into()),
             pod_name: get("POD_NAME").unwrap_or_default(),
             pod_namespace: get("POD_NAMESPACE").unwrap_or_default(),

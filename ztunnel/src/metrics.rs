@@ -192,6 +192,10 @@ pub struct Metrics {
     /// `ztunnel_connections_shed_total{port}`: connections accepted only to be reset at once because ztunnel
     /// had no file descriptor left for them (see `socket::shed_one`).
     pub connections_shed: Family<PortLabels, Counter>,
+    /// `ztunnel_waypoint_refused_total{reason}`: outbound connections refused because the waypoint they must
+    /// pass could not be used (`unknown`, `no_endpoint`, `no_address`, `other_network`: not resolved;
+    /// `unreachable`: it did not connect, prove its identity or answer the CONNECT).
+    pub waypoint_refused: Family<ReasonOnlyLabels, Counter>,
     /// The TCP counters of each peer pair seen lately, by [`PairKey::hash_of`] (see [`Metrics::pair`]).
     pairs: Mutex<HashMap<u64, (PairKey, Arc<PairCounters>)>>,
 }
@@ -399,6 +403,12 @@ impl Metrics {
                 "Connections reset at once because ztunnel had no file descriptor left",
                 Family::default(),
             ),
+            waypoint_refused: reg(
+                &mut r,
+                "ztunnel_waypoint_refused",
+                "Outbound connections refused because their waypoint could not be used, by reason",
+                Family::default(),
+            ),
             pairs: Mutex::default(),
             registry: r,
         })
@@ -438,6 +448,11 @@ impl Metrics {
         let key = PairKey { direction, mtls, src: PeerKey::of(src), dst: PeerKey::of(dst) };
         pairs.insert(hash, (key, counters.clone()));
         counters
+    }
+
+    /// Counts an outbound connection refused because its waypoint could not be used.
+    pub fn waypoint_refused(&self, reason: &str) {
+        self.waypoint_refused.get_or_create(&ReasonOnlyLabels { reason: reason.into() }).inc();
     }
 
     /// Counts a failed TLS handshake; `true` the first time for this direction and reason (log it then, and

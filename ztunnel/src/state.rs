@@ -88,6 +88,13 @@ pub struct Workload {
     /// Keys (`<ns>/<name>`) of the WORKLOAD_SELECTOR policies that select it.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    /// The waypoint that workload-addressed traffic to it must pass (istiod sets it for a waypoint of
+    /// traffic type `workload` or `all`, attached to the pod or its namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    /// The gateway that reaches it from another network (multi-network; Ambit does not cross networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_gateway: Option<GatewayAddress>,
 }
 
 impl Workload {
@@ -284,6 +291,91 @@ impl<'de> Deserialize<'de> for NetworkAddress {
     }
 }
 
+/// A hostname in a namespace: `"<namespace>/<hostname>"` in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NamespacedHostname {
+    /// Namespace.
+    pub namespace: String,
+    /// Hostname.
+    pub hostname: String,
+}
+
+impl fmt::Display for NamespacedHostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.hostname)
+    }
+}
+
+impl std::str::FromStr for NamespacedHostname {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((ns, host)) if !ns.is_empty() && !host.is_empty() => {
+                Ok(NamespacedHostname { namespace: ns.to_string(), hostname: host.to_string() })
+            }
+            _ => Err(format!("{s:?} is not \"<namespace>/<hostname>\"")),
+        }
+    }
+}
+
+impl Serialize for NamespacedHostname {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NamespacedHostname {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a gateway (a waypoint) is: an address (a workload's, or a service's VIP), or a service's hostname.
+/// In the file, either is one string, as in Istio's: `"<network>/<ip>"` or `"<namespace>/<hostname>"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum GatewayDestination {
+    /// By address.
+    Address(NetworkAddress),
+    /// By hostname, resolved through the services ztunnel knows.
+    Hostname(NamespacedHostname),
+}
+
+impl fmt::Display for GatewayDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GatewayDestination::Address(a) => a.fmt(f),
+            GatewayDestination::Hostname(h) => h.fmt(f),
+        }
+    }
+}
+
+/// A gateway the traffic of a service or workload must pass: Istio's `GatewayAddress`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAddress {
+    /// Where it is.
+    pub destination: GatewayDestination,
+    /// The port it takes HBONE on (15008).
+    pub hbone_mtls_port: u16,
+}
+
+impl fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.destination, self.hbone_mtls_port)
+    }
+}
+
+/// One waypoint of a weighted set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedWaypoint {
+    /// The waypoint.
+    pub destination: GatewayAddress,
+    /// Its share.
+    pub weight: u32,
+}
+
 /// A service: virtual IPs and ports in front of the workloads whose `services` map names it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -304,6 +396,14 @@ pub struct Service {
     /// Identities its endpoints may present besides their own.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint that service-addressed traffic to it must pass (istiod sets it for a waypoint of traffic
+    /// type `service` or `all`, attached to the service or its namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    /// A weighted set of waypoints (a canary between two): when it has a positive weight, each connection
+    /// takes one of them in proportion to its weight, and `waypoint` (the primary) is not used.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     /// Fields of Istio's format Ambit does not act on (`loadBalancer`, `ipFamilies`, …): kept and shown.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -350,6 +450,56 @@ pub enum NoUpstream {
     /// No healthy endpoint.
     #[error("service {0} has no healthy endpoint")]
     NoEndpoint(String),
+    /// Healthy endpoints only on other networks: they would take a network gateway (unsupported).
+    #[error(
+        "service {0} has healthy endpoints only on other networks, reachable through a network gateway (unsupported)"
+    )]
+    OtherNetwork(String),
+}
+
+/// A waypoint resolved for one connection.
+#[derive(Debug, Clone)]
+pub struct ResolvedWaypoint {
+    /// Its workload (the one this connection goes to).
+    pub workload: Arc<Workload>,
+    /// The waypoint's service, when it was named by one (its SANs are identities the waypoint may present).
+    pub service: Option<Arc<Service>>,
+    /// Where its HBONE is.
+    pub addr: std::net::SocketAddr,
+}
+
+impl WaypointError {
+    /// A short name for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WaypointError::Unknown(_) => "unknown",
+            WaypointError::NoEndpoint(..) => "no_endpoint",
+            WaypointError::NoAddress(..) => "no_address",
+            WaypointError::OtherNetwork { .. } => "other_network",
+        }
+    }
+}
+
+/// Why a waypoint could not be used: the connection is refused (never sent around it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WaypointError {
+    /// Neither a workload nor a service ztunnel knows.
+    #[error("waypoint {0} is not a workload or service ztunnel knows")]
+    Unknown(GatewayAddress),
+    /// A service with no healthy endpoint.
+    #[error("waypoint {0}: its service {1} has no healthy endpoint")]
+    NoEndpoint(GatewayAddress, String),
+    /// A workload without an address.
+    #[error("waypoint {0}: its workload {1} has no address")]
+    NoAddress(GatewayAddress, String),
+    /// On another network: it would take a network gateway, which Ambit does not support.
+    #[error("waypoint {gateway} is on network {network:?}, reachable only through a network gateway (unsupported)")]
+    OtherNetwork {
+        /// The waypoint.
+        gateway: GatewayAddress,
+        /// Its network.
+        network: String,
+    },
 }
 
 /// A consistent snapshot of what ztunnel knows.
@@ -361,6 +511,7 @@ pub struct Snapshot {
     /// Services, in file order.
     pub services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_key: HashMap<String, Arc<Service>>,
     endpoints: HashMap<String, Vec<Endpoint>>,
     next: AtomicUsize,
     /// Authorization policies.
@@ -390,12 +541,13 @@ impl Snapshot {
             }
         }
         let by_vip = services.iter().flat_map(|s| s.vips.iter().map(move |v| (v.address, s.clone()))).collect();
+        let by_key = services.iter().map(|s| (s.key(), s.clone())).collect();
         // Checked by `LocalConfig::parse`; a set that fails here came from a test's `State::set`.
         let policies = PolicySet::new(policies).unwrap_or_else(|e| {
             warn!(error = %e, "ignoring invalid policies");
             PolicySet::default()
         });
-        Snapshot { workloads, by_ip, services, by_vip, endpoints, next: AtomicUsize::new(0), policies }
+        Snapshot { workloads, by_ip, services, by_vip, by_key, endpoints, next: AtomicUsize::new(0), policies }
     }
 
     /// The service with a VIP.
@@ -408,9 +560,15 @@ impl Snapshot {
         self.endpoints.get(&svc.key()).map(Vec::as_slice).unwrap_or_default()
     }
 
-    /// Picks an endpoint for a connection to `svc` on `port` (round robin over the healthy endpoints that
-    /// have an address of the VIP's family, else of any family) and maps the port.
-    pub fn pick_upstream(&self, svc: &Arc<Service>, vip: IpAddr, port: u16) -> Result<Upstream, NoUpstream> {
+    /// Picks an endpoint on `network` for a connection to `svc` on `port` (round robin over the healthy
+    /// endpoints that have an address of the VIP's family, else of any family) and maps the port.
+    pub fn pick_upstream(
+        &self,
+        svc: &Arc<Service>,
+        vip: IpAddr,
+        port: u16,
+        network: &str,
+    ) -> Result<Upstream, NoUpstream> {
         let Some(&svc_target) = svc.ports.get(&port) else {
             return Err(NoUpstream::UnknownPort { service: svc.key(), port });
         };
@@ -426,6 +584,12 @@ impl Snapshot {
         if healthy.is_empty() {
             return Err(NoUpstream::NoEndpoint(svc.key()));
         }
+        // One on another network would take a network gateway (multi-network), which Ambit does not support.
+        let healthy: Vec<(&Endpoint, IpAddr)> =
+            healthy.into_iter().filter(|(e, _)| e.workload.network == network).collect();
+        if healthy.is_empty() {
+            return Err(NoUpstream::OtherNetwork(svc.key()));
+        }
         let (ep, ip) = healthy[self.next.fetch_add(1, Ordering::Relaxed) % healthy.len()];
         let target = match ep.ports.get(&port).copied().filter(|p| *p != 0) {
             Some(p) => p,
@@ -437,6 +601,111 @@ impl Snapshot {
             workload: ep.workload.clone(),
             addr: std::net::SocketAddr::new(ip, target),
         })
+    }
+
+    /// The service with hostname `hostname` in `namespace`.
+    pub fn service_by_hostname(&self, namespace: &str, hostname: &str) -> Option<Arc<Service>> {
+        self.by_key.get(&format!("{namespace}/{hostname}")).cloned()
+    }
+
+    /// The waypoint a connection to `svc` must pass, if it has one: one of its weighted set in proportion
+    /// to the weights, else its `waypoint`.
+    pub fn service_waypoint<'a>(&self, svc: &'a Service) -> Option<&'a GatewayAddress> {
+        let total: u64 = svc.weighted_waypoints.iter().map(|w| u64::from(w.weight)).sum();
+        if total == 0 {
+            return svc.waypoint.as_ref();
+        }
+        // Spread by the snapshot's connection counter: deterministic, and as even as the weights over any
+        // run of `total` connections.
+        let mut pick = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
+        for w in &svc.weighted_waypoints {
+            if pick < u64::from(w.weight) {
+                return Some(&w.destination);
+            }
+            pick -= u64::from(w.weight);
+        }
+        svc.waypoint.as_ref()
+    }
+
+    /// Resolves a waypoint for a connection from a workload on `network` to `orig` (the destination the app
+    /// asked for): its workload, and the address to reach it over HBONE. Istio's rules: an address names
+    /// a workload (that address is used) or a service (one of its healthy endpoints); a hostname names a
+    /// service, whose endpoint is reached in the family of `orig`.
+    pub fn waypoint(
+        &self,
+        gw: &GatewayAddress,
+        network: &str,
+        orig: std::net::SocketAddr,
+    ) -> Result<ResolvedWaypoint, WaypointError> {
+        let (service, family) = match &gw.destination {
+            GatewayDestination::Address(a) => {
+                if let Some(w) = self.by_ip.get(&a.address) {
+                    return self.waypoint_workload(gw, w.clone(), None, network, Some(a.address));
+                }
+                // An address ztunnel knows nothing of is refused, not dialed: whatever answers there has
+                // not been vouched for by the control plane.
+                let svc = self.by_vip.get(&a.address).ok_or_else(|| WaypointError::Unknown(gw.clone()))?;
+                (svc.clone(), a.address.is_ipv4())
+            }
+            GatewayDestination::Hostname(h) => {
+                let svc = self
+                    .service_by_hostname(&h.namespace, &h.hostname)
+                    .ok_or_else(|| WaypointError::Unknown(gw.clone()))?;
+                (svc, orig.is_ipv4())
+            }
+        };
+        let healthy: Vec<&Endpoint> = self
+            .endpoints(&service)
+            .iter()
+            .filter(|e| e.workload.status == HealthStatus::Healthy && !e.workload.workload_ips.is_empty())
+            .collect();
+        // Endpoints on this network first; one on another would need a network gateway.
+        let local: Vec<&Endpoint> = healthy.iter().copied().filter(|e| e.workload.network == network).collect();
+        let pool = if local.is_empty() { healthy } else { local };
+        if pool.is_empty() {
+            return Err(WaypointError::NoEndpoint(gw.clone(), service.key()));
+        }
+        let ep = pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
+        let ip = ep.workload.workload_ips.iter().find(|ip| ip.is_ipv4() == family).copied();
+        self.waypoint_workload(gw, ep.workload.clone(), Some(service), network, ip)
+    }
+
+    fn waypoint_workload(
+        &self,
+        gw: &GatewayAddress,
+        workload: Arc<Workload>,
+        service: Option<Arc<Service>>,
+        network: &str,
+        ip: Option<IpAddr>,
+    ) -> Result<ResolvedWaypoint, WaypointError> {
+        if workload.network != network {
+            return Err(WaypointError::OtherNetwork { gateway: gw.clone(), network: workload.network.clone() });
+        }
+        let ip = ip
+            .or_else(|| workload.workload_ips.first().copied())
+            .ok_or_else(|| WaypointError::NoAddress(gw.clone(), workload.uid.clone()))?;
+        Ok(ResolvedWaypoint { addr: std::net::SocketAddr::new(ip, gw.hbone_mtls_port), workload, service })
+    }
+
+    /// Whether a connection from `identity` at `ip` comes from the waypoint `gw` itself (one of its workloads:
+    /// the identity and the address must both be the waypoint's), so that it is not sent back to it.
+    pub fn is_from_waypoint(
+        &self,
+        gw: &GatewayAddress,
+        identity: &crate::identity::Identity,
+        ip: IpAddr,
+        td: &str,
+    ) -> bool {
+        let is = |w: &Workload| w.workload_ips.contains(&ip) && w.identity(td) == *identity;
+        match &gw.destination {
+            GatewayDestination::Address(a) => match self.by_ip.get(&a.address) {
+                Some(w) => is(w),
+                None => self.by_vip.get(&a.address).is_some_and(|s| self.endpoints(s).iter().any(|e| is(&e.workload))),
+            },
+            GatewayDestination::Hostname(h) => self
+                .service_by_hostname(&h.namespace, &h.hostname)
+                .is_some_and(|s| self.endpoints(&s).iter().any(|e| is(&e.workload))),
+        }
     }
 
     /// The service an inbound connection to `w` on `port` most likely came through: one `w` backs whose
@@ -659,10 +928,10 @@ services:
         assert_eq!(s.policies.all().len(), 1);
         let svc = s.service_by_vip("127.10.0.1".parse().unwrap()).unwrap();
         assert_eq!(svc.key(), "default/example.com");
-        let up = s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 80).unwrap();
+        let up = s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 80, "").unwrap();
         assert_eq!(up.addr, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(
-            s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 81).unwrap_err(),
+            s.pick_upstream(&svc, "127.10.0.1".parse().unwrap(), 81, "").unwrap_err(),
             NoUpstream::UnknownPort { service: svc.key(), port: 81 }
         );
         assert_eq!(s.inbound_service(&w, 8080).unwrap().key(), svc.key());
@@ -686,14 +955,16 @@ services:
         let s = Snapshot::new(c);
         let svc = s.service_by_vip("10.96.0.1".parse().unwrap()).unwrap();
         assert_eq!(svc.other.keys().collect::<Vec<_>>(), ["loadBalancer"]);
-        let mut seen: Vec<String> =
-            (0..4).map(|_| s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 80).unwrap().addr.to_string()).collect();
+        let mut seen: Vec<String> = (0..4)
+            .map(|_| s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 80, "").unwrap().addr.to_string())
+            .collect();
         seen.sort();
         assert_eq!(seen, ["10.0.0.1:8081", "10.0.0.1:8081", "10.0.0.2:8080", "10.0.0.2:8080"]);
-        assert_eq!(s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 90).unwrap().addr.port(), 90);
+        assert_eq!(s.pick_upstream(&svc, "10.96.0.1".parse().unwrap(), 90, "").unwrap().addr.port(), 90);
         let v6 = s.service_by_vip("fd00:96::1".parse().unwrap()).unwrap();
-        let ups: Vec<String> =
-            (0..2).map(|_| s.pick_upstream(&v6, "fd00:96::1".parse().unwrap(), 80).unwrap().addr.to_string()).collect();
+        let ups: Vec<String> = (0..2)
+            .map(|_| s.pick_upstream(&v6, "fd00:96::1".parse().unwrap(), 80, "").unwrap().addr.to_string())
+            .collect();
         assert!(ups.contains(&"[fd00::1]:8081".to_string()), "{ups:?}");
     }
 

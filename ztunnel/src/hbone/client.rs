@@ -54,12 +54,19 @@ pub async fn connect(
 }
 
 /// The CONNECT request for one proxied connection from `peer` (the app's address) to `dst`, with Istio's
-/// headers: `forwarded`, a new W3C `traceparent`, and the source pod in `baggage`.
-pub fn connect_request(dst: SocketAddr, peer: SocketAddr, namespace: &str, name: &str) -> Request<()> {
+/// headers: `forwarded` (with the service's hostname when it was service-addressed, which a waypoint routes
+/// by), a new W3C `traceparent`, and the source pod in `baggage`.
+pub fn connect_request(
+    dst: SocketAddr,
+    peer: SocketAddr,
+    host: Option<&str>,
+    namespace: &str,
+    name: &str,
+) -> Request<()> {
     Request::builder()
         .method(Method::CONNECT)
         .uri(dst.to_string())
-        .header("forwarded", forwarded_for(peer))
+        .header("forwarded", forwarded(peer, host))
         .header("traceparent", traceparent())
         .header("baggage", format!("k8s.namespace.name={namespace},k8s.pod.name={name}"))
         .body(())
@@ -118,8 +125,11 @@ fn traceparent() -> String {
     out
 }
 
-fn forwarded_for(peer: SocketAddr) -> String {
-    format!("for=\"{peer}\"")
+fn forwarded(peer: SocketAddr, host: Option<&str>) -> String {
+    match host {
+        Some(h) => format!("for=\"{peer}\";host={h}"),
+        None => format!("for=\"{peer}\""),
+    }
 }
 
 #[cfg(test)]

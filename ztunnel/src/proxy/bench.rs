@@ -245,7 +245,7 @@ impl Hbone {
                 let send = send.clone();
                 tokio::spawn(async move {
                     let Ok(mut send) = send.ready().await else { return };
-                    let req = crate::hbone::client::connect_request(to, peer, "bench", "client");
+                    let req = crate::hbone::client::connect_request(to, peer, None, "bench", "client");
                     let Ok((resp, stream)) = send.send_request(req, false) else { return };
                     let Ok(resp) = resp.await else { return };
                     if resp.status() == StatusCode::OK {

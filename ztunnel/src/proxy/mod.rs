@@ -12,6 +12,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod plaintext;
 pub mod pool;
+pub mod route;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

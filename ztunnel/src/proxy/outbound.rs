@@ -1,4 +1,5 @@
-//! Outbound (15001): a connection the pod's app opened, captured by the pod's rules.
+//! Outbound (15001): a connection the pod's app opened, captured by the pod's rules, sent where
+//! [`route`](super::route) says.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,47 +13,10 @@ use tracing::{debug, warn};
 use super::PodCtx;
 use super::copy;
 use super::pool::{PoolError, PoolKey, StreamSlot};
+use super::route::{self, Refusal, Route, RouteError, Source};
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, Direction, Peer, ResponseFlags};
 use crate::socket;
-use crate::state::{NoUpstream, Protocol, Service, Snapshot};
-
-/// Where an outbound connection goes.
-enum Route {
-    /// HBONE to `target` (an HBONE workload's address), whose ztunnel must prove one of `expected`.
-    Hbone { target: SocketAddr, dst: Peer, expected: Vec<Identity> },
-    /// Plain TCP to `target` (outside the mesh, or a workload that does not speak HBONE).
-    Passthrough { target: SocketAddr, dst: Peer },
-}
-
-/// Decides the route: a service VIP goes to one of its endpoints with the port mapped; an HBONE workload's
-/// address goes over HBONE; anything else passes through.
-fn route(pod: &PodCtx, snap: &Snapshot, dst: SocketAddr) -> Result<Route, (NoUpstream, Arc<Service>)> {
-    let td = &pod.ctx.cfg.trust_domain;
-    let (workload, target, service) = match snap.service_by_vip(dst.ip()) {
-        Some(svc) => {
-            let up = snap.pick_upstream(&svc, dst.ip(), dst.port()).map_err(|e| (e, svc.clone()))?;
-            (Some(up.workload), up.addr, Some(svc))
-        }
-        None => (snap.workload_by_ip(dst.ip()), dst, None),
-    };
-    match workload {
-        Some(w) if w.protocol == Protocol::HBONE => {
-            let id = w.identity(td);
-            let mut expected = vec![id.clone()];
-            for san in service.iter().flat_map(|s| &s.subject_alt_names) {
-                match san.parse::<Identity>() {
-                    Ok(i) => expected.push(i),
-                    Err(e) => debug!(error = %e, "ignoring a service SAN that is not a workload identity"),
-                }
-            }
-            expected.sort();
-            expected.dedup();
-            Ok(Route::Hbone { target, dst: Peer { workload: Some(w), identity: Some(id), service }, expected })
-        }
-        workload => Ok(Route::Passthrough { target, dst: Peer { workload, identity: None, service } }),
-    }
-}
 
 /// Handles one captured outbound connection.
 pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
@@ -63,23 +27,42 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
         return;
     }
     let snap = pod.ctx.state.snapshot();
-    let src = Peer { workload: pod.workload(&snap), identity: Some(pod.identity.clone()), service: None };
-    let route = route(&pod, &snap, dst);
+    let me = pod.workload(&snap);
+    let cfg = &pod.ctx.cfg;
+    let from = Source { workload: me.as_deref(), identity: &pod.identity, ip: peer.ip(), network: &cfg.network };
+    let route = route::route(&snap, &cfg.trust_domain, from, dst);
+    let src = Peer { workload: me, identity: Some(pod.identity.clone()), service: None };
     // An open connection must not keep an old configuration alive.
     drop(snap);
     match route {
-        Ok(Route::Hbone { target, dst: dst_peer, expected }) => {
-            hbone(pod, tcp, peer, target, src, dst_peer, expected).await
+        Ok(Route::Hbone { tunnel, authority, dst: dst_peer, expected, waypoint }) => {
+            let to = Tunnel { addr: tunnel, authority, expected, waypoint };
+            hbone(pod, tcp, peer, to, src, dst_peer).await
         }
         Ok(Route::Passthrough { target, dst: dst_peer }) => passthrough(pod, tcp, peer, target, src, dst_peer).await,
-        Err((e, svc)) => {
-            // Closed without being sent anywhere. Istio records no metric for it; Ambit counts it as CONNECT.
-            let dst_peer = Peer { workload: None, identity: None, service: Some(svc) };
+        Err(Refusal { error, dst: dst_peer }) => {
+            // Closed without being sent anywhere: never around a waypoint, never in plaintext. Istio's ztunnel
+            // logs it and counts nothing; Ambit also counts it, flagged CONNECT.
             let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);
-            warn!(pod = %pod.name(), %peer, %dst, error = %e, "no upstream for a service connection; closing it");
-            rec.close(0, 0, Some(&e), ResponseFlags::ConnectFailure);
+            warn!(pod = %pod.name(), %peer, %dst, %error, "connection refused: no route the mesh allows");
+            if let RouteError::Waypoint(e) = &error {
+                pod.ctx.metrics.waypoint_refused(e.reason());
+            }
+            rec.close(0, 0, Some(&error), ResponseFlags::ConnectFailure);
         }
     }
+}
+
+/// Where an HBONE connection goes.
+struct Tunnel {
+    /// The peer's HBONE address.
+    addr: SocketAddr,
+    /// The CONNECT target.
+    authority: SocketAddr,
+    /// The identities the peer may prove.
+    expected: Vec<Identity>,
+    /// The peer is a waypoint.
+    waypoint: bool,
 }
 
 /// Most of what the client sends before the peer answers that is forwarded at once (and kept, for a retry).
@@ -107,6 +90,7 @@ async fn open_stream(
     key: &PoolKey,
     peer: SocketAddr,
     dst: SocketAddr,
+    host: Option<&str>,
     tcp: &TcpStream,
     early: &mut Vec<u8>,
 ) -> Result<(Response<RecvStream>, SendStream<Bytes>, StreamSlot), OpenError> {
@@ -123,7 +107,7 @@ async fn open_stream(
             }
             Err(e) => return Err(OpenError::Upstream(e.flags(), e.to_string())),
         };
-        let req = crate::hbone::client::connect_request(dst, peer, &pod.info.namespace, &pod.info.name);
+        let req = crate::hbone::client::connect_request(dst, peer, host, &pod.info.namespace, &pod.info.name);
         let sent = match send_req.send_request(req, false) {
             Ok((resp, mut send)) => answer(resp, &mut send, tcp, early).await.map(|r| r.map(|r| (r, send))),
             Err(e) => Ok(Err(e)),
@@ -198,26 +182,25 @@ fn early_data(tcp: &TcpStream) -> Vec<u8> {
     }
 }
 
-async fn hbone(
-    pod: Arc<PodCtx>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    src: Peer,
-    dst_peer: Peer,
-    expected: Vec<Identity>,
-) {
-    let hbone_addr = SocketAddr::new(dst.ip(), ambit_proto::zds::INBOUND_HBONE_PORT);
-    let key = PoolKey { src: pod.identity.clone(), dst: expected, addr: hbone_addr };
-    let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, Some(hbone_addr), src, dst_peer, true);
+async fn hbone(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, to: Tunnel, src: Peer, dst_peer: Peer) {
+    let key = PoolKey { src: pod.identity.clone(), dst: to.expected, addr: to.addr };
+    let host = dst_peer.service.as_ref().map(|s| s.hostname.clone());
+    let rec =
+        ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, to.authority, Some(to.addr), src, dst_peer, true);
     let mut early = early_data(&tcp);
     // Boxed: the setup's state is freed once the stream is open, so an idle connection keeps only the copy's.
-    let opened = Box::pin(open_stream(&pod, &key, peer, dst, &tcp, &mut early)).await;
+    let opened = Box::pin(open_stream(&pod, &key, peer, to.authority, host.as_deref(), &tcp, &mut early)).await;
     let early_len = early.len() as u64;
     drop(early);
     let (resp, send, slot) = match opened {
         Ok(s) => s,
         Err(OpenError::Upstream(flags, e)) => {
+            if to.waypoint {
+                // A waypoint that is down, refuses or cannot prove its identity: nothing went around it.
+                pod.ctx.metrics.waypoint_refused("unreachable");
+                warn!(pod = %pod.name(), %peer, dst = %to.authority, waypoint = %to.addr, error = %e,
+                      "waypoint unreachable; connection refused");
+            }
             rec.close(early_len, 0, Some(&e), flags);
             return;
         }

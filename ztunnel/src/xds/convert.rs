@@ -10,7 +10,10 @@ use ambit_proto::control_plane::istio::security as sec;
 use ambit_proto::control_plane::istio::workload as wl;
 
 use crate::authz::{Action, Cidr, Match, Policy, Scope, ServiceAccountMatch, StringMatch};
-use crate::state::{HealthStatus, NetworkAddress, Protocol, Service, Workload};
+use crate::state::{
+    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, Protocol, Service,
+    WeightedWaypoint, Workload,
+};
 
 /// A resource ztunnel cannot use, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +63,40 @@ pub fn address_from_proto(name: &str, a: wl::Address) -> Result<AddressResource,
     }
 }
 
+fn gateway_from_proto(g: &wl::GatewayAddress, what: &str) -> Result<GatewayAddress, String> {
+    use wl::gateway_address::Destination;
+    let destination = match &g.destination {
+        Some(Destination::Address(a)) => {
+            GatewayDestination::Address(NetworkAddress { network: a.network.clone(), address: ip(&a.address)? })
+        }
+        Some(Destination::Hostname(h)) if !h.namespace.is_empty() && !h.hostname.is_empty() => {
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace: h.namespace.clone(),
+                hostname: h.hostname.clone(),
+            })
+        }
+        Some(Destination::Hostname(_)) => return Err(format!("{what}: a hostname without namespace or hostname")),
+        None => return Err(format!("{what}: neither an address nor a hostname")),
+    };
+    Ok(GatewayAddress { destination, hbone_mtls_port: port(g.hbone_mtls_port, &format!("{what} port"))? })
+}
+
+fn gateway_to_proto(g: &GatewayAddress) -> wl::GatewayAddress {
+    use wl::gateway_address::Destination;
+    let destination = match &g.destination {
+        GatewayDestination::Address(a) => Destination::Address(wl::NetworkAddress {
+            network: a.network.clone(),
+            address: ip_bytes(a.address),
+            length: None,
+        }),
+        GatewayDestination::Hostname(h) => Destination::Hostname(wl::NamespacedHostname {
+            namespace: h.namespace.clone(),
+            hostname: h.hostname.clone(),
+        }),
+    };
+    wl::GatewayAddress { destination: Some(destination), hbone_mtls_port: u32::from(g.hbone_mtls_port) }
+}
+
 fn workload_from_proto(w: wl::Workload) -> Result<Workload, String> {
     if w.namespace.is_empty() {
         return Err("workload without a namespace".into());
@@ -107,6 +144,8 @@ fn workload_from_proto(w: wl::Workload) -> Result<Workload, String> {
         status,
         services,
         authorization_policies: w.authorization_policies,
+        waypoint: w.waypoint.as_ref().map(|g| gateway_from_proto(g, "waypoint")).transpose()?,
+        network_gateway: w.network_gateway.as_ref().map(|g| gateway_from_proto(g, "network gateway")).transpose()?,
     })
 }
 
@@ -129,10 +168,17 @@ fn service_from_proto(s: wl::Service) -> Result<Service, String> {
         let mode = wl::load_balancing::Mode::try_from(lb.mode).map(|m| m.as_str_name()).unwrap_or("UNKNOWN");
         other.insert("loadBalancer".to_string(), serde_json::json!({"mode": mode}));
     }
-    if s.waypoint.is_some() {
-        other.insert("waypoint".to_string(), serde_json::json!({}));
-    }
+    let weighted_waypoints = s
+        .weighted_waypoints
+        .iter()
+        .map(|w| {
+            let g = w.destination.as_ref().ok_or("a weighted waypoint without a destination")?;
+            Ok(WeightedWaypoint { destination: gateway_from_proto(g, "weighted waypoint")?, weight: w.weight })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     Ok(Service {
+        waypoint: s.waypoint.as_ref().map(|g| gateway_from_proto(g, "waypoint")).transpose()?,
+        weighted_waypoints,
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
@@ -181,6 +227,8 @@ pub fn workload_to_proto(w: &Workload) -> wl::Address {
             HealthStatus::Unhealthy => wl::WorkloadStatus::Unhealthy as i32,
         },
         cluster_id: w.cluster_id.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway_to_proto),
+        network_gateway: w.network_gateway.as_ref().map(gateway_to_proto),
         ..Default::default()
     };
     wl::Address { r#type: Some(wl::address::Type::Workload(w)) }
@@ -203,6 +251,12 @@ pub fn service_to_proto(s: &Service) -> wl::Address {
             .map(|(p, t)| wl::Port { service_port: u32::from(*p), target_port: u32::from(*t), app_protocol: 0 })
             .collect(),
         subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(gateway_to_proto),
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|w| wl::WeightedWaypoint { destination: Some(gateway_to_proto(&w.destination)), weight: w.weight })
+            .collect(),
         ..Default::default()
     };
     wl::Address { r#type: Some(wl::address::Type::Service(s)) }
@@ -368,6 +422,15 @@ workloads:
   status: Unhealthy
   services: {"mesh/echo.mesh.svc.cluster.local": {80: 8080}}
   authorizationPolicies: ["mesh/only-b"]
+  waypoint: {destination: "/10.244.1.9", hboneMtlsPort: 15008}
+  networkGateway: {destination: "net2/192.0.2.1", hboneMtlsPort: 15008}
+- uid: Kubernetes//Pod/mesh/waypoint
+  name: waypoint
+  namespace: mesh
+  serviceAccount: waypoint
+  workloadIps: ["10.244.1.9"]
+  protocol: HBONE
+  services: {"mesh/waypoint.mesh.svc.cluster.local": {15008: 15008}}
 services:
 - name: echo
   namespace: mesh
@@ -375,6 +438,15 @@ services:
   vips: ["/10.96.0.10", "net1/fd00:96::10"]
   ports: {80: 8080, 90: 0}
   subjectAltNames: ["spiffe://cluster.local/ns/mesh/sa/echo"]
+  waypoint: {destination: "mesh/waypoint.mesh.svc.cluster.local", hboneMtlsPort: 15008}
+  weightedWaypoints:
+  - {destination: {destination: "mesh/waypoint.mesh.svc.cluster.local", hboneMtlsPort: 15008}, weight: 9}
+  - {destination: {destination: "/10.96.0.99", hboneMtlsPort: 15008}, weight: 1}
+- name: waypoint
+  namespace: mesh
+  hostname: waypoint.mesh.svc.cluster.local
+  vips: ["/10.96.0.99"]
+  ports: {15021: 15021}
 policies:
 - name: only-b
   namespace: mesh
@@ -392,6 +464,18 @@ policies:
     #[test]
     fn the_local_file_round_trips_through_istios_resources() {
         let c = LocalConfig::parse(MESH).unwrap();
+        // Istio's waypoint fields are read as such, in Istio's shape, not kept aside as unknown.
+        let echo = &c.services[0];
+        assert!(echo.other.is_empty(), "{:?}", echo.other);
+        assert_eq!(echo.waypoint.as_ref().unwrap().to_string(), "mesh/waypoint.mesh.svc.cluster.local:15008");
+        assert_eq!(echo.weighted_waypoints[1].destination.to_string(), "/10.96.0.99:15008");
+        let dumped = serde_json::to_value(echo).unwrap();
+        assert_eq!(
+            dumped["waypoint"],
+            serde_json::json!({"destination": "mesh/waypoint.mesh.svc.cluster.local", "hboneMtlsPort": 15008})
+        );
+        assert_eq!(serde_json::to_value(&c.workloads[0]).unwrap()["waypoint"]["destination"], "/10.244.1.9");
+        assert!(serde_json::to_value(&c.workloads[1]).unwrap().get("waypoint").is_none(), "absent, as in Istio's");
         for w in &c.workloads {
             let back = address_from_proto(&w.uid, workload_to_proto(w)).unwrap();
             assert_eq!(back, AddressResource::Workload(w.clone()));
@@ -429,6 +513,25 @@ policies:
             .contains("70000")
         );
         assert!(address_from_proto("x", wl::Address { r#type: None }).is_err());
+        let gw = |d: Option<wl::gateway_address::Destination>, port: u32| wl::GatewayAddress {
+            destination: d,
+            hbone_mtls_port: port,
+        };
+        let host = |ns: &str, h: &str| {
+            Some(wl::gateway_address::Destination::Hostname(wl::NamespacedHostname {
+                namespace: ns.into(),
+                hostname: h.into(),
+            }))
+        };
+        assert!(w(&|w| w.waypoint = Some(gw(host("n", "wp"), 15008))).is_ok());
+        assert!(w(&|w| w.waypoint = Some(gw(None, 15008))).unwrap_err().reason.contains("waypoint"));
+        assert!(w(&|w| w.waypoint = Some(gw(host("", "wp"), 15008))).unwrap_err().reason.contains("namespace"));
+        assert!(w(&|w| w.waypoint = Some(gw(host("n", "wp"), 70000))).unwrap_err().reason.contains("70000"));
+        let short = Some(wl::gateway_address::Destination::Address(wl::NetworkAddress {
+            address: vec![10, 0],
+            ..Default::default()
+        }));
+        assert!(w(&|w| w.network_gateway = Some(gw(short.clone(), 15008))).unwrap_err().reason.contains("2 bytes"));
 
         let p = |f: &dyn Fn(&mut sec::Authorization)| {
             let mut a = sec::Authorization { name: "p".into(), namespace: "n".into(), ..Default::default() };

@@ -471,6 +471,8 @@ mod props {
             status: crate::state::HealthStatus::Healthy,
             services: Default::default(),
             authorization_policies: Vec::new(),
+            waypoint: None,
+            network_gateway: None,
         }
     }
 
