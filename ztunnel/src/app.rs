@@ -70,12 +70,14 @@ async fn watch_roots(path: std::path::PathBuf, mut seen: Vec<u8>, roots: Arc<Tru
     }
 }
 
-/// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains. `log` changes the log filter at runtime
-/// (the admin endpoint's `/logging`).
-pub async fn run(cfg: Config, log: Arc<dyn LogControl>) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+/// Where workload certificates come from, per `cfg`: the local CA (its certificate is the mesh's root), or
+/// an Istio CA (istiod) with the root file `CA_ROOT_CA`, returned with its contents so that a change to it
+/// can be noticed. Also serves the lab's waypoint stand-in, which gets its certificate as a ztunnel does.
+pub fn certificate_authority(
+    cfg: &Config,
+) -> anyhow::Result<(CaSource, TrustRoots, Option<(std::path::PathBuf, Vec<u8>)>)> {
     let token = Some(cfg.auth_token.clone());
-    let (ca, roots, root_file) = match &cfg.local_ca {
+    Ok(match &cfg.local_ca {
         Some((cert, key)) => {
             let ca = LocalCa::load(cert, key, cfg.secret_ttl).context("loading the local CA")?;
             let roots = TrustRoots::new(&[ca.ca_cert()], &cfg.trust_domain)
@@ -97,7 +99,15 @@ pub async fn run(cfg: Config, log: Arc<dyn LogControl>) -> anyhow::Result<()> {
             };
             (CaSource::Istio(IstioCa::new(target, cfg.secret_ttl)), roots, Some((path.clone(), pem)))
         }
-    };
+    })
+}
+
+/// Runs ztunnel until SIGTERM, SIGINT or `/quitquitquit`, then drains. `log` changes the log filter at runtime
+/// (the admin endpoint's `/logging`).
+pub async fn run(cfg: Config, log: Arc<dyn LogControl>) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let token = Some(cfg.auth_token.clone());
+    let (ca, roots, root_file) = certificate_authority(&cfg)?;
     let roots = Arc::new(roots);
     let certs = CertStore::new(ca, roots.clone(), metrics.clone());
     info!(source = %certs.source(), "workload certificates come from this CA");

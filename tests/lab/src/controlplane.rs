@@ -774,6 +774,12 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// Routes a node's pod CIDR through the node, so that pods reach the control plane as pods reach istiod
+    /// in a cluster (the lab's waypoints ask its CA for their certificates).
+    pub fn route_pods(&self, cidr: &str, node: std::net::Ipv4Addr) -> anyhow::Result<()> {
+        self.netns.ip(&["route", "add", cidr, "via", &node.to_string()]).map(|_| ())
+    }
+
     /// The control plane of a lab another process started (`lab pod`): its files, not its process.
     pub fn attach(
         name: &str,

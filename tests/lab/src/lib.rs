@@ -25,7 +25,8 @@ pub mod runtime;
 pub mod soak;
 pub mod sockmap;
 pub mod util;
+pub mod waypoint;
 
-pub use lab::{Lab, LabConfig, Node, PeerZtunnel, Pod, PodError, PrimaryCni};
+pub use lab::{Lab, LabConfig, Node, PeerZtunnel, Pod, PodError, PrimaryCni, Waypoint};
 pub use netns::Netns;
 pub use util::require_root;

@@ -187,6 +187,26 @@ enum Cmd {
         #[arg(long)]
         trusted_node_account: Vec<String>,
     },
+    /// A stand-in for Istio's waypoint (internal; see `lab::waypoint`): HBONE on LISTEN as IDENTITY, one L7 rule,
+    /// HBONE onwards to the target's endpoint. Certificates come as a ztunnel's do (its environment variables).
+    /// Prints `ready`.
+    #[command(hide = true)]
+    Waypoint {
+        #[arg(long, default_value = "[::]:15008")]
+        listen: std::net::SocketAddr,
+        /// Its SPIFFE identity.
+        #[arg(long)]
+        identity: String,
+        /// The mesh file (Istio ztunnel's local format).
+        #[arg(long)]
+        mesh: std::path::PathBuf,
+        /// Requests whose path starts with this get 403 from the waypoint.
+        #[arg(long, default_value = "/admin")]
+        deny_prefix: String,
+        /// The header added to answers that pass, NAME=VALUE.
+        #[arg(long, default_value = "x-waypoint=waypoint")]
+        header: String,
+    },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
         /// Also remove labs left running with `demo --keep`.
@@ -221,6 +241,9 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Waypoint { listen, identity, mesh, deny_prefix, header } => {
+            waypoint(listen, &identity, mesh, deny_prefix, &header)
+        }
         Cmd::ControlPlane {
             listen,
             mesh,
@@ -728,4 +751,29 @@ fn teardown_on_signal(set: nix::sys::signal::SigSet, id: String, dir: std::path:
             std::process::exit(130);
         }
     });
+}
+
+fn waypoint(
+    listen: std::net::SocketAddr,
+    identity: &str,
+    mesh: std::path::PathBuf,
+    deny_prefix: String,
+    header: &str,
+) -> i32 {
+    let run = || -> anyhow::Result<()> {
+        let identity = identity.parse().map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
+        let (name, value) = header.split_once('=').ok_or_else(|| anyhow::anyhow!("--header: NAME=VALUE"))?;
+        let header = (name.to_string(), value.to_string());
+        let cfg = ztunnel::config::Config::from_vars(|k| std::env::var(k).ok())?;
+        let settings = lab::waypoint::Settings { listen, identity, mesh, deny_prefix, header };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(lab::waypoint::run(settings, cfg))
+    };
+    match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lab waypoint: {e:#}");
+            1
+        }
+    }
 }

@@ -127,6 +127,32 @@ pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> anyhow::Result<(u16
 
 /// A plain HTTP/1.1 request without a body from inside `ns`.
 pub fn http_request(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_exchange(ns, addr, method, path).map(|r| (r.status, r.body))
+}
+
+/// An HTTP/1.1 answer.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// Its status code.
+    pub status: u16,
+    /// Its head (status line and headers).
+    pub head: String,
+    /// Its body.
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// [`http_request`], with the answer's head.
+pub fn http_exchange(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<HttpAnswer> {
     let mut s = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
@@ -141,7 +167,61 @@ pub fn http_request(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> a
         .with_context(|| format!("no status in {head:?}"))?;
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
-    Ok((status, body))
+    Ok(HttpAnswer { status, head: head.to_string(), body })
+}
+
+/// An HTTP/1.1 server inside a pod: answers every request `200` with `<name> saw <peer> ask for <path>`, then
+/// closes the connection.
+pub struct HttpServer {
+    stop: Arc<AtomicBool>,
+    listener: Arc<TcpListener>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Starts one called `name` listening on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> anyhow::Result<HttpServer> {
+        let listener = ns.run(move || TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s, name) = (listener.clone(), stop.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, peer)) = l.accept() else { break };
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    let path = text.split_whitespace().nth(1).unwrap_or("?");
+                    let body = format!("{name} saw {} ask for {path}", peer.ip());
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(resp.as_bytes());
+                });
+            }
+        });
+        Ok(HttpServer { stop, listener, thread: Some(thread) })
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = socket2::SockRef::from(&*self.listener).shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn dechunk(mut s: &str) -> String {

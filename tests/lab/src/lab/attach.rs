@@ -63,6 +63,7 @@ impl Lab {
             workloads: Mutex::new(workloads),
             mesh: Mutex::new(mesh),
             service_accounts: Mutex::new(BTreeMap::new()),
+            not_captured: Mutex::default(),
             known_pods: Mutex::new(Vec::new()),
             publishing: Mutex::new(()),
             control_plane: None,

@@ -34,6 +34,27 @@ pub(super) struct MeshConfig {
     pub(super) policies: Vec<Value>,
     pub(super) memberships: BTreeMap<String, Value>,
     pub(super) selections: BTreeMap<String, Vec<String>>,
+    /// Per-workload waypoints (by pod UID): Istio's `GatewayAddress`, as istiod sets it for a pod labelled
+    /// `istio.io/use-waypoint` with a waypoint for workload traffic.
+    #[serde(default)]
+    pub(super) waypoints: BTreeMap<String, Value>,
+    /// Namespace-wide waypoints, as istiod applies a namespace's `istio.io/use-waypoint`: to the services
+    /// (and, for traffic type `all` or `workload`, the workloads) of the namespace that name none of their
+    /// own, the waypoints themselves excepted.
+    #[serde(default)]
+    pub(super) namespace_waypoints: BTreeMap<String, NamespaceWaypoint>,
+    /// The waypoints' own pods (by UID) and services (by hostname): never given a waypoint.
+    #[serde(default)]
+    pub(super) waypoint_pods: std::collections::BTreeSet<String>,
+    #[serde(default)]
+    pub(super) waypoint_hosts: std::collections::BTreeSet<String>,
+}
+
+/// A namespace's waypoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct NamespaceWaypoint {
+    pub(super) gateway: Value,
+    pub(super) for_workloads: bool,
 }
 
 impl Lab {
@@ -61,16 +82,38 @@ impl Lab {
         let workloads: Vec<Value> = w
             .iter()
             .map(|(pod_uid, p)| {
-                json!({
+                let mut v = json!({
                     "uid": p.uid, "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
                     "workloadIps": std::iter::once(p.ip).chain(p.ip6).map(|i| i.to_string()).collect::<Vec<_>>(), "protocol": if p.hbone { "HBONE" } else { "TCP" },
                     "node": p.node, "trustDomain": TRUST_DOMAIN,
                     "services": mesh.memberships.get(pod_uid).cloned().unwrap_or_else(|| json!({})),
                     "authorizationPolicies": mesh.selections.get(pod_uid).cloned().unwrap_or_default(),
-                })
+                });
+                let ns_wide = mesh.namespace_waypoints.get(&p.namespace).filter(|n| n.for_workloads);
+                let waypoint = mesh.waypoints.get(pod_uid).or(ns_wide.map(|n| &n.gateway));
+                if let Some(gw) = waypoint.filter(|_| !mesh.waypoint_pods.contains(pod_uid)) {
+                    v["waypoint"] = gw.clone();
+                }
+                v
             })
             .collect();
-        let doc = json!({"workloads": workloads, "services": mesh.services, "policies": mesh.policies});
+        let services: Vec<Value> = mesh
+            .services
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                let ns = s["namespace"].as_str().unwrap_or_default();
+                let host = s["hostname"].as_str().unwrap_or_default();
+                if let Some(n) = mesh.namespace_waypoints.get(ns)
+                    && s.get("waypoint").is_none()
+                    && !mesh.waypoint_hosts.contains(host)
+                {
+                    s["waypoint"] = n.gateway.clone();
+                }
+                s
+            })
+            .collect();
+        let doc = json!({"workloads": workloads, "services": services, "policies": mesh.policies});
         let text = serde_yaml_ng::to_string(&doc)?;
         write_atomic(&self.workloads_path(), text.as_bytes())?;
         // What `lab pod` needs to change the mesh of a running lab later, from another process.

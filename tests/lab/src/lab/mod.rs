@@ -38,6 +38,8 @@ mod daemons;
 mod kubelet;
 mod mesh;
 mod pods;
+mod waypoints;
+pub use waypoints::{WAYPOINT_HBONE_PORT, Waypoint};
 
 /// The trust domain of the lab's mesh.
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -389,6 +391,8 @@ pub struct Lab {
     workloads: Mutex<BTreeMap<String, Published>>,
     mesh: Mutex<MeshConfig>,
     service_accounts: Mutex<BTreeMap<(String, String), String>>,
+    /// Pods the agents leave uncaptured whatever their namespace (`mode: none`, as Istio labels waypoints).
+    not_captured: Mutex<std::collections::BTreeSet<(String, String)>>,
     known_pods: Mutex<Vec<crate::controlplane::KnownPod>>,
     publishing: Mutex<()>,
     control_plane: Option<crate::controlplane::ControlPlane>,
@@ -413,6 +417,7 @@ impl Lab {
             workloads: Mutex::new(BTreeMap::new()),
             mesh: Mutex::default(),
             service_accounts: Mutex::new(BTreeMap::new()),
+            not_captured: Mutex::default(),
             known_pods: Mutex::new(Vec::new()),
             publishing: Mutex::new(()),
             control_plane: None,
@@ -467,6 +472,11 @@ impl Lab {
             "kubernetes": config.kubernetes,
         });
         std::fs::write(dir.join("lab.json"), serde_json::to_vec_pretty(&saved)?)?;
+        if let Some(cp) = &lab.control_plane {
+            for n in &lab.nodes {
+                cp.route_pods(&n.pod_cidr, n.ip)?;
+            }
+        }
         for i in 0..config.nodes {
             let peer_routes: Vec<(String, Ipv4Addr)> =
                 lab.nodes.iter().filter(|n| n.index != i).map(|n| (n.pod_cidr.clone(), n.ip)).collect();

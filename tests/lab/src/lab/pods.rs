@@ -48,9 +48,16 @@ impl Lab {
         accounts: &BTreeMap<(String, String), String>,
     ) -> anyhow::Result<()> {
         let n = &self.nodes[i];
+        let not_captured = self.not_captured.lock().unwrap();
         let pods: Vec<Value> = accounts
             .iter()
-            .map(|((ns, name), sa)| json!({"namespace": ns, "name": name, "serviceAccount": sa}))
+            .map(|((ns, name), sa)| {
+                let mut p = json!({"namespace": ns, "name": name, "serviceAccount": sa});
+                if not_captured.contains(&(ns.clone(), name.clone())) {
+                    p["mode"] = "none".into();
+                }
+                p
+            })
             .collect();
         let peer_node = self.config.peer.as_ref().filter(|p| p.nodes.contains(&i));
         let agent_conf = json!({
