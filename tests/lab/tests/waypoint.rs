@@ -4,10 +4,12 @@
 //! refuses the connection. Over IPv4 and IPv6, with either rule backend, and (an ignored test) with Istio's
 //! ztunnel in Ambit's place. Needs root.
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
 
 use lab::demo::{APP_PORT, MESH_NS};
-use lab::net::{HttpAnswer, HttpServer, http_exchange};
+use lab::net::{EchoServer, HttpAnswer, HttpServer, http_exchange};
 use lab::pcap::{Capture, Segment};
 use lab::util::metric;
 use lab::{Lab, LabConfig, Pod, Waypoint};
@@ -24,6 +26,7 @@ struct Scene {
     server: Pod,
     waypoint: Waypoint,
     _http: Vec<HttpServer>,
+    _echo: EchoServer,
 }
 
 fn config() -> LabConfig {
@@ -40,9 +43,11 @@ fn scene(config: LabConfig) -> Scene {
         .chain(server.ip6)
         .map(|ip| HttpServer::start(&server.netns, SocketAddr::new(ip, APP_PORT), "server").unwrap())
         .collect();
+    // Port 81 of the service: an echo server, for connections that stay open.
+    let echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT + 1)).unwrap();
     let waypoint = lab.add_waypoint(1, MESH_NS, "waypoint", "waypoint", WAYPOINT_VIP.parse().unwrap()).unwrap();
     lab.set_pod_services(&server, json!({ format!("{MESH_NS}/{HOST}"): {} })).unwrap();
-    let s = Scene { lab, client, server, waypoint, _http: http };
+    let s = Scene { lab, client, server, waypoint, _http: http, _echo: echo };
     s.set_server_waypoint(Some(s.waypoint.by_hostname()));
     s
 }
@@ -53,7 +58,8 @@ impl Scene {
         let vips: Vec<String> =
             std::iter::once(SERVER_VIP).chain(self.server.ip6.map(|_| SERVER_VIP6)).map(|v| format!("/{v}")).collect();
         let mut svc = json!({
-            "name": "server", "namespace": MESH_NS, "hostname": HOST, "vips": vips, "ports": {"80": APP_PORT},
+            "name": "server", "namespace": MESH_NS, "hostname": HOST, "vips": vips,
+            "ports": {"80": APP_PORT, "81": APP_PORT + 1},
         });
         if let Some(gw) = gw {
             svc["waypoint"] = gw;
@@ -97,6 +103,24 @@ impl Scene {
         if let Ok(a) = self.get(to, "/refused") {
             panic!("{what}: answered {a:?}\n{}", self.waypoint.log());
         }
+    }
+
+    /// Opens a connection to the service's echo port that stays open: its first bytes are an HTTP head,
+    /// which the waypoint (if it passes one) marks; returns it and whether it passed one.
+    fn open_echo(&self) -> (TcpStream, bool) {
+        let to = SocketAddr::new(SERVER_VIP.parse().unwrap(), 81);
+        let mut c =
+            self.client.netns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(2))).unwrap().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /long HTTP/1.1\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        (c, String::from_utf8_lossy(&got).contains("x-waypoint: waypoint"))
     }
 
     fn metrics(&self, node: usize) -> String {
@@ -261,6 +285,74 @@ fn a_waypoint_that_is_unknown_down_or_someone_else_refuses_the_connection() {
     };
     assert_eq!(flagged("response_flags=\"CONNECT\""), 3.0, "two unresolved, one down: {m}");
     assert_eq!(flagged("response_flags=\"TLS_FAILURE\""), 1.0, "the impostor: {m}");
+}
+
+/// One round trip on an open echo connection.
+fn round_trip(c: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    c.write_all(data)?;
+    let mut back = vec![0u8; data.len()];
+    c.read_exact(&mut back)?;
+    assert_eq!(back, data);
+    Ok(())
+}
+
+#[test]
+fn open_connections_finish_where_they_go_and_end_with_their_waypoint() {
+    let mut s = scene(config());
+    let (mut old, via) = s.open_echo();
+    assert!(via, "through the waypoint");
+    round_trip(&mut old, b"before").unwrap();
+    // xDS takes the waypoint away: new connections go straight to the server; the open one carries on
+    // through the waypoint.
+    s.set_server_waypoint(None);
+    let (mut new, via) = s.open_echo();
+    assert!(!via, "a new connection no longer passes the waypoint");
+    round_trip(&mut new, b"direct").unwrap();
+    round_trip(&mut old, b"after the change").unwrap();
+    // The waypoint back, a connection through it, and the waypoint killed mid-stream: that connection ends
+    // (it is not carried on around the waypoint), and new ones are refused.
+    s.set_server_waypoint(Some(s.waypoint.by_hostname()));
+    let (mut through, via) = s.open_echo();
+    assert!(via);
+    round_trip(&mut through, b"alive").unwrap();
+    let cap = s.capture("reset-mid-stream.pcap");
+    s.waypoint.proc.kill();
+    let ended = round_trip(&mut through, b"/refused after the waypoint died");
+    assert!(ended.is_err(), "the connection outlived its waypoint");
+    s.refused(s.vip(), "waypoint down");
+    s.assert_no_bypass(cap, b"/refused");
+}
+
+#[test]
+fn a_waypoint_that_names_itself_or_two_that_name_each_other_loop_nowhere() {
+    let s = scene(config());
+    // Its own workload and service name it: ztunnel takes one hop to a waypoint and never asks where the
+    // waypoint's own traffic goes (the waypoint is not captured; were it, the check of the source would
+    // send its connections on).
+    s.lab.set_pod_waypoint(&s.waypoint.pod, Some(Waypoint::by_address(s.waypoint.pod.ip))).unwrap();
+    let mut own = s.waypoint.service();
+    own["waypoint"] = s.waypoint.by_hostname();
+    let server = json!({
+        "name": "server", "namespace": MESH_NS, "hostname": HOST, "vips": [format!("/{SERVER_VIP}")],
+        "ports": {"80": APP_PORT}, "waypoint": s.waypoint.by_hostname(),
+    });
+    s.lab.set_services(vec![server.clone(), own]).unwrap();
+    s.through_waypoint(s.get(s.vip(), "/self"), "/self");
+    // Two that name each other.
+    let other = s.lab.add_waypoint(1, MESH_NS, "waypoint-b", "waypoint-b", "10.96.0.31".parse().unwrap()).unwrap();
+    s.lab.set_pod_waypoint(&s.waypoint.pod, Some(other.by_hostname())).unwrap();
+    s.lab.set_pod_waypoint(&other.pod, Some(s.waypoint.by_hostname())).unwrap();
+    let mut a = s.waypoint.service();
+    a["waypoint"] = other.by_hostname();
+    let mut b = other.service();
+    b["waypoint"] = s.waypoint.by_hostname();
+    s.lab.set_services(vec![server, a, b]).unwrap();
+    let answer = s.get(s.vip(), "/pair").unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.head.matches("x-waypoint").count(), 1, "one waypoint, once: {answer:?}");
+    assert_eq!(answer.header("x-waypoint"), Some("waypoint"));
+    // The server's own workload has no waypoint: workload-addressed traffic goes straight to it.
+    s.direct(s.get(s.pod(), "/still-direct"), "/still-direct");
 }
 
 #[test]

@@ -89,9 +89,12 @@ impl Lab {
                     "services": mesh.memberships.get(pod_uid).cloned().unwrap_or_else(|| json!({})),
                     "authorizationPolicies": mesh.selections.get(pod_uid).cloned().unwrap_or_default(),
                 });
-                let ns_wide = mesh.namespace_waypoints.get(&p.namespace).filter(|n| n.for_workloads);
-                let waypoint = mesh.waypoints.get(pod_uid).or(ns_wide.map(|n| &n.gateway));
-                if let Some(gw) = waypoint.filter(|_| !mesh.waypoint_pods.contains(pod_uid)) {
+                // A namespace's waypoint is not its own waypoint's; one set on the pod itself is (a test's loop).
+                let ns_wide = mesh
+                    .namespace_waypoints
+                    .get(&p.namespace)
+                    .filter(|n| n.for_workloads && !mesh.waypoint_pods.contains(pod_uid));
+                if let Some(gw) = mesh.waypoints.get(pod_uid).or(ns_wide.map(|n| &n.gateway)) {
                     v["waypoint"] = gw.clone();
                 }
                 v
