@@ -206,6 +206,9 @@ enum Cmd {
         /// The header added to answers that pass, NAME=VALUE.
         #[arg(long, default_value = "x-waypoint=waypoint")]
         header: String,
+        /// Target ports whose traffic is HTTP/1.1 (the rule and the header apply); others are relayed as TCP.
+        #[arg(long, value_delimiter = ',', default_value = "80")]
+        http_ports: Vec<u16>,
     },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
@@ -241,8 +244,8 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Waypoint { listen, identity, mesh, deny_prefix, header } => {
-            waypoint(listen, &identity, mesh, deny_prefix, &header)
+        Cmd::Waypoint { listen, identity, mesh, deny_prefix, header, http_ports } => {
+            waypoint(listen, &identity, mesh, deny_prefix, &header, http_ports)
         }
         Cmd::ControlPlane {
             listen,
@@ -759,13 +762,14 @@ fn waypoint(
     mesh: std::path::PathBuf,
     deny_prefix: String,
     header: &str,
+    http_ports: Vec<u16>,
 ) -> i32 {
     let run = || -> anyhow::Result<()> {
         let identity = identity.parse().map_err(|e| anyhow::anyhow!("--identity: {e}"))?;
         let (name, value) = header.split_once('=').ok_or_else(|| anyhow::anyhow!("--header: NAME=VALUE"))?;
         let header = (name.to_string(), value.to_string());
         let cfg = ztunnel::config::Config::from_vars(|k| std::env::var(k).ok())?;
-        let settings = lab::waypoint::Settings { listen, identity, mesh, deny_prefix, header };
+        let settings = lab::waypoint::Settings { listen, identity, mesh, deny_prefix, header, http_ports };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(lab::waypoint::run(settings, cfg))
     };

@@ -8,7 +8,9 @@
 //!   address and port).
 //! - One L7 rule, as a waypoint's HTTP policy would be: a request whose path starts with the deny prefix is
 //!   answered `403` by the waypoint itself and goes no further; every answer that passes gets a header of
-//!   the waypoint's (`x-waypoint: <name>` by default), so a test sees which answers came through it.
+//!   the waypoint's (`x-waypoint: <name>` by default), so a test sees which answers came through it. Only on
+//!   the ports declared HTTP (as a waypoint picks HTTP or TCP by the port's declared protocol); on the others
+//!   it relays TCP as it comes.
 //! - Onwards: the target resolved as a waypoint resolves it (a service's VIP to one of its healthy
 //!   endpoints, port mapped; a workload's address to itself), then HBONE to that endpoint's 15008 as the
 //!   waypoint's identity (or plain TCP to an endpoint outside the mesh).
@@ -46,6 +48,8 @@ pub struct Settings {
     pub deny_prefix: String,
     /// The header added to every answer that passes, `name: value`.
     pub header: (String, String),
+    /// The target ports whose traffic is HTTP/1.1; the others' is relayed as TCP.
+    pub http_ports: Vec<u16>,
 }
 
 /// Most of a request or response head the waypoint reads before it gives up on the connection.
@@ -165,6 +169,11 @@ impl Waypoint {
         };
         let send = respond.send_response(Response::new(()), false).context("answering the CONNECT")?;
         let mut down = duplex(send, req.into_body());
+        if !self.settings.http_ports.contains(&target.port()) {
+            let mut up = self.connect(&upstream, peer).await?;
+            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            return Ok(());
+        }
         let head = read_head(&mut down).await.context("reading the request head")?;
         let line = head_line(&head);
         let path = line.split(' ').nth(1).unwrap_or_default();

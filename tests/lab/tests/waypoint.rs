@@ -19,6 +19,9 @@ const SERVER_VIP: &str = "10.96.0.20";
 const SERVER_VIP6: &str = "fd00:96::20";
 const WAYPOINT_VIP: &str = "10.96.0.30";
 const HOST: &str = "server.mesh.svc.cluster.local";
+/// The ports the waypoint takes as HTTP: the service's 80 (an HTTP server) and 81 (an echo server), and the
+/// pod's ports they map to (the target of workload-addressed traffic).
+const HTTP_PORTS: &[u16] = &[80, 81, APP_PORT, APP_PORT + 1];
 
 struct Scene {
     lab: Lab,
@@ -45,7 +48,8 @@ fn scene(config: LabConfig) -> Scene {
         .collect();
     // Port 81 of the service: an echo server, for connections that stay open.
     let echo = EchoServer::start(&server.netns, SocketAddr::new(server.ip, APP_PORT + 1)).unwrap();
-    let waypoint = lab.add_waypoint(1, MESH_NS, "waypoint", "waypoint", WAYPOINT_VIP.parse().unwrap()).unwrap();
+    let waypoint =
+        lab.add_waypoint(1, MESH_NS, "waypoint", "waypoint", WAYPOINT_VIP.parse().unwrap(), HTTP_PORTS).unwrap();
     lab.set_pod_services(&server, json!({ format!("{MESH_NS}/{HOST}"): {} })).unwrap();
     let s = Scene { lab, client, server, waypoint, _http: http, _echo: echo };
     s.set_server_waypoint(Some(s.waypoint.by_hostname()));
@@ -339,7 +343,8 @@ fn a_waypoint_that_names_itself_or_two_that_name_each_other_loop_nowhere() {
     s.lab.set_services(vec![server.clone(), own]).unwrap();
     s.through_waypoint(s.get(s.vip(), "/self"), "/self");
     // Two that name each other.
-    let other = s.lab.add_waypoint(1, MESH_NS, "waypoint-b", "waypoint-b", "10.96.0.31".parse().unwrap()).unwrap();
+    let other = s.lab.add_waypoint(1, MESH_NS, "waypoint-b", "waypoint-b", "10.96.0.31".parse().unwrap(), HTTP_PORTS);
+    let other = other.unwrap();
     s.lab.set_pod_waypoint(&s.waypoint.pod, Some(other.by_hostname())).unwrap();
     s.lab.set_pod_waypoint(&other.pod, Some(s.waypoint.by_hostname())).unwrap();
     let mut a = s.waypoint.service();

@@ -56,9 +56,11 @@ impl Waypoint {
 
 impl Lab {
     /// Starts a waypoint `name` in `namespace` on node `node`, running as service account `sa`, whose answers
-    /// that pass carry `x-waypoint: <name>` and which refuses paths under `/admin` with 403. Its pod is
-    /// published as an HBONE workload backing the service `<name>.<namespace>.svc.cluster.local` (VIP `vip`);
-    /// the caller publishes that service with the others ([`Waypoint::service`]).
+    /// that pass carry `x-waypoint: <name>` and which refuses paths under `/admin` with 403, on the target
+    /// ports `http_ports` (others it relays as TCP). Its pod is published as an HBONE workload backing the
+    /// service `<name>.<namespace>.svc.cluster.local` (VIP `vip`); the caller publishes that service with the
+    /// others ([`Waypoint::service`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn add_waypoint(
         &self,
         node: usize,
@@ -66,6 +68,7 @@ impl Lab {
         name: &str,
         sa: &str,
         vip: IpAddr,
+        http_ports: &[u16],
     ) -> anyhow::Result<Waypoint> {
         self.not_captured.lock().unwrap().insert((namespace.to_string(), name.to_string()));
         let pod = self.create_pod(node, namespace, name, sa).map_err(|e| anyhow::anyhow!("waypoint pod: {e}"))?;
@@ -86,6 +89,8 @@ impl Lab {
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").envs(env);
         cmd.args(["waypoint", "--identity", &identity, "--header", &format!("x-waypoint={name}")]);
         cmd.arg("--mesh").arg(self.workloads_path());
+        let ports: Vec<String> = http_ports.iter().map(u16::to_string).collect();
+        cmd.arg(format!("--http-ports={}", ports.join(",")));
         let log = self.dir.join(format!("waypoint-{namespace}-{name}.log"));
         let mut proc = Proc::spawn("waypoint", cmd, &log)?;
         let up = wait_for(&format!("waypoint {namespace}/{name} to be ready"), Duration::from_secs(15), || {
