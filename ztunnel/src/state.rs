@@ -474,6 +474,7 @@ impl WaypointError {
         match self {
             WaypointError::Unknown(_) => "unknown",
             WaypointError::NoEndpoint(..) => "no_endpoint",
+            WaypointError::NoPort(..) => "no_port",
             WaypointError::NoAddress(..) => "no_address",
             WaypointError::OtherNetwork { .. } => "other_network",
         }
@@ -489,6 +490,9 @@ pub enum WaypointError {
     /// A service with no healthy endpoint.
     #[error("waypoint {0}: its service {1} has no healthy endpoint")]
     NoEndpoint(GatewayAddress, String),
+    /// A service that does not declare the waypoint's HBONE port.
+    #[error("waypoint {0}: its service {1} has no such port")]
+    NoPort(GatewayAddress, String),
     /// A workload without an address.
     #[error("waypoint {0}: its workload {1} has no address")]
     NoAddress(GatewayAddress, String),
@@ -654,6 +658,10 @@ impl Snapshot {
                 (svc, orig.is_ipv4())
             }
         };
+        // As Istio's ztunnel: a waypoint's service declares the port it takes HBONE on (istiod publishes it).
+        if !service.ports.contains_key(&gw.hbone_mtls_port) {
+            return Err(WaypointError::NoPort(gw.clone(), service.key()));
+        }
         let healthy: Vec<&Endpoint> = self
             .endpoints(&service)
             .iter()

@@ -186,6 +186,19 @@ fn workload_waypoint_is_the_only_way(s: &Scene) {
     s.set_server_waypoint(Some(s.waypoint.by_hostname()));
 }
 
+/// Traffic from the waypoint itself is not sent back to it. Here the client pod is named as the server's
+/// waypoint (its identity and its address): its own connections to the server go straight there, while
+/// another pod's go to it (and are refused there, as it is no waypoint: never around it).
+fn traffic_from_the_waypoint_goes_on(s: &Scene) {
+    s.lab.set_pod_waypoint(&s.server, Some(Waypoint::by_address(s.client.ip))).unwrap();
+    s.direct(s.get(s.pod(), "/from-the-waypoint"), "/from-the-waypoint");
+    let other = s.lab.add_pod_as(0, MESH_NS, "other", "other").unwrap();
+    let cap = s.capture("from-waypoint.pcap");
+    assert!(http_exchange(&other.netns, s.pod(), "GET", "/refused").is_err(), "sent to the named waypoint");
+    s.assert_no_bypass(cap, b"/refused");
+    s.lab.set_pod_waypoint(&s.server, None).unwrap();
+}
+
 /// What every ztunnel must do with a waypoint it cannot use: refuse, never go around it.
 fn unusable_waypoints_refuse(s: &mut Scene) {
     let cap = s.capture("unusable-waypoints.pcap");
@@ -248,17 +261,7 @@ fn workload_and_namespace_waypoints_and_traffic_from_the_waypoint_itself() {
     s.lab.set_namespace_waypoint(MESH_NS, None, true).unwrap();
     s.direct(s.get(s.vip(), "/ns-gone"), "/ns-gone");
 
-    // Traffic from the waypoint itself is not sent back to it. Here the client pod is named as the server's
-    // waypoint (its identity and its address): its own connections to the server go straight there, while
-    // another pod's go to it (and are refused there, as it is no waypoint: never around it).
-    s.lab.set_pod_waypoint(&s.server, Some(Waypoint::by_address(s.client.ip))).unwrap();
-    s.direct(s.get(s.pod(), "/from-the-waypoint"), "/from-the-waypoint");
-    let other = s.lab.add_pod_as(0, MESH_NS, "other", "other").unwrap();
-    let cap = s.capture("from-waypoint.pcap");
-    assert!(http_exchange(&other.netns, s.pod(), "GET", "/refused").is_err(), "sent to the named waypoint");
-    s.assert_no_bypass(cap, b"/refused");
-    // The same address with another identity is not the waypoint: `other` on the client's address would
-    // not pass; the unit tests of `proxy::route` check each half alone.
+    traffic_from_the_waypoint_goes_on(&s);
 }
 
 #[test]
@@ -385,5 +388,6 @@ fn istios_ztunnel_takes_the_same_waypoints() {
     assert_eq!(argv0.as_deref(), Some(path.as_str()), "the client's node runs Istio's ztunnel");
     service_waypoint_is_the_only_way(&s);
     workload_waypoint_is_the_only_way(&s);
+    traffic_from_the_waypoint_goes_on(&s);
     unusable_waypoints_refuse(&mut s);
 }

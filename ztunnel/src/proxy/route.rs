@@ -181,7 +181,7 @@ services:
 - {{name: server, namespace: app, hostname: server.app.svc.cluster.local, vips: [/10.96.0.2, "/fd96::2"],
    ports: {{80: 8080}}{svc_extra}}}
 - {{name: waypoint, namespace: app, hostname: waypoint.app.svc.cluster.local, vips: [/10.96.0.9],
-   ports: {{15021: 15021}}, subjectAltNames: ["spiffe://cluster.local/ns/app/sa/waypoint-canary"]}}
+   ports: {{15008: 15008, 15021: 15021}}, subjectAltNames: ["spiffe://cluster.local/ns/app/sa/waypoint-canary"]}}
 "#
         );
         Snapshot::new(LocalConfig::parse(&text).unwrap())
@@ -308,8 +308,10 @@ services:
 - {name: two, namespace: app, hostname: two.app.svc, vips: [/10.96.0.3], ports: {80: 80},
    waypoint: {destination: "app/wp2.app.svc", hboneMtlsPort: 15008}}
 - {name: far, namespace: app, hostname: far.app.svc, vips: [/10.96.0.4], ports: {80: 80}}
-- {name: wp, namespace: app, hostname: wp.app.svc, vips: [/10.96.0.9]}
-- {name: wp2, namespace: app, hostname: wp2.app.svc, vips: [/10.96.1.9]}
+- {name: wp, namespace: app, hostname: wp.app.svc, vips: [/10.96.0.9], ports: {15008: 15008}}
+- {name: wp2, namespace: app, hostname: wp2.app.svc, vips: [/10.96.1.9], ports: {15008: 15008}}
+- {name: noport, namespace: app, hostname: noport.app.svc, vips: [/10.96.0.5], ports: {80: 80},
+   waypoint: {destination: "app/server.app.svc", hboneMtlsPort: 15008}}
 "#;
         let snap = Snapshot::new(LocalConfig::parse(text).unwrap());
         let id = Identity::new(TD, "app", "client");
@@ -321,6 +323,9 @@ services:
         let e = err("10.96.0.3:80");
         assert!(matches!(e.error, RouteError::Waypoint(WaypointError::OtherNetwork { .. })), "{}", e.error);
         assert!(e.error.to_string().contains("network gateway (unsupported)"), "{}", e.error);
+        // A waypoint's service that does not declare its HBONE port (Istio's ztunnel finds no endpoint then).
+        let e = err("10.96.0.5:80");
+        assert!(matches!(e.error, RouteError::Waypoint(WaypointError::NoPort(..))), "{}", e.error);
         // Endpoints only on another network: a network gateway's job, refused rather than dialed.
         let e = err("10.96.0.4:80");
         assert!(matches!(e.error, RouteError::NoUpstream(NoUpstream::OtherNetwork(_))), "{}", e.error);

@@ -44,7 +44,9 @@ impl Waypoint {
     pub fn service(&self) -> Value {
         json!({
             "name": self.pod.name, "namespace": self.pod.namespace, "hostname": self.hostname(),
-            "vips": [format!("/{}", self.vip)], "ports": {"15021": 15021},
+            "vips": [format!("/{}", self.vip)],
+            // As istiod publishes a waypoint's service: its HBONE port (ztunnels look for it) and its status port.
+            "ports": {"15008": 15008, "15021": 15021},
         })
     }
 
