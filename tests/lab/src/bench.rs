@@ -129,6 +129,10 @@ pub struct MeshOpts {
     /// Also measure the captured floor: the floor's relays taking the connections that the pods' capture
     /// rules (the agent's) redirect, as ztunnel does; what capture itself adds to the floor.
     pub captured_floor: bool,
+    /// Also measure the waypoint path: the client to a service whose waypoint (the lab's stand-in,
+    /// [`crate::waypoint`], relaying TCP) runs on the server's node, then to the server; what the extra hop
+    /// costs. Its CPU per unit is the two ztunnels' (the stand-in is not Envoy: its own cost is not counted).
+    pub waypoint: bool,
     /// How long the floor's relays busy-poll after activity (zero: never). With polling on both sides, a
     /// proxy that polls through back-to-back round trips spends about their wall time in CPU; with it off on
     /// the floor (and `AMBIT_BUSY_POLL=0` for Ambit's own binary as the peer), the CPU per unit is each
@@ -180,6 +184,7 @@ impl Default for MeshOpts {
             phases: Vec::new(),
             sockmap: false,
             captured_floor: false,
+            waypoint: false,
             relay_spin: RELAY_SPIN,
         }
     }
@@ -467,6 +472,8 @@ enum Path {
     Sockmap,
     /// The floor's relays behind the pods' capture rules, where ztunnel would be ([`start_captured`]).
     Captured,
+    /// Through the two ztunnels and a waypoint: client → ztunnel → HBONE → waypoint → HBONE → ztunnel → server.
+    Waypoint,
 }
 
 /// Starts the floor's relays: for each `(local, between, app)` the client pod's relay listens on
@@ -690,6 +697,26 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
         false => None,
     };
 
+    // The waypoint path: the same server behind a service whose waypoint runs on the server's node; the
+    // mesh path's connections, to the pod's address, do not pass it.
+    let waypoint = match o.waypoint {
+        true => {
+            let wp = lab.add_waypoint(1, "mesh", "waypoint", "waypoint", "10.96.0.50".parse()?, &[])?;
+            let host = "bench.mesh.svc.cluster.local";
+            let ports =
+                json!({sink.addr.port().to_string(): sink.addr.port(), echo.addr.port().to_string(): echo.addr.port()});
+            let service = json!({
+                "name": "bench", "namespace": "mesh", "hostname": host, "vips": ["/10.96.0.51"], "ports": ports,
+                "waypoint": wp.by_hostname(),
+            });
+            lab.set_services(vec![service, wp.service()])?;
+            lab.set_pod_services(&server, json!({ format!("mesh/{host}"): {} }))?;
+            let vip: std::net::IpAddr = "10.96.0.51".parse()?;
+            Some((wp, SocketAddr::new(vip, sink.addr.port()), SocketAddr::new(vip, echo.addr.port())))
+        }
+        false => None,
+    };
+
     progress(&format!("  {} more enrolled pods on node1 (idle memory)…", o.idle_pods.saturating_sub(1)));
     let mut extra = Vec::new();
     for i in 1..o.idle_pods {
@@ -730,7 +757,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     // Loaded before the rounds, so that a kernel without sockmap fails the run at once.
     let mut shortcut = if o.sockmap { Some(crate::sockmap::Shortcut::load()?) } else { None };
     let (mut m, mut d, mut f, mut p) = (Figures::default(), Figures::default(), Figures::default(), Figures::default());
-    let (mut k, mut c) = (Figures::default(), Figures::default());
+    let (mut k, mut c, mut w) = (Figures::default(), Figures::default(), Figures::default());
     let mut captured = true;
     // Every path goes first equally often; the last round ends with the mesh (the memory figure needs it).
     let mut paths = vec![Path::Direct, Path::Relay];
@@ -743,13 +770,17 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     if echo_captured.is_some() {
         paths.push(Path::Captured);
     }
+    if waypoint.is_some() {
+        paths.push(Path::Waypoint);
+    }
     paths.push(Path::Mesh);
     let rounds = o.rounds.max(1).div_ceil(paths.len()) * paths.len();
     for r in 0..rounds {
         let mut order = paths.clone();
         order.rotate_left((rounds - 1 - r) % paths.len());
         for path in order {
-            let mesh = path == Path::Mesh;
+            // The mesh's paths run with the pods captured, the others without.
+            let mesh = matches!(path, Path::Mesh | Path::Waypoint);
             if path != Path::Peer && mesh != captured {
                 for p in [&client, &server] {
                     if mesh { lab.capture(p) } else { lab.uncapture(p) }.map_err(cni_err)?;
@@ -763,6 +794,14 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                         r + 1
                     ));
                     measure(&mesh_meters, sink.addr, echo.addr, o, &mut m, progress)?;
+                }
+                Path::Waypoint => {
+                    let Some((_, wp_sink, wp_echo)) = &waypoint else { continue };
+                    progress(&format!(
+                        "  round {}/{rounds}, waypoint: client (node1) → ztunnel → waypoint (node2) → ztunnel → server",
+                        r + 1
+                    ));
+                    measure(&mesh_meters, *wp_sink, *wp_echo, o, &mut w, progress)?;
                 }
                 Path::Direct => {
                     progress(&format!("  round {}/{rounds}, direct: the same pods with capture switched off", r + 1));
@@ -839,7 +878,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
     }
     drop(relays);
     drop(shortcut);
-    for x in [&mut m, &mut d, &mut f, &mut p, &mut k, &mut c] {
+    for x in [&mut m, &mut d, &mut f, &mut p, &mut k, &mut c, &mut w] {
         x.finish();
     }
     let mesh_cpu: f64 = m.cost.iter().map(Cost::cpu_s).sum();
@@ -996,22 +1035,44 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             captured_floor["mesh_of_captured_floor"]["connect_rate"],
         ));
     }
+    // The waypoint path over the mesh path: what the extra hop costs (the ztunnels' CPU; the stand-in's own
+    // is not counted). Null unless measured.
+    let measured_waypoint = waypoint.is_some();
+    drop(waypoint);
+    let with_waypoint = |v: Value| if measured_waypoint { v } else { Value::Null };
+    let (wt, wr, wc) = w.json();
+    let waypoint_report = with_waypoint({
+        let mut of_mesh = w.of(&m);
+        of_mesh.insert("added_rr_1b_us_p50".into(), json!(round(w.rr(0, 50.0) - m.rr(0, 50.0), 1)));
+        json!({"ratios": w.against(&d), "of_mesh": of_mesh})
+    });
+    if measured_waypoint {
+        progress(&format!(
+            "  waypoint path over the mesh path: throughput {}× (1 stream), 1 B round trip p50 +{} µs, connection \
+             rate {}×",
+            waypoint_report["of_mesh"]["throughput_1"],
+            waypoint_report["of_mesh"]["added_rr_1b_us_p50"],
+            waypoint_report["of_mesh"]["connect_rate"],
+        ));
+    }
     // The proxies' CPU per unit of work, for every path that has proxies.
     let cpu = Figures::cpu_json;
     Ok(json!({
         "rounds": rounds,
         "ztunnel_binaries": ztunnel_binaries,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),
-        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt), "captured_floor": with_captured(ct)},
-        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr), "captured_floor": with_captured(cr)},
-        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc), "sockmap": with_sockmap(kc), "captured_floor": with_captured(cc)},
+        "throughput_gbps": {"direct": dt, "mesh": mt, "floor": ft, "peer": with_peer(pt), "sockmap": with_sockmap(kt), "captured_floor": with_captured(ct), "waypoint": with_waypoint(wt)},
+        "rr_latency_us": {"direct": dr, "mesh": mr, "floor": fr, "peer": with_peer(pr), "sockmap": with_sockmap(kr), "captured_floor": with_captured(cr), "waypoint": with_waypoint(wr)},
+        "connect": {"direct": dc, "mesh": mc, "floor": fc, "peer": with_peer(pc), "sockmap": with_sockmap(kc), "captured_floor": with_captured(cc), "waypoint": with_waypoint(wc)},
         "cpu_per_unit": {
             "mesh": cpu(&m),
             "floor": cpu(&f),
             "peer": with_peer(cpu(&p)),
             "sockmap": with_sockmap(cpu(&k)),
             "captured_floor": with_captured(cpu(&c)),
+            "waypoint": with_waypoint(cpu(&w)),
         },
+        "waypoint": waypoint_report,
         "peer": peer,
         "sockmap": sockmap,
         "captured_floor": captured_floor,

@@ -77,6 +77,10 @@ enum Cmd {
         /// where ztunnel would be; what capture adds to the floor.
         #[arg(long)]
         captured_floor: bool,
+        /// Also measure the waypoint path: the same pods through a service whose waypoint (the lab's
+        /// stand-in, relaying TCP) runs on the server's node; what the extra hop costs.
+        #[arg(long)]
+        waypoint: bool,
         /// How long the floor's relays busy-poll after activity, in µs (0: never). With 0, and
         /// `--ztunnel-env AMBIT_BUSY_POLL=0` for Ambit's own binary as `--ztunnel`, the CPU per unit is each
         /// proxy's work without polling.
@@ -209,6 +213,9 @@ enum Cmd {
         /// Target ports whose traffic is HTTP/1.1 (the rule and the header apply); others are relayed as TCP.
         #[arg(long, value_delimiter = ',', default_value = "80")]
         http_ports: Vec<u16>,
+        /// No port is HTTP: every connection is relayed as TCP.
+        #[arg(long, conflicts_with = "http_ports")]
+        tcp_only: bool,
     },
     /// Remove what killed (or, with --all, kept) labs left behind.
     Clean {
@@ -244,7 +251,8 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Waypoint { listen, identity, mesh, deny_prefix, header, http_ports } => {
+        Cmd::Waypoint { listen, identity, mesh, deny_prefix, header, http_ports, tcp_only } => {
+            let http_ports = if tcp_only { Vec::new() } else { http_ports };
             waypoint(listen, &identity, mesh, deny_prefix, &header, http_ports)
         }
         Cmd::ControlPlane {
@@ -301,6 +309,7 @@ fn main() {
             phases,
             sockmap,
             captured_floor,
+            waypoint,
             relay_spin_us,
             keep,
         } => {
@@ -342,6 +351,7 @@ fn main() {
                 phases,
                 sockmap,
                 captured_floor,
+                waypoint,
                 relay_spin: std::time::Duration::from_micros(relay_spin_us),
                 ..Default::default()
             };

@@ -32,6 +32,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         peer_without_lo_route: true,
         sockmap: true,
         captured_floor: true,
+        waypoint: true,
         // The floor's relays poll for less than the default; the JSON reports what they said they do.
         relay_spin: std::time::Duration::from_micros(100),
         ..Default::default()
@@ -42,7 +43,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     };
     // The sockmap path's bulk runs may fail (see the README); that is recorded, and its figures are then null.
     let sockmap_bulk_failed = v["sockmap"]["failures"].as_array().is_some_and(|f| !f.is_empty());
-    for side in ["direct", "mesh", "floor", "peer", "sockmap", "captured_floor"] {
+    for side in ["direct", "mesh", "floor", "peer", "sockmap", "captured_floor", "waypoint"] {
         for streams in ["1", "8"].into_iter().filter(|_| side != "sockmap" || !sockmap_bulk_failed) {
             assert!(num(&format!("throughput_gbps.{side}.{streams}")) > 0.0, "{v:#}");
         }
@@ -55,13 +56,16 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     }
     assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
-    // Rounded up so that each of the six paths goes first once.
-    assert_eq!(num("rounds"), 6.0);
+    // Rounded up so that each of the seven paths goes first once.
+    assert_eq!(num("rounds"), 7.0);
     assert_eq!(num("floor.relay_spin_us"), 100.0, "{v:#}");
     assert_eq!(v["ztunnel_binaries"]["mesh"], mesh_ztunnel.display().to_string(), "{v:#}");
     assert_eq!(v["ztunnel_binaries"]["peer"], peer.display().to_string(), "{v:#}");
-    assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "captured", "mesh"]));
-    for path in ["mesh", "floor", "peer", "sockmap", "captured_floor"] {
+    assert_eq!(v["paths"], serde_json::json!(["direct", "relay", "peer", "sockmap", "captured", "waypoint", "mesh"]));
+    for ratio in ["throughput_1", "added_rr_1b_us_p50", "connect_rate"] {
+        num(&format!("waypoint.of_mesh.{ratio}"));
+    }
+    for path in ["mesh", "floor", "peer", "sockmap", "captured_floor", "waypoint"] {
         for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"]
             .into_iter()
             .filter(|u| path != "sockmap" || !sockmap_bulk_failed || *u != "bulk_s_per_gib")

@@ -91,8 +91,12 @@ impl Lab {
         cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").envs(env);
         cmd.args(["waypoint", "--identity", &identity, "--header", &format!("x-waypoint={name}")]);
         cmd.arg("--mesh").arg(self.workloads_path());
-        let ports: Vec<String> = http_ports.iter().map(u16::to_string).collect();
-        cmd.arg(format!("--http-ports={}", ports.join(",")));
+        for port in http_ports {
+            cmd.arg(format!("--http-ports={port}"));
+        }
+        if http_ports.is_empty() {
+            cmd.arg("--tcp-only");
+        }
         let log = self.dir.join(format!("waypoint-{namespace}-{name}.log"));
         let mut proc = Proc::spawn("waypoint", cmd, &log)?;
         let up = wait_for(&format!("waypoint {namespace}/{name} to be ready"), Duration::from_secs(15), || {
