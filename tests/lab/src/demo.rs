@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::lab::{Lab, LabConfig, Pod};
-use crate::net::{EchoClient, EchoServer};
+use crate::lab::{Lab, LabConfig, Pod, Waypoint};
+use crate::net::{EchoClient, EchoServer, HttpServer, http_exchange};
 use crate::pcap::{self, Capture};
 use crate::util::wait_for;
 
@@ -118,6 +118,8 @@ pub struct Remaining {
     pub outsider: Pod,
     /// The echo server in `server`.
     pub echo: EchoServer,
+    /// The web service's waypoint and the server's HTTP server behind it, if they started.
+    pub web: Option<(Waypoint, HttpServer)>,
 }
 
 /// Runs every check of the demo; consumes the client pod (the last check deletes it) and returns the others,
@@ -194,9 +196,85 @@ pub fn run_checks(lab: &Lab, pods: DemoPods, out: &mut dyn Write) -> (Vec<Check>
         outsider_uncaptured(lab, &outsider, &server, echo.addr(), timeout),
     );
 
+    say(
+        out,
+        "• client → web service, whose waypoint (node2) applies HTTP policy: pod → ztunnel → HBONE → waypoint → HBONE → ztunnel → server",
+    );
+    let web = match web_behind_waypoint(lab, &server) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            check(out, &mut checks, "a service's waypoint takes its traffic and applies its policy", Err(e));
+            None
+        }
+    };
+    if let Some((wp, _)) = &web {
+        let capture = Capture::start(&lab.nodes[0].netns, "eth0", &lab.dir.join("waypoint-link.pcap"));
+        check(
+            out,
+            &mut checks,
+            "a service's waypoint takes its traffic and applies its policy",
+            through_waypoint(&client, wp),
+        );
+        check(
+            out,
+            &mut checks,
+            "nothing reaches the server around the waypoint; only TLS crosses the node link",
+            capture.and_then(|c| c.finish()).and_then(|segs| {
+                let around = segs.iter().filter(|g| g.dst == server.ip && !g.payload.is_empty()).count();
+                anyhow::ensure!(around == 0, "{around} segments went from node1 to the server's pod directly");
+                anyhow::ensure!(!pcap::contains(&segs, WEB_MARKER.as_bytes()), "the request crossed in clear text");
+                let to_waypoint = segs.iter().filter(|g| g.dst == wp.pod.ip).count();
+                anyhow::ensure!(to_waypoint > 0, "nothing went to the waypoint");
+                let proof =
+                    pcap::only_tls(&segs, ambit_proto::zds::INBOUND_HBONE_PORT).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(format!(
+                    "{to_waypoint} segments to the waypoint {}, none to the server {}; {} TLS records, no request in the clear",
+                    wp.pod.ip, server.ip, proof.records
+                ))
+            }),
+        );
+    }
+
     say(out, "• deleting the client pod (CNI DEL)");
     check(out, &mut checks, "deleting a pod removes its rules and its ztunnel state", delete_cleans_up(lab, client));
-    (checks, Remaining { server, outsider, echo })
+    (checks, Remaining { server, outsider, echo, web })
+}
+
+/// The path of the demo's request through the waypoint (in the clear only inside the pods).
+const WEB_MARKER: &str = "/ambit-demo-through-the-waypoint";
+/// The web service's VIP, and its waypoint's.
+const WEB_VIP: &str = "10.96.0.20";
+const WAYPOINT_VIP: &str = "10.96.0.30";
+
+/// An HTTP server in `server` behind the service `web` (VIP port 80), whose waypoint runs on node2 as
+/// istiod would publish one for `istio.io/use-waypoint`.
+fn web_behind_waypoint(lab: &Lab, server: &Pod) -> anyhow::Result<(Waypoint, HttpServer)> {
+    let port = APP_PORT + 1;
+    let http = HttpServer::start(&server.netns, SocketAddr::new(server.ip, port), "web")?;
+    let wp = lab.add_waypoint(1, MESH_NS, "waypoint", "waypoint", WAYPOINT_VIP.parse()?, &[80])?;
+    let host = format!("web.{MESH_NS}.svc.cluster.local");
+    let web = serde_json::json!({
+        "name": "web", "namespace": MESH_NS, "hostname": host, "vips": [format!("/{WEB_VIP}")],
+        "ports": {"80": port}, "waypoint": wp.by_hostname(),
+    });
+    lab.set_services(vec![web, wp.service()])?;
+    lab.set_pod_services(server, serde_json::json!({ format!("{MESH_NS}/{host}"): {} }))?;
+    Ok((wp, http))
+}
+
+/// A request through the waypoint gets its header, one its rule denies gets 403.
+fn through_waypoint(client: &Pod, wp: &Waypoint) -> anyhow::Result<String> {
+    let vip = SocketAddr::new(WEB_VIP.parse()?, 80);
+    let ok = http_exchange(&client.netns, vip, "GET", WEB_MARKER)?;
+    anyhow::ensure!(ok.status == 200, "GET {WEB_MARKER} answered {}", ok.status);
+    anyhow::ensure!(ok.header("x-waypoint") == Some("waypoint"), "no x-waypoint header: {}", ok.head);
+    anyhow::ensure!(ok.body.contains(&wp.pod.ip.to_string()), "the server did not see the waypoint: {}", ok.body);
+    let denied = http_exchange(&client.netns, vip, "GET", "/admin")?;
+    anyhow::ensure!(denied.status == 403, "GET /admin answered {}", denied.status);
+    Ok(format!(
+        "GET {vip}{WEB_MARKER}: 200 with x-waypoint, the server saw the waypoint {} ({}); GET /admin: 403 from the waypoint",
+        wp.pod.ip, ok.body
+    ))
 }
 
 fn access_logged(lab: &Lab, client: &Pod, server: &Pod) -> anyhow::Result<String> {

@@ -25,7 +25,7 @@ fn demo_checks_all_pass() {
     let pods = demo::pods(&lab, &mut out).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
     let (checks, _remaining) = demo::run_checks(&lab, pods, &mut out);
     let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
-    assert_eq!(checks.len(), 7);
+    assert_eq!(checks.len(), 9);
     assert!(failed.is_empty(), "failed checks: {failed:#?}\n{}\n{}", String::from_utf8_lossy(&out), lab.logs());
     // Both ztunnels counted the mesh connection in Istio's metrics, with Istio's labels.
     for (node, reporter) in [(0, "source"), (1, "destination")] {
