@@ -44,6 +44,64 @@ pub struct AdminState {
 
 type Reply = Response<Full<Bytes>>;
 
+/// `staticConfig`, as Istio's ztunnel shows it: the local file as read now (its workloads, policies and
+/// services), or empty lists without one (or when it does not parse).
+fn static_config(path: Option<&std::path::Path>) -> serde_json::Value {
+    let empty = serde_json::json!({"workloads": [], "policies": [], "services": []});
+    let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else { return empty };
+    let Ok(serde_json::Value::Object(mut v)) = serde_yaml_ng::from_str::<serde_json::Value>(&text) else {
+        return empty;
+    };
+    for key in ["workloads", "policies", "services"] {
+        let e = v.entry(key).or_insert_with(|| serde_json::json!([]));
+        if e.is_null() {
+            *e = serde_json::json!([]);
+        }
+    }
+    serde_json::Value::Object(v)
+}
+
+/// `version`, in Istio's `BuildInfo` shape; what a build of Ambit does not know is `unknown`.
+fn version() -> serde_json::Value {
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "gitRevision": "unknown",
+        "rustVersion": "unknown",
+        "buildProfile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "buildStatus": "unknown",
+        "istioVersion": "unknown",
+        "cryptoProvider": "ring",
+    })
+}
+
+/// `config`: the settings Ambit shares with Istio's ztunnel, under Istio's names (durations as serde writes
+/// them, `{secs, nanos}`); Ambit's own settings are not repeated here.
+fn istio_config(c: &crate::config::Config) -> serde_json::Value {
+    let d = |d: std::time::Duration| serde_json::json!({"secs": d.as_secs(), "nanos": d.subsec_nanos()});
+    serde_json::json!({
+        "proxy": true,
+        "dnsProxy": false,
+        "windowSize": c.h2_stream_window,
+        "connectionWindowSize": c.h2_connection_window,
+        "frameSize": c.h2_frame_size,
+        "poolMaxStreamsPerConn": c.pool_max_streams,
+        "poolUnusedReleaseTimeout": d(c.pool_idle_timeout),
+        "network": c.network,
+        "localNode": (!c.node_name.is_empty()).then_some(&c.node_name),
+        "proxyMode": "Shared",
+        "clusterId": c.cluster_id,
+        "caAddress": c.local_ca.is_none().then_some(&c.ca_address),
+        "xdsAddress": c.xds_address,
+        "secretTtl": d(c.secret_ttl),
+        "selfTerminationDeadline": d(c.termination_deadline),
+        "numWorkerThreads": c.worker_threads,
+        "inpodUds": c.inpod_uds,
+        "inpodPortReuse": c.inpod_port_reuse,
+        "packetMark": c.packet_mark,
+        "ipv6Enabled": c.ipv6_enabled,
+    })
+}
+
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
     Response::builder()
         .status(status)
@@ -71,20 +129,15 @@ impl AdminState {
             .iter()
             .map(|s| {
                 let mut v = serde_json::to_value(s.as_ref()).unwrap_or_default();
-                // Istio's endpoints: a map keyed by workload uid, each with its service port → target port map
-                // (in force: the endpoint's own mapping, else the service's, else the same port).
+                // Istio's endpoints: a map keyed by workload uid, each with the workload's own port map for the
+                // service (as istiod sent it) and its health; and the `service` and `address` that istioctl also
+                // reads (Istio's ztunnel no longer writes them).
                 let endpoints: serde_json::Map<String, serde_json::Value> = snap
                     .endpoints(s)
                     .iter()
                     .map(|e| {
-                        let port: BTreeMap<String, u16> = s
-                            .ports
-                            .iter()
-                            .map(|(sp, tp)| {
-                                let own = e.ports.get(sp).copied().filter(|p| *p != 0);
-                                (sp.to_string(), own.or(Some(*tp).filter(|p| *p != 0)).unwrap_or(*sp))
-                            })
-                            .collect();
+                        let port: BTreeMap<String, u16> =
+                            e.ports.iter().map(|(sp, tp)| (sp.to_string(), *tp)).collect();
                         let entry = serde_json::json!({
                             "workloadUid": e.workload.uid,
                             "service": s.key(),
@@ -118,9 +171,15 @@ impl AdminState {
         serde_json::json!({
             "workloads": snap.workloads.iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
             "services": services,
+            // Services istiod has sent endpoints for before the service itself; Ambit keeps endpoints by
+            // service key whether or not the service is known, so nothing waits here.
+            "stagedServices": {},
             "policies": snap.policies.all(),
             "certificates": self.ctx.certs.istio_dump(),
             "workloadState": workload_state,
+            "staticConfig": static_config(self.ctx.cfg.local_xds_path.as_deref()),
+            "version": version(),
+            "config": istio_config(&self.ctx.cfg),
             "ambit": {
                 "node": self.ctx.cfg.node_name,
                 "trustDomain": trust_domain,

@@ -65,6 +65,14 @@ pub struct TcpLabels {
     pub response_flags: String,
     /// `mutual_tls` or `unknown` (plaintext).
     pub connection_security_policy: String,
+    /// Client region (Istio's locality labels come last).
+    pub source_region: String,
+    /// Client zone.
+    pub source_zone: String,
+    /// Server region.
+    pub destination_region: String,
+    /// Server zone.
+    pub destination_zone: String,
 }
 
 /// A label set of one string.
@@ -131,6 +139,22 @@ pub struct ReasonOnlyLabels {
     pub reason: String,
 }
 
+/// A label set naming who reports (`source`: the client's side, `destination`: the server's).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReporterLabels {
+    /// `source` or `destination`.
+    pub reporter: String,
+}
+
+/// `istio_build`'s labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Always `ztunnel`.
+    pub component: String,
+    /// The version.
+    pub tag: String,
+}
+
 /// A label set naming an xDS type URL.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
@@ -145,6 +169,8 @@ pub struct Metrics {
     pub tcp_opened: Family<TcpLabels, Counter>,
     /// `istio_tcp_connections_closed_total`.
     pub tcp_closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_failed_total`: the closed ones that failed (every response flag but `-`).
+    pub tcp_failed: Family<TcpLabels, Counter>,
     /// `istio_tcp_sent_bytes_total` (server → client).
     pub tcp_sent: Family<TcpLabels, Counter>,
     /// `istio_tcp_received_bytes_total` (client → server).
@@ -185,6 +211,10 @@ pub struct Metrics {
     pub xds_terminations: Family<ReasonOnlyLabels, Counter>,
     /// `istio_xds_message_total{url}`: xDS responses received, by type.
     pub xds_messages: Family<TypeLabels, Counter>,
+    /// `istio_xds_message_bytes_total{url}`: the resources' bytes in those responses, by type.
+    pub xds_message_bytes: Family<TypeLabels, Counter>,
+    /// `istio_tcp_sockets_open{reporter}`: sockets accepted from pods (captured or HBONE) open now.
+    pub tcp_sockets_open: Family<ReporterLabels, Gauge>,
     /// `ztunnel_xds_nacks_total{url}`: xDS responses refused, by type.
     pub xds_nacks: Family<TypeLabels, Counter>,
     /// `ztunnel_xds_resources{url}`: resources in force, by type.
@@ -210,7 +240,10 @@ const MAX_PAIRS: usize = 1024;
 #[derive(Debug)]
 struct PairCounters {
     opened: Counter,
-    closed: Counter,
+    /// Made at the pair's first clean close: as in Istio's ztunnel, a pair whose connections all failed has
+    /// no `-` series of `istio_tcp_connections_closed`.
+    closed: std::sync::OnceLock<Counter>,
+    labels: TcpLabels,
     received: Counter,
     sent: Counter,
     active: Gauge,
@@ -288,6 +321,10 @@ impl Metrics {
             r.register(name, help, m.clone());
             m
         }
+        // As Istio's ztunnel: its build, as a gauge of 1 (the tag is Ambit's version).
+        let build: Family<BuildLabels, Gauge> =
+            reg(&mut r, "istio_build", "Istio component build info", Family::default());
+        build.get_or_create(&BuildLabels { component: "ztunnel".into(), tag: env!("CARGO_PKG_VERSION").into() }).set(1);
         Arc::new(Metrics {
             tcp_opened: reg(
                 &mut r,
@@ -299,6 +336,12 @@ impl Metrics {
                 &mut r,
                 "istio_tcp_connections_closed",
                 "The total number of TCP connections closed",
+                Family::default(),
+            ),
+            tcp_failed: reg(
+                &mut r,
+                "istio_tcp_connections_failed",
+                "The total number of TCP connections that failed to establish",
                 Family::default(),
             ),
             tcp_sent: reg(
@@ -395,6 +438,18 @@ impl Metrics {
                 Family::default(),
             ),
             xds_messages: reg(&mut r, "istio_xds_message", "xDS responses received, by type", Family::default()),
+            xds_message_bytes: {
+                let f = Family::default();
+                let help = "Resource bytes in the xDS responses received, by type";
+                r.register_with_unit("istio_xds_message", help, prometheus_client::registry::Unit::Bytes, f.clone());
+                f
+            },
+            tcp_sockets_open: reg(
+                &mut r,
+                "istio_tcp_sockets_open",
+                "The current number of open TCP sockets",
+                Family::default(),
+            ),
             xds_nacks: reg(&mut r, "ztunnel_xds_nacks", "xDS responses refused (NACK), by type", Family::default()),
             xds_resources: reg(&mut r, "ztunnel_xds_resources", "xDS resources in force, by type", Family::default()),
             connections_shed: reg(
@@ -434,13 +489,14 @@ impl Metrics {
         let labels = tcp_labels(direction, mtls, src, dst, ResponseFlags::None);
         let counters = Arc::new(PairCounters {
             opened: self.tcp_opened.get_or_create(&labels).clone(),
-            closed: self.tcp_closed.get_or_create(&labels).clone(),
+            closed: std::sync::OnceLock::new(),
             received: self.tcp_received.get_or_create(&labels).clone(),
             sent: self.tcp_sent.get_or_create(&labels).clone(),
             active: self
                 .active_connections
                 .get_or_create(&DirectionLabels { direction: direction.as_str().into() })
                 .clone(),
+            labels,
         });
         if pairs.len() >= MAX_PAIRS {
             pairs.clear();
@@ -514,20 +570,27 @@ struct Side {
     app: String,
     revision: String,
     cluster: String,
+    region: String,
+    zone: String,
 }
 
 impl Side {
+    /// Istio's ztunnel's values (its `CommonTrafficLabels`): each label is the workload's field as the control
+    /// plane sent it, `unknown` when empty; nothing is made up from other fields (istiod fills
+    /// `workload_name`, `canonical_name` and `canonical_revision`, `latest` included).
     fn of(p: &Peer) -> Side {
         let known = |s: &str| if s.is_empty() { "unknown".to_string() } else { s.to_string() };
         let principal = known(&p.identity.as_ref().map(ToString::to_string).unwrap_or_default());
         match &p.workload {
             Some(w) => Side {
-                workload: known(w.metrics_name()),
+                workload: known(&w.workload_name),
                 namespace: known(&w.namespace),
                 principal,
-                app: known(w.app()),
-                revision: if w.canonical_revision.is_empty() { "latest".into() } else { w.canonical_revision.clone() },
+                app: known(&w.canonical_name),
+                revision: known(&w.canonical_revision),
                 cluster: known(&w.cluster_id),
+                region: known(&w.locality.region),
+                zone: known(&w.locality.zone),
             },
             None => Side {
                 workload: "unknown".into(),
@@ -536,6 +599,8 @@ impl Side {
                 app: "unknown".into(),
                 revision: "unknown".into(),
                 cluster: "unknown".into(),
+                region: "unknown".into(),
+                zone: "unknown".into(),
             },
         }
     }
@@ -605,6 +670,10 @@ fn tcp_labels(direction: Direction, mtls: bool, src: &Peer, dst: &Peer, flags: R
         request_protocol: "tcp".into(),
         response_flags: flags.as_str().into(),
         connection_security_policy: if mtls { "mutual_tls" } else { "unknown" }.into(),
+        source_region: sv.region,
+        source_zone: sv.zone,
+        destination_region: dv.region,
+        destination_zone: dv.zone,
     }
 }
 
@@ -612,16 +681,18 @@ impl ConnRecord {
     /// Records the outcome and writes the access log line. `received` is client → server bytes, `sent`
     /// server → client.
     pub fn close(self, received: u64, sent: u64, error: Option<&dyn std::fmt::Display>, flags: ResponseFlags) {
+        // Bytes count under the labels the connection opened with, whatever its end (Istio's ztunnel counts
+        // them as they flow); a failure is closed, and failed, under its flag.
+        self.pair.received.inc_by(received);
+        self.pair.sent.inc_by(sent);
         if flags == ResponseFlags::None {
-            self.pair.closed.inc();
-            self.pair.received.inc_by(received);
-            self.pair.sent.inc_by(sent);
+            let m = &self.metrics;
+            self.pair.closed.get_or_init(|| m.tcp_closed.get_or_create(&self.pair.labels).clone()).inc();
         } else {
             let labels = tcp_labels(self.direction, self.mtls, &self.src, &self.dst, flags);
             let m = &self.metrics;
             m.tcp_closed.get_or_create(&labels).inc();
-            m.tcp_received.get_or_create(&labels).inc_by(received);
-            m.tcp_sent.get_or_create(&labels).inc_by(sent);
+            m.tcp_failed.get_or_create(&labels).inc();
         }
         self.pair.active.dec();
         let id = |p: &Peer| p.identity.as_ref().map(ToString::to_string).unwrap_or_default();
@@ -662,7 +733,8 @@ impl ConnRecord {
 pub enum ResponseFlags {
     /// Nothing to report (`-`).
     None,
-    /// Refused by authorization policy, here or at the destination (`DENY`).
+    /// Refused by authorization policy, by the ztunnel that applied it (`DENY`; the client's side of the same
+    /// connection reports `CONNECT`, as Istio's ztunnel does).
     Deny,
     /// No connection to the upstream: it refused or could not be reached, the destination's ztunnel could not
     /// reach its pod, or (Ambit only; Istio records no metric then) a service had no endpoint (`CONNECT`).
@@ -688,13 +760,11 @@ impl ResponseFlags {
         }
     }
 
-    /// The flag for a peer's answer to HBONE CONNECT other than 200: 401 is the destination's policy; anything
-    /// else (503: it could not reach its pod) means no connection.
-    pub fn of_connect_status(status: http::StatusCode) -> ResponseFlags {
-        match status {
-            http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
-            _ => ResponseFlags::ConnectFailure,
-        }
+    /// The flag for a peer's answer to HBONE CONNECT other than 200, as Istio's ztunnel gives it on the
+    /// client's side: no connection (`CONNECT`), whatever the status; a denial (401) is `DENY` only where
+    /// the policy was applied, on the server's side.
+    pub fn of_connect_status(_status: http::StatusCode) -> ResponseFlags {
+        ResponseFlags::ConnectFailure
     }
 }
 
@@ -836,12 +906,57 @@ mod tests {
         assert_eq!(count(&text, "istio_tcp_received_bytes", &["source_app=\"shop\""]), n, "{text}");
     }
 
+    /// Each label is the workload's field as the control plane sent it, `unknown` when it sent none (as
+    /// Istio's ztunnel: no pod name for a missing workload name, no `latest` for a missing revision), and the
+    /// locality labels are always there.
+    #[test]
+    fn labels_are_the_workloads_own_fields_or_unknown_as_istios() {
+        let m = Metrics::new();
+        let bare: Arc<Workload> = Arc::new(
+            serde_json::from_value(serde_json::json!({"uid": "u1", "name": "pod-1", "namespace": "shop"})).unwrap(),
+        );
+        let full: Arc<Workload> = Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "uid": "u2", "name": "web-5d9f-abcde", "namespace": "shop", "workloadName": "web",
+                "canonicalName": "web-app", "canonicalRevision": "v2", "clusterId": "east",
+                "locality": {"region": "eu-1", "zone": "eu-1a", "subzone": ""},
+            }))
+            .unwrap(),
+        );
+        connect(&m, &peer(&bare), &peer(&full), ResponseFlags::None, 1);
+        let text = m.encode();
+        let want = [
+            "source_workload=\"unknown\"",
+            "source_canonical_service=\"unknown\"",
+            "source_canonical_revision=\"unknown\"",
+            "source_workload_namespace=\"shop\"",
+            "source_app=\"unknown\"",
+            "source_version=\"unknown\"",
+            "source_cluster=\"unknown\"",
+            "destination_workload=\"web\"",
+            "destination_canonical_service=\"web-app\"",
+            "destination_canonical_revision=\"v2\"",
+            "destination_app=\"web-app\"",
+            "destination_version=\"v2\"",
+            "destination_cluster=\"east\"",
+            "source_region=\"unknown\"",
+            "source_zone=\"unknown\"",
+            "destination_region=\"eu-1\"",
+            "destination_zone=\"eu-1a\"",
+        ];
+        assert_eq!(count(&text, "istio_tcp_connections_opened", &want), 1, "{text}");
+        // Istio's order: the locality labels last.
+        let line = text.lines().find(|l| l.starts_with("istio_tcp_connections_opened_total{")).unwrap();
+        assert!(line.contains("connection_security_policy=\"mutual_tls\",source_region="), "{line}");
+    }
+
     #[test]
     fn response_flags_render_as_istio_names_them() {
         use http::StatusCode;
         let flags = [
             (ResponseFlags::None, "-"),
-            (ResponseFlags::of_connect_status(StatusCode::UNAUTHORIZED), "DENY"),
+            (ResponseFlags::of_connect_status(StatusCode::UNAUTHORIZED), "CONNECT"),
+            (ResponseFlags::Deny, "DENY"),
             (ResponseFlags::of_connect_status(StatusCode::SERVICE_UNAVAILABLE), "CONNECT"),
             (ResponseFlags::of_connect_status(StatusCode::BAD_REQUEST), "CONNECT"),
             (ResponseFlags::ConnectFailure, "CONNECT"),
@@ -859,7 +974,7 @@ mod tests {
         let m = Metrics::new();
         // A family shows only once it has a member.
         let tcp = TcpLabels { reporter: "destination".into(), ..Default::default() };
-        for f in [&m.tcp_opened, &m.tcp_closed, &m.tcp_sent, &m.tcp_received] {
+        for f in [&m.tcp_opened, &m.tcp_closed, &m.tcp_failed, &m.tcp_sent, &m.tcp_received] {
             f.get_or_create(&tcp).inc();
         }
         let why = ReasonLabels { direction: "inbound".into(), reason: "r".into() };
@@ -880,10 +995,13 @@ mod tests {
         m.xds_messages.get_or_create(&url).inc();
         m.xds_nacks.get_or_create(&url).inc();
         m.xds_resources.get_or_create(&url).set(1);
+        m.xds_message_bytes.get_or_create(&url).inc_by(10);
+        m.tcp_sockets_open.get_or_create(&ReporterLabels { reporter: "source".into() }).inc();
         let text = m.encode();
         for name in [
             "istio_tcp_connections_opened_total",
             "istio_tcp_connections_closed_total",
+            "istio_tcp_connections_failed_total",
             "istio_tcp_sent_bytes_total",
             "istio_tcp_received_bytes_total",
             "workload_manager_active_proxy_count",
@@ -905,10 +1023,14 @@ mod tests {
             "istio_xds_message_total",
             "ztunnel_xds_nacks_total",
             "ztunnel_xds_resources",
+            "istio_xds_message_bytes_total",
+            "istio_tcp_sockets_open",
+            "istio_build",
         ] {
             let family = name.strip_suffix("_total").unwrap_or(name);
             assert!(text.contains(&format!("# TYPE {family} ")), "{family} is not registered:\n{text}");
         }
         assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"destination\""), "{text}");
+        assert!(text.contains("istio_build{component=\"ztunnel\",tag=\""), "{text}");
     }
 }

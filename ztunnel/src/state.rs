@@ -86,7 +86,7 @@ pub struct Workload {
     #[serde(default, deserialize_with = "service_port_maps")]
     pub services: HashMap<String, HashMap<u16, u16>>,
     /// Keys (`<ns>/<name>`) of the WORKLOAD_SELECTOR policies that select it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
     /// The waypoint that workload-addressed traffic to it must pass (istiod sets it for a waypoint of
     /// traffic type `workload` or `all`, attached to the pod or its namespace).
@@ -95,6 +95,53 @@ pub struct Workload {
     /// The gateway that reaches it from another network (multi-network; Ambit does not cross networks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_gateway: Option<GatewayAddress>,
+    /// Its pod's network: its own, or the node's (`HostNetwork`).
+    #[serde(default)]
+    pub network_mode: NetworkMode,
+    /// What owns it (`deployment`, `cronjob`, `pod`, `job`), as istiod says.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_type: String,
+    /// Where it runs (the node's topology labels).
+    #[serde(default, skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
+    /// Its share of its services' load (1 unless istiod says otherwise).
+    #[serde(default = "one")]
+    pub capacity: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Whether a pod has its own network namespace or the node's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NetworkMode {
+    /// Its own (every pod Ambit captures).
+    #[default]
+    Standard,
+    /// The node's.
+    HostNetwork,
+}
+
+/// Region, zone and subzone of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Locality {
+    /// Region (`topology.kubernetes.io/region`).
+    #[serde(default)]
+    pub region: String,
+    /// Zone (`topology.kubernetes.io/zone`).
+    #[serde(default)]
+    pub zone: String,
+    /// Subzone.
+    #[serde(default)]
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Nothing known.
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
 }
 
 impl Workload {

@@ -49,6 +49,8 @@ use ztunnel::identity::Identity;
 use ztunnel::state::LocalConfig;
 use ztunnel::xds::convert;
 
+/// The cluster the lab's control plane is (istiod's `CLUSTER_ID`, `Kubernetes` by default).
+pub const CLUSTER_ID: &str = "Kubernetes";
 /// The control plane's address on the fabric.
 pub const CP_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(172, 30, 0, 251);
 /// istiod's port for the CA and xDS.

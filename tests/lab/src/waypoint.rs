@@ -54,6 +54,9 @@ pub struct Settings {
 
 /// Most of a request or response head the waypoint reads before it gives up on the connection.
 const MAX_HEAD: usize = 64 * 1024;
+/// HTTP/2 flow-control windows: HTTP/2's default of 64 KiB would bound a stream to 64 KiB per round trip.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
 
 struct Waypoint {
     settings: Settings,
@@ -123,6 +126,9 @@ fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 impl Waypoint {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        // Small writes (a request, an answer) go out at once: with Nagle on, each would wait for the peer's
+        // delayed ACK.
+        tcp.set_nodelay(true)?;
         let tls = self.server.accept(tcp).await.context("TLS handshake")?;
         let client = tls
             .get_ref()
@@ -131,7 +137,12 @@ impl Waypoint {
             .and_then(|c| c.first())
             .and_then(ztunnel::tls::identity_of)
             .context("a client certificate without a workload identity")?;
-        let mut conn = h2::server::handshake(tls).await.context("HTTP/2 handshake")?;
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(tls)
+            .await
+            .context("HTTP/2 handshake")?;
         while let Some(next) = conn.accept().await {
             let (req, respond) = next.context("HTTP/2")?;
             let (wp, client) = (self.clone(), client.clone());
@@ -230,20 +241,26 @@ impl Waypoint {
     /// Opens the way to an endpoint: HBONE as the waypoint's identity, or plain TCP outside the mesh.
     async fn connect(&self, up: &Upstream, peer: SocketAddr) -> anyhow::Result<Box<dyn Io>> {
         if !up.hbone {
-            return Ok(Box::new(
-                TcpStream::connect(up.addr).await.with_context(|| format!("connecting to {}", up.addr))?,
-            ));
+            let tcp = TcpStream::connect(up.addr).await.with_context(|| format!("connecting to {}", up.addr))?;
+            tcp.set_nodelay(true)?;
+            return Ok(Box::new(tcp));
         }
         let hbone = SocketAddr::new(up.addr.ip(), 15008);
         let cert = self.certs.fetch(&self.settings.identity).await?;
         let cfg = ztunnel::tls::client_config(cert.certified.clone(), up.expected.clone(), self.roots.clone());
         let tcp = TcpStream::connect(hbone).await.with_context(|| format!("connecting to {hbone}"))?;
+        tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS with {hbone}"))?;
-        let (send_req, conn) = h2::client::handshake(tls).await.context("HTTP/2 handshake")?;
+        let (send_req, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake(tls)
+            .await
+            .context("HTTP/2 handshake")?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -278,7 +295,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A CONNECT stream as a byte stream: a task carries bytes between the two, with HTTP/2's flow control.
 fn duplex(mut send: SendStream<Bytes>, mut recv: RecvStream) -> DuplexStream {
-    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (mine, theirs) = tokio::io::duplex(256 * 1024);
     let (mut r, mut w) = tokio::io::split(theirs);
     tokio::spawn(async move {
         while let Some(Ok(chunk)) = recv.data().await {
@@ -290,7 +307,7 @@ fn duplex(mut send: SendStream<Bytes>, mut recv: RecvStream) -> DuplexStream {
         let _ = w.shutdown().await;
     });
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,

@@ -352,6 +352,7 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
         let pod = pod.clone();
         tokio::spawn(async move {
             let active = pod.drain.track();
+            let _socket = SocketOpen::new(&pod.ctx.metrics, port);
             let mut closed = pod.drain.watch();
             let work = handle(pod.clone(), stream, peer, port);
             tokio::select! {
@@ -362,6 +363,25 @@ async fn accept_loop(pod: Arc<PodCtx>, listener: TcpListener, port: u16) {
         });
     }
     debug!(pod = %pod.name(), port, "listener closed");
+}
+
+/// `istio_tcp_sockets_open`, for as long as an accepted socket is open: reported by the source for the pod's
+/// own outbound connections, by the destination for those to it.
+struct SocketOpen(prometheus_client::metrics::gauge::Gauge);
+
+impl SocketOpen {
+    fn new(metrics: &Metrics, port: u16) -> SocketOpen {
+        let reporter = if port == OUTBOUND_PORT { "source" } else { "destination" };
+        let g = metrics.tcp_sockets_open.get_or_create(&crate::metrics::ReporterLabels { reporter: reporter.into() });
+        g.inc();
+        SocketOpen(g.clone())
+    }
+}
+
+impl Drop for SocketOpen {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Each kind of connection is boxed on its own, so a connection costs its own state, not the largest kind's

@@ -39,7 +39,11 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
             let to = Tunnel { addr: tunnel, authority, expected, waypoint };
             hbone(pod, tcp, peer, to, src, dst_peer).await
         }
-        Ok(Route::Passthrough { target, dst: dst_peer }) => passthrough(pod, tcp, peer, target, src, dst_peer).await,
+        Ok(Route::Passthrough { target, dst: dst_peer }) => {
+            // No mTLS: no principal proven to anyone (Istio's ztunnel reports the source's as `unknown` too).
+            let src = Peer { identity: None, ..src };
+            passthrough(pod, tcp, peer, target, src, dst_peer).await
+        }
         Err(Refusal { error, dst: dst_peer }) => {
             // Closed without being sent anywhere: never around a waypoint, never in plaintext. Istio's ztunnel
             // logs it and counts nothing; Ambit also counts it, flagged CONNECT.

@@ -11,9 +11,12 @@ use ambit_proto::control_plane::istio::workload as wl;
 
 use crate::authz::{Action, Cidr, Match, Policy, Scope, ServiceAccountMatch, StringMatch};
 use crate::state::{
-    GatewayAddress, GatewayDestination, HealthStatus, NamespacedHostname, NetworkAddress, Protocol, Service,
-    WeightedWaypoint, Workload,
+    GatewayAddress, GatewayDestination, HealthStatus, Locality, NamespacedHostname, NetworkAddress, NetworkMode,
+    Protocol, Service, WeightedWaypoint, Workload,
 };
+
+/// The cluster of a workload whose resource names none (Istio's ztunnel's default, as istiod's).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 /// A resource ztunnel cannot use, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,6 +130,19 @@ fn workload_from_proto(w: wl::Workload) -> Result<Workload, String> {
             .collect::<Result<HashMap<u16, u16>, String>>()?;
         services.insert(key, ports);
     }
+    let network_mode = match wl::NetworkMode::try_from(w.network_mode) {
+        Ok(wl::NetworkMode::Standard) => NetworkMode::Standard,
+        Ok(wl::NetworkMode::HostNetwork) => NetworkMode::HostNetwork,
+        Err(_) => return Err(format!("unknown network mode {}", w.network_mode)),
+    };
+    // As Istio's ztunnel names it: the enum's name in lower case.
+    let workload_type = wl::WorkloadType::try_from(w.workload_type)
+        .map_err(|_| format!("unknown workload type {}", w.workload_type))?
+        .as_str_name()
+        .to_lowercase();
+    let locality =
+        w.locality.map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone }).unwrap_or_default();
+    let cluster_id = if w.cluster_id.is_empty() { DEFAULT_CLUSTER_ID.to_string() } else { w.cluster_id };
     Ok(Workload {
         uid: w.uid,
         name: w.name,
@@ -140,12 +156,16 @@ fn workload_from_proto(w: wl::Workload) -> Result<Workload, String> {
         workload_name: w.workload_name,
         canonical_name: w.canonical_name,
         canonical_revision: w.canonical_revision,
-        cluster_id: w.cluster_id,
+        cluster_id,
         status,
         services,
         authorization_policies: w.authorization_policies,
         waypoint: w.waypoint.as_ref().map(|g| gateway_from_proto(g, "waypoint")).transpose()?,
         network_gateway: w.network_gateway.as_ref().map(|g| gateway_from_proto(g, "network gateway")).transpose()?,
+        network_mode,
+        workload_type,
+        locality,
+        capacity: w.capacity.unwrap_or(1),
     })
 }
 
@@ -218,7 +238,8 @@ pub fn workload_to_proto(w: &Workload) -> wl::Address {
         node: w.node.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
-        workload_type: wl::WorkloadType::Pod as i32,
+        workload_type: wl::WorkloadType::from_str_name(&w.workload_type.to_uppercase()).unwrap_or(wl::WorkloadType::Pod)
+            as i32,
         workload_name: w.workload_name.clone(),
         services,
         authorization_policies: w.authorization_policies.clone(),
@@ -229,6 +250,16 @@ pub fn workload_to_proto(w: &Workload) -> wl::Address {
         cluster_id: w.cluster_id.clone(),
         waypoint: w.waypoint.as_ref().map(gateway_to_proto),
         network_gateway: w.network_gateway.as_ref().map(gateway_to_proto),
+        network_mode: match w.network_mode {
+            NetworkMode::Standard => wl::NetworkMode::Standard,
+            NetworkMode::HostNetwork => wl::NetworkMode::HostNetwork,
+        } as i32,
+        locality: (!w.locality.is_empty()).then(|| wl::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
+        capacity: (w.capacity != 1).then_some(w.capacity),
         ..Default::default()
     };
     wl::Address { r#type: Some(wl::address::Type::Workload(w)) }
@@ -419,6 +450,10 @@ workloads:
   protocol: HBONE
   node: node1
   canonicalName: app-a
+  clusterId: Kubernetes
+  workloadType: deployment
+  locality: {region: r1, zone: z1, subzone: s1}
+  capacity: 3
   status: Unhealthy
   services: {"mesh/echo.mesh.svc.cluster.local": {80: 8080}}
   authorizationPolicies: ["mesh/only-b"]
@@ -428,6 +463,9 @@ workloads:
   name: waypoint
   namespace: mesh
   serviceAccount: waypoint
+  clusterId: Kubernetes
+  workloadType: pod
+  networkMode: HostNetwork
   workloadIps: ["10.244.1.9"]
   protocol: HBONE
   services: {"mesh/waypoint.mesh.svc.cluster.local": {15008: 15008}}
@@ -487,6 +525,29 @@ policies:
         for p in &c.policies {
             assert_eq!(&policy_from_proto(&p.key(), policy_to_proto(p)).unwrap(), p);
         }
+    }
+
+    /// What istiod leaves out is filled as Istio's ztunnel fills it, and shown in `/config_dump` in its shape.
+    #[test]
+    fn workloads_get_istios_defaults() {
+        let w = wl::Workload { uid: "u".into(), name: "p".into(), namespace: "n".into(), ..Default::default() };
+        let AddressResource::Workload(w) =
+            address_from_proto("u", wl::Address { r#type: Some(wl::address::Type::Workload(w)) }).unwrap()
+        else {
+            panic!("a workload")
+        };
+        assert_eq!(w.cluster_id, DEFAULT_CLUSTER_ID);
+        assert_eq!(w.workload_type, "deployment", "the enum's zero, in lower case");
+        assert_eq!((w.capacity, w.network_mode), (1, NetworkMode::Standard));
+        let v = serde_json::to_value(&w).unwrap();
+        assert_eq!(v["clusterId"], "Kubernetes");
+        assert_eq!(v["capacity"], 1);
+        assert_eq!(v["networkMode"], "Standard");
+        assert_eq!(v["workloadType"], "deployment");
+        assert!(v.get("locality").is_none(), "no locality, none shown (as Istio's)");
+        // The local file keeps what it says: no cluster there is no cluster (Istio's ztunnel does the same).
+        let local: Workload = serde_json::from_value(serde_json::json!({"name": "p", "namespace": "n"})).unwrap();
+        assert_eq!((local.cluster_id.as_str(), local.capacity), ("", 1));
     }
 
     #[test]

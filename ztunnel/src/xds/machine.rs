@@ -473,6 +473,10 @@ mod props {
             authorization_policies: Vec::new(),
             waypoint: None,
             network_gateway: None,
+            network_mode: Default::default(),
+            workload_type: String::new(),
+            locality: Default::default(),
+            capacity: 1,
         }
     }
 

@@ -148,6 +148,8 @@ async fn stream(
         let type_url = resp.type_url.clone();
         let labels = TypeLabels { url: type_url.clone() };
         metrics.xds_messages.get_or_create(&labels).inc();
+        let bytes: usize = resp.resources.iter().filter_map(|r| r.resource.as_ref()).map(|a| a.value.len()).sum();
+        metrics.xds_message_bytes.get_or_create(&labels).inc_by(bytes as u64);
         let (resources, removed) = (resp.resources.len(), resp.removed_resources.len());
         let was_synced = m.synced();
         let o = m.handle(resp, now_secs());

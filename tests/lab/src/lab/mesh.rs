@@ -86,6 +86,10 @@ impl Lab {
                     "uid": p.uid, "name": p.name, "namespace": p.namespace, "serviceAccount": p.service_account,
                     "workloadIps": std::iter::once(p.ip).chain(p.ip6).map(|i| i.to_string()).collect::<Vec<_>>(), "protocol": if p.hbone { "HBONE" } else { "TCP" },
                     "node": p.node, "trustDomain": TRUST_DOMAIN,
+                    // As istiod fills them for a pod without owner or labels: its name is the workload's and
+                    // the canonical service's, the revision `latest`, the cluster istiod's own.
+                    "workloadName": p.name, "workloadType": "pod", "canonicalName": p.name,
+                    "canonicalRevision": "latest", "clusterId": crate::controlplane::CLUSTER_ID,
                     "services": mesh.memberships.get(pod_uid).cloned().unwrap_or_else(|| json!({})),
                     "authorizationPolicies": mesh.selections.get(pod_uid).cloned().unwrap_or_default(),
                 });
