@@ -70,12 +70,13 @@ async fn watch_roots(path: std::path::PathBuf, mut seen: Vec<u8>, roots: Arc<Tru
     }
 }
 
+/// The CA, the mesh's trust roots, and the root file with what it held (for an Istio CA).
+pub type CertificateAuthority = (CaSource, TrustRoots, Option<(std::path::PathBuf, Vec<u8>)>);
+
 /// Where workload certificates come from, per `cfg`: the local CA (its certificate is the mesh's root), or
 /// an Istio CA (istiod) with the root file `CA_ROOT_CA`, returned with its contents so that a change to it
 /// can be noticed. Also serves the lab's waypoint stand-in, which gets its certificate as a ztunnel does.
-pub fn certificate_authority(
-    cfg: &Config,
-) -> anyhow::Result<(CaSource, TrustRoots, Option<(std::path::PathBuf, Vec<u8>)>)> {
+pub fn certificate_authority(cfg: &Config) -> anyhow::Result<CertificateAuthority> {
     let token = Some(cfg.auth_token.clone());
     Ok(match &cfg.local_ca {
         Some((cert, key)) => {

@@ -44,7 +44,8 @@ pub async fn handle(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr) {
             let src = Peer { identity: None, ..src };
             passthrough(pod, tcp, peer, target, src, dst_peer).await
         }
-        Err(Refusal { error, dst: dst_peer }) => {
+        Err(refusal) => {
+            let Refusal { error, dst: dst_peer } = *refusal;
             // Closed without being sent anywhere: never around a waypoint, never in plaintext. Istio's ztunnel
             // logs it and counts nothing; Ambit also counts it, flagged CONNECT.
             let rec = ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, dst, None, src, dst_peer, false);

@@ -80,12 +80,11 @@ pub struct Source<'a> {
 }
 
 /// Decides where a connection from `src` to `dst` goes.
-pub fn route(snap: &Snapshot, td: &str, src: Source<'_>, dst: SocketAddr) -> Result<Route, Refusal> {
+pub fn route(snap: &Snapshot, td: &str, src: Source<'_>, dst: SocketAddr) -> Result<Route, Box<Refusal>> {
     let network = src.workload.map_or(src.network, |w| w.network.as_str());
     if let Some(svc) = snap.service_by_vip(dst.ip()) {
-        let refused = |error: RouteError, svc: &Arc<Service>| Refusal {
-            error,
-            dst: Peer { workload: None, identity: None, service: Some(svc.clone()) },
+        let refused = |error: RouteError, svc: &Arc<Service>| {
+            Box::new(Refusal { error, dst: Peer { workload: None, identity: None, service: Some(svc.clone()) } })
         };
         if let Some(gw) = snap.service_waypoint(&svc) {
             let wp = snap.waypoint(gw, network, dst).map_err(|e| refused(e.into(), &svc))?;
@@ -104,9 +103,11 @@ pub fn route(snap: &Snapshot, td: &str, src: Source<'_>, dst: SocketAddr) -> Res
         if snap.is_from_waypoint(gw, src.identity, src.ip, td) {
             debug!(workload = %w.uid, waypoint = %gw, "from the workload's own waypoint: straight to the workload");
         } else {
-            let wp = snap.waypoint(gw, network, dst).map_err(|e| Refusal {
-                error: e.into(),
-                dst: Peer { workload: Some(w.clone()), identity: None, service: None },
+            let wp = snap.waypoint(gw, network, dst).map_err(|e| {
+                Box::new(Refusal {
+                    error: e.into(),
+                    dst: Peer { workload: Some(w.clone()), identity: None, service: None },
+                })
             })?;
             debug!(workload = %w.uid, waypoint = %gw, via = %wp.addr, "workload-addressed: through its waypoint");
             return Ok(through_waypoint(wp, dst, None, td));
@@ -187,14 +188,14 @@ services:
         Snapshot::new(LocalConfig::parse(&text).unwrap())
     }
 
-    fn go(snap: &Snapshot, src_uid: &str, src_ip: &str, sa: &str, dst: &str) -> Result<Route, Refusal> {
+    fn go(snap: &Snapshot, src_uid: &str, src_ip: &str, sa: &str, dst: &str) -> Result<Route, Box<Refusal>> {
         let id = Identity::new(TD, "app", sa);
         let w = snap.workloads.iter().find(|w| w.uid == src_uid).cloned();
         let src = Source { workload: w.as_deref(), identity: &id, ip: src_ip.parse().unwrap(), network: "" };
         route(snap, TD, src, dst.parse().unwrap())
     }
 
-    fn hbone(r: Result<Route, Refusal>) -> (SocketAddr, SocketAddr, Peer, Vec<String>, bool) {
+    fn hbone(r: Result<Route, Box<Refusal>>) -> (SocketAddr, SocketAddr, Peer, Vec<String>, bool) {
         match r {
             Ok(Route::Hbone { tunnel, authority, dst, expected, waypoint }) => {
                 (tunnel, authority, dst, expected.iter().map(|i| i.to_string()).collect(), waypoint)

@@ -31,10 +31,10 @@ pub struct InvalidResource {
 /// An `Address` resource, decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AddressResource {
-    /// A workload.
-    Workload(Workload),
+    /// A workload (boxed, as the service: both are large, and each ends up behind an `Arc`).
+    Workload(Box<Workload>),
     /// A service.
-    Service(Service),
+    Service(Box<Service>),
 }
 
 fn ip(bytes: &[u8]) -> Result<IpAddr, String> {
@@ -60,8 +60,12 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
 pub fn address_from_proto(name: &str, a: wl::Address) -> Result<AddressResource, InvalidResource> {
     let bad = |reason: String| InvalidResource { resource: name.to_string(), reason };
     match a.r#type {
-        Some(wl::address::Type::Workload(w)) => workload_from_proto(w).map(AddressResource::Workload).map_err(bad),
-        Some(wl::address::Type::Service(s)) => service_from_proto(s).map(AddressResource::Service).map_err(bad),
+        Some(wl::address::Type::Workload(w)) => {
+            workload_from_proto(w).map(|w| AddressResource::Workload(Box::new(w))).map_err(bad)
+        }
+        Some(wl::address::Type::Service(s)) => {
+            service_from_proto(s).map(|s| AddressResource::Service(Box::new(s))).map_err(bad)
+        }
         None => Err(bad("neither a workload nor a service".into())),
     }
 }
@@ -516,11 +520,11 @@ policies:
         assert!(serde_json::to_value(&c.workloads[1]).unwrap().get("waypoint").is_none(), "absent, as in Istio's");
         for w in &c.workloads {
             let back = address_from_proto(&w.uid, workload_to_proto(w)).unwrap();
-            assert_eq!(back, AddressResource::Workload(w.clone()));
+            assert_eq!(back, AddressResource::Workload(Box::new(w.clone())));
         }
         for s in &c.services {
             let back = address_from_proto(&s.key(), service_to_proto(s)).unwrap();
-            assert_eq!(back, AddressResource::Service(s.clone()));
+            assert_eq!(back, AddressResource::Service(Box::new(s.clone())));
         }
         for p in &c.policies {
             assert_eq!(&policy_from_proto(&p.key(), policy_to_proto(p)).unwrap(), p);

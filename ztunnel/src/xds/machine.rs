@@ -237,8 +237,8 @@ fn decode(resp: &DeltaDiscoveryResponse) -> Result<Vec<(String, String, Held)>, 
         let held = if resp.type_url == ADDRESS_TYPE {
             let a = Address::decode(any.value.as_slice()).map_err(|e| bad(format!("undecodable: {e}")))?;
             match address_from_proto(&r.name, a)? {
-                AddressResource::Workload(w) => Held::Workload(Arc::new(w)),
-                AddressResource::Service(s) => Held::Service(Arc::new(s)),
+                AddressResource::Workload(w) => Held::Workload(Arc::new(*w)),
+                AddressResource::Service(s) => Held::Service(Arc::new(*s)),
             }
         } else {
             let a = Authorization::decode(any.value.as_slice()).map_err(|e| bad(format!("undecodable: {e}")))?;
