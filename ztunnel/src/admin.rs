@@ -193,6 +193,13 @@ impl AdminState {
     }
 
     fn metrics_text(&self) -> String {
+        let m = &self.ctx.metrics;
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            m.open_fds.set(fds.count() as i64);
+        }
+        if let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+            m.max_fds.set(i64::try_from(soft).unwrap_or(i64::MAX));
+        }
         self.ctx.metrics.cert_expiry.clear();
         for c in self.ctx.certs.dump() {
             self.ctx

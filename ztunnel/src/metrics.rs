@@ -179,6 +179,13 @@ pub struct Metrics {
     pub active_proxies: Gauge,
     /// `workload_manager_proxies_started_total`.
     pub proxies_started: Counter,
+    /// `workload_manager_pending_proxy_count`: pods handed over whose proxy has not started (always 0: a pod's
+    /// proxy starts before its ZDS add is acknowledged, or the add fails).
+    pub pending_proxies: Gauge,
+    /// `process_open_fds`: ztunnel's open file descriptors (read at each scrape).
+    pub open_fds: Gauge,
+    /// `process_max_fds`: its limit.
+    pub max_fds: Gauge,
     /// `workload_manager_proxies_stopped_total`.
     pub proxies_stopped: Counter,
     /// `ztunnel_tls_handshake_failures_total{direction,reason}`.
@@ -363,6 +370,14 @@ impl Metrics {
                 Gauge::default(),
             ),
             proxies_started: reg(&mut r, "workload_manager_proxies_started", "Pod proxies started", Counter::default()),
+            pending_proxies: reg(
+                &mut r,
+                "workload_manager_pending_proxy_count",
+                "The count of pods handed over whose proxy has not started",
+                Gauge::default(),
+            ),
+            open_fds: reg(&mut r, "process_open_fds", "Number of open file descriptors", Gauge::default()),
+            max_fds: reg(&mut r, "process_max_fds", "Maximum number of open file descriptors", Gauge::default()),
             proxies_stopped: reg(&mut r, "workload_manager_proxies_stopped", "Pod proxies stopped", Counter::default()),
             tls_failures: reg(
                 &mut r,
@@ -1026,6 +1041,9 @@ mod tests {
             "istio_xds_message_bytes_total",
             "istio_tcp_sockets_open",
             "istio_build",
+            "workload_manager_pending_proxy_count",
+            "process_open_fds",
+            "process_max_fds",
         ] {
             let family = name.strip_suffix("_total").unwrap_or(name);
             assert!(text.contains(&format!("# TYPE {family} ")), "{family} is not registered:\n{text}");

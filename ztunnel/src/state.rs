@@ -152,14 +152,10 @@ impl Workload {
         Identity::new(td, &self.namespace, sa)
     }
 
-    /// The name metrics use for it: the owner workload, else the pod.
+    /// The name Ambit's own metrics use for it: the owner workload, else the pod (Istio's labels use the
+    /// fields as they are; see `metrics`).
     pub fn metrics_name(&self) -> &str {
         if self.workload_name.is_empty() { &self.name } else { &self.workload_name }
-    }
-
-    /// The `app` label metrics use.
-    pub fn app(&self) -> &str {
-        if self.canonical_name.is_empty() { self.metrics_name() } else { &self.canonical_name }
     }
 }
 
@@ -326,17 +322,25 @@ impl std::str::FromStr for NetworkAddress {
     }
 }
 
-impl Serialize for NetworkAddress {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
+/// Serde as one string, through `Display` and `FromStr` (the file's `"<a>/<b>"` forms).
+macro_rules! serde_as_string {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
 }
 
-impl<'de> Deserialize<'de> for NetworkAddress {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_string!(NetworkAddress);
+serde_as_string!(NamespacedHostname);
 
 /// A hostname in a namespace: `"<namespace>/<hostname>"` in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -362,18 +366,6 @@ impl std::str::FromStr for NamespacedHostname {
             }
             _ => Err(format!("{s:?} is not \"<namespace>/<hostname>\"")),
         }
-    }
-}
-
-impl Serialize for NamespacedHostname {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for NamespacedHostname {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -11,53 +11,36 @@ use anyhow::Context;
 
 use crate::netns::Netns;
 
-/// A TCP server in a netns that greets each client with `peer=<client ip:port>` and then echoes what it gets.
-pub struct EchoServer {
-    addr: SocketAddr,
+/// A listener in a netns whose accept loop hands each connection to `serve` on a thread of its own; stops
+/// (and closes the listener) when dropped.
+struct Server {
     stop: Arc<AtomicBool>,
     listener: Arc<TcpListener>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl EchoServer {
-    /// Starts one listening on `addr` inside `ns`.
-    pub fn start(ns: &Netns, addr: SocketAddr) -> anyhow::Result<EchoServer> {
+impl Server {
+    fn start(
+        ns: &Netns,
+        addr: SocketAddr,
+        serve: impl Fn(TcpStream, SocketAddr) + Clone + Send + 'static,
+    ) -> anyhow::Result<Server> {
         let listener = ns.run(move || TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let (l, s) = (listener.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let Ok((mut conn, peer)) = l.accept() else { break };
-                std::thread::spawn(move || {
-                    let _ = conn.set_nodelay(true);
-                    if conn.write_all(format!("peer={peer}\n").as_bytes()).is_err() {
-                        return;
-                    }
-                    let mut buf = [0u8; 16384];
-                    loop {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => {
-                                if conn.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                });
+                let Ok((conn, peer)) = l.accept() else { break };
+                let serve = serve.clone();
+                std::thread::spawn(move || serve(conn, peer));
             }
         });
-        Ok(EchoServer { addr, stop, listener, thread: Some(thread) })
-    }
-
-    /// Where it listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Server { stop, listener, thread: Some(thread) })
     }
 }
 
-impl Drop for EchoServer {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // shutdown() on a listening socket wakes a blocked accept() with an error on Linux.
@@ -65,6 +48,41 @@ impl Drop for EchoServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A TCP server in a netns that greets each client with `peer=<client ip:port>` and then echoes what it gets.
+pub struct EchoServer {
+    addr: SocketAddr,
+    _server: Server,
+}
+
+impl EchoServer {
+    /// Starts one listening on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> anyhow::Result<EchoServer> {
+        let server = Server::start(ns, addr, |mut conn, peer| {
+            let _ = conn.set_nodelay(true);
+            if conn.write_all(format!("peer={peer}\n").as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 16384];
+            loop {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(EchoServer { addr, _server: server })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 }
 
@@ -173,54 +191,33 @@ pub fn http_exchange(ns: &Netns, addr: SocketAddr, method: &str, path: &str) -> 
 /// An HTTP/1.1 server inside a pod: answers every request `200` with `<name> saw <peer> ask for <path>`, then
 /// closes the connection.
 pub struct HttpServer {
-    stop: Arc<AtomicBool>,
-    listener: Arc<TcpListener>,
-    thread: Option<JoinHandle<()>>,
+    _server: Server,
 }
 
 impl HttpServer {
     /// Starts one called `name` listening on `addr` inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> anyhow::Result<HttpServer> {
-        let listener = ns.run(move || TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
-        let listener = Arc::new(listener);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, s, name) = (listener.clone(), stop.clone(), name.to_string());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let Ok((mut conn, peer)) = l.accept() else { break };
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head);
-                    let path = text.split_whitespace().nth(1).unwrap_or("?");
-                    let body = format!("{name} saw {} ask for {path}", peer.ip());
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(resp.as_bytes());
-                });
+        let name = name.to_string();
+        let server = Server::start(ns, addr, move |mut conn, peer| {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
             }
-        });
-        Ok(HttpServer { stop, listener, thread: Some(thread) })
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = socket2::SockRef::from(&*self.listener).shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+            let text = String::from_utf8_lossy(&head);
+            let path = text.split_whitespace().nth(1).unwrap_or("?");
+            let body = format!("{name} saw {} ask for {path}", peer.ip());
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes());
+        })?;
+        Ok(HttpServer { _server: server })
     }
 }
 

@@ -20,6 +20,57 @@ pub fn tie_children_to_lab(tie: bool) {
     TIE_CHILDREN.store(tie, Ordering::Relaxed);
 }
 
+/// Where named network namespaces live.
+const NETNS_DIR: &str = "/run/netns";
+
+/// Makes sure `/run/netns` is one shared mount, as `ip netns` makes it and as containerd requires of a
+/// `HostToContainer` volume (the cluster tier's agent mounts it), and returns a lock held while a namespace
+/// is created in it. Making it is racy: two processes that both find it not yet a mount point both
+/// bind-mount it on itself and only the top layer is made shared, while containerd judges by the lowest
+/// (parallel lab tests did this once on a fresh machine). So it is made under a lock shared by every lab
+/// process, and a stack of layers left by such a race is undone while no namespace is in it.
+fn netns_dir() -> anyhow::Result<nix::fcntl::Flock<File>> {
+    use nix::mount::{MsFlags, mount, umount};
+    std::fs::create_dir_all("/run/lock")?;
+    let file = File::create("/run/lock/ambit-lab-netns.lock")?;
+    let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking /run/lock/ambit-lab-netns.lock: {e}"))?;
+    std::fs::create_dir_all(NETNS_DIR)?;
+    let layers = netns_dir_layers()?;
+    if !layers.is_empty() && layers.iter().all(|shared| *shared) {
+        return Ok(lock);
+    }
+    if !layers.is_empty() {
+        if std::fs::read_dir(NETNS_DIR)?.next().is_some() {
+            // Namespaces live in it: leave it be (the cluster tier will say what containerd thinks of it).
+            return Ok(lock);
+        }
+        for _ in &layers {
+            umount(NETNS_DIR).with_context(|| format!("unmounting a stacked layer of {NETNS_DIR}"))?;
+        }
+    }
+    let none: Option<&str> = None;
+    mount(Some(NETNS_DIR), NETNS_DIR, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+        .with_context(|| format!("bind-mounting {NETNS_DIR} on itself"))?;
+    mount(none, NETNS_DIR, none, MsFlags::MS_SHARED | MsFlags::MS_REC, none)
+        .with_context(|| format!("making {NETNS_DIR} shared"))?;
+    Ok(lock)
+}
+
+/// The mounts stacked on `/run/netns`, lowest first: whether each is shared.
+fn netns_dir_layers() -> anyhow::Result<Vec<bool>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            // id, parent, major:minor, root, mount point, options, optional fields…, "-", …
+            (fields.get(4) == Some(&NETNS_DIR))
+                .then(|| fields[6..].iter().take_while(|f| **f != "-").any(|f| f.starts_with("shared:")))
+        })
+        .collect())
+}
+
 /// A named network namespace (`/var/run/netns/<name>`, exactly as a container runtime makes one), deleted on
 /// drop.
 #[derive(Debug)]
@@ -32,7 +83,10 @@ pub struct Netns {
 impl Netns {
     /// Creates it, with loopback up.
     pub fn create(name: &str) -> anyhow::Result<Netns> {
-        let inner = netns_rs::NetNs::new(name).with_context(|| format!("creating netns {name}"))?;
+        let inner = {
+            let _dir = netns_dir()?;
+            netns_rs::NetNs::new(name).with_context(|| format!("creating netns {name}"))?
+        };
         let ns = Netns { name: name.to_string(), inner: Some(inner), owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)

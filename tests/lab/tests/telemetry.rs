@@ -20,6 +20,11 @@ const DENIED_PORT: u16 = APP_PORT + 5;
 /// A port nobody serves.
 const CLOSED_PORT: u16 = APP_PORT + 9;
 
+/// Istio's metric families Ambit does not have (the README's Istio section says why): those of features it
+/// lacks, its DNS proxy (its own issue) and certificate revocation lists; and its tokio runtime's figures,
+/// which Ambit's runtime (one single-threaded runtime per worker) would not give the same meaning.
+const NOT_YET: &[&str] = &["istio_dns_", "istio_on_demand_dns", "istio_crl_", "tokio_"];
+
 /// One series: a metric's name and its labels.
 type Series = (String, BTreeMap<String, String>);
 
@@ -160,11 +165,11 @@ fn ambit_and_istio_report_the_same_telemetry_for_the_same_input() {
         for d in differences(&ambit.metrics[node], &istio.metrics[node]) {
             report.push(format!("node{}: {d}", node + 1));
         }
-        for name in ["istio_build", "istio_tcp_sockets_open", "istio_xds_message_bytes", "istio_xds_message"] {
-            for (who, names) in [("Ambit", &ambit.all_names[node]), ("Istio", &istio.all_names[node])] {
-                if !names.contains(name) {
-                    report.push(format!("node{}: {who} has no {name}", node + 1));
-                }
+        // Every metric family of Istio's that Ambit lacks (Ambit's own are named ztunnel_*), but those of
+        // features Ambit does not have yet.
+        for name in istio.all_names[node].difference(&ambit.all_names[node]) {
+            if !NOT_YET.iter().any(|p| name.starts_with(p)) {
+                report.push(format!("node{}: Istio's {name} is not Ambit's", node + 1));
             }
         }
         for w in ["client", "server", "outsider"] {
