@@ -506,6 +506,12 @@ impl<T> TlsStream<T> {
             .key
             .open_in_place(nonce, aead::Aad::from(header), &mut self.rbuf[start..start + len])
             .map_err(|_| (Some(BAD_RECORD_MAC), rustls::Error::DecryptError))?;
+        // The whole inner plaintext (content, type and padding) is bounded, before the padding comes off
+        // (RFC 8446, 5.4): over it, nothing of the record counts.
+        if opened.len() > MAX_PLAINTEXT + 1 {
+            let n = opened.len();
+            return Err((Some(RECORD_OVERFLOW), rustls::Error::General(format!("an inner plaintext of {n} bytes"))));
+        }
         // The content type is the last byte that is not zero padding.
         let Some(typ_at) = opened.iter().rposition(|&b| b != 0) else {
             return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General("a record without a content type".into())));
@@ -829,6 +835,43 @@ mod tests {
 
     fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
         e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    }
+
+    /// Seals `inner` (content, type and padding, as given) into one record on `s`'s way out, whatever its
+    /// length: what a peer that breaks the rules would send.
+    fn seal_raw(s: &mut TlsStream<DuplexStream>, inner: &[u8]) {
+        let start = s.wbuf.len();
+        s.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 0]);
+        s.wbuf.extend_from_slice(inner);
+        let len = (inner.len() + TAG) as u16;
+        s.wbuf[start + 3..start + 5].copy_from_slice(&len.to_be_bytes());
+        let header: [u8; HEADER] = s.wbuf[start..start + HEADER].try_into().unwrap();
+        let nonce = s.tx.next_nonce().unwrap();
+        let tag =
+            s.tx.key.seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut s.wbuf[start + HEADER..]).unwrap();
+        s.wbuf.extend_from_slice(tag.as_ref());
+    }
+
+    /// RFC 8446, 5.4: an inner plaintext over 2^14 + 1 bytes is `record_overflow`, even when what makes it too
+    /// long is padding, and nothing of it reaches the app.
+    #[tokio::test]
+    async fn an_inner_plaintext_too_long_by_its_padding_is_refused_and_nothing_delivered() {
+        let pki = pki().await;
+        let (mut c, mut s) = ours(&pki).await;
+        let mut inner = pattern(MAX_PLAINTEXT, 7);
+        inner.extend_from_slice(&[APPLICATION_DATA, 0]);
+        seal_raw(&mut c, &inner);
+        c.flush().await.unwrap();
+        let mut got = vec![0u8; 2 * MAX_PLAINTEXT];
+        let e = s.read(&mut got).await.expect_err("refused");
+        assert!(e.to_string().contains("inner plaintext of 16386 bytes"), "{e}");
+        // One byte less, all content and no padding, is the most a record may hold: delivered whole.
+        let (mut c, mut s) = ours(&pki).await;
+        let mut inner = pattern(MAX_PLAINTEXT, 9);
+        inner.push(APPLICATION_DATA);
+        seal_raw(&mut c, &inner);
+        c.flush().await.unwrap();
+        assert_eq!(read_n(&mut s, MAX_PLAINTEXT).await, pattern(MAX_PLAINTEXT, 9));
     }
 
     #[tokio::test]
