@@ -11,8 +11,11 @@
 //! After the handshake a connection accepts only protected records (`application_data` on the wire). Inside
 //! them: application data; `close_notify` (end of stream) and `user_canceled` alerts; `KeyUpdate` (the
 //! receive key changes, and ours too when the peer asks); `NewSessionTicket` on the client side. Anything
-//! else, a record that does not open, or one longer than the RFC allows ends the connection with the alert the
-//! RFC names, sent best effort. ztunnel changes its own sending key before the suite's confidentiality limit.
+//! else, a record that does not open, or one longer than the RFC allows (its inner plaintext counted with its
+//! padding) ends the connection with the alert the RFC names, sent best effort. What a peer could make us do
+//! for nothing is bounded as rustls bounds it: 32 empty records in a row, 32 `KeyUpdate` requests between two
+//! records of data, 4 `user_canceled` alerts. ztunnel changes its own sending key before the suite's
+//! confidentiality limit.
 //! A connection ending without `close_notify` reads as `UnexpectedEof`, as with rustls's stream.
 
 use std::io;
@@ -48,6 +51,12 @@ pub const WRITE_LIMIT: usize = 512 * 1024;
 const WRITE_KEEP: usize = 4 * 1024;
 /// Most bytes of a handshake message after the handshake (a `NewSessionTicket` is far below).
 const MAX_HANDSHAKE_MESSAGE: usize = 64 * 1024;
+/// What a peer may make us do for nothing, bounded as rustls (and BoringSSL, whose numbers these are) bound it:
+/// empty records in a row, `KeyUpdate`s asking for ours between two records of data (each costs a key
+/// derivation and a record back), and `user_canceled` warnings over the connection's life.
+const MAX_EMPTY_RECORDS: u8 = 32;
+const MAX_KEY_UPDATE_REQUESTS: u8 = 32;
+const MAX_WARNING_ALERTS: u8 = 4;
 
 // Record content types (RFC 8446, 5.1).
 const ALERT: u8 = 21;
@@ -153,6 +162,10 @@ pub struct TlsStream<T> {
     write_closed: bool,
     /// The connection failed; every later read or write fails with this.
     failed: Option<rustls::Error>,
+    /// Empty records received in a row; `KeyUpdate` requests and warnings the peer may still send.
+    empty_run: u8,
+    key_update_requests_left: u8,
+    warnings_left: u8,
 }
 
 impl<T> std::fmt::Debug for TlsStream<T> {
@@ -373,6 +386,9 @@ impl<T> TlsStream<T> {
             read_closed: false,
             write_closed: false,
             failed: None,
+            empty_run: 0,
+            key_update_requests_left: MAX_KEY_UPDATE_REQUESTS,
+            warnings_left: MAX_WARNING_ALERTS,
         })
     }
 
@@ -523,6 +539,15 @@ impl<T> TlsStream<T> {
             ));
         }
         let typ = opened[typ_at];
+        if typ_at == 0 {
+            if self.empty_run == MAX_EMPTY_RECORDS {
+                let e = format!("more than {MAX_EMPTY_RECORDS} empty records in a row");
+                return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General(e)));
+            }
+            self.empty_run += 1;
+        } else {
+            self.empty_run = 0;
+        }
         if typ != HANDSHAKE && !self.handshake.is_empty() {
             return Err((
                 Some(UNEXPECTED_MESSAGE),
@@ -530,7 +555,12 @@ impl<T> TlsStream<T> {
             ));
         }
         match typ {
-            APPLICATION_DATA => self.plain = start..start + typ_at,
+            APPLICATION_DATA => {
+                if typ_at > 0 {
+                    self.key_update_requests_left = MAX_KEY_UPDATE_REQUESTS;
+                }
+                self.plain = start..start + typ_at;
+            }
             HANDSHAKE if typ_at == 0 => {
                 return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General("an empty handshake record".into())));
             }
@@ -547,7 +577,13 @@ impl<T> TlsStream<T> {
             }
             ALERT => match opened[..typ_at] {
                 [_, CLOSE_NOTIFY] => self.read_closed = true,
-                [_, USER_CANCELED] => {}
+                [_, USER_CANCELED] => {
+                    if self.warnings_left == 0 {
+                        let e = format!("more than {MAX_WARNING_ALERTS} user_canceled alerts");
+                        return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General(e)));
+                    }
+                    self.warnings_left -= 1;
+                }
                 [_, description] => {
                     // The peer has given up on the connection: nothing to answer.
                     return Err((None, rustls::Error::AlertReceived(rustls::AlertDescription::from(description))));
@@ -595,6 +631,13 @@ impl<T> TlsStream<T> {
                             Some(UNEXPECTED_MESSAGE),
                             rustls::Error::General("a KeyUpdate not at a record's end".into()),
                         ));
+                    }
+                    if request {
+                        if self.key_update_requests_left == 0 {
+                            let e = format!("more than {MAX_KEY_UPDATE_REQUESTS} KeyUpdate requests without data");
+                            return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General(e)));
+                        }
+                        self.key_update_requests_left -= 1;
                     }
                     let secrets = self.kernel.update_rx().map_err(|e| (Some(INTERNAL_ERROR), e))?;
                     self.rx = Direction::new(secrets).map_err(|e| (Some(INTERNAL_ERROR), e))?;
@@ -872,6 +915,63 @@ mod tests {
         seal_raw(&mut c, &inner);
         c.flush().await.unwrap();
         assert_eq!(read_n(&mut s, MAX_PLAINTEXT).await, pattern(MAX_PLAINTEXT, 9));
+    }
+
+    /// The cheap floods rustls bounds are bounded here the same: empty records in a row, `KeyUpdate`
+    /// requests between records of data, `user_canceled` warnings; below each bound, nothing changes.
+    #[tokio::test]
+    async fn floods_a_peer_sends_for_nothing_are_bounded_as_rustls_bounds_them() {
+        let pki = pki().await;
+        let empty = [APPLICATION_DATA];
+        let key_update = [KEY_UPDATE, 0, 0, 1, 1, HANDSHAKE];
+        let canceled = [1, USER_CANCELED, ALERT];
+        // The most of each, then data: delivered.
+        let (mut c, mut s) = ours(&pki).await;
+        for _ in 0..MAX_EMPTY_RECORDS {
+            seal_raw(&mut c, &empty);
+        }
+        for _ in 0..MAX_KEY_UPDATE_REQUESTS {
+            seal_raw(&mut c, &key_update);
+            c.tx = Direction::new(c.kernel.update_tx().unwrap()).unwrap();
+        }
+        for _ in 0..MAX_WARNING_ALERTS {
+            seal_raw(&mut c, &canceled);
+        }
+        seal_raw(&mut c, b"after all that\x17");
+        c.flush().await.unwrap();
+        assert_eq!(read_n(&mut s, 14).await, b"after all that");
+        // Data lets as many KeyUpdate requests come again.
+        for _ in 0..MAX_KEY_UPDATE_REQUESTS {
+            seal_raw(&mut c, &key_update);
+            c.tx = Direction::new(c.kernel.update_tx().unwrap()).unwrap();
+        }
+        seal_raw(&mut c, b"again\x17");
+        c.flush().await.unwrap();
+        assert_eq!(read_n(&mut s, 5).await, b"again");
+        // One more of each ends the connection.
+        for (what, inner, rekey) in [
+            ("empty records", &empty[..], false),
+            ("KeyUpdate requests", &key_update[..], true),
+            ("user_canceled alerts", &canceled[..], false),
+        ] {
+            let (mut c, mut s) = ours(&pki).await;
+            let n = match what {
+                "empty records" => MAX_EMPTY_RECORDS,
+                "KeyUpdate requests" => MAX_KEY_UPDATE_REQUESTS,
+                _ => MAX_WARNING_ALERTS,
+            };
+            for _ in 0..=n {
+                seal_raw(&mut c, inner);
+                if rekey {
+                    c.tx = Direction::new(c.kernel.update_tx().unwrap()).unwrap();
+                }
+            }
+            c.flush().await.unwrap();
+            // Gone after the flood: without the bound, the read ends at the cut, not at the flood.
+            drop(c);
+            let e = s.read(&mut [0u8; 64]).await.expect_err(what);
+            assert!(e.to_string().contains(what), "{what}: {e}");
+        }
     }
 
     #[tokio::test]
