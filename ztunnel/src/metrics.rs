@@ -222,6 +222,9 @@ pub struct Metrics {
     pub xds_message_bytes: Family<TypeLabels, Counter>,
     /// `istio_tcp_sockets_open{reporter}`: sockets accepted from pods (captured or HBONE) open now.
     pub tcp_sockets_open: Family<ReporterLabels, Gauge>,
+    /// Its two series, each made at its first socket (as Istio's) and then at hand without a lookup: every
+    /// accepted connection counts in one.
+    sockets_open: [std::sync::OnceLock<Gauge>; 2],
     /// `ztunnel_xds_nacks_total{url}`: xDS responses refused, by type.
     pub xds_nacks: Family<TypeLabels, Counter>,
     /// `ztunnel_xds_resources{url}`: resources in force, by type.
@@ -459,6 +462,7 @@ impl Metrics {
                 r.register_with_unit("istio_xds_message", help, prometheus_client::registry::Unit::Bytes, f.clone());
                 f
             },
+            sockets_open: Default::default(),
             tcp_sockets_open: reg(
                 &mut r,
                 "istio_tcp_sockets_open",
@@ -519,6 +523,14 @@ impl Metrics {
         let key = PairKey { direction, mtls, src: PeerKey::of(src), dst: PeerKey::of(dst) };
         pairs.insert(hash, (key, counters.clone()));
         counters
+    }
+
+    /// `istio_tcp_sockets_open`'s gauge for the sockets of the pods' outbound connections (`source`) or of
+    /// the connections to them (`destination`).
+    pub fn sockets_open(&self, source: bool) -> &Gauge {
+        let reporter = if source { "source" } else { "destination" };
+        self.sockets_open[usize::from(source)]
+            .get_or_init(|| self.tcp_sockets_open.get_or_create(&ReporterLabels { reporter: reporter.into() }).clone())
     }
 
     /// Counts an outbound connection refused because its waypoint could not be used.

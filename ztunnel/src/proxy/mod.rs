@@ -371,10 +371,9 @@ struct SocketOpen(prometheus_client::metrics::gauge::Gauge);
 
 impl SocketOpen {
     fn new(metrics: &Metrics, port: u16) -> SocketOpen {
-        let reporter = if port == OUTBOUND_PORT { "source" } else { "destination" };
-        let g = metrics.tcp_sockets_open.get_or_create(&crate::metrics::ReporterLabels { reporter: reporter.into() });
+        let g = metrics.sockets_open(port == OUTBOUND_PORT).clone();
         g.inc();
-        SocketOpen(g.clone())
+        SocketOpen(g)
     }
 }
 
