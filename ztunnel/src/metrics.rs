@@ -233,7 +233,7 @@ pub struct Metrics {
     /// had no file descriptor left for them (see `socket::shed_one`).
     pub connections_shed: Family<PortLabels, Counter>,
     /// `ztunnel_waypoint_refused_total{reason}`: outbound connections refused because the waypoint they must
-    /// pass could not be used (`unknown`, `no_endpoint`, `no_address`, `other_network`: not resolved;
+    /// pass could not be used (`unknown`, `no_endpoint`, `no_port`, `other_network`: not resolved;
     /// `unreachable`: it did not connect, prove its identity or answer the CONNECT).
     pub waypoint_refused: Family<ReasonOnlyLabels, Counter>,
     /// The TCP counters of each peer pair seen lately, by [`PairKey::hash_of`] (see [`Metrics::pair`]).

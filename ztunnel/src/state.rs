@@ -514,8 +514,7 @@ impl WaypointError {
             WaypointError::Unknown(_) => "unknown",
             WaypointError::NoEndpoint(..) => "no_endpoint",
             WaypointError::NoPort(..) => "no_port",
-            WaypointError::NoAddress(..) => "no_address",
-            WaypointError::OtherNetwork { .. } => "other_network",
+            WaypointError::OtherNetwork(_) => "other_network",
         }
     }
 }
@@ -532,17 +531,9 @@ pub enum WaypointError {
     /// A service that does not declare the waypoint's HBONE port.
     #[error("waypoint {0}: its service {1} has no such port")]
     NoPort(GatewayAddress, String),
-    /// A workload without an address.
-    #[error("waypoint {0}: its workload {1} has no address")]
-    NoAddress(GatewayAddress, String),
     /// On another network: it would take a network gateway, which Ambit does not support.
-    #[error("waypoint {gateway} is on network {network:?}, reachable only through a network gateway (unsupported)")]
-    OtherNetwork {
-        /// The waypoint.
-        gateway: GatewayAddress,
-        /// Its network.
-        network: String,
-    },
+    #[error("waypoint {0} is on another network, reachable only through a network gateway (unsupported)")]
+    OtherNetwork(GatewayAddress),
 }
 
 /// A consistent snapshot of what ztunnel knows.
@@ -672,66 +663,43 @@ impl Snapshot {
 
     /// Resolves a waypoint for a connection from a workload on `network` to `orig` (the destination the app
     /// asked for): its workload, and the address to reach it over HBONE. Istio's rules: an address names
-    /// a workload (that address is used) or a service (one of its healthy endpoints); a hostname names a
-    /// service, whose endpoint is reached in the family of `orig`.
+    /// a workload (that address is used) or a service; a hostname names a service. A service's waypoint is one
+    /// of its endpoints, picked as any service's are ([`Snapshot::pick_upstream`]) on the port the service maps
+    /// the HBONE port to (a waypoint's service declares it, as istiod publishes it), in the family of the
+    /// address that named it or, for a hostname, of `orig`.
     pub fn waypoint(
         &self,
         gw: &GatewayAddress,
         network: &str,
         orig: std::net::SocketAddr,
     ) -> Result<ResolvedWaypoint, WaypointError> {
-        let (service, family) = match &gw.destination {
+        let (service, family_of) = match &gw.destination {
             GatewayDestination::Address(a) => {
                 if let Some(w) = self.by_ip.get(&a.address) {
-                    return self.waypoint_workload(gw, w.clone(), None, network, Some(a.address));
+                    if w.network != network {
+                        return Err(WaypointError::OtherNetwork(gw.clone()));
+                    }
+                    let addr = std::net::SocketAddr::new(a.address, gw.hbone_mtls_port);
+                    return Ok(ResolvedWaypoint { workload: w.clone(), service: None, addr });
                 }
                 // An address ztunnel knows nothing of is refused, not dialed: whatever answers there has
                 // not been vouched for by the control plane.
                 let svc = self.by_vip.get(&a.address).ok_or_else(|| WaypointError::Unknown(gw.clone()))?;
-                (svc.clone(), a.address.is_ipv4())
+                (svc.clone(), a.address)
             }
             GatewayDestination::Hostname(h) => {
                 let svc = self
                     .service_by_hostname(&h.namespace, &h.hostname)
                     .ok_or_else(|| WaypointError::Unknown(gw.clone()))?;
-                (svc, orig.is_ipv4())
+                (svc, orig.ip())
             }
         };
-        // As Istio's ztunnel: a waypoint's service declares the port it takes HBONE on (istiod publishes it).
-        if !service.ports.contains_key(&gw.hbone_mtls_port) {
-            return Err(WaypointError::NoPort(gw.clone(), service.key()));
-        }
-        let healthy: Vec<&Endpoint> = self
-            .endpoints(&service)
-            .iter()
-            .filter(|e| e.workload.status == HealthStatus::Healthy && !e.workload.workload_ips.is_empty())
-            .collect();
-        // Endpoints on this network first; one on another would need a network gateway.
-        let local: Vec<&Endpoint> = healthy.iter().copied().filter(|e| e.workload.network == network).collect();
-        let pool = if local.is_empty() { healthy } else { local };
-        if pool.is_empty() {
-            return Err(WaypointError::NoEndpoint(gw.clone(), service.key()));
-        }
-        let ep = pool[self.next.fetch_add(1, Ordering::Relaxed) % pool.len()];
-        let ip = ep.workload.workload_ips.iter().find(|ip| ip.is_ipv4() == family).copied();
-        self.waypoint_workload(gw, ep.workload.clone(), Some(service), network, ip)
-    }
-
-    fn waypoint_workload(
-        &self,
-        gw: &GatewayAddress,
-        workload: Arc<Workload>,
-        service: Option<Arc<Service>>,
-        network: &str,
-        ip: Option<IpAddr>,
-    ) -> Result<ResolvedWaypoint, WaypointError> {
-        if workload.network != network {
-            return Err(WaypointError::OtherNetwork { gateway: gw.clone(), network: workload.network.clone() });
-        }
-        let ip = ip
-            .or_else(|| workload.workload_ips.first().copied())
-            .ok_or_else(|| WaypointError::NoAddress(gw.clone(), workload.uid.clone()))?;
-        Ok(ResolvedWaypoint { addr: std::net::SocketAddr::new(ip, gw.hbone_mtls_port), workload, service })
+        let up = self.pick_upstream(&service, family_of, gw.hbone_mtls_port, network).map_err(|e| match e {
+            NoUpstream::UnknownPort { .. } => WaypointError::NoPort(gw.clone(), service.key()),
+            NoUpstream::NoEndpoint(_) => WaypointError::NoEndpoint(gw.clone(), service.key()),
+            NoUpstream::OtherNetwork(_) => WaypointError::OtherNetwork(gw.clone()),
+        })?;
+        Ok(ResolvedWaypoint { workload: up.workload, service: Some(service), addr: up.addr })
     }
 
     /// Whether a connection from `identity` at `ip` comes from the waypoint `gw` itself (one of its workloads:

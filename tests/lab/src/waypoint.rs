@@ -229,7 +229,8 @@ impl Waypoint {
         let snap = self.state.snapshot();
         let td = &self.settings.identity.trust_domain;
         if let Some(svc) = snap.service_by_vip(target.ip()) {
-            let up = snap.pick_upstream(&svc, target.ip(), target.port(), &up_network(&snap, target)).ok()?;
+            // The lab's mesh is one network, the default one.
+            let up = snap.pick_upstream(&svc, target.ip(), target.port(), "").ok()?;
             let mut expected = vec![up.workload.identity(td)];
             expected.extend(svc.subject_alt_names.iter().filter_map(|s| s.parse().ok()));
             return Some(Upstream { addr: up.addr, hbone: up.workload.protocol == Protocol::HBONE, expected });
@@ -275,12 +276,6 @@ impl Waypoint {
         anyhow::ensure!(resp.status() == StatusCode::OK, "the endpoint answered the CONNECT {}", resp.status());
         Ok(Box::new(duplex(send, resp.into_body())))
     }
-}
-
-/// The network the waypoint's endpoints are on (the target's workload's, when the target is one; the lab's
-/// mesh is one network).
-fn up_network(snap: &ztunnel::state::Snapshot, target: SocketAddr) -> String {
-    snap.workload_by_ip(target.ip()).map(|w| w.network.clone()).unwrap_or_default()
 }
 
 /// An endpoint a CONNECT target resolved to.

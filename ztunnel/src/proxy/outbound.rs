@@ -189,12 +189,22 @@ fn early_data(tcp: &TcpStream) -> Vec<u8> {
 
 async fn hbone(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr, to: Tunnel, src: Peer, dst_peer: Peer) {
     let key = PoolKey { src: pod.identity.clone(), dst: to.expected, addr: to.addr };
-    let host = dst_peer.service.as_ref().map(|s| s.hostname.clone());
+    // The service (shared, not its hostname copied) for the CONNECT's `forwarded` host.
+    let service = dst_peer.service.clone();
     let rec =
         ConnRecord::open(&pod.ctx.metrics, Direction::Outbound, peer, to.authority, Some(to.addr), src, dst_peer, true);
     let mut early = early_data(&tcp);
     // Boxed: the setup's state is freed once the stream is open, so an idle connection keeps only the copy's.
-    let opened = Box::pin(open_stream(&pod, &key, peer, to.authority, host.as_deref(), &tcp, &mut early)).await;
+    let opened = Box::pin(open_stream(
+        &pod,
+        &key,
+        peer,
+        to.authority,
+        service.as_ref().map(|s| s.hostname.as_str()),
+        &tcp,
+        &mut early,
+    ))
+    .await;
     let early_len = early.len() as u64;
     drop(early);
     let (resp, send, slot) = match opened {

@@ -322,7 +322,7 @@ services:
         assert!(matches!(e.error, RouteError::Waypoint(WaypointError::NoEndpoint(..))), "{}", e.error);
         assert_eq!(e.dst.service.unwrap().name, "server", "counted against the service asked for");
         let e = err("10.96.0.3:80");
-        assert!(matches!(e.error, RouteError::Waypoint(WaypointError::OtherNetwork { .. })), "{}", e.error);
+        assert!(matches!(e.error, RouteError::Waypoint(WaypointError::OtherNetwork(_))), "{}", e.error);
         assert!(e.error.to_string().contains("network gateway (unsupported)"), "{}", e.error);
         // A waypoint's service that does not declare its HBONE port (Istio's ztunnel finds no endpoint then).
         let e = err("10.96.0.5:80");
