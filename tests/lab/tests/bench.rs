@@ -66,16 +66,24 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         num(&format!("waypoint.of_mesh.{ratio}"));
     }
     for path in ["mesh", "floor", "peer", "sockmap", "captured_floor", "waypoint"] {
+        // On the sockmap path the kernel carries an established connection's bytes from socket to socket:
+        // ztunnel may spend no CPU tick at all on the round trips, and a share of nothing is null.
+        let idle_in_exchanges = |phase: &str| path == "sockmap" && phase.contains("round_trip");
         for unit in ["bulk_s_per_gib", "round_trip_us", "connection_us", "paced_round_trip_us"]
             .into_iter()
             .filter(|u| path != "sockmap" || !sockmap_bulk_failed || *u != "bulk_s_per_gib")
         {
-            assert!(num(&format!("cpu_per_unit.{path}.{unit}")) > 0.0, "{path} {unit}: {v:#}");
+            let cpu = num(&format!("cpu_per_unit.{path}.{unit}"));
+            assert!(cpu > 0.0 || (idle_in_exchanges(unit) && cpu == 0.0), "{path} {unit}: {v:#}");
         }
         for phase in ["bulk", "round_trip", "connection", "paced_round_trip"]
             .into_iter()
             .filter(|p| path != "sockmap" || !sockmap_bulk_failed || *p != "bulk")
         {
+            let share = &v["cpu_per_unit"][path]["kernel_share"][phase];
+            if share.is_null() && idle_in_exchanges(phase) {
+                continue;
+            }
             let share = num(&format!("cpu_per_unit.{path}.kernel_share.{phase}"));
             assert!((0.0..=1.0).contains(&share), "{path} {phase}: {v:#}");
         }
@@ -143,9 +151,11 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     }
     num("floor.mesh_of_floor.added_rr_1b_us_p50_over_floor");
     // The sockmap experiment: the floor's relays with their in-pod legs short-cut, over the floor.
-    for ratio in ["connect_rate", "rr_1b_p50", "cpu_per_round_trip"] {
+    for ratio in ["connect_rate", "rr_1b_p50"] {
         assert!(num(&format!("sockmap.of_floor.{ratio}")) > 0.0, "{ratio}: {v:#}");
     }
+    // Nothing at all when the short-cut spared ztunnel every tick of the round trips (see above).
+    assert!(num("sockmap.of_floor.cpu_per_round_trip") >= 0.0, "{v:#}");
     for ratio in ["throughput_1", "throughput_8", "cpu_per_gib"].into_iter().filter(|_| !sockmap_bulk_failed) {
         assert!(num(&format!("sockmap.of_floor.{ratio}")) > 0.0, "{ratio}: {v:#}");
     }
