@@ -134,7 +134,18 @@ async fn send_h2(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()
 
 /// Copies between `tcp` and an HBONE stream until both directions end. A clean end of one side is passed
 /// on as a half-close (END_STREAM / FIN); an error on either ends both (the stream is reset).
-pub async fn tcp_h2(tcp: &TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> Transferred {
+pub async fn tcp_h2(tcp: &TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Transferred {
+    tcp_h2_until(tcp, send, recv, None).await
+}
+
+/// As [`tcp_h2`]; and once `peer_closed` turns true (the peer's TLS direction has ended: it will send no more
+/// frames), what HTTP/2 holds of the stream is the last of it, and the TCP side gets its FIN.
+pub async fn tcp_h2_until(
+    tcp: &TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    mut peer_closed: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Transferred {
     let mut from_tcp = 0u64;
     let mut to_tcp = 0u64;
     let up = async {
@@ -148,7 +159,25 @@ pub async fn tcp_h2(tcp: &TcpStream, mut send: SendStream<Bytes>, mut recv: Recv
         }
     };
     let down = async {
-        while let Some(chunk) = recv.data().await {
+        let closed = async {
+            // Without such an end, or once the connection is gone (and the stream fails on its own): never.
+            let ended = match &mut peer_closed {
+                Some(c) => c.wait_for(|closed| *closed).await.is_ok(),
+                None => false,
+            };
+            if !ended {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(closed);
+        loop {
+            let chunk = tokio::select! {
+                // Whatever was received before the peer's close comes first.
+                biased;
+                chunk = recv.data() => chunk,
+                () = &mut closed => None,
+            };
+            let Some(chunk) = chunk else { break };
             crate::busy_poll::activity();
             let chunk = chunk.map_err(h2_io)?;
             let n = chunk.len();

@@ -54,7 +54,8 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         warn!(pod = %pod.name(), %peer, error = %e, "no certificate to answer an HBONE connection with");
         return;
     }
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::record::accept(pod.tls_server.clone(), tcp)).await {
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls::record::accept(pod.tls_server.clone(), tcp)).await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let reason = hbone::tls_reason(&e);
@@ -73,6 +74,10 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         log_once!(first, pod = %pod.name(), %peer, "client certificate without a workload identity");
         return;
     };
+    // A client's close_notify ends only its direction (RFC 8446, 6.1): each stream's app gets its FIN, what
+    // they still send is delivered, then the connection closes.
+    let client_closed_rx = tls.half_close();
+    let mut client_closed = client_closed_rx.clone();
     let c = &pod.ctx.cfg;
     let mut conn = match hbone::server::handshake(tls, c).await {
         Ok(c) => c,
@@ -82,12 +87,14 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
         }
     };
     let mut drain = pod.drain.watch();
-    let mut goaway = false;
+    let (mut goaway, mut half_closed) = (false, false);
+    let mut linger = tokio::time::interval(std::time::Duration::from_millis(10));
     let ping = hbone::keepalive(conn.ping_pong(), c.h2_ping_interval, c.h2_ping_timeout);
     tokio::pin!(ping);
     loop {
         tokio::select! {
-            why = &mut ping => {
+            // A client that closed its direction cannot answer a ping.
+            why = &mut ping, if !half_closed => {
                 debug!(pod = %pod.name(), %peer, "dropping an HBONE connection: {why}");
                 break;
             }
@@ -95,11 +102,12 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
                 Some(Ok((req, respond))) => {
                     let pod = pod.clone();
                     let id = client_id.clone();
+                    let client_closed = client_closed_rx.clone();
                     tokio::spawn(async move {
                         let _active = pod.drain.track();
                         let mut closed = pod.drain.watch();
                         tokio::select! {
-                            _ = stream(pod.clone(), req, respond, peer, local, id) => {}
+                            _ = stream(pod.clone(), req, respond, peer, local, id, client_closed) => {}
                             _ = closed.closed() => {}
                         }
                     });
@@ -114,6 +122,17 @@ pub async fn serve_connection(pod: Arc<PodCtx>, tcp: TcpStream, peer: SocketAddr
                 // Tell the peer to stop opening streams here; existing ones carry on until the deadline.
                 conn.graceful_shutdown();
                 goaway = true;
+            }
+            _ = client_closed.wait_for(|c| *c), if !half_closed => {
+                // No frame can come any more, so no new stream and no answer to a ping: once the open streams
+                // are over (and flushed), so is the connection.
+                debug!(pod = %pod.name(), %peer, "the client closed its direction; finishing its streams");
+                half_closed = true;
+            }
+            _ = linger.tick(), if half_closed => {
+                if !conn.has_streams() {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                }
             }
         }
     }
@@ -131,6 +150,7 @@ async fn stream(
     peer: SocketAddr,
     local: SocketAddr,
     client_id: Identity,
+    client_closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let target = match hbone::server::validate(req.method(), req.uri(), local) {
         Ok(t) => t,
@@ -176,7 +196,7 @@ async fn stream(
             return;
         }
     };
-    let t = copy::tcp_h2(&app, send, req.into_body()).await;
+    let t = copy::tcp_h2_until(&app, send, req.into_body(), Some(client_closed)).await;
     // For inbound, the TCP side is the app (server): what it sent went to the client.
     rec.close(t.to_tcp, t.from_tcp, t.error.as_ref().map(|e| e as _), ResponseFlags::None);
 }

@@ -17,6 +17,13 @@
 //! records of data, 4 `user_canceled` alerts. ztunnel changes its own sending key before the suite's
 //! confidentiality limit.
 //! A connection ending without `close_notify` reads as `UnexpectedEof`, as with rustls's stream.
+//!
+//! In TLS 1.3 `close_notify` closes only its sender's direction (RFC 8446, 6.1): the peer has no more to send,
+//! but what we still have to send must reach it. By default the peer's `close_notify` reads as end of stream
+//! (what an HTTP/2 client wants: a server that closed will answer nothing more). An HBONE server asks for
+//! [`TlsStream::half_close`] instead: reads then wait for the transport's own end, ignoring whatever the peer
+//! sends after its `close_notify` as the RFC says, so that HTTP/2 does not take the end of the client's
+//! direction for the end of the connection and drop the answers it still has to send.
 
 use std::io;
 use std::pin::Pin;
@@ -156,8 +163,13 @@ pub struct TlsStream<T> {
     /// Sealed records from `wpos` on are still to be written.
     wbuf: Vec<u8>,
     wpos: usize,
-    /// The peer sent `close_notify`: reads return end of stream.
+    /// The peer sent `close_notify`: reads return end of stream (or, half-closed, wait for the transport's).
     read_closed: bool,
+    /// Set by [`TlsStream::half_close`]: true once the reader has taken all the peer sent before its
+    /// `close_notify`.
+    peer_closed: Option<tokio::sync::watch::Sender<bool>>,
+    /// The transport reached its end after the peer's `close_notify`.
+    transport_ended: bool,
     /// We sent `close_notify` (or a fatal alert): writes fail.
     write_closed: bool,
     /// The connection failed; every later read or write fails with this.
@@ -384,6 +396,8 @@ impl<T> TlsStream<T> {
             wbuf: Vec::new(),
             wpos: 0,
             read_closed: false,
+            peer_closed: None,
+            transport_ended: false,
             write_closed: false,
             failed: None,
             empty_run: 0,
@@ -395,6 +409,15 @@ impl<T> TlsStream<T> {
     /// The peer's certificate chain, end entity first.
     pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         self.peer_certificates.as_deref()
+    }
+
+    /// Keeps the connection whole after the peer's `close_notify`: reads then wait for the transport to end
+    /// (what the peer sends after its `close_notify` is ignored) instead of ending the stream. The returned
+    /// channel turns true when a read reaches the `close_notify`, that is once everything the peer sent before
+    /// it has been read, so that the owner can take it as the end of the peer's data, finish what it still has
+    /// to send, and close.
+    pub fn half_close(&mut self) -> tokio::sync::watch::Receiver<bool> {
+        self.peer_closed.get_or_insert_with(|| tokio::sync::watch::Sender::new(false)).subscribe()
     }
 
     /// Bytes of buffer held now, reading and writing.
@@ -692,6 +715,34 @@ impl<T: AsyncWrite + Unpin> TlsStream<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> TlsStream<T> {
+    /// Half-closed after the peer's `close_notify`: reads and drops what the transport still brings (RFC 8446,
+    /// 6.1: data after a closure alert is ignored) until it ends.
+    fn poll_transport_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        for _ in 0..16 {
+            self.rbuf.clear();
+            (self.rpos, self.plain) = (0, 0..0);
+            self.rbuf.reserve_exact(MAX_RECORD);
+            match crate::sys::poll_read_spare(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Pending => {
+                    self.rbuf = Vec::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => {
+                    self.rbuf = Vec::new();
+                    self.transport_ended = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        // A peer that keeps sending gets no more than its share of this task's time.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -713,7 +764,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<T> {
                 // A failure shows on the next call, after the data before it.
                 return Poll::Ready(if handed { Ok(()) } else { Err(e) });
             }
-            if this.read_closed || out.remaining() == 0 {
+            if this.read_closed {
+                let Some(closed) = this.peer_closed.as_ref().filter(|_| !handed && !this.transport_ended) else {
+                    return Poll::Ready(Ok(()));
+                };
+                closed.send_replace(true);
+                return this.poll_transport_end(cx);
+            }
+            if out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
             match this.open_next() {
@@ -972,6 +1030,48 @@ mod tests {
             let e = s.read(&mut [0u8; 64]).await.expect_err(what);
             assert!(e.to_string().contains(what), "{what}: {e}");
         }
+    }
+
+    /// RFC 8446, 6.1: `close_notify` ends its sender's direction only. Half-closed, a server reads all that
+    /// came before it, is told once it has, ignores what comes after, and still sends; the transport's end
+    /// ends its reads. By default the `close_notify` reads as the end at once.
+    #[tokio::test]
+    async fn after_a_close_notify_a_half_closed_server_still_sends_and_reads_only_the_transport_end() {
+        let pki = pki().await;
+        let (mut c, mut s) = ours(&pki).await;
+        let mut closed = s.half_close();
+        let up = pattern(20_000, 3);
+        c.write_all(&up).await.unwrap();
+        seal_raw(&mut c, &[1, CLOSE_NOTIFY, ALERT]);
+        // Ignored: a record after the close, even one that does not open.
+        c.wbuf.extend_from_slice(&[APPLICATION_DATA, 3, 3, 0, 20]);
+        c.wbuf.extend_from_slice(&[0xee; 20]);
+        c.flush().await.unwrap();
+        assert_eq!(read_n(&mut s, up.len()).await, up);
+        assert!(!*closed.borrow(), "not told before the data before the close is read");
+        let mut more = [0u8; 64];
+        let pending = tokio::time::timeout(Duration::from_millis(200), s.read(&mut more)).await;
+        assert!(pending.is_err(), "a half-closed read waits for the transport: {pending:?}");
+        assert!(*closed.borrow_and_update(), "told of the close once a read reached it");
+        // The answer still goes out, and the client reads it whole.
+        s.write_all(&pattern(20_000, 4)).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(read_n(&mut c, 20_000).await, pattern(20_000, 4));
+        drop(c);
+        assert_eq!(s.read(&mut more).await.unwrap(), 0, "the transport's end ends the reads");
+        assert_eq!(s.read(&mut more).await.unwrap(), 0, "and stays the end");
+
+        // Not half-closed: the close_notify is the end of the stream, and writes still go.
+        let (mut c, mut s) = ours(&pki).await;
+        c.write_all(b"last").await.unwrap();
+        seal_raw(&mut c, &[1, CLOSE_NOTIFY, ALERT]);
+        c.flush().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
+        s.write_all(b"answer").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(read_n(&mut c, 6).await, b"answer");
     }
 
     #[tokio::test]
