@@ -20,6 +20,8 @@ ensure_packages() {
     command -v ipset >/dev/null || missing+=(ipset)
     [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
     command -v gcc >/dev/null || missing+=(gcc)
+    # The record layer's conformance peer (tests/lab/conformance): OpenSSL through Debian's python3.
+    /usr/bin/python3 -c 'import cryptography' 2>/dev/null || missing+=(python3 python3-cryptography)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

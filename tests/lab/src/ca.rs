@@ -33,6 +33,26 @@ pub fn write_ca(cert_path: &Path, key_path: &Path, serving: Option<(&Path, &Path
     Ok(())
 }
 
+/// A workload certificate for `spiffe_id` (its URI SAN, as istiod issues them) signed by the lab's root CA as
+/// [`write_ca`] wrote it: the certificate and the key, PEM. For peers that are not Ambit's (a test's own TLS
+/// client), which cannot ask the control plane for one.
+pub fn issue_workload(ca_key_path: &Path, spiffe_id: &str) -> anyhow::Result<(String, String)> {
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(ca_key_path)?)?;
+    // The issuer's name and key are what a signature carries: the root's, rebuilt as write_ca made them.
+    let (params, _) = ca_params("Ambit lab root CA", crate::lab::TRUST_DOMAIN)?;
+    let issuer = rcgen::Issuer::new(params, ca_key);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into()?)];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now();
+    p.not_before = (now - std::time::Duration::from_secs(3600)).into();
+    p.not_after = (now + std::time::Duration::from_secs(86400)).into();
+    Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+}
+
 /// A root CA's certificate and key, PEM.
 pub fn make_ca(common_name: &str, org: &str) -> anyhow::Result<(String, String)> {
     let (params, key) = ca_params(common_name, org)?;

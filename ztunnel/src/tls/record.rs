@@ -72,7 +72,9 @@ const APPLICATION_DATA: u8 = 23;
 // Handshake message types.
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
-// Alert descriptions.
+// Alert levels and descriptions.
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
 const CLOSE_NOTIFY: u8 = 0;
 const UNEXPECTED_MESSAGE: u8 = 10;
 const BAD_RECORD_MAC: u8 = 20;
@@ -531,6 +533,14 @@ impl<T> TlsStream<T> {
                 rustls::Error::General(format!("an unprotected record of type {}", header[0])),
             ));
         }
+        if header[1..3] != [3, 3] {
+            // A protected record's legacy version is always 0x0303 (RFC 8446, 5.2). rustls took any 0x03XX;
+            // OpenSSL and BoringSSL take only 0x0303, and so does this: every TLS 1.3 stack sends it, and the
+            // header is authenticated anyway, so anything else is a broken or tampered record, better named
+            // as such (decode_error, as rustls names a version it refuses) than as a failed tag.
+            let e = format!("a record of legacy version {:#04x}{:02x}", header[1], header[2]);
+            return Err((Some(DECODE_ERROR), rustls::Error::General(e)));
+        }
         if len > MAX_CIPHERTEXT {
             return Err((Some(RECORD_OVERFLOW), rustls::Error::General(format!("a record of {len} bytes"))));
         }
@@ -599,13 +609,22 @@ impl<T> TlsStream<T> {
                 self.handshake_messages()?;
             }
             ALERT => match opened[..typ_at] {
+                [level, _] if level != WARNING && level != FATAL => {
+                    let e = format!("an alert of level {level}");
+                    return Err((Some(ILLEGAL_PARAMETER), rustls::Error::General(e)));
+                }
                 [_, CLOSE_NOTIFY] => self.read_closed = true,
-                [_, USER_CANCELED] => {
+                [WARNING, USER_CANCELED] => {
                     if self.warnings_left == 0 {
                         let e = format!("more than {MAX_WARNING_ALERTS} user_canceled alerts");
                         return Err((Some(UNEXPECTED_MESSAGE), rustls::Error::General(e)));
                     }
                     self.warnings_left -= 1;
+                }
+                [WARNING, description] => {
+                    // TLS 1.3 has no warnings but these two (RFC 8446, 6); rustls answers decode_error too.
+                    let e = format!("a warning alert {description}");
+                    return Err((Some(DECODE_ERROR), rustls::Error::General(e)));
                 }
                 [_, description] => {
                     // The peer has given up on the connection: nothing to answer.
