@@ -516,6 +516,20 @@ def key_update_request_flood(c, name):
     c.send(c.seal(data(leak(name))))
 
 
+@case("4.6.3: more than 32 KeyUpdates of any kind without data (BoringSSL's bound; rustls has none for these)",
+      ("alert", "unexpected_message"), differs="rustls bounds only KeyUpdates that ask for ztunnel's own")
+def key_update_flood(c, name):
+    for _ in range(33):
+        c.send(c.seal(key_update(0), typ=HANDSHAKE))
+        c.tx.update()
+    c.send(c.seal(data(leak(name))))
+
+
+@case("4: a handshake message longer than any ztunnel takes, refused from its header", ("alert", "decode_error"))
+def handshake_message_too_long(c, name):
+    c.send(c.seal(bytes([KEY_UPDATE, 1, 0, 0]) + bytes(100), typ=HANDSHAKE), c.seal(data(leak(name))))
+
+
 @case("5.1: a handshake message cut by a record of another type", ("alert", "unexpected_message"))
 def handshake_cut_by_data(c, name):
     c.send(c.seal(key_update(0)[:3], typ=HANDSHAKE), c.seal(data(leak(name))))
