@@ -13,10 +13,10 @@
 //! receive key changes, and ours too when the peer asks); `NewSessionTicket` on the client side. Anything
 //! else, a record that does not open, or one longer than the RFC allows (its inner plaintext counted with its
 //! padding) ends the connection with the alert the RFC names, sent best effort. What a peer could make us do
-//! for nothing is bounded as rustls bounds it: 32 empty records in a row, 32 `KeyUpdate` requests between two
-//! records of data, 4 `user_canceled` alerts. ztunnel changes its own sending key before the suite's
-//! confidentiality limit.
+//! for nothing is bounded: 32 empty records in a row, 32 post-handshake messages between two records of data,
+//! 4 `user_canceled` alerts. ztunnel changes its own sending key before the suite's confidentiality limit.
 //! A connection ending without `close_notify` reads as `UnexpectedEof`, as with rustls's stream.
+//! docs/record-layer.md lists every rule, where this differs from rustls and why, and the test of each.
 //!
 //! In TLS 1.3 `close_notify` closes only its sender's direction (RFC 8446, 6.1): the peer has no more to send,
 //! but what we still have to send must reach it. By default the peer's `close_notify` reads as end of stream
