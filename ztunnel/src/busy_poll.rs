@@ -148,8 +148,42 @@ thread_local! {
     static WOKE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
+/// The clock gaps and windows are measured on. Tests give a worker one they move themselves
+/// ([`TestClock`]), so that what they assert does not depend on how fast the machine runs their sleeps.
+#[inline]
+fn now() -> Instant {
+    #[cfg(test)]
+    if let Some(c) = TEST_CLOCK.get() {
+        return c.base + Duration::from_nanos(c.offset_ns.load(Relaxed));
+    }
+    Instant::now()
+}
+
+/// Tests: a worker's clock that stands still until the test moves it.
+#[cfg(test)]
+pub(crate) struct TestClock {
+    base: Instant,
+    offset_ns: AtomicU64,
+}
+
+#[cfg(test)]
+impl TestClock {
+    /// Makes the calling worker thread measure its gaps and windows on a clock of the test's own.
+    pub(crate) fn install() -> &'static TestClock {
+        let c: &'static TestClock =
+            Box::leak(Box::new(TestClock { base: Instant::now(), offset_ns: AtomicU64::new(0) }));
+        TEST_CLOCK.set(Some(c));
+        c
+    }
+
+    pub(crate) fn advance(&self, by: Duration) {
+        self.offset_ns.fetch_add(by.as_nanos() as u64, Relaxed);
+    }
+}
+
 #[cfg(test)]
 thread_local! {
+    static TEST_CLOCK: Cell<Option<&'static TestClock>> = const { Cell::new(None) };
     /// Tests: how often this worker offered its CPU to other threads.
     pub(crate) static YIELDS: Cell<u64> = const { Cell::new(0) };
     /// Tests: [`YIELDS`] when the driver was last polled for [`poller`].
@@ -186,7 +220,7 @@ pub fn activity() {
             s.activity.store(s.activity.load(Relaxed).wrapping_add(1), Relaxed);
             if ARMED.get() {
                 ARMED.set(false);
-                WOKE.set(Some(Instant::now()));
+                WOKE.set(Some(now()));
             }
             if s.sleeping.swap(false, Relaxed) {
                 s.wake.notify_one();
@@ -209,7 +243,7 @@ pub fn on_idle() {
         let Some(p) = p else { return false };
         let seen = s.activity.load(Relaxed);
         if seen != p.seen {
-            let now = Instant::now();
+            let now = now();
             let woke = WOKE.take().unwrap_or(now);
             if let Some(idle_since) = p.idle_since {
                 p.window.observe(woke.saturating_duration_since(idle_since));
@@ -224,7 +258,7 @@ pub fn on_idle() {
         // Not polling (the window passed with no activity, or is closed): let the runtime sleep, without
         // reading the clock.
         let Some(until) = p.until else { return false };
-        if Instant::now() >= until {
+        if now() >= until {
             p.until = None;
             return false;
         }

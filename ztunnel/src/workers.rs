@@ -50,7 +50,7 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::busy_poll::{POLLED_AFTER, YIELDS};
+    use crate::busy_poll::{POLLED_AFTER, TestClock, YIELDS};
 
     /// A packet that arrives while a worker busy-polls is handled by the first poll that sees it: the task it
     /// wakes runs before the worker offers its CPU to another thread.
@@ -89,14 +89,18 @@ mod tests {
     }
 
     /// A worker polls while its events come back to back, and stops once they come further apart than its
-    /// longest window: it would spend the whole window before each event for nothing, then sleep anyway.
+    /// longest window: it would spend the whole window before each event for nothing, then sleep anyway. The
+    /// gaps are on a clock the test moves (the worker's [`TestClock`]), not the test's sleeps: a busy machine
+    /// stretches a sleep of 50 µs past the window, and the window would then rightly never open.
     #[test]
     fn a_worker_stops_polling_when_its_events_come_further_apart_than_its_longest_window() {
         let workers = Workers::start(1, Duration::from_micros(500)).unwrap();
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         b.set_nonblocking(true).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
         workers.pick().spawn(async move {
+            let clock = TestClock::install();
             let b = tokio::net::UnixStream::from_std(b).unwrap();
             let mut buf = [0u8; 64];
             // After each packet: yields so far, and the window.
@@ -104,22 +108,28 @@ mod tests {
             let mut got = 0;
             while got < 140 {
                 b.readable().await.unwrap();
+                let Ok(n @ 1..) = b.try_read(&mut buf[..1]) else { continue };
+                got += n;
+                // The packet says how long after the worker went idle it came: the clock moves by that much
+                // as it arrives, whenever the machine let the worker run.
+                clock.advance(Duration::from_micros(if buf[0] == b'b' { 50 } else { 3000 }));
                 crate::busy_poll::activity();
-                while let Ok(n @ 1..) = b.try_read(&mut buf) {
-                    got += n;
-                }
                 seen.push((YIELDS.get(), crate::busy_poll::window().unwrap().current()));
+                ack_tx.send(()).unwrap();
             }
             tx.send(seen).unwrap();
         });
         // Back to back first (gaps well under 500 µs), then 3 ms apart: the recent gaps weigh most, so the
-        // window closes within a few dozen pauses.
+        // window closes within a few dozen pauses. One packet at a time, each once the worker has read the
+        // last (a busy machine would otherwise let several pile up into one read); between packets the worker
+        // has real time to poll in.
         for i in 0..140 {
-            std::thread::sleep(Duration::from_micros(if i < 40 { 50 } else { 3000 }));
-            std::io::Write::write_all(&mut &a, b"x").unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+            std::io::Write::write_all(&mut &a, if i < 40 { b"b" } else { b"p" }).unwrap();
+            ack_rx.recv_timeout(Duration::from_secs(30)).expect("the worker read the packet");
         }
         let seen = rx.recv_timeout(Duration::from_secs(30)).expect("the worker read every packet");
-        assert!(seen.len() >= 120, "{seen:?}");
+        assert_eq!(seen.len(), 140, "{seen:?}");
         let (at_40, open) = seen[seen.len() - 101];
         assert!(!open.is_zero() && at_40 > 0, "it polled while the packets came back to back: {seen:?}");
         let (end, closed) = seen[seen.len() - 1];
