@@ -133,6 +133,18 @@ pub struct MeshOpts {
     /// [`crate::waypoint`], relaying TCP) runs on the server's node, then to the server; what the extra hop
     /// costs. Its CPU per unit is the two ztunnels' (the stand-in is not Envoy: its own cost is not counted).
     pub waypoint: bool,
+    /// The open-loop rate phase ([`crate::rate`]): target request rates over `rate_connections` connections,
+    /// `rate_size` bytes each way, `rate_secs` per point and round; and the many-clients case, `rate_many`
+    /// connections at one request a second each (none when zero).
+    pub rates: Vec<f64>,
+    pub rate_connections: usize,
+    pub rate_size: usize,
+    pub rate_secs: f64,
+    pub rate_many: usize,
+    /// CPU-bound processes beside the lab while the rate phase runs a second time in each round (none when
+    /// zero): every rate figure is then reported quiet and on a busy node, each path meeting the same load in
+    /// the same rounds.
+    pub contention: usize,
     /// How long the floor's relays busy-poll after activity (zero: never). With polling on both sides, a
     /// proxy that polls through back-to-back round trips spends about their wall time in CPU; with it off on
     /// the floor (and `AMBIT_BUSY_POLL=0` for Ambit's own binary as the peer), the CPU per unit is each
@@ -155,6 +167,8 @@ pub enum Phase {
     Connect,
     /// 1-byte round trips spaced [`PACE`] apart: the CPU a proxy spends waiting between requests.
     Paced,
+    /// Open-loop load at fixed request rates (fortio's way, Istio's standard case by default).
+    Rate,
 }
 
 /// The pause between paced round trips: longer than any busy-polling window, as between the requests of most
@@ -165,7 +179,23 @@ impl MeshOpts {
     fn runs(&self, p: Phase) -> bool {
         self.phases.is_empty() || self.phases.contains(&p)
     }
+
+    /// The rate phase's runs: the sweep, then the many-clients case.
+    fn rate_points(&self) -> Vec<crate::rate::RateOpts> {
+        use crate::rate::RateOpts;
+        let (connections, size, secs) = (self.rate_connections, self.rate_size, self.rate_secs);
+        let mut points: Vec<RateOpts> =
+            self.rates.iter().map(|&rps| RateOpts { rps, connections, size, secs }).collect();
+        if self.rate_many > 0 {
+            points.push(RateOpts { rps: self.rate_many as f64, connections: self.rate_many, size, secs });
+        }
+        points
+    }
 }
+
+/// The rate phase's sweep by default: from a trickle to about where the direct path saturates on the lab
+/// machine (2 cores).
+pub const RATES: [f64; 6] = [100.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0];
 
 impl Default for MeshOpts {
     fn default() -> Self {
@@ -185,6 +215,13 @@ impl Default for MeshOpts {
             sockmap: false,
             captured_floor: false,
             waypoint: false,
+            rates: RATES.to_vec(),
+            // Istio's standard case: 16 connections, 1 KiB each way.
+            rate_connections: 16,
+            rate_size: 1024,
+            rate_secs: 1.0,
+            rate_many: 1000,
+            contention: 0,
             relay_spin: RELAY_SPIN,
         }
     }
@@ -211,6 +248,57 @@ struct Figures {
     tcp_mem_peak_mib: f64,
     /// Phases that failed (the sockmap path only, whose failures are a finding, not the bench's).
     failures: Vec<String>,
+    /// The rate phase, by (contention, point of [`MeshOpts::rate_points`]).
+    rate: std::collections::BTreeMap<(usize, usize), RatePoint>,
+}
+
+/// One point of the rate phase on one path, over the rounds.
+#[derive(Default)]
+struct RatePoint {
+    opts: Option<crate::rate::RateOpts>,
+    sent: usize,
+    done: usize,
+    secs: f64,
+    latencies_us: Vec<f64>,
+    /// The proxies' CPU, per request answered.
+    cost: Cost,
+    /// Whether the path has proxies to count (not direct).
+    proxied: bool,
+    /// The larger proxy's RSS after the point, MiB (the largest over the rounds).
+    rss_mib: f64,
+}
+
+impl RatePoint {
+    /// vCPU per 1,000 requests/s (= CPU seconds per 1,000 requests): total, user, kernel. NaN without proxies.
+    fn vcpu_per_krps(&self) -> [f64; 3] {
+        let per = |s: f64| if self.proxied && self.done > 0 { s * 1000.0 / self.done as f64 } else { f64::NAN };
+        [per(self.cost.cpu_s()), per(self.cost.used.user_s), per(self.cost.used.sys_s)]
+    }
+
+    fn achieved_rps(&self) -> f64 {
+        self.done as f64 / self.secs.max(1e-9)
+    }
+
+    fn json(&self, path: &str, contention: usize) -> Value {
+        let o = self.opts.expect("a point that ran");
+        let [vcpu, user, kernel] = self.vcpu_per_krps();
+        let pct = |p: f64| round(percentile(&self.latencies_us, p), 1);
+        json!({
+            "path": path,
+            "target_rps": o.rps,
+            "achieved_rps": round(self.achieved_rps(), 1),
+            "connections": o.connections,
+            "size": o.size,
+            "contention": contention,
+            "sent": self.sent,
+            "done": self.done,
+            "latency_us": {"p50": pct(50.0), "p90": pct(90.0), "p99": pct(99.0), "p999": pct(99.9)},
+            "vcpu_per_krps": round(vcpu, 3),
+            "vcpu_per_krps_user": round(user, 3),
+            "vcpu_per_krps_kernel": round(kernel, 3),
+            "rss_mib": if self.proxied { json!(round(self.rss_mib, 1)) } else { Value::Null },
+        })
+    }
 }
 
 /// Phases of one measurement, for [`Cost`].
@@ -322,6 +410,23 @@ impl Figures {
         for v in self.rr.iter_mut().chain([&mut self.connect, &mut self.paced]) {
             v.sort_by(f64::total_cmp);
         }
+        for p in self.rate.values_mut() {
+            p.latencies_us.sort_by(f64::total_cmp);
+        }
+    }
+
+    /// The rate phase's entries of this path.
+    fn rate_json(&self, path: &str, contention: usize) -> Vec<Value> {
+        self.rate.iter().map(|(&(busy, _), p)| p.json(path, if busy == 1 { contention } else { 0 })).collect()
+    }
+
+    /// The highest rate answered with a p99 under 10 ms, quiet.
+    fn max_rps_p99_under_10ms(&self) -> Option<f64> {
+        self.rate
+            .iter()
+            .filter(|((busy, _), p)| *busy == 0 && percentile(&p.latencies_us, 99.0) < 10_000.0 && p.done > 0)
+            .map(|(_, p)| p.achieved_rps())
+            .max_by(f64::total_cmp)
     }
 
     /// This path's figures as ratios to (throughput, connection rate) or differences from (latency) `direct`'s.
@@ -442,6 +547,9 @@ fn measure(
         progress(&format!("      connect + 1 B echo: {rate:.0}/s, p50 {:.0} µs", percentile(&v, 50.0)));
         f.connect.append(&mut v);
     }
+    if o.runs(Phase::Rate) {
+        measure_rate(meters, echo, o, f, progress)?;
+    }
     if o.runs(Phase::Paced) {
         let c3 = meters.read()?;
         let mut v = load::round_trips(ns, echo, 1, o.paced_round_trips.div_ceil(o.rounds.max(1)), PACE)?;
@@ -455,6 +563,80 @@ fn measure(
         f.paced.append(&mut v);
     }
     Ok(())
+}
+
+/// The rate phase of one path in one round: each point quiet, then (with `contention`) each again beside that
+/// many CPU-bound processes.
+fn measure_rate(
+    meters: &Meters,
+    echo: std::net::SocketAddr,
+    o: &MeshOpts,
+    f: &mut Figures,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let ns = meters.pods[0];
+    for busy in [0, 1].into_iter().filter(|&b| b == 0 || o.contention > 0) {
+        let _contention = if busy == 1 { Some(crate::rate::Contention::start(o.contention)?) } else { None };
+        for (j, point) in o.rate_points().into_iter().enumerate() {
+            let c0 = meters.read()?;
+            let run = crate::rate::open_loop(ns, echo, &point)?;
+            let c1 = meters.read()?;
+            let rss = meters
+                .proxies
+                .iter()
+                .map(|&pid| crate::load::proc_usage(pid).map(|u| u.0))
+                .try_fold(0.0f64, |m, r| -> anyhow::Result<f64> { Ok(m.max(r?)) })?;
+            let e = f.rate.entry((busy, j)).or_default();
+            e.opts = Some(point);
+            e.proxied = !meters.proxies.is_empty();
+            e.cost.add(c0, c1, run.done as f64);
+            e.sent += run.sent;
+            e.done += run.done;
+            e.secs += run.secs;
+            e.rss_mib = e.rss_mib.max(rss);
+            progress(&format!(
+                "      {} req/s over {} connection(s){}: {:.0} answered/s, p50 {:.0} µs, p99 {:.0} µs",
+                point.rps,
+                point.connections,
+                if busy == 1 { format!(", {} CPU-bound processes beside", o.contention) } else { String::new() },
+                run.achieved_rps(),
+                percentile_unsorted(&run.latencies_us, 50.0),
+                percentile_unsorted(&run.latencies_us, 99.0),
+            ));
+            e.latencies_us.extend(run.latencies_us);
+        }
+    }
+    Ok(())
+}
+
+fn percentile_unsorted(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, p)
+}
+
+/// The mesh's rate figures over the peer's, point by point (both measured in the same rounds): vCPU per
+/// 1,000 requests/s and the latency percentiles. Empty without a peer.
+fn rate_mesh_of_peer(m: &Figures, p: &Figures, contention: usize) -> Vec<Value> {
+    m.rate
+        .iter()
+        .filter_map(|(key, mp)| {
+            let pp = p.rate.get(key)?;
+            let o = mp.opts?;
+            let ratio = |a: f64, b: f64| round(a / b, 2);
+            let (ml, pl) = (&mp.latencies_us, &pp.latencies_us);
+            Some(json!({
+                "target_rps": o.rps,
+                "connections": o.connections,
+                "contention": if key.0 == 1 { contention } else { 0 },
+                "vcpu_per_krps": ratio(mp.vcpu_per_krps()[0], pp.vcpu_per_krps()[0]),
+                "p50": ratio(percentile(ml, 50.0), percentile(pl, 50.0)),
+                "p99": ratio(percentile(ml, 99.0), percentile(pl, 99.0)),
+                "p999": ratio(percentile(ml, 99.9), percentile(pl, 99.9)),
+                "achieved_rps": ratio(mp.achieved_rps(), pp.achieved_rps()),
+            }))
+        })
+        .collect()
 }
 
 /// The paths a round measures.
@@ -1055,9 +1237,48 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
             waypoint_report["of_mesh"]["connect_rate"],
         ));
     }
+    // The rate phase: every path's points, the mesh's over the peer's, and the highest rate each path answered
+    // with a p99 under 10 ms.
+    let n = o.contention;
+    let mut rate: Vec<Value> = Vec::new();
+    let mut max_rps = serde_json::Map::new();
+    let named: [(&str, &Figures, bool); 7] = [
+        ("direct", &d, true),
+        ("floor", &f, true),
+        ("mesh", &m, true),
+        ("peer", &p, peer_meters.is_some()),
+        ("sockmap", &k, o.sockmap),
+        ("captured_floor", &c, echo_captured.is_some()),
+        ("waypoint", &w, measured_waypoint),
+    ];
+    for (name, fig, _) in named.into_iter().filter(|x| x.2) {
+        rate.extend(fig.rate_json(name, n));
+        if !fig.rate.is_empty() {
+            max_rps.insert(name.into(), json!(fig.max_rps_p99_under_10ms().map(|r| round(r, 0))));
+        }
+    }
+    let rate_of_peer = with_peer(json!(rate_mesh_of_peer(&m, &p, n)));
+    if !m.rate.is_empty() {
+        for e in rate.iter().filter(|e| e["path"] == "mesh" || e["path"] == "peer") {
+            progress(&format!(
+                "  rate {} req/s over {} conns{} — {}: p50 {} µs, p99 {} µs, {} vCPU per 1,000 req/s",
+                e["target_rps"],
+                e["connections"],
+                if e["contention"] != 0 { format!(", {} busy processes", e["contention"]) } else { String::new() },
+                e["path"],
+                e["latency_us"]["p50"],
+                e["latency_us"]["p99"],
+                e["vcpu_per_krps"],
+            ));
+        }
+    }
     // The proxies' CPU per unit of work, for every path that has proxies.
     let cpu = Figures::cpu_json;
     Ok(json!({
+        "rate": rate,
+        "rate_mesh_of_peer": rate_of_peer,
+        "rate_max_rps_p99_under_10ms": max_rps,
+        "contention": n,
         "rounds": rounds,
         "ztunnel_binaries": ztunnel_binaries,
         "paths": paths.iter().map(|p| format!("{p:?}").to_lowercase()).collect::<Vec<_>>(),

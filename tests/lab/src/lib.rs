@@ -20,6 +20,7 @@ pub mod net;
 pub mod netns;
 pub mod pcap;
 pub mod proc;
+pub mod rate;
 pub mod relay;
 pub mod runtime;
 pub mod soak;

@@ -66,7 +66,7 @@ enum Cmd {
         #[arg(long)]
         peer_without_lo_route: bool,
         /// Measure only this phase of each round (repeatable; for profiling one): bulk, round-trip, connect,
-        /// paced.
+        /// paced, rate.
         #[arg(long = "phase", value_enum)]
         phases: Vec<lab::bench::Phase>,
         /// Also measure the floor with its two in-pod legs short-cut by an eBPF sockmap (an experiment; loads
@@ -81,6 +81,26 @@ enum Cmd {
         /// stand-in, relaying TCP) runs on the server's node; what the extra hop costs.
         #[arg(long)]
         waypoint: bool,
+        /// The rate phase's target request rates (repeatable; default 100, 500, 1000, 2000, 4000 and 8000 per
+        /// second): open-loop, latency counted from each request's due time.
+        #[arg(long = "rate")]
+        rates: Vec<f64>,
+        /// Connections the rate phase's requests are spread over.
+        #[arg(long, default_value_t = 16)]
+        rate_connections: usize,
+        /// Bytes of each request and answer in the rate phase.
+        #[arg(long, default_value_t = 1024)]
+        rate_size: usize,
+        /// Seconds per rate point and round.
+        #[arg(long, default_value_t = 1.0)]
+        rate_secs: f64,
+        /// The many-clients case of the rate phase: this many connections, one request a second each (0: none).
+        #[arg(long, default_value_t = 1000)]
+        rate_many: usize,
+        /// CPU-bound processes beside the lab for a second pass of the rate phase in every round: each rate
+        /// figure is reported quiet and on a busy node.
+        #[arg(long, default_value_t = 0)]
+        contention: usize,
         /// How long the floor's relays busy-poll after activity, in µs (0: never). With 0, and
         /// `--ztunnel-env AMBIT_BUSY_POLL=0` for Ambit's own binary as `--ztunnel`, the CPU per unit is each
         /// proxy's work without polling.
@@ -310,6 +330,12 @@ fn main() {
             sockmap,
             captured_floor,
             waypoint,
+            rates,
+            rate_connections,
+            rate_size,
+            rate_secs,
+            rate_many,
+            contention,
             relay_spin_us,
             keep,
         } => {
@@ -352,6 +378,12 @@ fn main() {
                 sockmap,
                 captured_floor,
                 waypoint,
+                rates: if rates.is_empty() { lab::bench::RATES.to_vec() } else { rates },
+                rate_connections,
+                rate_size,
+                rate_secs,
+                rate_many,
+                contention,
                 relay_spin: std::time::Duration::from_micros(relay_spin_us),
                 ..Default::default()
             };

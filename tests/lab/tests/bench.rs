@@ -35,6 +35,12 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         waypoint: true,
         // The floor's relays poll for less than the default; the JSON reports what they said they do.
         relay_spin: std::time::Duration::from_micros(100),
+        // The rate phase shrunk: one point of the sweep, the many-clients case at 50 connections, each quiet
+        // and beside one CPU-bound process.
+        rates: vec![500.0],
+        rate_secs: 0.2,
+        rate_many: 50,
+        contention: 1,
         ..Default::default()
     };
     let v = mesh(&opts, &mut |_| {}).unwrap();
@@ -54,6 +60,49 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
         }
         assert!(num(&format!("connect.{side}.per_s")) > 0.0 && num(&format!("connect.{side}.p50_us")) > 0.0, "{v:#}");
     }
+    // The rate phase: each path with proxies or without, each point, quiet and contended.
+    let rate = v["rate"].as_array().unwrap_or_else(|| panic!("no rate entries: {v:#}"));
+    for path in ["direct", "floor", "mesh", "peer", "captured_floor", "waypoint"] {
+        for contention in [0u64, 1] {
+            for (target, connections) in [(500.0, 16u64), (50.0, 50)] {
+                let e = rate
+                    .iter()
+                    .find(|e| {
+                        e["path"] == path
+                            && e["contention"] == contention
+                            && e["target_rps"] == target
+                            && e["connections"] == connections
+                    })
+                    .unwrap_or_else(|| panic!("no {path} entry at {target}/s, contention {contention}: {v:#}"));
+                let f = |k: &str| k.split('.').fold(e, |v, k| &v[k]).as_f64();
+                assert!(f("achieved_rps").is_some_and(|r| r > 0.0), "{e}");
+                assert_eq!(e["size"], 1024, "{e}");
+                let l: Vec<f64> =
+                    ["p50", "p90", "p99", "p999"].iter().map(|p| f(&format!("latency_us.{p}")).unwrap()).collect();
+                assert!(l[0] > 0.0 && l.windows(2).all(|w| w[0] <= w[1]), "{e}");
+                if path == "direct" {
+                    assert!(e["vcpu_per_krps"].is_null() && e["rss_mib"].is_null(), "{e}");
+                } else {
+                    // A shrunk point may take less than one CPU tick of its proxies.
+                    assert!(f("vcpu_per_krps").is_some_and(|c| c >= 0.0), "{e}");
+                    for k in ["vcpu_per_krps_user", "vcpu_per_krps_kernel"] {
+                        assert!(f(k).is_some_and(|c| c >= 0.0), "{k}: {e}");
+                    }
+                    assert!(f("rss_mib").is_some_and(|r| r > 0.0), "{e}");
+                }
+            }
+        }
+    }
+    let of_peer = v["rate_mesh_of_peer"].as_array().unwrap_or_else(|| panic!("no rate_mesh_of_peer: {v:#}"));
+    assert_eq!(of_peer.len(), 4, "{v:#}");
+    for r in of_peer {
+        for k in ["target_rps", "connections", "contention", "vcpu_per_krps", "p50", "p99", "p999", "achieved_rps"] {
+            assert!(r.get(k).is_some(), "{k}: {r}");
+        }
+        assert!(r["p99"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    }
+    assert!(v["rate_max_rps_p99_under_10ms"].get("mesh").is_some(), "{v:#}");
+    assert_eq!(num("contention"), 1.0);
     assert!(num("ztunnel_rss_mib.idle_100_pods") > 0.0 && num("ztunnel_rss_mib.conns_1000") > 0.0, "{v:#}");
     assert!(num("ztunnel_cpu_s_per_gib") > 0.0, "{v:#}");
     // Rounded up so that each of the seven paths goes first once.
