@@ -19,6 +19,14 @@
 //! is polled for; a conversation that pauses between requests is polled for only across the short gaps of a
 //! request crossing the proxies, not through its pauses; traffic that only pauses costs no CPU while it waits.
 //!
+//! Polling must stop where the CPU is contended. A thread that spins through its windows uses more CPU than its
+//! share, and the scheduler (CFS's virtual runtime, EEVDF's lag) then makes it wait behind the node's other
+//! busy threads when its work arrives: milliseconds per request, on a node running real workloads, for
+//! microseconds saved on an idle one. A worker sees this when it offers the CPU: a yield that comes back only
+//! after [`CONTENDED_YIELD`] means another thread ran for a slice of its own. It then stops polling for a
+//! while, and sleeps between events as a proxy without polling does ([`Backoff`]): 50 ms after a lone long
+//! yield, doubling up to 2 s while the contention lasts.
+//!
 //! Each worker also watches its traffic for pauses ([`watch_pauses`]) to return a burst's memory
 //! ([`crate::heap`]).
 
@@ -126,6 +134,54 @@ impl Window {
     }
 }
 
+/// A yield that takes longer than this gave the CPU to a thread that ran a slice of its own (a conversation's
+/// partner, woken for a packet, runs for microseconds; the scheduler's slice for a CPU-bound thread is 0.75 ms
+/// and more): the CPU is contended.
+pub const CONTENDED_YIELD: Duration = Duration::from_micros(500);
+/// How long a worker does not poll once it found its CPU contended: at first, and at most while contention
+/// goes on (each time it finds it again soon after trying, twice as long as the last).
+pub const CONTENDED_BACKOFF: Duration = Duration::from_millis(50);
+pub const CONTENDED_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Whether a worker polls at all, from how its yields went: after a yield that shows the CPU contended, not
+/// for a while ([`CONTENDED_BACKOFF`], doubling up to [`CONTENDED_BACKOFF_MAX`] while contention lasts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Backoff {
+    until: Option<Instant>,
+    /// The last backoff: when it ended (or ends) and how long it was.
+    last: Option<(Instant, Duration)>,
+}
+
+impl Backoff {
+    /// A yield started at `at` came back after `took`: returns whether the worker may go on polling.
+    pub fn after_yield(&mut self, at: Instant, took: Duration) -> bool {
+        if took <= CONTENDED_YIELD {
+            return true;
+        }
+        let end = at + took;
+        let length = match self.last {
+            // Contended again soon after the last backoff: the contention goes on.
+            Some((last_end, last)) if end < last_end + 2 * last => (2 * last).min(CONTENDED_BACKOFF_MAX),
+            _ => CONTENDED_BACKOFF,
+        };
+        self.until = Some(end + length);
+        self.last = Some((end + length, length));
+        false
+    }
+
+    /// Whether the worker may poll at `now`.
+    pub fn allows(&mut self, now: Instant) -> bool {
+        match self.until {
+            Some(until) if now < until => false,
+            Some(_) => {
+                self.until = None;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
 /// What [`on_idle`] keeps between calls, on its worker's thread (updated in place: it holds the window's
 /// history, a few hundred bytes, and the hook runs at every park).
 #[derive(Debug)]
@@ -137,6 +193,7 @@ struct Polling {
     /// Until when it polls; `None` once it stopped (and sleeps), or when it does not poll.
     until: Option<Instant>,
     window: Window,
+    backoff: Backoff,
 }
 
 thread_local! {
@@ -202,7 +259,13 @@ pub fn install(max: Duration) -> &'static Spinner {
         poll: Notify::new(),
     }));
     LOCAL.with(|l| l.set(Some(s)));
-    POLLING.set(Some(Polling { seen: 0, idle_since: None, until: None, window: Window::new(max) }));
+    POLLING.set(Some(Polling {
+        seen: 0,
+        idle_since: None,
+        until: None,
+        window: Window::new(max),
+        backoff: Backoff::default(),
+    }));
     s
 }
 
@@ -252,7 +315,7 @@ pub fn on_idle() {
             p.idle_since = Some(now);
             ARMED.set(true);
             let window = p.window.current();
-            p.until = (!window.is_zero()).then(|| now + window);
+            p.until = (!window.is_zero() && p.backoff.allows(now)).then(|| now + window);
             return p.until.is_some();
         }
         // Not polling (the window passed with no activity, or is closed): let the runtime sleep, without
@@ -264,7 +327,16 @@ pub fn on_idle() {
         }
         #[cfg(test)]
         YIELDS.set(YIELDS.get() + 1);
+        // Timed on the real clock: what the scheduler did, whatever clock the window runs on.
+        let at = Instant::now();
         std::thread::yield_now();
+        if !p.backoff.after_yield(at, at.elapsed()) {
+            p.until = None;
+            // Tests: the driver's next poll is the runtime's own, blocking one, after this yield.
+            #[cfg(test)]
+            POLLED_AFTER.set(YIELDS.get());
+            return false;
+        }
         true
     });
     if poll {
@@ -369,6 +441,37 @@ mod tests {
             w.observe(60 * US);
         }
         assert_eq!(w.current(), 80 * US, "and came back to back again");
+    }
+
+    #[test]
+    fn a_yield_that_comes_back_late_stops_polling_for_a_while() {
+        let t = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.allows(t));
+        // The conversation's partner ran for a moment: polling goes on.
+        assert!(b.after_yield(t, 30 * US));
+        assert!(b.allows(t + 40 * US));
+        // Someone ran a slice of their own: no polling for the backoff, counted from the yield's end.
+        let took = Duration::from_millis(3);
+        assert!(!b.after_yield(t, took));
+        assert!(!b.allows(t + took + CONTENDED_BACKOFF / 2));
+        let mut at = t + took + CONTENDED_BACKOFF;
+        assert!(b.allows(at));
+        assert!(b.allows(at + US), "and it stays allowed");
+        // Contended again right after: twice as long each time, up to the most.
+        let mut expect = CONTENDED_BACKOFF;
+        for _ in 0..8 {
+            expect = (expect * 2).min(CONTENDED_BACKOFF_MAX);
+            assert!(!b.after_yield(at, took));
+            assert!(!b.allows(at + took + expect - US), "{expect:?}");
+            at += took + expect;
+            assert!(b.allows(at));
+        }
+        assert_eq!(expect, CONTENDED_BACKOFF_MAX);
+        // Long after the contention ended, a lone long yield backs off for the shortest time again.
+        let later = at + 10 * CONTENDED_BACKOFF_MAX;
+        assert!(!b.after_yield(later, took));
+        assert!(b.allows(later + took + CONTENDED_BACKOFF));
     }
 
     #[test]
