@@ -231,7 +231,7 @@ impl Config {
             stats_addr: addr("STATS_ADDR", SocketAddr::new(any, 15020))?,
             readiness_addr: addr("READINESS_ADDR", SocketAddr::new(any, 15021))?,
             worker_threads,
-            busy_poll: duration("AMBIT_BUSY_POLL", Duration::from_micros(250))?,
+            busy_poll: duration("AMBIT_BUSY_POLL", Duration::from_micros(80))?,
             termination_deadline: duration("CONNECTION_TERMINATION_DEADLINE", Duration::from_secs(5))?,
             pool_max_streams: number("POOL_MAX_STREAMS_PER_CONNECTION", 100)?.max(1),
             pool_idle_timeout: duration("POOL_UNUSED_RELEASE_TIMEOUT", Duration::from_secs(300))?,

@@ -154,7 +154,7 @@ pub struct MeshOpts {
 
 /// The floor's relays' busy-polling window by default: the most that ztunnel's workers poll
 /// (`AMBIT_BUSY_POLL`'s default).
-pub const RELAY_SPIN: Duration = Duration::from_micros(250);
+pub const RELAY_SPIN: Duration = Duration::from_micros(80);
 
 /// A phase of each round's measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
