@@ -31,7 +31,16 @@ pub struct LoadServer {
 impl LoadServer {
     /// Starts listening on `addr` inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddr, mode: Mode) -> anyhow::Result<LoadServer> {
-        let l = Arc::new(ns.run(move || TcpListener::bind(addr))??);
+        // A backlog as deep as the kernel allows (as servers set it): a burst of connections through a proxy
+        // reaches the server faster than its accept loop, and an overflowing queue would delay some of them by
+        // a SYN-ACK retransmission (a second), measuring the server, not the path.
+        let l = Arc::new(ns.run(move || -> std::io::Result<TcpListener> {
+            let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(s.into())
+        })??);
         let stop = Arc::new(AtomicBool::new(false));
         let (l2, s2) = (l.clone(), stop.clone());
         std::thread::spawn(move || {
