@@ -1038,7 +1038,7 @@ pub fn mesh(o: &MeshOpts, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Valu
                         s.enable(&pod.netns)?;
                     }
                     // Phase by phase: one that fails is recorded and the others still run. Its bulk phase
-                    // can fail, as the README says; it goes last, and whatever it left queued drains before
+                    // can fail, as docs/performance.md says; it goes last, and whatever it left queued drains before
                     // the next path's turn.
                     for phase in [Phase::RoundTrip, Phase::Connect, Phase::Paced, Phase::Bulk] {
                         if !o.runs(phase) {

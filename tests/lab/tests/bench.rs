@@ -47,7 +47,7 @@ fn mesh_bench_reports_every_figure_under_its_stable_key() {
     let num = |path: &str| -> f64 {
         path.split('.').fold(&v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("no number at {path} in {v:#}"))
     };
-    // The sockmap path's bulk runs may fail (see the README); that is recorded, and its figures are then null.
+    // The sockmap path's bulk runs may fail (see docs/performance.md); that is recorded, and its figures are then null.
     let sockmap_bulk_failed = v["sockmap"]["failures"].as_array().is_some_and(|f| !f.is_empty());
     for side in ["direct", "mesh", "floor", "peer", "sockmap", "captured_floor", "waypoint"] {
         for streams in ["1", "8"].into_iter().filter(|_| side != "sockmap" || !sockmap_bulk_failed) {
