@@ -342,7 +342,11 @@ mod tests {
     fn every_path_carries_the_bytes() {
         for path in [DataPath::Direct, DataPath::Relay, DataPath::Hbone] {
             let c = bench_data_path(path, 300, 64 << 20).unwrap();
-            assert!(c.round_trip_us > 0.0 && c.cold_round_trip_us > 0.0 && c.bulk_s_per_gib > 0.0, "{path:?}: {c:?}");
+            // The warm round trips' CPU comes from getrusage, which counts in scheduler ticks on many kernels:
+            // 300 direct round trips may take less than one (CI saw 0.0). The cold ones are timed by the
+            // thread's clock, to the nanosecond, and bulk takes many ticks.
+            assert!(c.round_trip_us >= 0.0 && c.round_trip_us.is_finite(), "{path:?}: {c:?}");
+            assert!(c.cold_round_trip_us > 0.0 && c.bulk_s_per_gib > 0.0, "{path:?}: {c:?}");
         }
     }
 }
